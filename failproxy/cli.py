@@ -1,0 +1,63 @@
+"""The `failproxy` command line (SPEC 2): serve, check, demo, --version."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from failproxy import __version__, config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="failproxy",
+        description="Per-host front proxy: the local UNIX socket first, then ordered TCP peers.",
+    )
+    parser.add_argument("--version", action="version", version=f"failproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser("serve", help="run the proxy in the foreground")
+    serve.add_argument("config", metavar="CONFIG", help="TOML configuration file")
+    check = commands.add_parser("check", help="validate CONFIG and print the server order")
+    check.add_argument("config", metavar="CONFIG", help="TOML configuration file")
+    # The demo parses its own options (`failproxy demo --help` shows them).
+    commands.add_parser(
+        "demo", help="a 3-host cluster on loopback under skewed load", add_help=False
+    )
+    return parser
+
+
+def _load(path: str) -> config.Config | None:
+    """The config, or None after printing every problem on stderr."""
+    try:
+        return config.load(path)
+    except config.ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status is returned, not raised, so tests can call it."""
+    args_list = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    try:
+        args, rest = parser.parse_known_args(args_list)
+        if rest and args.command != "demo":
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    except SystemExit as e:  # --help, --version, bad usage
+        return e.code if isinstance(e.code, int) else 2
+    if args.command == "demo":
+        from failproxy import demo
+
+        return demo.main(rest)
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    if args.command == "check":
+        print("ok")
+        for line in config.describe_order(cfg):
+            print(line)
+        return 0
+    from failproxy import master  # forks workers and pulls in the event loop: only for serve
+
+    return master.serve(args.config)

@@ -1,0 +1,574 @@
+"""Downstream side: one Protocol per client connection, parsing requests with httptools.
+
+Requests are parsed strictly (SPEC 8): anything ambiguous is answered here and none of its bytes
+reach an upstream. Requests are answered one at a time and in order; a pipelined request waits
+in `queue` with reading paused, so a client can never make the proxy buffer more than one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from failproxy.headers import (
+    HOP_BY_HOP,
+    BadRequest,
+    check_transfer_encoding,
+    connection_tokens,
+    simple_response,
+)
+from failproxy.timer import Timer
+
+if TYPE_CHECKING:
+    from failproxy.exchange import Exchange
+    from failproxy.upstream import UpstreamConnection
+    from failproxy.worker import Worker
+
+# Reasons to pause reading the client, as bits: reading resumes only when none is left.
+PIPELINE, UPSTREAM_FULL, BUFFER_FULL, UPGRADE = 1, 2, 4, 8
+# Unsent request-body bytes held (no upstream attached yet) before reading pauses.
+BUFFER_LIMIT = 65536
+
+# What the client timer is waiting for.
+IDLE, HEAD, BODY, NONE = 0, 1, 2, 3
+
+# Request headers that need more than being copied through, by lower-cased name.
+_HOST, _CL, _XFF, _VIA, _EXPECT, _RID = 1, 2, 3, 4, 5, 6
+_SPECIAL = {
+    b"host": _HOST,
+    b"content-length": _CL,
+    b"x-forwarded-for": _XFF,
+    b"via": _VIA,
+    b"expect": _EXPECT,
+}
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Request:
+    """One parsed request and its body, held so that it can be sent (again) to an upstream."""
+
+    __slots__ = (
+        "body_bytes",
+        "chunked",
+        "chunks",
+        "complete",
+        "conn_tokens",
+        "content_length",
+        "expect_continue",
+        "head",
+        "head_size",
+        "headers",
+        "held",
+        "host_count",
+        "http10",
+        "keep_alive",
+        "method",
+        "replayable",
+        "request_id",
+        "sent",
+        "sink",
+        "started",
+        "te",
+        "upgrade",
+        "url",
+        "via",
+        "xff",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.method = b""
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.host_count = 0
+        self.content_length: bytes | None = None
+        self.te = b""
+        self.conn_tokens: list[bytes] = []
+        self.upgrade = b""
+        self.xff = b""
+        self.via = b""
+        self.request_id = ""
+        self.expect_continue = False
+        self.http10 = False
+        self.keep_alive = True
+        self.chunked = False
+        self.head = b""
+        # Body bytes as they go upstream (already chunk-framed when chunked), from the first
+        # byte not yet known to be unneeded: `sent` of them reached the current upstream.
+        self.chunks: list[bytes] = []
+        self.held = 0
+        self.sent = 0
+        self.body_bytes = 0
+        self.replayable = True
+        self.complete = False
+        self.sink: UpstreamConnection | None = None
+
+    @property
+    def unsent(self) -> int:
+        return self.held if self.sink is None else 0
+
+    def add_body(self, data: bytes, retry_limit: int) -> None:
+        self.chunks.append(data)
+        self.held += len(data)
+        sink = self.sink
+        if sink is not None:
+            sink.write(data)
+            self.sent = len(self.chunks)
+            if self.held > retry_limit:
+                self._drop_sent()
+
+    def attach(self, sink: UpstreamConnection, retry_limit: int) -> None:
+        """Send the head and every held body byte to a new upstream; stream the rest to it."""
+        self.sink = sink
+        if self.chunks:
+            sink.transport.writelines([self.head, *self.chunks])  # type: ignore[union-attr]
+            self.sent = len(self.chunks)
+            if self.held > retry_limit:
+                self._drop_sent()
+        else:
+            sink.write(self.head)
+
+    def detach(self) -> None:
+        self.sink = None
+        self.sent = 0
+
+    def _drop_sent(self) -> None:
+        """Past `retry_body_bytes` the sent part of the body is let go: no replay after this."""
+        del self.chunks[: self.sent]
+        self.held = sum(len(c) for c in self.chunks)
+        self.sent = 0
+        self.replayable = False
+
+    @property
+    def path(self) -> str:
+        return self.url.decode("latin-1")
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "active",
+        "client_ip",
+        "closed",
+        "error",
+        "head_raw",
+        "in_head",
+        "loop",
+        "parser",
+        "paused",
+        "queue",
+        "req",
+        "served",
+        "timer",
+        "timer_kind",
+        "tls",
+        "transport",
+        "tunnel",
+        "upgrade_rest",
+        "worker",
+        "write_paused",
+    )
+
+    def __init__(self, worker: Worker, tls: bool) -> None:
+        self.worker = worker
+        self.loop = worker.loop
+        self.tls = tls
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.req: Request | None = None
+        self.active: Exchange | None = None
+        self.queue: deque[Request | BadRequest] = deque()
+        self.served = 0
+        self.paused = 0
+        self.write_paused = False
+        self.closed = False
+        self.error: BadRequest | None = None
+        self.in_head = True
+        self.head_raw = 0
+        self.tunnel: UpstreamConnection | None = None
+        self.upgrade_rest = b""
+        self.timer = Timer(worker.loop, self._on_timeout)
+        self.timer_kind = HEAD
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        self.worker.connection_opened(self)
+        self.timer.set(self.loop.time() + self.worker.server_cfg.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.timer.close()
+        self.worker.connection_closed(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+        active = self.active
+        if active is not None:
+            self.active = None
+            active.client_gone()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.in_head:
+            self.head_raw += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._on_parser_upgrade(data[upgrade.args[0] :])
+        except httptools.HttpParserError as exc:
+            error = self.error or BadRequest(400, str(exc) or "malformed request")
+            self._reject(error)
+            return
+        if self.in_head and self.head_raw > self.worker.server_cfg.max_header_bytes:
+            self._reject(BadRequest(431, "request head too large"))
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still want its answers (HTTP/1.0 clients, `nc -q`).
+        if self.active is None and not self.queue:
+            return None
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+        elif self.active is not None:
+            self.active.client_paused(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+        elif self.active is not None:
+            self.active.client_paused(False)
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.req = Request(self.loop.time())
+        self.in_head = True
+        self.head_raw = 0
+        if self.timer_kind == IDLE:
+            self.timer_kind = HEAD
+            self.timer.set(self.loop.time() + self.worker.server_cfg.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.url += url
+        if len(req.url) > self.worker.server_cfg.max_uri_bytes:
+            self._fail(BadRequest(414, "request target too long"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.head_size += len(name) + len(value) + 4
+        if b"_" in name:
+            return  # as nginx: WSGI/Rack would read X_A as X-A
+        lname = name.lower()
+        kind = _SPECIAL.get(lname)
+        if kind is None:
+            if lname in HOP_BY_HOP:
+                self._hop_by_hop(req, lname, value)
+                return
+            if lname == self.worker.rid_header:
+                req.request_id = value.decode("latin-1")
+                return
+            req.headers.append((name, value))
+        elif kind == _HOST:
+            req.host_count += 1
+            req.headers.append((name, value))
+        elif kind == _CL:
+            req.content_length = value
+        elif kind == _XFF:
+            if self.worker.xff_mode == "off":
+                req.headers.append((name, value))
+            else:
+                req.xff = req.xff + b", " + value if req.xff else value
+        elif kind == _VIA:
+            req.via = req.via + b", " + value if req.via else value
+        elif kind == _EXPECT:
+            if value.lower() == b"100-continue":
+                req.expect_continue = True
+            else:
+                self._fail(BadRequest(417, "unsupported expectation"))
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        self.in_head = False
+        try:
+            self._finish_head(req)
+        except BadRequest as exc:
+            self._fail(exc)
+        if self.active is None and not self.queue:
+            self._begin(req)
+        else:
+            self.queue.append(req)
+            self._pause(PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.body_bytes += len(body)
+        limit = self.worker.server_cfg.max_body_bytes
+        if limit and req.body_bytes > limit:
+            self._fail(BadRequest(413, "request body too large"))
+        if req.chunked:
+            body = b"%x\r\n%b\r\n" % (len(body), body)
+        req.add_body(body, self.worker.retry_body_bytes)
+        if req.sink is None and req.held > BUFFER_LIMIT:
+            self._pause(BUFFER_FULL)
+        if self.timer_kind == BODY:
+            self.timer.set(self.loop.time() + self.worker.server_cfg.body_timeout)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        if req.chunked:
+            req.add_body(b"0\r\n\r\n", self.worker.retry_body_bytes)
+        req.complete = True
+        self.req = None
+        self.in_head = True
+        self.head_raw = 0
+        if self.active is not None and self.active.req is req:
+            self.timer_kind = NONE
+            self.timer.clear()
+            self.active.request_complete()
+
+    # -- request flow ---------------------------------------------------------------------------
+
+    def _begin(self, req: Request) -> None:
+        """Make `req` the active request and start its walk over the servers."""
+        if req.expect_continue and not req.complete and not req.http10:
+            self.write(CONTINUE)
+        if req.complete:
+            self.timer_kind = NONE
+            self.timer.clear()
+        else:
+            self.timer_kind = BODY
+            self.timer.set(self.loop.time() + self.worker.server_cfg.body_timeout)
+        self.active = self.worker.new_exchange(self, req)
+        self.active.start()
+
+    def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
+        """The active request was answered: start the next pipelined one, idle, or close."""
+        if self.active is exchange:
+            self.active = None
+        self.served += 1
+        if self.closed:
+            return
+        if not keep_alive:
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            if not self.queue:
+                self._resume(PIPELINE)
+            if isinstance(nxt, BadRequest):
+                self._answer_error(nxt)
+            else:
+                self._begin(nxt)
+            return
+        if self.req is None:
+            if self.worker.draining:
+                self.close()
+                return
+            self.timer_kind = IDLE
+            self.timer.set(self.loop.time() + self.worker.server_cfg.keepalive_timeout)
+        else:
+            self.timer_kind = HEAD
+            self.timer.set(self.req.started + self.worker.server_cfg.header_timeout)
+        self._resume(BUFFER_FULL)
+
+    def keep_alive_after(self, req: Request) -> bool:
+        """May this connection carry another request after answering `req`?"""
+        return (
+            req.keep_alive
+            and req.complete
+            and not self.worker.draining
+            and self.served + 1 < self.worker.server_cfg.keepalive_requests
+            and not self.closed
+        )
+
+    def _finish_head(self, req: Request) -> None:
+        """Check what httptools leaves to the proxy (SPEC 8), then build the upstream head once:
+        a retry re-sends the same bytes."""
+        parser = self.parser
+        worker = self.worker
+        cfg = worker.server_cfg
+        version = parser.get_http_version()
+        if version != "1.1":
+            if version != "1.0":
+                raise BadRequest(505, f"HTTP version {version} not supported")
+            req.http10 = True
+        if req.head_size + len(req.url) > cfg.max_header_bytes:
+            raise BadRequest(431, "request head too large")
+        req.method = method = parser.get_method()
+        if method == b"CONNECT":
+            raise BadRequest(501, "CONNECT is not supported")
+        req.keep_alive = parser.should_keep_alive()
+        if req.te:
+            if req.http10:
+                raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+            check_transfer_encoding(req.te)
+            req.chunked = True
+            framing = b"Transfer-Encoding: " + req.te + b"\r\n"
+        elif req.content_length is not None:
+            if cfg.max_body_bytes and int(req.content_length) > cfg.max_body_bytes:
+                raise BadRequest(413, "request body too large")
+            framing = b"Content-Length: " + req.content_length + b"\r\n"
+            if req.content_length == b"0":
+                framing = b"Content-Length: 0\r\n"
+        else:
+            framing = b""
+        if not req.http10 and req.host_count != 1:
+            raise BadRequest(400, "missing Host" if not req.host_count else "repeated Host")
+        if req.conn_tokens:
+            tokens = connection_tokens(req.conn_tokens)
+            tokens -= {b"close", b"keep-alive", b"upgrade"}
+            if tokens & {b"content-length", b"host", b"transfer-encoding"}:
+                raise BadRequest(400, "Connection lists a framing header")
+            if tokens:
+                req.headers = [(n, v) for n, v in req.headers if n.lower() not in tokens]
+        upgrade = req.upgrade if parser.should_upgrade() else b""
+        if not req.request_id and worker.rid_header:
+            req.request_id = os.urandom(16).hex()
+        req.head = worker.head_builder.build(
+            method,
+            req.url,
+            req.headers,
+            client_ip=self.client_ip,
+            tls=self.tls,
+            request_id=req.request_id,
+            framing=framing,
+            upgrade=upgrade,
+            xff_prior=req.xff,
+            via_prior=req.via,
+        )
+
+    def _hop_by_hop(self, req: Request, lname: bytes, value: bytes) -> None:
+        if lname == b"connection":
+            req.conn_tokens.append(value)
+        elif lname == b"transfer-encoding":
+            req.te = req.te + b", " + value if req.te else value
+        elif lname == b"upgrade":
+            req.upgrade = value
+
+    def _on_parser_upgrade(self, rest: bytes) -> None:
+        """llhttp stopped after an `Upgrade` request: the bytes after it belong to the tunnel."""
+        self.upgrade_rest = rest
+        self._pause(UPGRADE)
+
+    def start_tunnel(self, conn: UpstreamConnection) -> None:
+        """The upstream answered 101: from now on bytes are copied both ways unparsed."""
+        self.active = None
+        self.tunnel = conn
+        conn.tunnel = self.transport
+        conn.timer.close()
+        self.timer_kind = NONE
+        self.timer.clear()
+        if self.upgrade_rest:
+            conn.write(self.upgrade_rest)
+            self.upgrade_rest = b""
+        self._resume(UPGRADE)
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def _fail(self, error: BadRequest) -> None:
+        """Abort parsing from inside a parser callback."""
+        self.error = error
+        raise error
+
+    def _reject(self, error: BadRequest) -> None:
+        """Bad input: answered in its turn, the connection closed, nothing sent upstream."""
+        self.error = None
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        self.paused |= 16
+        req = self.req
+        self.req = None
+        if req is not None and self.active is not None and self.active.req is req:
+            # The active request's body turned out bad (e.g. a chunked body past the limit):
+            # the upstream must never see a complete request.
+            self.active.abort_request(error)
+            return
+        if req is not None and req in self.queue:
+            self.queue.remove(req)
+        if self.active is None and not self.queue:
+            self._answer_error(error)
+        else:
+            self.queue.append(error)
+
+    def _answer_error(self, error: BadRequest) -> None:
+        self.worker.log_client_error(self, error)
+        self.write(simple_response(error.status, error.detail, close=True))
+        self.close()
+
+    def _on_timeout(self) -> None:
+        kind = self.timer_kind
+        if kind == IDLE:
+            self.close()
+        elif kind == HEAD:
+            if self.req is None and self.head_raw == 0 and self.served:
+                self.close()
+            else:
+                self._reject(BadRequest(408, "request head not received in time"))
+        elif kind == BODY:
+            self._reject(BadRequest(408, "request body stalled"))
+
+    # -- flow control and output ------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def upstream_paused(self, paused: bool) -> None:
+        if paused:
+            self._pause(UPSTREAM_FULL)
+        else:
+            self._resume(UPSTREAM_FULL)
+
+    def request_attached(self) -> None:
+        """The active request now streams to an upstream: held body bytes are on their way."""
+        self._resume(BUFFER_FULL)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    def drain(self) -> None:
+        """Graceful stop: an idle keep-alive connection closes now, a busy one after its answer."""
+        if self.active is None and self.req is None and not self.queue:
+            self.close()

@@ -1,0 +1,188 @@
+"""Header rules: which request headers reach the upstream, which response headers reach the client.
+
+Pure functions over lists of (name, value) byte pairs, so every rule is tested without sockets.
+"""
+
+from __future__ import annotations
+
+from failproxy.config import HeadersConfig
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus the legacy ones proxies must also drop.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+
+# Transfer codings failproxy knows (RFC 9112 7); any other is 501.
+KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"identity"})
+
+
+class BadRequest(Exception):
+    """A request the proxy refuses before any byte reaches an upstream."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """Lower-cased tokens of every `Connection` header: the names they list are hop-by-hop too."""
+    out: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                out.add(token)
+    return out
+
+
+def check_transfer_encoding(value: bytes) -> None:
+    """Raise BadRequest unless the codings end in `chunked` and are all known (SPEC 8)."""
+    codings = [c.strip().lower() for c in value.split(b",")]
+    for coding in codings:
+        name = coding.split(b";", 1)[0].strip()
+        if name not in KNOWN_CODINGS:
+            raise BadRequest(501, f"unknown transfer coding {name.decode('latin-1')!r}")
+    if codings[-1] != b"chunked":
+        raise BadRequest(400, "Transfer-Encoding does not end with chunked")
+
+
+class RequestHeadBuilder:
+    """Builds the upstream request head from the client's; configured once per worker."""
+
+    __slots__ = ("_proto_http", "_proto_https", "_rid_lower", "_rid_name", "_via", "_xff", "_xfh")
+
+    def __init__(self, cfg: HeadersConfig) -> None:
+        self._xff = cfg.x_forwarded_for
+        self._proto_http = b"X-Forwarded-Proto: http\r\n" if cfg.x_forwarded_proto else b""
+        self._proto_https = b"X-Forwarded-Proto: https\r\n" if cfg.x_forwarded_proto else b""
+        self._xfh = cfg.x_forwarded_host
+        self._via = cfg.via
+        self._rid_name = cfg.request_id.encode("latin-1")
+        self._rid_lower = self._rid_name.lower()
+
+    @property
+    def xff_mode(self) -> str:
+        return self._xff
+
+    @property
+    def request_id_header(self) -> bytes:
+        """Lower-cased name of the request-id header, b"" when off."""
+        return self._rid_lower
+
+    def build(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        client_ip: str,
+        tls: bool,
+        request_id: str,
+        framing: bytes,
+        upgrade: bytes,
+        xff_prior: bytes,
+        via_prior: bytes,
+    ) -> bytes:
+        """The head to send upstream.
+
+        `headers` are already filtered (no hop-by-hop, no underscore names, no X-Forwarded-For
+        unless it is `off`, no Via, no request-id header); `framing` is the Content-Length or
+        Transfer-Encoding line to send, `upgrade` the Upgrade value when tunnelling; the
+        `*_prior` values are what the client sent in X-Forwarded-For and Via.
+        """
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        host = b""
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+            if not host and name.lower() == b"host":
+                host = value
+        if self._xff == "replace" or (self._xff == "append" and not xff_prior):
+            parts += (b"X-Forwarded-For: ", client_ip.encode(), b"\r\n")
+        elif self._xff == "append":
+            parts += (b"X-Forwarded-For: ", xff_prior, b", ", client_ip.encode(), b"\r\n")
+        parts.append(self._proto_https if tls else self._proto_http)
+        if self._xfh and host:
+            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        if self._via:
+            if via_prior:
+                parts += (b"Via: ", via_prior, b", 1.1 failproxy\r\n")
+            else:
+                parts.append(b"Via: 1.1 failproxy\r\n")
+        elif via_prior:
+            parts += (b"Via: ", via_prior, b"\r\n")
+        if self._rid_name:
+            parts += (self._rid_name, b": ", request_id.encode(), b"\r\n")
+        if upgrade:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+        parts.append(framing)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+STATUS_REASONS: dict[int, bytes] = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    499: b"Client Closed Request",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def simple_response(status: int, body: str, *, close: bool, request_id: bytes = b"") -> bytes:
+    """A short plain-text response made by the proxy itself (errors, 502/504)."""
+    payload = body.encode() + b"\n"
+    reason = STATUS_REASONS.get(status, b"Error")
+    head = [
+        b"HTTP/1.1 %d %s\r\n" % (status, reason),
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(payload),
+    ]
+    if request_id:
+        head.append(request_id)
+    head.append(b"Connection: close\r\n\r\n" if close else b"\r\n")
+    return b"".join(head) + payload
+
+
+def response_head(
+    status: int,
+    reason: bytes,
+    headers: list[tuple[bytes, bytes]],
+    framing: bytes,
+    *,
+    keep_alive: bool,
+    http10: bool,
+    extra: bytes,
+) -> bytes:
+    """The head relayed to the client: upstream headers minus hop-by-hop ones, our framing and
+    connection lines. `headers` arrive already filtered; `extra` holds optional debug lines."""
+    parts = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(framing)
+    if extra:
+        parts.append(extra)
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n\r\n")
+    elif http10:
+        parts.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts)

@@ -1,0 +1,149 @@
+"""structlog set-up: JSON lines (orjson) or console, and a sink that batches writes per loop turn.
+
+Events below the configured level cost one no-op method call: structlog's filtering bound
+logger replaces them with `return None`. An emitted JSON event costs a few microseconds; the
+lines of one event-loop iteration leave in a single write().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+from failproxy.config import LogConfig
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class _Timestamper:
+    """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        return event
+
+
+class Sink:
+    """Where rendered lines go. Inside a running loop, lines are gathered and written once per
+    loop iteration; outside one (the master before its loop, exit paths) they are written at once."""
+
+    __slots__ = ("_buf", "_fd", "_file", "_scheduled")
+
+    def __init__(self, file: TextIO | None, path: str) -> None:
+        self._file = open(path, "ab", buffering=0) if path else None  # noqa: SIM115
+        self._fd = self._file.fileno() if self._file else (file or sys.stderr).fileno()
+        self._buf: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, line: bytes) -> None:
+        self._buf.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._buf:
+            return
+        data = b"".join(self._buf)
+        self._buf.clear()
+        while data:
+            try:
+                written = os.write(self._fd, data)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                # A non-blocking stderr (shared with a parent) that is full: drop rather than spin.
+                return
+            data = data[written:]
+
+
+class _BytesLogger:
+    """structlog logger that hands rendered bytes (or str) to the sink."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+
+    def msg(self, message: bytes | str) -> None:
+        if isinstance(message, str):
+            message = message.encode()
+        self._sink.write(message + b"\n")
+
+    info = warning = error = debug = critical = exception = log = msg
+
+
+_sink: Sink | None = None
+
+
+def _orjson_dumps(event: MutableMapping[str, Any], **_kw: Any) -> bytes:
+    return orjson.dumps(event, default=str)
+
+
+def configure(cfg: LogConfig | None = None) -> None:
+    """(Re)configure structlog for this process; call again after fork so `pid` is right."""
+    global _sink
+    cfg = cfg or LogConfig()
+    if _sink is not None:
+        _sink.flush()
+    _sink = Sink(None, cfg.file)
+    pid = os.getpid()
+
+    def add_pid(_l: Any, _n: str, event: MutableMapping[str, Any]) -> Any:
+        event["pid"] = pid
+        return event
+
+    processors: list[Any] = [structlog.processors.add_log_level, _Timestamper(), add_pid]
+    if cfg.format == "console":
+        colors = not cfg.file and sys.stderr.isatty()
+        processors.append(structlog.dev.ConsoleRenderer(colors=colors))
+    else:
+        processors.append(structlog.processors.JSONRenderer(serializer=_orjson_dumps))
+    sink = _sink
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(cfg.level, logging.INFO)),
+        logger_factory=lambda *_a: _BytesLogger(sink),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger() -> Any:
+    """A bound logger for the current configuration (re-fetch after `configure`)."""
+    return structlog.get_logger()
+
+
+def flush() -> None:
+    if _sink is not None:
+        _sink.flush()

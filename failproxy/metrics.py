@@ -1,0 +1,283 @@
+"""Counters summed over every worker, written on the hot path without a lock or a syscall.
+
+Each worker writes only its own slot: an anonymous shared mmap that the master maps before it
+forks the worker, viewed as int64 counters ('q') and float64 sums ('d'). Aligned 8-byte stores
+are single instructions, so the master reads live slots while workers write them. When the
+master reaps a worker it folds the slot's final values into a `Totals` keyed by upstream
+address text, so every counter stays monotonic across worker restarts, TTIN/TTOU and reloads
+that change the server list. Server indexes on the hot path are positions in
+`config.upstream.servers`; reasons are positions in `policy.REASONS`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from failproxy.policy import REASONS
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0)
+
+_STATUSES = 600  # slot per status code; anything outside 0..599 is counted under 0
+_N_REASONS = len(REASONS)
+
+
+class _Layout:
+    """Offsets of each counter inside one worker's slot."""
+
+    __slots__ = ("active", "connect", "down", "duration", "exhausted", "fails", "failovers",
+                 "n_d", "n_q", "ready", "server_failovers", "server_requests", "status")
+
+    def __init__(self, n: int) -> None:
+        offset = 0
+
+        def take(count: int) -> int:
+            nonlocal offset
+            start, offset = offset, offset + count
+            return start
+
+        self.status = take(_STATUSES)
+        self.duration = take(len(DURATION_BUCKETS) + 1)
+        self.exhausted = take(1)
+        self.active = take(1)
+        self.ready = take(1)
+        self.server_requests = take(n)
+        self.server_failovers = take(n)
+        self.fails = take(n)
+        self.down = take(n)
+        self.failovers = take(n * n * _N_REASONS)
+        self.connect = take(n * (len(CONNECT_BUCKETS) + 1))
+        self.n_q = offset
+        self.n_d = 1 + n  # duration sum, then one connect-time sum per server
+
+
+class WorkerMetrics:
+    """Counters of one worker, in shared memory the master can read (see module docstring)."""
+
+    __slots__ = ("_c", "_conn_w", "_d", "_fo", "_layout", "_mm", "_n", "_q", "_sfo", "_sreq",
+                 "n_servers")
+
+    def __init__(self, n_servers: int) -> None:
+        layout = _Layout(n_servers)
+        size = (layout.n_q + layout.n_d) * 8
+        self._mm: mmap.mmap | None = mmap.mmap(-1, size)  # anonymous, MAP_SHARED: survives fork
+        view = memoryview(self._mm)
+        self._q = view[: layout.n_q * 8].cast("q")
+        self._d = view[layout.n_q * 8 : size].cast("d")
+        view.release()
+        self._layout = layout
+        self.n_servers = self._n = n_servers
+        self._sreq = layout.server_requests
+        self._sfo = layout.server_failovers
+        self._fo = layout.failovers
+        self._c = layout.connect
+        self._conn_w = len(CONNECT_BUCKETS) + 1
+
+    # -- hot path: one or two memoryview stores each --------------------------------------------
+
+    def request(self, status: int, duration: float) -> None:
+        q = self._q
+        q[status if 0 <= status < _STATUSES else 0] += 1
+        q[_STATUSES + bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+        self._d[0] += duration
+
+    def upstream_request(self, server: int) -> None:
+        self._q[self._sreq + server] += 1
+
+    def failover(self, from_server: int, to_server: int, reason: int) -> None:
+        q = self._q
+        q[self._fo + (from_server * self._n + to_server) * _N_REASONS + reason] += 1
+        q[self._sfo + from_server] += 1
+
+    def exhausted(self) -> None:
+        self._q[self._layout.exhausted] += 1
+
+    def connect_duration(self, server: int, seconds: float) -> None:
+        self._q[self._c + server * self._conn_w + bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        self._d[1 + server] += seconds
+
+    def connection_opened(self) -> None:
+        self._q[self._layout.active] += 1
+
+    def connection_closed(self) -> None:
+        self._q[self._layout.active] -= 1
+
+    def server_state(self, server: int, up: bool, fails: int) -> None:
+        layout = self._layout
+        self._q[layout.down + server] = 0 if up else 1
+        self._q[layout.fails + server] = fails
+
+    # -- process life -----------------------------------------------------------------------------
+
+    def ready(self) -> None:
+        """The worker accepts connections: the master may now retire what this one replaces."""
+        self._q[self._layout.ready] = 1
+
+    def is_ready(self) -> bool:
+        return self._mm is not None and self._q[self._layout.ready] == 1
+
+    def close(self) -> None:
+        """Unmap the slot (the master after folding it; a worker for its siblings' slots)."""
+        if self._mm is None:
+            return
+        self._q.release()
+        self._d.release()
+        self._mm.close()
+        self._mm = None
+
+    def snapshot(self) -> tuple[list[int], list[float]]:
+        return self._q.tolist(), self._d.tolist()
+
+
+@dataclass
+class Totals:
+    """Figures summed over workers, keyed by label text rather than by index."""
+
+    status: Counter[int] = field(default_factory=Counter)
+    duration: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    duration_sum: float = 0.0
+    exhausted: int = 0
+    server_requests: Counter[str] = field(default_factory=Counter)
+    server_failovers: Counter[str] = field(default_factory=Counter)
+    failovers: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    connect: dict[str, list[int]] = field(default_factory=dict)
+    connect_sum: dict[str, float] = field(default_factory=dict)
+    # Gauges: only live workers contribute.
+    active: int = 0
+    fails: Counter[str] = field(default_factory=Counter)
+    down: Counter[str] = field(default_factory=Counter)  # how many workers hold it down
+
+    def copy(self) -> Totals:
+        return Totals(
+            Counter(self.status), list(self.duration), self.duration_sum, self.exhausted,
+            Counter(self.server_requests), Counter(self.server_failovers), Counter(self.failovers),
+            {k: list(v) for k, v in self.connect.items()}, dict(self.connect_sum),
+            self.active, Counter(self.fails), Counter(self.down),
+        )
+
+    def add(self, metrics: WorkerMetrics, addresses: Sequence[str], *, gauges: bool) -> None:
+        """Add one worker's slot; `addresses[i]` is the text of its server i."""
+        q, d = metrics.snapshot()
+        layout = _Layout(metrics.n_servers)
+        n = metrics.n_servers
+        for status in range(_STATUSES):
+            if q[status]:
+                self.status[status] += q[status]
+        for i in range(len(self.duration)):
+            self.duration[i] += q[layout.duration + i]
+        self.duration_sum += d[0]
+        self.exhausted += q[layout.exhausted]
+        width = len(CONNECT_BUCKETS) + 1
+        for i, address in enumerate(addresses[:n]):
+            self.server_requests[address] += q[layout.server_requests + i]
+            self.server_failovers[address] += q[layout.server_failovers + i]
+            hist = self.connect.setdefault(address, [0] * width)
+            base = layout.connect + i * width
+            for b in range(width):
+                hist[b] += q[base + b]
+            self.connect_sum[address] = self.connect_sum.get(address, 0.0) + d[1 + i]
+            for j, to_address in enumerate(addresses[:n]):
+                base = layout.failovers + (i * n + j) * _N_REASONS
+                for r, reason in enumerate(REASONS):
+                    if q[base + r]:
+                        self.failovers[(address, to_address, reason)] += q[base + r]
+            if gauges:
+                self.fails[address] += q[layout.fails + i]
+                self.down[address] += q[layout.down + i]
+        if gauges:
+            self.active += q[layout.active]
+
+
+# -- Prometheus text exposition (format 0.0.4) ------------------------------------------------------
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**labels: str) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class _Page:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        self.lines.append(f"{name}{_labels(**labels)} {_number(value)}")
+
+    def histogram(self, name: str, bounds: Sequence[float], counts: Sequence[int], total: float,
+                  **labels: str) -> None:
+        cumulative = 0
+        for bound, count in zip(bounds, counts, strict=False):
+            cumulative += count
+            self.sample(f"{name}_bucket", cumulative, **labels, le=repr(bound))
+        cumulative += counts[len(bounds)]
+        self.sample(f"{name}_bucket", cumulative, **labels, le="+Inf")
+        self.sample(f"{name}_sum", total, **labels)
+        self.sample(f"{name}_count", cumulative, **labels)
+
+
+def render(totals: Totals, servers: Iterable[str], workers: int) -> str:
+    """The /metrics page. `servers`: current upstream addresses, in config order (for gauges)."""
+    servers = list(servers)
+    known = list(dict.fromkeys([*servers, *totals.server_requests]))
+    page = _Page()
+    page.family("failproxy_requests_total", "counter", "Client requests answered, by status.")
+    for status in sorted(totals.status):
+        page.sample("failproxy_requests_total", totals.status[status], status=str(status))
+    page.family("failproxy_request_duration_seconds", "histogram",
+                "Time from request head to the end of the response.")
+    page.histogram("failproxy_request_duration_seconds", DURATION_BUCKETS, totals.duration,
+                   totals.duration_sum)
+    page.family("failproxy_upstream_requests_total", "counter",
+                "Requests sent to each upstream server (attempts that connected).")
+    for address in known:
+        page.sample("failproxy_upstream_requests_total", totals.server_requests[address],
+                    upstream=address)
+    page.family("failproxy_failovers_total", "counter",
+                "Requests moved from one server to the next, by reason.")
+    for (src, dst, reason), count in sorted(totals.failovers.items()):
+        page.sample("failproxy_failovers_total", count, **{"from": src, "to": dst}, reason=reason)
+    page.family("failproxy_upstream_exhausted_total", "counter",
+                "Requests that reached no server (answered 502/504).")
+    page.sample("failproxy_upstream_exhausted_total", totals.exhausted)
+    page.family("failproxy_upstream_connect_duration_seconds", "histogram",
+                "Time to connect to an upstream server.")
+    for address in known:
+        counts = totals.connect.get(address) or [0] * (len(CONNECT_BUCKETS) + 1)
+        page.histogram("failproxy_upstream_connect_duration_seconds", CONNECT_BUCKETS, counts,
+                       totals.connect_sum.get(address, 0.0), upstream=address)
+    page.family("failproxy_connections_active", "gauge", "Open client connections.")
+    page.sample("failproxy_connections_active", totals.active)
+    page.family("failproxy_upstream_up", "gauge",
+                "1 unless some worker currently holds the server down (fail_timeout).")
+    for address in servers:
+        page.sample("failproxy_upstream_up", 0 if totals.down[address] else 1, upstream=address)
+    page.family("failproxy_upstream_fails", "gauge",
+                "Failures counted towards max_fails, summed over workers.")
+    for address in servers:
+        page.sample("failproxy_upstream_fails", totals.fails[address], upstream=address)
+    page.family("failproxy_workers", "gauge", "Live worker processes.")
+    page.sample("failproxy_workers", workers)
+    return "\n".join(page.lines) + "\n"
+
+
+__all__ = ["CONNECT_BUCKETS", "CONTENT_TYPE", "DURATION_BUCKETS", "REASONS", "Totals",
+           "WorkerMetrics", "render"]

@@ -1,0 +1,139 @@
+"""The failover policy as pure functions: server order, error -> reason, may this request move on.
+
+Nothing here does I/O, so every rule is tested as a table (tests/test_policy.py).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from collections.abc import Sequence
+from typing import TypeVar
+
+from failproxy.config import Address, Upstream
+
+# Every failed attempt has exactly one of these reasons (SPEC 4.1), in this fixed order:
+# metrics index them by position.
+REASONS: tuple[str, ...] = (
+    "overloaded",
+    "refused",
+    "missing",
+    "connect_timeout",
+    "unreachable",
+    "busy",
+    "queue_full",
+    "reset",
+    "timeout",
+    "http_502",
+    "http_503",
+    "http_504",
+)
+REASON_INDEX = {reason: i for i, reason in enumerate(REASONS)}
+
+# Reasons where nothing was sent: always safe to move on (when listed in retry_on).
+CONNECT_REASONS = frozenset(REASONS[:7])
+# Reasons that happen after bytes may have reached the upstream.
+SENT_REASONS = frozenset(REASONS[7:])
+# What `retry_on` may name.
+RETRY_ON_NAMES = frozenset({"connect", *SENT_REASONS})
+
+# RFC 9110 9.2.2 idempotent methods (CONNECT is never proxied).
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+# Response statuses that may trigger a failover, by status code.
+STATUS_REASONS = {502: "http_502", 503: "http_503", 504: "http_504"}
+
+_ERRNO_REASONS = {
+    _errno.EAGAIN: "overloaded",  # == EWOULDBLOCK on Linux: UNIX listen backlog full
+    _errno.ECONNREFUSED: "refused",
+    _errno.ENOENT: "missing",
+    _errno.ETIMEDOUT: "connect_timeout",
+}
+
+
+def classify_connect_errno(err: int | None) -> str:
+    """Map a connect() errno to its reason; unknown errors are `unreachable`."""
+    if err is None:
+        return "unreachable"
+    return _ERRNO_REASONS.get(err, "unreachable")
+
+
+def errno_name(err: int | None) -> str | None:
+    """`EAGAIN` for 11, as logged in the `errno` field; None when there is no errno."""
+    if err is None:
+        return None
+    return _errno.errorcode.get(err, str(err))
+
+
+def expand_retry_on(names: Sequence[str]) -> frozenset[str]:
+    """`retry_on` as the set of reasons it covers: "connect" stands for the seven connect reasons."""
+    out: set[str] = set()
+    for name in names:
+        if name == "connect":
+            out |= CONNECT_REASONS
+        else:
+            out.add(name)
+    return frozenset(out)
+
+
+T = TypeVar("T")
+
+
+def server_order(servers: Sequence[Upstream], self_address: Address | None) -> tuple[Upstream, ...]:
+    """Primaries in listed order, then the backups; a backup list holding `self` is a ring after it.
+
+    With backups [h1, h2, h3], h1 tries h2, h3, h1: one config serves every box, and overflow
+    spreads around the ring instead of piling onto the first peer listed.
+    """
+    primaries = [s for s in servers if not s.backup]
+    backups = [s for s in servers if s.backup]
+    if self_address is not None:
+        for i, server in enumerate(backups):
+            if server.address == self_address:
+                backups = backups[i + 1 :] + backups[: i + 1]
+                break
+    return tuple(primaries + backups)
+
+
+def may_retry(
+    reason: str,
+    *,
+    retry_on: frozenset[str],
+    idempotent: bool,
+    replayable: bool,
+    retry_non_idempotent: bool,
+) -> bool:
+    """May a request that failed with `reason` move on to the next server?
+
+    `idempotent`: the method is in IDEMPOTENT_METHODS. `replayable`: every byte sent so far is
+    still held (no body, or a body within `retry_body_bytes`). Connect reasons sent nothing and
+    are always safe; the others are safe only when the request can be sent again unchanged and
+    either the method is idempotent or the operator said replays are fine.
+    """
+    if reason not in retry_on:
+        return False
+    if reason in CONNECT_REASONS:
+        return True
+    if not replayable:
+        return False
+    return idempotent or retry_non_idempotent
+
+
+def may_retry_stale(*, idempotent: bool, replayable: bool, retry_non_idempotent: bool) -> bool:
+    """May a request whose reused keep-alive connection failed before any response byte be re-sent
+    once on a fresh connection to the same server? Never for a non-idempotent request unless the
+    operator allows replays."""
+    return replayable and (idempotent or retry_non_idempotent)
+
+
+def exhausted_status(last_reason: str | None) -> int:
+    """The status of a request that reached no server: 504 when the last attempt timed out."""
+    if last_reason in ("connect_timeout", "timeout"):
+        return 504
+    return 502
+
+
+def walk_limit_reached(attempts: int, tries: int, elapsed: float, retry_timeout: float) -> bool:
+    """`tries` (0 = every server once) and `retry_timeout` (0 = no limit) bound the walk."""
+    if tries and attempts >= tries:
+        return True
+    return bool(retry_timeout and elapsed >= retry_timeout)

@@ -1,0 +1,136 @@
+"""Per-worker runtime state of each upstream server: passive health, in-flight count, idle pool.
+
+`fail_timeout = 0` (the default) means the server is never marked down: it is tried on every
+request. That is the point of failproxy; nginx instead benches a UNIX socket for the rest of the
+second after a single EAGAIN unless `max_fails=0`.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
+from failproxy.config import Upstream, UpstreamConfig
+
+if TYPE_CHECKING:
+    from failproxy.upstream import UpstreamConnection
+
+
+class Server:
+    """One `[[upstream.server]]` as this worker sees it."""
+
+    __slots__ = (
+        "address",
+        "backup",
+        "down_until",
+        "fail_timeout",
+        "fails",
+        "family",
+        "first_fail",
+        "idle",
+        "index",
+        "inflight",
+        "is_unix",
+        "keepalive",
+        "keepalive_requests",
+        "keepalive_timeout",
+        "max_conns",
+        "max_fails",
+        "max_queue",
+        "sockaddr",
+    )
+
+    def __init__(self, index: int, conf: Upstream, upstream: UpstreamConfig) -> None:
+        addr = conf.address
+        self.index = index
+        self.address = addr.text
+        self.backup = conf.backup
+        self.is_unix = addr.is_unix
+        self.sockaddr: str | tuple[str, int]
+        if addr.is_unix:
+            self.family = socket.AF_UNIX
+            self.sockaddr = addr.path
+        else:
+            self.family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+            self.sockaddr = (addr.host, addr.port)
+        self.fail_timeout = conf.fail_timeout
+        self.max_fails = conf.max_fails
+        self.max_conns = conf.max_conns
+        self.max_queue = conf.max_queue
+        self.keepalive = upstream.keepalive
+        self.keepalive_requests = upstream.keepalive_requests
+        self.keepalive_timeout = upstream.keepalive_timeout
+        self.inflight = 0
+        self.fails = 0
+        self.first_fail = 0.0
+        self.down_until = 0.0
+        # Idle keep-alive connections, most recently used last (LIFO, as nginx): the warmest
+        # connection is the least likely to have been closed by the upstream.
+        self.idle: list[UpstreamConnection] = []
+
+    # -- passive health (only with fail_timeout > 0) ---------------------------------------
+
+    def is_down(self, now: float) -> bool:
+        return self.down_until > now
+
+    def record_failure(self, now: float) -> bool:
+        """Count a failure; True when this one marks the server down."""
+        if not self.fail_timeout:
+            return False
+        if self.fails == 0 or now - self.first_fail > self.fail_timeout:
+            self.fails = 0
+            self.first_fail = now
+        self.fails += 1
+        if self.max_fails and self.fails >= self.max_fails and self.down_until <= now:
+            self.down_until = now + self.fail_timeout
+            return True
+        return False
+
+    def record_success(self) -> bool:
+        """Reset the failure count; True when the server was down (or on probation) before."""
+        was_failing = self.down_until > 0.0
+        self.fails = 0
+        self.down_until = 0.0
+        return was_failing
+
+    # -- idle pool ---------------------------------------------------------------------------
+
+    def take_idle(self, now: float, careful: bool) -> UpstreamConnection | None:
+        """The most recently used idle connection still fit to carry a request.
+
+        `careful` (a request that must not be replayed) refuses connections that may be closing:
+        idle for more than half their keep-alive allowance.
+        """
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.reusable(now, careful):
+                return conn
+            if not careful:
+                conn.close()
+            else:
+                # Too old for this request but maybe fine for an idempotent one: keep it.
+                idle.insert(0, conn)
+                return None
+        return None
+
+    def put_idle(self, conn: UpstreamConnection) -> bool:
+        """Keep a connection for reuse; False when the pool is full (the caller closes it)."""
+        if len(self.idle) >= self.keepalive:
+            return False
+        self.idle.append(conn)
+        return True
+
+    def forget_idle(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close_idle(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+
+def build_servers(upstream: UpstreamConfig) -> list[Server]:
+    return [Server(i, s, upstream) for i, s in enumerate(upstream.servers)]

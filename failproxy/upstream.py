@@ -1,0 +1,339 @@
+"""Upstream side: the connect that sees EAGAIN, and the Protocol that parses responses strictly.
+
+Connect: a raw non-blocking `socket.connect()`. asyncio's `sock_connect()` reports a full AF_UNIX
+backlog as *success* (the error only shows at the first write, CPython gh-117208), so it would
+hide exactly the failure failproxy exists to act on.
+
+Response parsing: httptools (llhttp) cannot be told that a response answers HEAD and has no
+end-of-stream call for close-delimited bodies; both are handled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import TYPE_CHECKING
+
+import httptools
+
+from failproxy.headers import HOP_BY_HOP, connection_tokens
+from failproxy.timer import Timer
+
+if TYPE_CHECKING:
+    from failproxy.exchange import Exchange
+    from failproxy.state import Server
+
+# Response framing, as seen from the upstream.
+LENGTH, CHUNKED, CLOSE, NOBODY = 1, 2, 3, 4
+
+
+def start_connect(server: Server) -> tuple[socket.socket | None, int]:
+    """Begin a connect without blocking.
+
+    Returns (sock, 0) when connected (UNIX connects complete at once), (sock, EINPROGRESS) for a
+    TCP connect under way, (None, errno) when it failed: EAGAIN is a full UNIX backlog.
+    """
+    sock = socket.socket(server.family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(server.sockaddr)
+    except BlockingIOError as exc:
+        if exc.errno == errno.EINPROGRESS and not server.is_unix:
+            return sock, errno.EINPROGRESS
+        sock.close()
+        return None, exc.errno or errno.EAGAIN
+    except OSError as exc:
+        sock.close()
+        return None, exc.errno or errno.EIO
+    return sock, 0
+
+
+async def finish_tcp_connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float
+) -> int:
+    """Wait for a TCP connect in progress; 0 or the errno (ETIMEDOUT after `timeout`)."""
+    fut: asyncio.Future[int] = loop.create_future()
+    fd = sock.fileno()
+
+    def writable() -> None:
+        if not fut.done():
+            fut.set_result(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def expired() -> None:
+        if not fut.done():
+            fut.set_result(errno.ETIMEDOUT)
+
+    loop.add_writer(fd, writable)
+    timer = loop.call_later(timeout, expired) if timeout > 0 else None
+    try:
+        return await fut
+    finally:
+        loop.remove_writer(fd)
+        if timer is not None:
+            timer.cancel()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream server; carries one exchange at a time, then idles in the
+    server's pool."""
+
+    __slots__ = (
+        "_body_seen",
+        "_conn_tokens",
+        "_head_only",
+        "_headers",
+        "_interim",
+        "_length",
+        "_parser",
+        "_reason",
+        "_status",
+        "_te",
+        "_upgrade",
+        "closed",
+        "exchange",
+        "framing",
+        "got_bytes",
+        "idle_since",
+        "keep_alive",
+        "keepalive_until",
+        "loop",
+        "requests",
+        "reused",
+        "server",
+        "timer",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.requests = 0
+        self.idle_since = 0.0
+        self.keepalive_until = 0.0
+        self.tunnel: asyncio.Transport | None = None
+        self.reused = False
+        self.timer = Timer(loop, self._on_timer)
+        self._parser = httptools.HttpResponseParser(self)
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        self._status = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._conn_tokens: list[bytes] = []
+        self._interim = False
+        self._head_only = False
+        self._body_seen = False
+        self._te = b""
+        self._length: bytes | None = None
+        self._upgrade = b""
+        self.framing = 0
+        self.keep_alive = True
+        self.got_bytes = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.timer.close()
+        if self.tunnel is not None:
+            self.tunnel.close()
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            if self.framing == CLOSE and self._status:
+                exchange.on_response_complete(self, reusable=False)
+            else:
+                exchange.on_upstream_lost(self, exc)
+        else:
+            self.server.forget_idle(self)
+
+    def eof_received(self) -> bool | None:
+        # Returning falsy closes the transport, which ends in connection_lost above.
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.exchange is None:
+            # Bytes on an idle connection: the upstream broke the protocol; never reuse it.
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            exchange = self.exchange
+            if exchange is not None:
+                offset = upgrade.args[0]
+                exchange.on_upstream_upgrade(self, data[offset:])
+            return
+        except httptools.HttpParserError as exc:
+            exchange = self.exchange
+            self.exchange = None
+            self.close()
+            if exchange is not None:
+                exchange.on_upstream_invalid(self, str(exc) or type(exc).__name__)
+            return
+        if self._head_only and self.exchange is not None:
+            # A HEAD response ends with its head: llhttp would wait for the announced body.
+            self._parser = httptools.HttpResponseParser(self)
+            self._finish(reusable=self.keep_alive and not self._body_seen)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_paused(False)
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"connection":
+                self._conn_tokens.append(value)
+            elif lname == b"transfer-encoding":
+                self._te = value
+            elif lname == b"keep-alive":
+                self._keepalive_hint(value)
+            elif lname == b"upgrade":
+                self._upgrade = value
+            return
+        if lname == b"content-length":
+            self._length = value
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        self._status = status
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if 100 <= status < 200 and status != 101:
+            self._interim = True
+            exchange.on_interim(self, status, self._reason, self._headers)
+            self._reason = b""
+            self._headers = []
+            return
+        self.keep_alive = parser.should_keep_alive()
+        headers = self._headers
+        if self._conn_tokens:
+            drop = connection_tokens(self._conn_tokens)
+            headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        if status == 101:
+            self.framing = NOBODY
+            headers.append((b"Upgrade", self._upgrade))
+        elif exchange.head_request or status in (204, 304):
+            self.framing = NOBODY
+            self._head_only = exchange.head_request
+        elif self._te:
+            if self._te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                raise httptools.HttpParserError("response Transfer-Encoding not ending in chunked")
+            self.framing = CHUNKED
+        elif self._length is not None:
+            self.framing = LENGTH
+        else:
+            self.framing = CLOSE
+            self.keep_alive = False
+        exchange.on_response_head(self, status, self._reason, headers, self._length)
+
+    def on_body(self, body: bytes) -> None:
+        if self._interim:
+            return
+        if self._head_only:
+            self._body_seen = True
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._head_only:
+            return  # finished in data_received, after feed_data returns
+        if self._status == 101:
+            return  # HttpParserUpgrade follows
+        self._finish(reusable=self.keep_alive)
+
+    def _on_timer(self) -> None:
+        """read/send timeout while carrying a request; keep-alive expiry while idle."""
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.on_upstream_timeout(self)
+        else:
+            self.server.forget_idle(self)
+            self.close()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _finish(self, reusable: bool) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        self.requests += 1
+        self._reset_response()
+        if exchange is not None:
+            exchange.on_response_complete(self, reusable=reusable)
+
+    def _keepalive_hint(self, value: bytes) -> None:
+        """`Keep-Alive: timeout=N` tells when the upstream will close an idle connection."""
+        for part in value.split(b","):
+            key, _, val = part.strip().partition(b"=")
+            if key.lower() == b"timeout":
+                try:
+                    self.keepalive_until = float(val)
+                except ValueError:
+                    pass
+
+    def reusable(self, now: float, careful: bool) -> bool:
+        """Fit to carry another request? `careful`: only if surely not about to be closed."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        idle = now - self.idle_since
+        allowance = self.server.keepalive_timeout
+        if self.keepalive_until:
+            allowance = min(allowance, self.keepalive_until)
+        if careful:
+            return idle < allowance / 2
+        return idle < allowance
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
