@@ -157,8 +157,10 @@ class ClientProtocol(asyncio.Protocol):
         "active",
         "client_ip",
         "closed",
+        "eof",
         "error",
         "head_raw",
+        "must_close",
         "in_head",
         "loop",
         "parser",
@@ -190,6 +192,8 @@ class ClientProtocol(asyncio.Protocol):
         self.paused = 0
         self.write_paused = False
         self.closed = False
+        self.eof = False
+        self.must_close = False
         self.error: BadRequest | None = None
         self.in_head = True
         self.head_raw = 0
@@ -240,6 +244,7 @@ class ClientProtocol(asyncio.Protocol):
         # A half-closed client may still want its answers (HTTP/1.0 clients, `nc -q`).
         if self.active is None and not self.queue:
             return None
+        self.eof = True
         return True
 
     def pause_writing(self) -> None:
@@ -372,7 +377,7 @@ class ClientProtocol(asyncio.Protocol):
         self.served += 1
         if self.closed:
             return
-        if not keep_alive:
+        if not keep_alive or (self.eof and not self.queue):
             self.close()
             return
         if self.queue:
@@ -401,6 +406,7 @@ class ClientProtocol(asyncio.Protocol):
             req.keep_alive
             and req.complete
             and not self.worker.draining
+            and not self.must_close
             and self.served + 1 < self.worker.server_cfg.keepalive_requests
             and not self.closed
         )
@@ -472,6 +478,7 @@ class ClientProtocol(asyncio.Protocol):
     def _on_parser_upgrade(self, rest: bytes) -> None:
         """llhttp stopped after an `Upgrade` request: the bytes after it belong to the tunnel."""
         self.upgrade_rest = rest
+        self.must_close = True  # unless a 101 makes it a tunnel, the parser cannot go on
         self._pause(UPGRADE)
 
     def start_tunnel(self, conn: UpstreamConnection) -> None:

@@ -112,6 +112,9 @@ class Exchange:
         if server.max_conns and server.inflight >= server.max_conns:
             self._failed("busy", None)
             return
+        if server.queue_probe is not None and server.queue_full():
+            self._failed("queue_full", None)
+            return
         server.inflight += 1
         req = self.req
         if server.idle:
@@ -355,7 +358,6 @@ class Exchange:
         self._failed("reset", err)
 
     def on_upstream_timeout(self, conn: UpstreamConnection) -> None:
-        server = conn.server
         self._release_attempt()
         conn.abort()
         if self.head_sent:
@@ -427,7 +429,7 @@ class Exchange:
         self._finish(False)
 
     def abort_request(self, error: BadRequest) -> None:
-        """The request body broke a rule mid-stream: the upstream must not get a complete request."""
+        """The body broke a rule mid-stream: the upstream must never get a complete request."""
         conn = self.conn
         self._release_attempt()
         if conn is not None:

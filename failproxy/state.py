@@ -11,6 +11,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from failproxy.config import Upstream, UpstreamConfig
+from failproxy.queue_depth import QueueProbe
 
 if TYPE_CHECKING:
     from failproxy.upstream import UpstreamConnection
@@ -37,6 +38,7 @@ class Server:
         "max_conns",
         "max_fails",
         "max_queue",
+        "queue_probe",
         "sockaddr",
     )
 
@@ -51,12 +53,16 @@ class Server:
             self.family = socket.AF_UNIX
             self.sockaddr = addr.path
         else:
-            self.family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-            self.sockaddr = (addr.host, addr.port)
+            # Resolved once, when the worker starts (as nginx does): a blocking lookup per
+            # connect would stall every connection of the worker.
+            info = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)[0]
+            self.family = info[0]
+            self.sockaddr = (str(info[4][0]), int(info[4][1]))
         self.fail_timeout = conf.fail_timeout
         self.max_fails = conf.max_fails
         self.max_conns = conf.max_conns
         self.max_queue = conf.max_queue
+        self.queue_probe = QueueProbe(addr.path) if conf.max_queue and addr.is_unix else None
         self.keepalive = upstream.keepalive
         self.keepalive_requests = upstream.keepalive_requests
         self.keepalive_timeout = upstream.keepalive_timeout
@@ -92,6 +98,14 @@ class Server:
         self.fails = 0
         self.down_until = 0.0
         return was_failing
+
+    def queue_full(self) -> bool:
+        """`max_queue`: that many connections already wait in its accept queue."""
+        probe = self.queue_probe
+        if probe is None:
+            return False
+        depth = probe.depth()
+        return depth is not None and depth >= self.max_queue
 
     # -- idle pool ---------------------------------------------------------------------------
 

@@ -150,7 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
-            if self.framing == CLOSE and self._status:
+            if self.framing == CLOSE and self._status and exc is None:
                 exchange.on_response_complete(self, reusable=False)
             else:
                 exchange.on_upstream_lost(self, exc)

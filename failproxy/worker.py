@@ -36,7 +36,7 @@ class Worker:
         self.cfg = cfg
         self.loop = loop
         self.metrics = metrics
-        self.log: Any = logs.get_logger()
+        self.log: Any = logs.get_logger().bind()
         self.server_cfg = cfg.server
         up = cfg.upstream
         self.servers: list[Server] = build_servers(up)
