@@ -49,7 +49,7 @@ class _Timestamper:
 
 class Sink:
     """Where rendered lines go. Inside a running loop, lines are gathered and written once per
-    loop iteration; outside one (the master before its loop, exit paths) they are written at once."""
+    loop iteration; outside one (the master, exit paths) they are written at once."""
 
     __slots__ = ("_buf", "_fd", "_file", "_scheduled")
 

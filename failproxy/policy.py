@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno as _errno
 from collections.abc import Sequence
-from typing import TypeVar
 
 from failproxy.config import Address, Upstream
 
@@ -65,7 +64,7 @@ def errno_name(err: int | None) -> str | None:
 
 
 def expand_retry_on(names: Sequence[str]) -> frozenset[str]:
-    """`retry_on` as the set of reasons it covers: "connect" stands for the seven connect reasons."""
+    """`retry_on` as the set of reasons it covers: "connect" stands for the seven connect ones."""
     out: set[str] = set()
     for name in names:
         if name == "connect":
@@ -73,9 +72,6 @@ def expand_retry_on(names: Sequence[str]) -> frozenset[str]:
         else:
             out.add(name)
     return frozenset(out)
-
-
-T = TypeVar("T")
 
 
 def server_order(servers: Sequence[Upstream], self_address: Address | None) -> tuple[Upstream, ...]:
