@@ -1,3 +1,3 @@
-"""failproxy: a per-host front proxy that tries the local UNIX socket first, then ordered TCP peers."""
+"""failproxy: a per-host front proxy: the local UNIX socket first, then ordered TCP peers."""
 
 __version__ = "0.1.0"

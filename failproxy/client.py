@@ -234,7 +234,7 @@ class ClientProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             self._on_parser_upgrade(data[upgrade.args[0] :])
         except httptools.HttpParserError as exc:
-            error = self.error or BadRequest(400, str(exc) or "malformed request")
+            error = self.error or _parse_error(exc)
             self._reject(error)
             return
         if self.in_head and self.head_raw > self.worker.server_cfg.max_header_bytes:
@@ -565,6 +565,10 @@ class ClientProtocol(asyncio.Protocol):
         if not self.closed:
             self.transport.write(data)  # type: ignore[union-attr]
 
+    def write_lines(self, data: list[bytes]) -> None:
+        if not self.closed:
+            self.transport.writelines(data)  # type: ignore[union-attr]
+
     def close(self) -> None:
         if not self.closed and self.transport is not None:
             self.closed = True
@@ -579,3 +583,11 @@ class ClientProtocol(asyncio.Protocol):
         """Graceful stop: an idle keep-alive connection closes now, a busy one after its answer."""
         if self.active is None and self.req is None and not self.queue:
             self.close()
+
+
+def _parse_error(exc: Exception) -> BadRequest:
+    """llhttp's own refusals: a well-formed but unsupported version is 505, the rest 400."""
+    detail = str(exc) or "malformed request"
+    if detail == "Invalid HTTP version":
+        return BadRequest(505, "HTTP version not supported")
+    return BadRequest(400, detail)

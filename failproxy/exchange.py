@@ -47,6 +47,7 @@ class Exchange:
         "head_sent",
         "idempotent",
         "keep_alive",
+        "out",
         "pos",
         "reasons",
         "req",
@@ -80,6 +81,8 @@ class Exchange:
         self.status = 0
         self.bytes_sent = 0
         self.done = False
+        # Response bytes gathered during one read from the upstream, sent in one writev.
+        self.out: list[bytes] = []
 
     # -- the walk -------------------------------------------------------------------------------
 
@@ -299,21 +302,32 @@ class Exchange:
             status, reason, headers, framing, keep_alive=keep, http10=req.http10, extra=extra
         )
         self.bytes_sent += len(data)
-        client.write(data)
+        self.out.append(data)
 
     def on_response_body(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
             conn.timer.set(self.worker.loop.time() + self.worker.read_timeout)
+        size = len(data)
         if self.chunked_out:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        self.bytes_sent += len(data)
-        self.client.write(data)
+            line = b"%x\r\n" % size
+            self.out += (line, data, b"\r\n")
+            self.bytes_sent += size + len(line) + 2
+        else:
+            self.out.append(data)
+            self.bytes_sent += size
+
+    def flush_out(self) -> None:
+        out = self.out
+        if out:
+            self.client.write_lines(out)
+            out.clear()
 
     def on_response_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
         if self.chunked_out:
-            self.client.write(b"0\r\n\r\n")
+            self.out.append(b"0\r\n\r\n")
             self.bytes_sent += 5
+        self.flush_out()
         server = conn.server
         self._release_attempt()
         self.worker.server_ok(server)
@@ -389,6 +403,7 @@ class Exchange:
         if self.done:
             conn.close()
             return
+        self.flush_out()
         if rest:
             self.client.write(rest)
         self.client.start_tunnel(conn)

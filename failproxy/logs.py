@@ -51,9 +51,10 @@ class Sink:
     """Where rendered lines go. Inside a running loop, lines are gathered and written once per
     loop iteration; outside one (the master, exit paths) they are written at once."""
 
-    __slots__ = ("_buf", "_fd", "_file", "_scheduled")
+    __slots__ = ("_buf", "_fd", "_file", "_scheduled", "path")
 
     def __init__(self, file: TextIO | None, path: str) -> None:
+        self.path = path
         self._file = open(path, "ab", buffering=0) if path else None  # noqa: SIM115
         self._fd = self._file.fileno() if self._file else (file or sys.stderr).fileno()
         self._buf: list[bytes] = []
@@ -113,18 +114,24 @@ def _orjson_dumps(event: MutableMapping[str, Any], **_kw: Any) -> bytes:
 
 def configure(cfg: LogConfig | None = None) -> None:
     """(Re)configure structlog for this process; call again after fork so `pid` is right."""
-    global _sink
+    global _sink, _fast_json, _pid
     cfg = cfg or LogConfig()
     if _sink is not None:
         _sink.flush()
-    _sink = Sink(None, cfg.file)
+    if _sink is None or _sink.path != cfg.file:
+        # Same path: keep the open file. A worker that dropped privileges may not be able to
+        # open it again (as nginx workers, it writes to what the master opened).
+        _sink = Sink(None, cfg.file)
     pid = os.getpid()
 
     def add_pid(_l: Any, _n: str, event: MutableMapping[str, Any]) -> Any:
         event["pid"] = pid
         return event
 
-    processors: list[Any] = [structlog.processors.add_log_level, _Timestamper(), add_pid]
+    _pid = pid
+    level = _LEVELS.get(cfg.level, logging.INFO)
+    _fast_json = cfg.format == "json" and level <= logging.INFO
+    processors: list[Any] = [structlog.processors.add_log_level, _timestamper, add_pid]
     if cfg.format == "console":
         colors = not cfg.file and sys.stderr.isatty()
         processors.append(structlog.dev.ConsoleRenderer(colors=colors))
@@ -133,10 +140,39 @@ def configure(cfg: LogConfig | None = None) -> None:
     sink = _sink
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(cfg.level, logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=lambda *_a: _BytesLogger(sink),
         cache_logger_on_first_use=False,
     )
+
+
+_timestamper = _Timestamper()
+_fast_json = False
+_pid = 0
+
+
+def request_logger() -> Any:
+    """The emitter of the per-request `request` event (the one event on the hot path).
+
+    With JSON output it renders the same object structlog would (event, level, timestamp, pid
+    and the fields) straight through orjson into the sink: ~1 us instead of ~5 us through the
+    processor chain. Otherwise, or when `info` is filtered out, it is the structlog method.
+    """
+    log = structlog.get_logger().bind()
+    if not _fast_json or _sink is None:
+        return lambda fields: log.info("request", **fields)
+    sink = _sink
+    stamp = _timestamper
+    pid = _pid
+    dumps = orjson.dumps
+
+    def emit(fields: dict[str, Any]) -> None:
+        event = {"event": "request", "level": "info", "timestamp": "", "pid": pid}
+        stamp(None, "", event)
+        event.update(fields)
+        sink.write(dumps(event, default=str) + b"\n")
+
+    return emit
 
 
 def get_logger() -> Any:

@@ -29,8 +29,21 @@ _N_REASONS = len(REASONS)
 class _Layout:
     """Offsets of each counter inside one worker's slot."""
 
-    __slots__ = ("active", "connect", "down", "duration", "exhausted", "fails", "failovers",
-                 "n_d", "n_q", "ready", "server_failovers", "server_requests", "status")
+    __slots__ = (
+        "active",
+        "connect",
+        "down",
+        "duration",
+        "exhausted",
+        "failovers",
+        "fails",
+        "n_d",
+        "n_q",
+        "ready",
+        "server_failovers",
+        "server_requests",
+        "status",
+    )
 
     def __init__(self, n: int) -> None:
         offset = 0
@@ -97,7 +110,8 @@ class WorkerMetrics:
         self._q[self._layout.exhausted] += 1
 
     def connect_duration(self, server: int, seconds: float) -> None:
-        self._q[self._c + server * self._conn_w + bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        bucket = bisect.bisect_left(CONNECT_BUCKETS, seconds)
+        self._q[self._c + server * self._conn_w + bucket] += 1
         self._d[1 + server] += seconds
 
     def connection_opened(self) -> None:
@@ -130,7 +144,7 @@ class WorkerMetrics:
         self._mm = None
 
     def snapshot(self) -> tuple[list[int], list[float]]:
-        return self._q.tolist(), self._d.tolist()
+        return self._q.tolist(), self._d.tolist()  # type: ignore[return-value]
 
 
 @dataclass
@@ -192,7 +206,7 @@ class Totals:
             self.active += q[layout.active]
 
 
-# -- Prometheus text exposition (format 0.0.4) ------------------------------------------------------
+# -- Prometheus text exposition (format 0.0.4) ---------------------------------------------------
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -189,6 +189,10 @@ class UpstreamConnection(asyncio.Protocol):
             # A HEAD response ends with its head: llhttp would wait for the announced body.
             self._parser = httptools.HttpResponseParser(self)
             self._finish(reusable=self.keep_alive and not self._body_seen)
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.flush_out()
 
     def pause_writing(self) -> None:
         if self.exchange is not None:

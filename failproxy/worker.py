@@ -56,7 +56,8 @@ class Worker:
         self.rid_header = self.head_builder.request_id_header
         self.xff_mode = cfg.headers.x_forwarded_for
         self.upstream_header = cfg.headers.upstream_header
-        self.access_log = cfg.log.access
+        self.access_log = cfg.log.access and cfg.log.level in ("debug", "info")
+        self.log_request = logs.request_logger()
         self.draining = False
         self.connections: set[ClientProtocol] = set()
         self.servers_listening: list[asyncio.AbstractServer] = []
@@ -91,9 +92,11 @@ class Worker:
     # -- passive health ------------------------------------------------------------------------
 
     def server_failed(self, server: Server) -> None:
+        if not server.fail_timeout:
+            return
         if server.record_failure(self.loop.time()):
             self.log.warning("upstream_down", address=server.address, fails=server.fails)
-            self.metrics.server_state(server.index, False, server.fails)
+        self.metrics.server_state(server.index, not server.down_until, server.fails)
 
     def server_ok(self, server: Server) -> None:
         if server.down_until and server.record_success():
@@ -101,6 +104,7 @@ class Worker:
             self.metrics.server_state(server.index, True, 0)
         elif server.fails:
             server.fails = 0
+            self.metrics.server_state(server.index, True, 0)
 
     # -- log events (SPEC 5) ----------------------------------------------------------------------
 
@@ -154,20 +158,22 @@ class Worker:
         if not self.access_log:
             return
         answered = ex.answered_by
-        self.log.info(
-            "request",
-            request_id=ex.req.request_id or None,
-            method=ex.req.method.decode("latin-1"),
-            path=ex.req.path,
-            status=ex.status,
-            bytes_sent=ex.bytes_sent,
-            duration_ms=duration,
-            client=ex.client.client_ip,
-            upstream=answered.address if answered is not None else None,
-            upstreams=ex.tried,
-            tries=ex.attempt,
-            overflowed=answered is not None and answered is not self.first,
-            connect_ms=round(ex.connect_ms, 3) if ex.connect_ms is not None else None,
+        req = ex.req
+        self.log_request(
+            {
+                "request_id": req.request_id or None,
+                "method": req.method.decode("latin-1"),
+                "path": req.path,
+                "status": ex.status,
+                "bytes_sent": ex.bytes_sent,
+                "duration_ms": duration,
+                "client": ex.client.client_ip,
+                "upstream": answered.address if answered is not None else None,
+                "upstreams": ex.tried,
+                "tries": ex.attempt,
+                "overflowed": answered is not None and answered is not self.first,
+                "connect_ms": round(ex.connect_ms, 3) if ex.connect_ms is not None else None,
+            }
         )
 
     # -- listening -----------------------------------------------------------------------------
@@ -191,7 +197,7 @@ class Worker:
             factory = _factory(self, tls)
             if dup.family == socket.AF_UNIX:
                 srv = await self.loop.create_unix_server(
-                    factory, sock=dup, ssl=ssl_ctx if tls else None
+                    factory, sock=dup, ssl=ssl_ctx if tls else None, backlog=self.server_cfg.backlog
                 )
             else:
                 srv = await self.loop.create_server(
@@ -282,6 +288,7 @@ def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetr
         loop.add_signal_handler(sig, lambda: None)  # the master's business, not ours
     try:
         loop.run_until_complete(worker.start(listeners))
+        metrics.ready()
         loop.call_later(1.0, watch_parent)
         loop.run_until_complete(worker.wait_stopped())
     finally:

@@ -1,0 +1,75 @@
+# failproxy: `make demo` and `make test` work from a fresh clone (Debian 12 with python3 + venv).
+# Each creates/refreshes .venv; pip runs again only when pyproject.toml changes (stamp files).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TEST_STAMP := $(VENV)/.stamp-test
+BENCH_STAMP := $(VENV)/.stamp-bench
+
+# Debian packages the tests and the benchmark drive, and a command each one provides.
+DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2
+DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss
+
+.PHONY: all demo test lint typecheck pytest bench bench-full venv deb-deps clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+$(BENCH_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	@touch $@ $(TEST_STAMP)
+
+venv: $(TEST_STAMP)
+
+# Installs the Debian packages only when one of their commands is missing. Works as root
+# (no sudo needed) or through sudo; says what to do when neither is possible.
+deb-deps:
+	@export PATH="$$PATH:/usr/local/sbin:/usr/sbin:/sbin"; \
+	missing=""; \
+	for c in $(DEB_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo "missing commands:$$missing -- installing Debian packages: $(DEB_PACKAGES)"; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "warning: no apt-get; install $(DEB_PACKAGES) by hand (tests that need them will fail)" >&2; \
+		exit 0; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; \
+	else echo "error: not root and no sudo; install $(DEB_PACKAGES) as root" >&2; exit 1; fi; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEB_PACKAGES)
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check failproxy tests bench
+
+typecheck: $(TEST_STAMP)
+	$(BIN)/mypy failproxy
+
+pytest: $(TEST_STAMP) deb-deps
+	$(BIN)/pytest -q
+
+test: $(TEST_STAMP) deb-deps
+	$(BIN)/ruff check failproxy tests bench
+	$(BIN)/mypy failproxy
+	$(BIN)/pytest -q
+
+demo: $(TEST_STAMP)
+	$(BIN)/failproxy demo
+
+bench: $(BENCH_STAMP) deb-deps
+	$(BIN)/python -m bench quick
+
+bench-full: $(BENCH_STAMP) deb-deps
+	$(BIN)/python -m bench full
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

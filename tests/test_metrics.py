@@ -1,0 +1,141 @@
+"""Shared-memory worker counters: what a forked worker writes, the master sums; promtool agrees."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import timeit
+
+import pytest
+
+from failproxy.metrics import DURATION_BUCKETS, Totals, WorkerMetrics, render
+from failproxy.policy import REASON_INDEX
+
+SPEC_METRICS = (
+    "failproxy_requests_total", "failproxy_upstream_requests_total", "failproxy_failovers_total",
+    "failproxy_upstream_exhausted_total", "failproxy_request_duration_seconds",
+    "failproxy_upstream_connect_duration_seconds", "failproxy_connections_active",
+    "failproxy_upstream_up",
+)
+ADDRS = ["unix:/tmp/app.sock", "10.0.0.2:8080", "10.0.0.3:8080"]
+
+
+def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    proc = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample line, matched by name and labels (label order as rendered)."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        metric, _, rest = key.partition("{")
+        if metric != name:
+            continue
+        got = dict(part.split("=", 1) for part in rest.rstrip("}").split(",") if part)
+        if {k: v.strip('"') for k, v in got.items()} == labels:
+            return float(value)
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+def test_counts_written_in_a_forked_child_are_read_by_the_parent() -> None:
+    m = WorkerMetrics(len(ADDRS))
+    pid = os.fork()
+    if pid == 0:  # the worker: only hot-path calls
+        m.request(200, 0.002)
+        m.request(502, 0.3)
+        m.upstream_request(1)
+        m.failover(0, 1, REASON_INDEX["missing"])
+        m.failover(0, 1, REASON_INDEX["missing"])
+        m.failover(1, 2, REASON_INDEX["refused"])
+        m.exhausted()
+        m.connect_duration(1, 0.0003)
+        m.connection_opened()
+        m.server_state(2, False, 3)
+        m.ready()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert m.is_ready()
+    t = Totals()
+    t.add(m, ADDRS, gauges=True)
+    assert t.status == {200: 1, 502: 1}
+    assert t.failovers[(ADDRS[0], ADDRS[1], "missing")] == 2
+    assert t.failovers[(ADDRS[1], ADDRS[2], "refused")] == 1
+    assert t.server_failovers[ADDRS[0]] == 2
+    assert t.server_requests[ADDRS[1]] == 1
+    assert t.exhausted == 1 and t.active == 1
+    assert t.down[ADDRS[2]] == 1 and t.fails[ADDRS[2]] == 3
+    assert sum(t.duration) == 2 and t.duration_sum == pytest.approx(0.302)
+    m.close()
+
+
+def test_retired_totals_keep_counters_monotonic_across_a_changed_server_list() -> None:
+    retired = Totals()
+    old = WorkerMetrics(2)
+    old.upstream_request(1)
+    old.connection_opened()
+    retired.add(old, ["unix:/a", "h1:80"], gauges=False)  # reaped: gauges are dropped
+    old.close()
+    new = WorkerMetrics(2)  # reload swapped the order
+    new.upstream_request(0)
+    total = retired.copy()
+    total.add(new, ["h1:80", "unix:/a"], gauges=True)
+    assert total.server_requests["h1:80"] == 2
+    assert total.active == 0
+    assert retired.server_requests["h1:80"] == 1  # copy() did not alias
+
+
+def test_page_is_valid_prometheus_text() -> None:
+    m = WorkerMetrics(len(ADDRS))
+    for status, duration in ((200, 0.0001), (200, 20.0), (404, 0.01), (504, 0.5)):
+        m.request(status, duration)
+    m.failover(0, 2, REASON_INDEX["overloaded"])
+    m.connect_duration(2, 0.002)
+    t = Totals()
+    t.add(m, ADDRS, gauges=True)
+    text = render(t, [*ADDRS, 'odd"name\\'], workers=2)
+    promtool_check(text)
+    for name in SPEC_METRICS:
+        assert f"# TYPE {name} " in text and f"# HELP {name} " in text
+    assert sample(text, "failproxy_requests_total", status="200") == 2
+    assert sample(text, "failproxy_failovers_total", **{"from": ADDRS[0], "to": ADDRS[2]},
+                  reason="overloaded") == 1
+    assert sample(text, "failproxy_request_duration_seconds_bucket", le="+Inf") == 4
+    assert sample(text, "failproxy_request_duration_seconds_bucket",
+                  le=repr(DURATION_BUCKETS[0])) == 1
+    assert sample(text, "failproxy_upstream_connect_duration_seconds_count", upstream=ADDRS[2]) == 1
+    assert 'upstream="odd\\"name\\\\"' in text
+    m.close()
+
+
+def test_empty_page_is_valid() -> None:
+    promtool_check(render(Totals(), [], workers=0))
+
+
+def test_hot_path_costs_well_under_two_microseconds() -> None:
+    m = WorkerMetrics(8)
+    calls = {
+        "request": lambda: m.request(200, 0.003),
+        "failover": lambda: m.failover(0, 7, 2),
+        "connect_duration": lambda: m.connect_duration(3, 0.0002),
+        "upstream_request": lambda: m.upstream_request(5),
+    }
+    for name, call in calls.items():
+        best = min(timeit.repeat(call, number=20000, repeat=5)) / 20000
+        assert best < 2e-6, f"{name}: {best * 1e9:.0f} ns per call"
+    m.close()
+
+
+def test_closed_slot_no_longer_reports_ready() -> None:
+    m = WorkerMetrics(1)
+    m.ready()
+    m.close()
+    assert not m.is_ready()
+    m.close()  # idempotent
