@@ -293,6 +293,8 @@ class ClientProtocol(asyncio.Protocol):
             if lname == self.worker.rid_header:
                 req.request_id = value.decode("latin-1")
                 return
+            if lname in self.worker.replaced_headers:
+                return  # failproxy sets its own (X-Forwarded-Proto, X-Forwarded-Host)
             req.headers.append((name, value))
         elif kind == _HOST:
             req.host_count += 1

@@ -332,6 +332,7 @@ class Exchange:
         self._release_attempt()
         self.worker.server_ok(server)
         if reusable and not conn.closed and conn.requests < server.keepalive_requests:
+            conn.resume_reading()  # paused for a slow client: an idle connection must see EOF
             conn.idle_since = self.worker.loop.time()
             if server.put_idle(conn):
                 conn.timer.set(conn.idle_since + server.keepalive_timeout)

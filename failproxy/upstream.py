@@ -98,6 +98,7 @@ class UpstreamConnection(asyncio.Protocol):
         "keep_alive",
         "keepalive_until",
         "loop",
+        "paused",
         "requests",
         "reused",
         "server",
@@ -117,6 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keepalive_until = 0.0
         self.tunnel: asyncio.Transport | None = None
         self.reused = False
+        self.paused = False
         self.timer = Timer(loop, self._on_timer)
         self._parser = httptools.HttpResponseParser(self)
         self._reset_response()
@@ -335,9 +337,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
             self.transport.resume_reading()

@@ -55,6 +55,12 @@ class Worker:
         self.head_builder = RequestHeadBuilder(cfg.headers)
         self.rid_header = self.head_builder.request_id_header
         self.xff_mode = cfg.headers.x_forwarded_for
+        replaced = set()
+        if cfg.headers.x_forwarded_proto:
+            replaced.add(b"x-forwarded-proto")
+        if cfg.headers.x_forwarded_host:
+            replaced.add(b"x-forwarded-host")
+        self.replaced_headers = frozenset(replaced)
         self.upstream_header = cfg.headers.upstream_header
         self.access_log = cfg.log.access and cfg.log.level in ("debug", "info")
         self.log_request = logs.request_logger()
