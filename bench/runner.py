@@ -1,0 +1,141 @@
+"""`python -m bench MODE`: run the scenarios, write raw JSON, regenerate bench/RESULTS.md.
+
+Modes:
+    quick       every scenario, short loads (1 round; under 5 minutes on 2 cores)
+    full        every scenario, 3 interleaved rounds of 10 s loads, 10 000 idle connections
+    smoke       a few seconds: direct and failproxy throughput only (used by the test suite);
+                writes JSON only, never RESULTS.md
+    throughput | failover | memory | seed
+                one scenario (quick sizes; add --full for full sizes)
+
+Raw results go to bench/out/<timestamp>-<mode>.json (git-ignored). The latest result of each
+scenario is merged into bench/results.json, from which bench/RESULTS.md is regenerated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import failover, memory, report, seed, throughput
+from bench.procs import Processes
+from bench.system import ensure_packages, log, machine_facts, raise_nofile
+
+BENCH_DIR = Path(__file__).resolve().parent
+SCENARIOS = ("throughput", "failover", "memory", "seed")
+
+
+def settings(size: str) -> dict[str, Any]:
+    """Per-scenario parameters for one size: smoke, quick or full."""
+    if size == "smoke":
+        return {"throughput": throughput.Params(rounds=1, duration=1.0, connections=10,
+                                                warmup=0.2, log_sets=(True,),
+                                                kinds=("failproxy1",))}
+    if size == "quick":
+        return {
+            "throughput": throughput.Params(rounds=1, duration=3.0),
+            "failover": failover.Params(rounds=1, duration=3.0),
+            "memory": memory.Params(connections=2000),
+            "seed": seed.Params(rounds=1, duration=6.0, throughput_duration=3.0),
+        }
+    return {
+        "throughput": throughput.Params(rounds=3, duration=10.0, warmup=1.0),
+        "failover": failover.Params(rounds=3, duration=10.0),
+        "memory": memory.Params(connections=10000),
+        "seed": seed.Params(rounds=3, duration=20.0, throughput_duration=10.0),
+    }
+
+
+RUNNERS: dict[str, Callable[[Any, Processes], dict[str, Any]]] = {
+    "throughput": throughput.run,
+    "failover": failover.run,
+    "memory": memory.run,
+    "seed": seed.run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("quick", "full", "smoke", *SCENARIOS))
+    parser.add_argument("--full", action="store_true", help="full sizes for a single scenario")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out",
+                        help="directory for the raw JSON (default bench/out)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not touch bench/results.json and bench/RESULTS.md")
+    parser.add_argument("--note", default="", help="free text stored with the run "
+                        "(e.g. 'shared machine')")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dirs (configs, logs)")
+    args = parser.parse_args(argv)
+
+    raw_argv = sys.argv[1:] if argv is None else argv
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in raw_argv)
+    if args.mode in ("quick", "full", "smoke"):
+        size, names = args.mode, (("throughput",) if args.mode == "smoke" else SCENARIOS)
+    else:
+        size, names = ("full" if args.full else "quick"), (args.mode,)
+    write_report = not args.no_report and args.mode != "smoke"
+
+    ensure_packages(["nginx", "wrk"] if args.mode == "smoke" else None)
+    nofile = raise_nofile(65536)
+    started = time.monotonic()
+    run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    doc: dict[str, Any] = {
+        "run": {"id": run_id, "command": command, "mode": args.mode, "size": size,
+                "note": args.note, "machine": machine_facts(), "rlimit_nofile": nofile},
+        "scenarios": {},
+    }
+    log(f"run {run_id}: {command} ({size} sizes; scenarios: {', '.join(names)})")
+    params = settings(size)
+    failures = 0
+    for name in names:
+        log(f"== {name}")
+        t0 = time.monotonic()
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        procs = Processes(workdir)
+        try:
+            result = RUNNERS[name](params[name], procs)
+        except Exception as exc:  # one broken scenario must not hide the others
+            failures += 1
+            log(f"!! scenario {name} failed: {exc!r}")
+            traceback.print_exc()
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            procs.close()
+            if args.keep:
+                log(f"   kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        result["elapsed_s"] = round(time.monotonic() - t0, 1)
+        result["run_id"] = run_id
+        doc["scenarios"][name] = result
+        log(f"== {name} done in {result['elapsed_s']} s")
+
+    doc["run"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw_path = args.out / f"{run_id}-{args.mode}.json"
+    raw_path.write_text(json.dumps(doc, indent=1, default=str))
+    log(f"raw results: {raw_path}")
+    if write_report:
+        seed_result = doc["scenarios"].get("seed")
+        if seed_result and not report.failed(seed_result):
+            if report.plot_seed(seed_result, BENCH_DIR / report.PLOT_NAME):
+                log(f"plotted {BENCH_DIR / report.PLOT_NAME}")
+            else:
+                log("!! matplotlib is not installed: no plot")
+        merged = report.merge(BENCH_DIR / "results.json", doc)
+        report.write(BENCH_DIR / "RESULTS.md", merged)
+        log(f"updated {BENCH_DIR / 'results.json'} and {BENCH_DIR / 'RESULTS.md'}")
+    print(report.console_summary(doc))
+    log(f"total {doc['run']['elapsed_s']} s")
+    return 1 if failures else 0

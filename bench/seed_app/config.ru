@@ -1,0 +1,18 @@
+# The seed experiment's Rack app: a fast action and a sleep-based slow action.
+# Every response names the host that served it (X-Served-By), so the client can count
+# the requests a front sent to another host.
+HOST = ENV.fetch("BENCH_HOST", "?")
+BODY = "ok\n"
+HEADERS = {
+  "content-type" => "text/plain",
+  "content-length" => BODY.bytesize.to_s,
+  "x-served-by" => HOST,
+}.freeze
+
+run(lambda do |env|
+  if env["PATH_INFO"] == "/slow"
+    ms = env["QUERY_STRING"].to_s[/ms=(\d+)/, 1]
+    sleep((ms ? ms.to_i : 100) / 1000.0)
+  end
+  [200, HEADERS.dup, [BODY]]
+end)
