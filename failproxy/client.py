@@ -8,7 +8,6 @@ in `queue` with reading paused, so a client can never make the proxy buffer more
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -455,7 +454,7 @@ class ClientProtocol(asyncio.Protocol):
                 req.headers = [(n, v) for n, v in req.headers if n.lower() not in tokens]
         upgrade = req.upgrade if parser.should_upgrade() else b""
         if not req.request_id and worker.rid_header:
-            req.request_id = os.urandom(16).hex()
+            req.request_id = worker.new_request_id()
         req.head = worker.head_builder.build(
             method,
             req.url,

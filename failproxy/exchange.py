@@ -96,13 +96,15 @@ class Exchange:
     def _next_server(self) -> Server | None:
         """The next server in order that is not marked down (logging each one skipped)."""
         order = self.worker.order
-        now = self.worker.loop.time()
         while True:
             self.pos += 1
             if self.pos >= len(order):
                 return None
             server = order[self.pos]
-            if not server.down_until or not server.is_down(now):
+            if not server.down_until:
+                return server
+            now = self.worker.loop.time()
+            if not server.is_down(now):
                 return server
             if self.pos == 0 and all(s.is_down(now) for s in order):
                 return server  # every server is down: try them anyway, as nginx does
@@ -121,10 +123,10 @@ class Exchange:
         server.inflight += 1
         req = self.req
         if server.idle:
-            careful = not policy.may_retry_stale(
-                idempotent=self.idempotent,
-                replayable=req.replayable,
-                retry_non_idempotent=self.worker.retry_non_idempotent,
+            # A request that could not be re-sent after a stale connection fails must not get
+            # a connection that may be closing.
+            careful = not (
+                req.replayable and (self.idempotent or self.worker.retry_non_idempotent)
             )
             conn = server.take_idle(self.worker.loop.time(), careful)
             if conn is not None:
@@ -472,4 +474,4 @@ class Exchange:
             self.client.exchange_done(self, keep_alive)
 
     def elapsed_ms(self) -> float:
-        return round((_perf() - self.started) * 1000.0, 3)
+        return int((_perf() - self.started) * 1_000_000) / 1000

@@ -29,21 +29,31 @@ _LEVELS = {
 
 
 class _Timestamper:
-    """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second."""
+    """ISO 8601 UTC with milliseconds; formatted at most once per millisecond."""
 
-    __slots__ = ("_prefix", "_second")
+    __slots__ = ("_last", "_ms", "_prefix", "_second")
 
     def __init__(self) -> None:
         self._second = -1
+        self._ms = -1
         self._prefix = ""
+        self._last = ""
 
-    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
+    def now(self) -> str:
         now = time.time()
-        second = int(now)
+        ms = int(now * 1000)
+        if ms == self._ms:
+            return self._last
+        self._ms = ms
+        second = ms // 1000
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        self._last = f"{self._prefix}.{ms % 1000:03d}Z"
+        return self._last
+
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
+        event["timestamp"] = self.now()
         return event
 
 
@@ -162,15 +172,17 @@ def request_logger() -> Any:
     if not _fast_json or _sink is None:
         return lambda fields: log.info("request", **fields)
     sink = _sink
-    stamp = _timestamper
+    stamp = _timestamper.now
     pid = _pid
     dumps = orjson.dumps
+    option = orjson.OPT_APPEND_NEWLINE
 
     def emit(fields: dict[str, Any]) -> None:
-        event = {"event": "request", "level": "info", "timestamp": "", "pid": pid}
-        stamp(None, "", event)
-        event.update(fields)
-        sink.write(dumps(event, default=str) + b"\n")
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = stamp()
+        fields["pid"] = pid
+        sink.write(dumps(fields, default=str, option=option))
 
     return emit
 

@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from failproxy.exchange import Exchange
     from failproxy.state import Server
 
+# Response headers that need more than being copied through (the rest of HOP_BY_HOP is dropped).
+_CONNECTION, _LENGTH, _TE, _KEEPALIVE, _UPGRADE, _DROP = 1, 2, 3, 4, 5, 6
+_SPECIAL = dict.fromkeys(HOP_BY_HOP, _DROP) | {
+    b"connection": _CONNECTION,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _TE,
+    b"keep-alive": _KEEPALIVE,
+    b"upgrade": _UPGRADE,
+}
+# Connection tokens that name no header to drop.
+_PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+
 # Response framing, as seen from the upstream.
 LENGTH, CHUNKED, CLOSE, NOBODY = 1, 2, 3, 4
 
@@ -34,8 +46,8 @@ def start_connect(server: Server) -> tuple[socket.socket | None, int]:
     Returns (sock, 0) when connected (UNIX connects complete at once), (sock, EINPROGRESS) for a
     TCP connect under way, (None, errno) when it failed: EAGAIN is a full UNIX backlog.
     """
-    sock = socket.socket(server.family, socket.SOCK_STREAM)
-    sock.setblocking(False)
+    # Non-blocking from birth: no extra ioctl() per connection.
+    sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         sock.connect(server.sockaddr)
     except BlockingIOError as exc:
@@ -210,20 +222,21 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname in HOP_BY_HOP:
-            if lname == b"connection":
-                self._conn_tokens.append(value)
-            elif lname == b"transfer-encoding":
-                self._te = value
-            elif lname == b"keep-alive":
-                self._keepalive_hint(value)
-            elif lname == b"upgrade":
-                self._upgrade = value
-            return
-        if lname == b"content-length":
+        kind = _SPECIAL.get(name.lower())
+        if kind is None:
+            self._headers.append((name, value))
+        elif kind == _CONNECTION:
+            self._conn_tokens.append(value)
+        elif kind == _LENGTH:
             self._length = value
-        self._headers.append((name, value))
+            self._headers.append((name, value))
+        elif kind == _TE:
+            self._te = value
+        elif kind == _KEEPALIVE:
+            self._keepalive_hint(value)
+        elif kind == _UPGRADE:
+            self._upgrade = value
+        # other hop-by-hop headers are dropped
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -241,8 +254,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = parser.should_keep_alive()
         headers = self._headers
         if self._conn_tokens:
-            drop = connection_tokens(self._conn_tokens)
-            headers = [(n, v) for n, v in headers if n.lower() not in drop]
+            drop = connection_tokens(self._conn_tokens) - _PLAIN_TOKENS
+            if drop:
+                headers = [(n, v) for n, v in headers if n.lower() not in drop]
         if status == 101:
             self.framing = NOBODY
             headers.append((b"Upgrade", self._upgrade))

@@ -64,6 +64,8 @@ class Worker:
         self.upstream_header = cfg.headers.upstream_header
         self.access_log = cfg.log.access and cfg.log.level in ("debug", "info")
         self.log_request = logs.request_logger()
+        self._rid_prefix = os.urandom(8).hex()
+        self._rid_counter = 0
         self.draining = False
         self.connections: set[ClientProtocol] = set()
         self.servers_listening: list[asyncio.AbstractServer] = []
@@ -91,6 +93,12 @@ class Worker:
                 self.loop.create_task(self._listen())
         if self.draining and not self.connections and not self._stopped.done():
             self._stopped.set_result(None)
+
+    def new_request_id(self) -> str:
+        """32 hex digits, unique without a syscall: a random per-process prefix and a counter
+        (os.urandom per request would cost a getrandom() call each)."""
+        self._rid_counter += 1
+        return f"{self._rid_prefix}{self._rid_counter:016x}"
 
     def upstream_header_line(self, server: Server) -> bytes:
         return b"X-Failproxy-Upstream: " + server.address.encode() + b"\r\n"
