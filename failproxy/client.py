@@ -60,6 +60,7 @@ class Request:
         "content_length",
         "expect_continue",
         "head",
+        "has_body",
         "head_size",
         "headers",
         "held",
@@ -106,6 +107,7 @@ class Request:
         self.body_bytes = 0
         self.replayable = True
         self.complete = False
+        self.has_body = False
         self.sink: UpstreamConnection | None = None
 
     @property
@@ -351,7 +353,7 @@ class ClientProtocol(asyncio.Protocol):
         self.req = None
         self.in_head = True
         self.head_raw = 0
-        if self.active is not None and self.active.req is req:
+        if req.has_body and self.active is not None and self.active.req is req:
             self.timer_kind = NONE
             self.timer.clear()
             self.active.request_complete()
@@ -360,9 +362,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def _begin(self, req: Request) -> None:
         """Make `req` the active request and start its walk over the servers."""
-        if req.expect_continue and not req.complete and not req.http10:
+        if req.expect_continue and req.has_body and not req.complete and not req.http10:
             self.write(CONTINUE)
-        if req.complete:
+        if req.complete or not req.has_body:
             self.timer_kind = NONE
             self.timer.clear()
         else:
@@ -435,12 +437,12 @@ class ClientProtocol(asyncio.Protocol):
             check_transfer_encoding(req.te)
             req.chunked = True
             framing = b"Transfer-Encoding: " + req.te + b"\r\n"
+            req.has_body = True
         elif req.content_length is not None:
             if cfg.max_body_bytes and int(req.content_length) > cfg.max_body_bytes:
                 raise BadRequest(413, "request body too large")
             framing = b"Content-Length: " + req.content_length + b"\r\n"
-            if req.content_length == b"0":
-                framing = b"Content-Length: 0\r\n"
+            req.has_body = req.content_length != b"0"
         else:
             framing = b""
         if not req.http10 and req.host_count != 1:

@@ -253,8 +253,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.keep_alive = parser.should_keep_alive()
         headers = self._headers
-        if self._conn_tokens:
-            drop = connection_tokens(self._conn_tokens) - _PLAIN_TOKENS
+        tokens = self._conn_tokens
+        if tokens and (len(tokens) > 1 or tokens[0].lower() not in _PLAIN_TOKENS):
+            drop = connection_tokens(tokens) - _PLAIN_TOKENS
             if drop:
                 headers = [(n, v) for n, v in headers if n.lower() not in drop]
         if status == 101:
