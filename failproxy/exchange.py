@@ -144,6 +144,17 @@ class Exchange:
         self.worker.loop.create_task(self._connected(server, sock, err, t0))
 
     async def _connected(self, server: Server, sock: socket.socket, err: int, t0: float) -> None:
+        try:
+            await self._finish_connect(server, sock, err, t0)
+        except Exception as exc:  # a bug here must not leave the client waiting forever
+            self.worker.log.exception("internal_error", request_id=self.req.request_id or None)
+            if not self.done and not self.head_sent:
+                self._release_attempt()
+                self._answer_locally(502, f"internal error: {type(exc).__name__}")
+
+    async def _finish_connect(
+        self, server: Server, sock: socket.socket, err: int, t0: float
+    ) -> None:
         loop = self.worker.loop
         conn = UpstreamConnection(server, loop)
         try:

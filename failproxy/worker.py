@@ -295,6 +295,13 @@ def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetr
         else:
             loop.call_later(1.0, watch_parent)
 
+    def on_loop_error(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        worker.log.error(
+            "internal_error", detail=context.get("message"), exception=repr(exc) if exc else None
+        )
+
+    loop.set_exception_handler(on_loop_error)
     loop.add_signal_handler(signal.SIGQUIT, worker.graceful_stop, cfg.server.shutdown_timeout)
     loop.add_signal_handler(signal.SIGTERM, worker.quick_stop)
     loop.add_signal_handler(signal.SIGINT, worker.quick_stop)
