@@ -124,7 +124,7 @@ def _orjson_dumps(event: MutableMapping[str, Any], **_kw: Any) -> bytes:
 
 def configure(cfg: LogConfig | None = None) -> None:
     """(Re)configure structlog for this process; call again after fork so `pid` is right."""
-    global _sink, _fast_json, _pid
+    global _sink, _fast_json, _pid, _level
     cfg = cfg or LogConfig()
     if _sink is not None:
         _sink.flush()
@@ -140,7 +140,8 @@ def configure(cfg: LogConfig | None = None) -> None:
 
     _pid = pid
     level = _LEVELS.get(cfg.level, logging.INFO)
-    _fast_json = cfg.format == "json" and level <= logging.INFO
+    _level = level
+    _fast_json = cfg.format == "json"
     processors: list[Any] = [structlog.processors.add_log_level, _timestamper, add_pid]
     if cfg.format == "console":
         colors = not cfg.file and sys.stderr.isatty()
@@ -159,18 +160,23 @@ def configure(cfg: LogConfig | None = None) -> None:
 _timestamper = _Timestamper()
 _fast_json = False
 _pid = 0
+_level = logging.INFO
 
 
-def request_logger() -> Any:
-    """The emitter of the per-request `request` event (the one event on the hot path).
+def event_logger(event: str, level: str = "info") -> Any:
+    """An emitter `emit(fields)` for one event of the hot path (`request`, `failover`).
 
-    With JSON output it renders the same object structlog would (event, level, timestamp, pid
-    and the fields) straight through orjson into the sink: ~1 us instead of ~5 us through the
-    processor chain. Otherwise, or when `info` is filtered out, it is the structlog method.
+    With JSON output it renders the same object structlog would (the fields plus event, level,
+    timestamp and pid) straight through orjson into the sink: ~1 us instead of ~5 us through the
+    processor chain. Below the configured level it does nothing; with the console format it is
+    the structlog method.
     """
     log = structlog.get_logger().bind()
+    if _LEVELS[level] < _level:
+        return lambda fields: None
     if not _fast_json or _sink is None:
-        return lambda fields: log.info("request", **fields)
+        method = getattr(log, level)
+        return lambda fields: method(event, **fields)
     sink = _sink
     stamp = _timestamper.now
     pid = _pid
@@ -178,8 +184,8 @@ def request_logger() -> Any:
     option = orjson.OPT_APPEND_NEWLINE
 
     def emit(fields: dict[str, Any]) -> None:
-        fields["event"] = "request"
-        fields["level"] = "info"
+        fields["event"] = event
+        fields["level"] = level
         fields["timestamp"] = stamp()
         fields["pid"] = pid
         sink.write(dumps(fields, default=str, option=option))

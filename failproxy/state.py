@@ -40,6 +40,7 @@ class Server:
         "max_queue",
         "queue_probe",
         "sockaddr",
+        "spare",
     )
 
     def __init__(self, index: int, conf: Upstream, upstream: UpstreamConfig) -> None:
@@ -67,6 +68,7 @@ class Server:
         self.keepalive_requests = upstream.keepalive_requests
         self.keepalive_timeout = upstream.keepalive_timeout
         self.inflight = 0
+        self.spare: socket.socket | None = None  # an unconnected UNIX socket, see start_connect
         self.fails = 0
         self.first_fail = 0.0
         self.down_until = 0.0
@@ -144,6 +146,9 @@ class Server:
     def close_idle(self) -> None:
         while self.idle:
             self.idle.pop().close()
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
 
 
 def build_servers(upstream: UpstreamConfig) -> list[Server]:

@@ -46,19 +46,32 @@ def start_connect(server: Server) -> tuple[socket.socket | None, int]:
     Returns (sock, 0) when connected (UNIX connects complete at once), (sock, EINPROGRESS) for a
     TCP connect under way, (None, errno) when it failed: EAGAIN is a full UNIX backlog.
     """
-    # Non-blocking from birth: no extra ioctl() per connection.
-    sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = server.spare
+    if sock is not None:
+        server.spare = None
+    else:
+        # Non-blocking from birth: no extra ioctl() per connection.
+        sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         sock.connect(server.sockaddr)
     except BlockingIOError as exc:
         if exc.errno == errno.EINPROGRESS and not server.is_unix:
             return sock, errno.EINPROGRESS
-        sock.close()
+        _discard(server, sock)
         return None, exc.errno or errno.EAGAIN
     except OSError as exc:
-        sock.close()
+        _discard(server, sock)
         return None, exc.errno or errno.EIO
     return sock, 0
+
+
+def _discard(server: Server, sock: socket.socket) -> None:
+    """A UNIX socket whose connect failed is still unconnected: keep it for the next attempt.
+    On an overloaded box that saves a socket() and a close() per request (~6 us here)."""
+    if server.is_unix and server.spare is None:
+        server.spare = sock
+    else:
+        sock.close()
 
 
 async def finish_tcp_connect(

@@ -63,7 +63,8 @@ class Worker:
         self.replaced_headers = frozenset(replaced)
         self.upstream_header = cfg.headers.upstream_header
         self.access_log = cfg.log.access and cfg.log.level in ("debug", "info")
-        self.log_request = logs.request_logger()
+        self.log_request = logs.event_logger("request", "info")
+        self.log_failover_event = logs.event_logger("failover", "warning")
         self._rid_prefix = os.urandom(8).hex()
         self._rid_counter = 0
         self.draining = False
@@ -135,17 +136,19 @@ class Worker:
         self, ex: Exchange, server: Server, nxt: Server, reason: str, err: int | None
     ) -> None:
         self.metrics.failover(server.index, nxt.index, policy.REASON_INDEX[reason])
-        self.log.warning(
-            "failover",
-            request_id=ex.req.request_id or None,
-            method=ex.req.method.decode("latin-1"),
-            path=ex.req.path,
-            **{"from": server.address},
-            to=nxt.address,
-            reason=reason,
-            errno=policy.errno_name(err),
-            attempt=ex.attempt,
-            elapsed_ms=ex.elapsed_ms(),
+        req = ex.req
+        self.log_failover_event(
+            {
+                "request_id": req.request_id or None,
+                "method": req.method.decode("latin-1"),
+                "path": req.path,
+                "from": server.address,
+                "to": nxt.address,
+                "reason": reason,
+                "errno": policy.errno_name(err),
+                "attempt": ex.attempt,
+                "elapsed_ms": ex.elapsed_ms(),
+            }
         )
 
     def log_exhausted(self, ex: Exchange, status: int) -> None:
