@@ -19,8 +19,8 @@ from failproxy.upstream import (
     CHUNKED,
     CLOSE,
     UpstreamConnection,
-    finish_tcp_connect,
     start_connect,
+    when_connected,
 )
 
 if TYPE_CHECKING:
@@ -125,9 +125,7 @@ class Exchange:
         if server.idle:
             # A request that could not be re-sent after a stale connection fails must not get
             # a connection that may be closing.
-            careful = not (
-                req.replayable and (self.idempotent or self.worker.retry_non_idempotent)
-            )
+            careful = not (req.replayable and (self.idempotent or self.worker.retry_non_idempotent))
             conn = server.take_idle(self.worker.loop.time(), careful)
             if conn is not None:
                 self._attach(conn, reused=True)
@@ -141,31 +139,35 @@ class Exchange:
             server.inflight -= 1
             self._failed(policy.classify_connect_errno(err), err)
             return
-        self.worker.loop.create_task(self._connected(server, sock, err, t0))
+        if err == errno.EINPROGRESS:
+            when_connected(
+                self.worker.loop,
+                sock,
+                self.worker.connect_timeout,
+                lambda err: self._tcp_connected(server, sock, err, t0),
+            )
+            return
+        self._open(server, sock, t0)
 
-    async def _connected(self, server: Server, sock: socket.socket, err: int, t0: float) -> None:
-        try:
-            await self._finish_connect(server, sock, err, t0)
-        except Exception as exc:  # a bug here must not leave the client waiting forever
-            self.worker.log.exception("internal_error", request_id=self.req.request_id or None)
-            if not self.done and not self.head_sent:
-                self._release_attempt()
-                self._answer_locally(502, f"internal error: {type(exc).__name__}")
+    def _tcp_connected(self, server: Server, sock: socket.socket, err: int, t0: float) -> None:
+        if self.done:
+            sock.close()
+            server.inflight -= 1
+        elif err:
+            sock.close()
+            server.inflight -= 1
+            self._failed(policy.classify_connect_errno(err), err)
+        else:
+            self._open(server, sock, t0)
 
-    async def _finish_connect(
-        self, server: Server, sock: socket.socket, err: int, t0: float
-    ) -> None:
+    def _open(self, server: Server, sock: socket.socket, t0: float) -> None:
+        self.worker.loop.create_task(self._wrap(server, sock, t0))
+
+    async def _wrap(self, server: Server, sock: socket.socket, t0: float) -> None:
+        """Give a connected socket a uvloop transport, then send the request on it."""
         loop = self.worker.loop
         conn = UpstreamConnection(server, loop)
         try:
-            if err == errno.EINPROGRESS:
-                err = await finish_tcp_connect(loop, sock, self.worker.connect_timeout)
-                if err:
-                    raise OSError(err, errno.errorcode.get(err, ""))
-            if self.done:
-                sock.close()
-                server.inflight -= 1
-                return
             if server.is_unix:
                 await loop.create_unix_connection(lambda: conn, sock=sock)
             else:
@@ -175,6 +177,13 @@ class Exchange:
             server.inflight -= 1
             if not self.done:
                 self._failed(policy.classify_connect_errno(exc.errno), exc.errno)
+            return
+        except Exception as exc:  # a bug here must not leave the client waiting forever
+            sock.close()
+            server.inflight -= 1
+            self.worker.log.exception("internal_error", request_id=self.req.request_id or None)
+            if not self.done:
+                self._answer_locally(502, f"internal error: {type(exc).__name__}")
             return
         seconds = _perf() - t0
         self.connect_ms = seconds * 1000.0

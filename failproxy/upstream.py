@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
@@ -74,29 +75,29 @@ def _discard(server: Server, sock: socket.socket) -> None:
         sock.close()
 
 
-async def finish_tcp_connect(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float
-) -> int:
-    """Wait for a TCP connect in progress; 0 or the errno (ETIMEDOUT after `timeout`)."""
-    fut: asyncio.Future[int] = loop.create_future()
+def when_connected(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    timeout: float,
+    callback: Callable[[int], None],
+) -> None:
+    """Call `callback(errno)` once a TCP connect in progress ends: 0 on success, ETIMEDOUT
+    after `timeout` (a dead peer, or a full listen backlog, drops the SYN and never answers)."""
     fd = sock.fileno()
+    timer: asyncio.TimerHandle | None = None
 
-    def writable() -> None:
-        if not fut.done():
-            fut.set_result(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-
-    def expired() -> None:
-        if not fut.done():
-            fut.set_result(errno.ETIMEDOUT)
-
-    loop.add_writer(fd, writable)
-    timer = loop.call_later(timeout, expired) if timeout > 0 else None
-    try:
-        return await fut
-    finally:
+    def finish(err: int) -> None:
         loop.remove_writer(fd)
         if timer is not None:
             timer.cancel()
+        callback(err)
+
+    def writable() -> None:
+        finish(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    loop.add_writer(fd, writable)
+    if timeout > 0:
+        timer = loop.call_later(timeout, finish, errno.ETIMEDOUT)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -222,11 +223,15 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.flush_out()
 
     def pause_writing(self) -> None:
-        if self.exchange is not None:
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()  # the client sends faster than the upstream takes
+        elif self.exchange is not None:
             self.exchange.upstream_paused(True)
 
     def resume_writing(self) -> None:
-        if self.exchange is not None:
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+        elif self.exchange is not None:
             self.exchange.upstream_paused(False)
 
     # -- httptools callbacks -------------------------------------------------------------------
