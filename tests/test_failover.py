@@ -3,6 +3,7 @@ idempotency rules, passive marking, and the log events that record each decision
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any
@@ -572,3 +573,27 @@ def test_idle_closed_pooled_connection_not_used(proxy, backend) -> None:
     assert p.request("GET", "/three").body == b"app GET /three"
     assert len(app.seen("POST", "/pay")) == 1
     assert peer.requests == []
+
+
+def test_max_queue_skips_a_socket_with_a_waiting_connection(proxy, backend) -> None:
+    """max_queue reads the accept queue (sock_diag) and skips the socket without connecting."""
+    app = backend("app", unix=True, backlog=16)
+    peer = backend("peer")
+    p = proxy([{"address": app.address, "max_queue": 1}, {"address": peer.address, "backup": True}])
+    assert p.request("GET", "/empty-queue").body == b"app GET /empty-queue"
+    app.pause()
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting.connect(app.path)  # one connection now waits in the accept queue
+    try:
+        resp = p.request("GET", "/queued")
+        assert resp.body == b"peer GET /queued"
+        ev = p.log.wait_for_event("failover", path="/queued")
+        assert_failover_event(ev, method="GET", path="/queued", frm=app.address,
+                              to=peer.address, reason="queue_full", attempt=1)
+        assert ev.get("errno") is None
+    finally:
+        waiting.close()
+        app.resume()
+    app.drain()
+    resp = p.request("GET", "/drained")
+    assert resp.body == b"app GET /drained", "an empty queue: the socket is tried again"

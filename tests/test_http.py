@@ -82,6 +82,27 @@ def test_client_keepalive_timeout(proxy, app) -> None:
         assert 0.3 < time.monotonic() - t0 < 2.5
 
 
+def test_max_connections_makes_accept_wait(proxy, app) -> None:
+    """Past max_connections a worker stops accepting: the next connection waits in the kernel's
+    queue (it is not refused) and is served as soon as a connection closes."""
+    fp = proxy([app], server={"max_connections": 2})
+    first, second = fp.connect(timeout=3), fp.connect(timeout=3)
+    try:
+        for c in (first, second):
+            c.send(build_request("GET", "/held"))
+            assert c.read_response().status == 200
+        with fp.connect(timeout=3) as third:  # the TCP handshake completes in the backlog
+            third.send(build_request("GET", "/third"))
+            with pytest.raises(IncompleteResponse):
+                third.read_response(timeout=0.5)
+            first.close()
+            resp = third.read_response(timeout=3)
+            assert resp.body == b"app GET /third"
+    finally:
+        first.close()
+        second.close()
+
+
 def test_client_gone_mid_body_then_next_request(proxy, backend) -> None:
     app = backend("app")
     fp = proxy([app])
