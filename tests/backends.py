@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from support import HeaderLookup
+
 RESET = "reset"  # read the request, then close with RST (SO_LINGER 0), no answer
 CLOSE = "close"  # read the request, then close (FIN), no answer
 HANG = "hang"  # read the request, never answer (the connection stays open until stop())
@@ -138,7 +140,7 @@ class Reply:
 
 
 @dataclass
-class Request:
+class Request(HeaderLookup):
     method: str
     target: str
     version: str
@@ -157,19 +159,6 @@ class Request:
     def path(self) -> str:
         return self.target
 
-    def header(self, name: str, default: str | None = None) -> str | None:
-        name = name.lower()
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v
-        return default
-
-    def header_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k.lower() == name]
-
-    def has_header(self, name: str) -> bool:
-        return self.header(name) is not None
 
 
 class _Cut(Exception):

@@ -372,18 +372,10 @@ class IncompleteResponse(AssertionError):
         self.partial = partial
 
 
-@dataclass
-class Response:
-    status: int
-    reason: str
-    version: str
+class HeaderLookup:
+    """Case-insensitive header access for anything with `headers: list[tuple[str, str]]`."""
+
     headers: list[tuple[str, str]]
-    body: bytes = b""
-    raw_head: bytes = b""
-    chunked: bool = False
-    close_delimited: bool = False
-    interim: list[Response] = field(default_factory=list)
-    trailers: bytes = b""
 
     def header(self, name: str, default: str | None = None) -> str | None:
         name = name.lower()
@@ -398,6 +390,21 @@ class Response:
 
     def has_header(self, name: str) -> bool:
         return self.header(name) is not None
+
+
+@dataclass
+class Response(HeaderLookup):
+    status: int
+    reason: str
+    version: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    raw_head: bytes = b""
+    chunked: bool = False
+    close_delimited: bool = False
+    interim: list[Response] = field(default_factory=list)
+    trailers: bytes = b""
+
 
     @property
     def connection_tokens(self) -> set[str]:
