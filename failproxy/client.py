@@ -8,7 +8,6 @@ in `queue` with reading paused, so a client can never make the proxy buffer more
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
@@ -188,7 +187,9 @@ class ClientProtocol(asyncio.Protocol):
         self.client_ip = ""
         self.req: Request | None = None
         self.active: Exchange | None = None
-        self.queue: deque[Request | BadRequest] = deque()
+        # Pipelined requests waiting their turn: rare and short, so a list (56 bytes per idle
+        # connection, where a deque allocates a 600-byte block up front).
+        self.queue: list[Request | BadRequest] = []
         self.served = 0
         self.paused = 0
         self.write_paused = False
@@ -384,7 +385,7 @@ class ClientProtocol(asyncio.Protocol):
             self.close()
             return
         if self.queue:
-            nxt = self.queue.popleft()
+            nxt = self.queue.pop(0)
             if not self.queue:
                 self._resume(PIPELINE)
             if isinstance(nxt, BadRequest):
