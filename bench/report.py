@@ -54,7 +54,9 @@ def _slim(name: str, result: dict[str, Any]) -> dict[str, Any]:
 
 def write(path: Path, merged: dict[str, Any]) -> None:
     sc = merged["scenarios"]
-    parts = [_header(merged), _targets(sc)]
+    parts = [_header(merged), _targets(sc),
+             "Why the throughput targets are missed, and what was done about it: "
+             "[PROFILE.md](PROFILE.md).\n"]
     renderers = {"throughput": _throughput, "failover": _failover, "memory": _memory,
                  "seed": _seed}
     for name, render in renderers.items():
