@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
+import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,6 +20,7 @@ from support import (
     Proxy,
     build_request,
     chunked_body,
+    free_port,
     proc_status,
     reset_peak_rss,
 )
@@ -670,3 +674,35 @@ def test_sigquit_finishes_inflight(proxy, backend) -> None:
     assert "resp" in out, out
     assert out["resp"].status == 200 and out["resp"].body == b"finished"
     assert fp.wait_exit(5) == 0
+
+
+# ---- TLS listener ------------------------------------------------------------------------------
+
+def test_tls_listener_serves_https_and_says_so_upstream(proxy, app, tmp_path) -> None:
+    """A `tls_listen` address is served with TLS; the upstream hears X-Forwarded-Proto: https,
+    the plain listener next to it still says http."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-subj", "/CN=localhost", "-days", "1", "-keyout", str(key), "-out",
+         str(cert)],
+        check=True, capture_output=True, timeout=30)
+    tls_port = free_port()
+    fp = proxy([app], server={"tls_listen": [f"127.0.0.1:{tls_port}"], "tls_cert": str(cert),
+                              "tls_key": str(key)})
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw, \
+            ctx.wrap_socket(raw) as tls:
+        tls.sendall(build_request("GET", "/secure"))
+        data = b""
+        while not data.endswith(b"app GET /secure"):
+            chunk = tls.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ")
+    (seen,) = app.seen("GET", "/secure")
+    assert seen.header_all("x-forwarded-proto") == ["https"]
+    assert fp.request("GET", "/plain").status == 200
+    (plain,) = app.seen("GET", "/plain")
+    assert plain.header_all("x-forwarded-proto") == ["http"]
