@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
+import stat
 import sys
 import time
 from collections.abc import MutableMapping
@@ -61,12 +63,18 @@ class Sink:
     """Where rendered lines go. Inside a running loop, lines are gathered and written once per
     loop iteration; outside one (the master, exit paths) they are written at once."""
 
-    __slots__ = ("_buf", "_fd", "_file", "_scheduled", "path")
+    __slots__ = ("_buf", "_fd", "_file", "_pipe", "_scheduled", "path")
 
     def __init__(self, file: TextIO | None, path: str) -> None:
         self.path = path
         self._file = open(path, "ab", buffering=0) if path else None  # noqa: SIM115
         self._fd = self._file.fileno() if self._file else (file or sys.stderr).fileno()
+        # Workers share stderr. An O_APPEND write to a file is atomic whatever its size; to a
+        # pipe (docker logs, systemd) only up to PIPE_BUF bytes, so batches are cut at lines.
+        try:
+            self._pipe = not stat.S_ISREG(os.fstat(self._fd).st_mode)
+        except OSError:
+            self._pipe = True
         self._buf: list[bytes] = []
         self._scheduled = False
 
@@ -86,8 +94,22 @@ class Sink:
         self._scheduled = False
         if not self._buf:
             return
-        data = b"".join(self._buf)
-        self._buf.clear()
+        lines = self._buf
+        self._buf = []
+        if not self._pipe:
+            self._write(b"".join(lines))
+            return
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            if batch and size + len(line) > select.PIPE_BUF:
+                self._write(b"".join(batch))
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line)
+        self._write(b"".join(batch))
+
+    def _write(self, data: bytes) -> None:
         while data:
             try:
                 written = os.write(self._fd, data)
