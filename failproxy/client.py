@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from failproxy.exchange import Exchange
 from failproxy.headers import (
     HOP_BY_HOP,
     BadRequest,
@@ -22,7 +23,6 @@ from failproxy.headers import (
 from failproxy.timer import Timer
 
 if TYPE_CHECKING:
-    from failproxy.exchange import Exchange
     from failproxy.upstream import UpstreamConnection
     from failproxy.worker import Worker
 
@@ -266,12 +266,13 @@ class ClientProtocol(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.req = Request(self.loop.time())
+        now = self.loop.time()
+        self.req = Request(now)
         self.in_head = True
         self.head_raw = 0
         if self.timer_kind == IDLE:
             self.timer_kind = HEAD
-            self.timer.set(self.loop.time() + self.worker.server_cfg.header_timeout)
+            self.timer.set(now + self.worker.server_cfg.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         req = self.req
@@ -371,8 +372,8 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self.timer_kind = BODY
             self.timer.set(self.loop.time() + self.worker.server_cfg.body_timeout)
-        self.active = self.worker.new_exchange(self, req)
-        self.active.start()
+        self.active = exchange = Exchange(self.worker, self, req)
+        exchange.start()
 
     def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
         """The active request was answered: start the next pipelined one, idle, or close."""

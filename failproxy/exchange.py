@@ -203,9 +203,11 @@ class Exchange:
         self.worker.metrics.upstream_request(conn.server.index)
         req = self.req
         req.attach(conn, self.worker.retry_body_bytes)
-        if self.client.write_paused:
+        client = self.client
+        if client.write_paused:
             conn.pause_reading()
-        self.client.request_attached()
+        if client.paused:
+            client.request_attached()
 
     def _release_attempt(self) -> None:
         conn = self.conn
@@ -352,9 +354,11 @@ class Exchange:
         self.flush_out()
         server = conn.server
         self._release_attempt()
-        self.worker.server_ok(server)
+        if server.down_until or server.fails:
+            self.worker.server_ok(server)
         if reusable and not conn.closed and conn.requests < server.keepalive_requests:
-            conn.resume_reading()  # paused for a slow client: an idle connection must see EOF
+            if conn.paused:
+                conn.resume_reading()  # paused for a slow client: an idle one must see EOF
             conn.idle_since = self.worker.loop.time()
             if server.put_idle(conn):
                 conn.timer.set(conn.idle_since + server.keepalive_timeout)

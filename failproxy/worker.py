@@ -76,9 +76,6 @@ class Worker:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def new_exchange(self, client: ClientProtocol, req: Any) -> Exchange:
-        return Exchange(self, client, req)
-
     def connection_opened(self, client: ClientProtocol) -> None:
         self.connections.add(client)
         self.metrics.connection_opened()
@@ -114,6 +111,7 @@ class Worker:
         self.metrics.server_state(server.index, not server.down_until, server.fails)
 
     def server_ok(self, server: Server) -> None:
+        """A success: clears a failure count or a down mark (callers check there is one)."""
         if server.down_until and server.record_success():
             self.log.info("upstream_up", address=server.address, fails=0)
             self.metrics.server_state(server.index, True, 0)
