@@ -8,7 +8,7 @@ in `queue` with reading paused, so a client can never make the proxy buffer more
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -148,6 +148,14 @@ class Request:
     @property
     def path(self) -> str:
         return self.url.decode("latin-1")
+
+    def log_fields(self) -> dict[str, Any]:
+        """The fields every log event about this request starts with."""
+        return {
+            "request_id": self.request_id or None,
+            "method": self.method.decode("latin-1"),
+            "path": self.url.decode("latin-1"),
+        }
 
 
 class ClientProtocol(asyncio.Protocol):

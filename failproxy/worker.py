@@ -134,12 +134,9 @@ class Worker:
         self, ex: Exchange, server: Server, nxt: Server, reason: str, err: int | None
     ) -> None:
         self.metrics.failover(server.index, nxt.index, policy.REASON_INDEX[reason])
-        req = ex.req
-        self.log_failover_event(
+        fields = ex.req.log_fields()
+        fields.update(
             {
-                "request_id": req.request_id or None,
-                "method": req.method.decode("latin-1"),
-                "path": req.path,
                 "from": server.address,
                 "to": nxt.address,
                 "reason": reason,
@@ -148,14 +145,13 @@ class Worker:
                 "elapsed_ms": ex.elapsed_ms(),
             }
         )
+        self.log_failover_event(fields)
 
     def log_exhausted(self, ex: Exchange, status: int) -> None:
         self.metrics.exhausted()
         self.log.error(
             "upstream_exhausted",
-            request_id=ex.req.request_id or None,
-            method=ex.req.method.decode("latin-1"),
-            path=ex.req.path,
+            **ex.req.log_fields(),
             tried=ex.tried,
             reasons=ex.reasons,
             status=status,
@@ -173,12 +169,9 @@ class Worker:
         if not self.access_log:
             return
         answered = ex.answered_by
-        req = ex.req
-        self.log_request(
+        fields = ex.req.log_fields()
+        fields.update(
             {
-                "request_id": req.request_id or None,
-                "method": req.method.decode("latin-1"),
-                "path": req.path,
                 "status": ex.status,
                 "bytes_sent": ex.bytes_sent,
                 "duration_ms": duration,
@@ -190,6 +183,7 @@ class Worker:
                 "connect_ms": round(ex.connect_ms, 3) if ex.connect_ms is not None else None,
             }
         )
+        self.log_request(fields)
 
     # -- listening -----------------------------------------------------------------------------
 
