@@ -34,15 +34,21 @@ BUFFER_LIMIT = 65536
 # What the client timer is waiting for.
 IDLE, HEAD, BODY, NONE = 0, 1, 2, 3
 
-# Request headers that need more than being copied through, by lower-cased name.
-_HOST, _CL, _XFF, _VIA, _EXPECT, _RID = 1, 2, 3, 4, 5, 6
-_SPECIAL = {
-    b"host": _HOST,
-    b"content-length": _CL,
-    b"x-forwarded-for": _XFF,
-    b"via": _VIA,
-    b"expect": _EXPECT,
-}
+# Request headers that need more than being copied through, by lower-cased name: see
+# `header_kinds`, built once per worker because the request-id header name is configured.
+_HOST, _CL, _XFF, _VIA, _EXPECT, _RID, _HOP, _DROP = 1, 2, 3, 4, 5, 6, 7, 8
+
+
+def header_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) -> dict[bytes, int]:
+    """Lower-cased request header name -> what on_header does with it; absent: copy it."""
+    kinds = dict.fromkeys(HOP_BY_HOP, _HOP) | dict.fromkeys(replaced, _DROP)
+    kinds |= {b"host": _HOST, b"content-length": _CL, b"via": _VIA, b"expect": _EXPECT}
+    if xff_mode != "off":
+        kinds[b"x-forwarded-for"] = _XFF
+    if request_id:
+        kinds[request_id] = _RID
+    return kinds
+
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -296,27 +302,20 @@ class ClientProtocol(asyncio.Protocol):
         if b"_" in name:
             return  # as nginx: WSGI/Rack would read X_A as X-A
         lname = name.lower()
-        kind = _SPECIAL.get(lname)
+        kind = self.worker.header_kinds.get(lname)
         if kind is None:
-            if lname in HOP_BY_HOP:
-                self._hop_by_hop(req, lname, value)
-                return
-            if lname == self.worker.rid_header:
-                req.request_id = value.decode("latin-1")
-                return
-            if lname in self.worker.replaced_headers:
-                return  # failproxy sets its own (X-Forwarded-Proto, X-Forwarded-Host)
             req.headers.append((name, value))
         elif kind == _HOST:
             req.host_count += 1
             req.headers.append((name, value))
         elif kind == _CL:
             req.content_length = value
+        elif kind == _HOP:
+            self._hop_by_hop(req, lname, value)
+        elif kind == _RID:
+            req.request_id = value.decode("latin-1")
         elif kind == _XFF:
-            if self.worker.xff_mode == "off":
-                req.headers.append((name, value))
-            else:
-                req.xff = req.xff + b", " + value if req.xff else value
+            req.xff = req.xff + b", " + value if req.xff else value
         elif kind == _VIA:
             req.via = req.via + b", " + value if req.via else value
         elif kind == _EXPECT:
@@ -324,6 +323,7 @@ class ClientProtocol(asyncio.Protocol):
                 req.expect_continue = True
             else:
                 self._fail(BadRequest(417, "unsupported expectation"))
+        # _DROP: failproxy sets its own (X-Forwarded-Proto, X-Forwarded-Host)
 
     def on_headers_complete(self) -> None:
         req = self.req

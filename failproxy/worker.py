@@ -17,7 +17,7 @@ from typing import Any
 import uvloop
 
 from failproxy import logs, policy
-from failproxy.client import ClientProtocol
+from failproxy.client import ClientProtocol, header_kinds
 from failproxy.config import Config
 from failproxy.exchange import Exchange
 from failproxy.headers import BadRequest, RequestHeadBuilder
@@ -60,7 +60,7 @@ class Worker:
             replaced.add(b"x-forwarded-proto")
         if cfg.headers.x_forwarded_host:
             replaced.add(b"x-forwarded-host")
-        self.replaced_headers = frozenset(replaced)
+        self.header_kinds = header_kinds(self.rid_header, self.xff_mode, frozenset(replaced))
         self.upstream_header = cfg.headers.upstream_header
         self.access_log = cfg.log.access and cfg.log.level in ("debug", "info")
         self.log_request = logs.event_logger("request", "info")
