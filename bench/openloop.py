@@ -99,7 +99,7 @@ async def _one(front: Front, path: str, slow: bool, due: float, timeout: float,
     """One request; latency from its scheduled start (or from when it left, if earlier)."""
     # uvloop's sleep can wake up to a millisecond early: a request that left before its due
     # time is measured from when it left, never from the future (no negative latencies).
-    start = max(due, time.perf_counter())
+    start = min(due, time.perf_counter())
     status, error, served_by = 0, "", ""
     writer = None
     try:
