@@ -319,9 +319,7 @@ class Exchange:
         self.status = status
         self.head_sent = True
         self.answered_by = conn.server
-        extra = (
-            self.worker.upstream_header_line(conn.server) if self.worker.upstream_header else b""
-        )
+        extra = conn.server.header_line if self.worker.upstream_header else b""
         data = response_head(
             status, reason, headers, framing, keep_alive=keep, http10=req.http10, extra=extra
         )

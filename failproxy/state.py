@@ -28,6 +28,7 @@ class Server:
         "fails",
         "family",
         "first_fail",
+        "header_line",
         "idle",
         "index",
         "inflight",
@@ -48,6 +49,8 @@ class Server:
         self.index = index
         self.address = addr.text
         self.backup = conf.backup
+        # `upstream_header = true`: the response line naming who answered, built once.
+        self.header_line = b"X-Failproxy-Upstream: " + addr.text.encode() + b"\r\n"
         self.is_unix = addr.is_unix
         self.sockaddr: str | tuple[str, int]
         if addr.is_unix:

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from typing import Any
 
 import uvloop
@@ -97,9 +98,6 @@ class Worker:
         (os.urandom per request would cost a getrandom() call each)."""
         self._rid_counter += 1
         return f"{self._rid_prefix}{self._rid_counter:016x}"
-
-    def upstream_header_line(self, server: Server) -> bytes:
-        return b"X-Failproxy-Upstream: " + server.address.encode() + b"\r\n"
 
     # -- passive health ------------------------------------------------------------------------
 
@@ -270,8 +268,6 @@ def _sock_address(sock: socket.socket) -> str:
 
 
 def _wall_iso(seconds_from_now: float) -> str:
-    import time
-
     t = time.time() + max(0.0, seconds_from_now)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
