@@ -15,6 +15,7 @@ scenario is merged into bench/results.json, from which bench/RESULTS.md is regen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import shlex
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="free text stored with the run "
                         "(e.g. 'shared machine')")
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs (configs, logs)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another failproxy checkout (e.g. the previous main) measured in "
+                        "the same run, for before/after rows")
     args = parser.parse_args(argv)
 
     raw_argv = sys.argv[1:] if argv is None else argv
@@ -97,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"run {run_id}: {command} ({size} sizes; scenarios: {', '.join(names)})")
     params = settings(size)
+    if args.baseline is not None:
+        params["throughput"] = dataclasses.replace(params["throughput"],
+                                                   baseline=args.baseline.resolve())
     failures = 0
     for name in names:
         log(f"== {name}")

@@ -91,10 +91,14 @@ def start_fast_upstream(procs: Processes, name: str, unix_path: str,
 
 def nginx_proxy_conf(workdir: Path, name: str, *, listen: str, upstream_servers: list[str],
                      workers: int = 1, access_log: bool = True, keepalive: int = 64,
-                     worker_connections: int = 4096, extra_location: str = "") -> str:
+                     worker_connections: int = 4096, extra_location: str = "",
+                     log_buffer: bool = False) -> str:
+    """`log_buffer`: `access_log ... buffer=64k flush=1s`, as production nginx runs it."""
     servers = "".join(f"    server {s};\n" for s in upstream_servers)
     ka = f"    keepalive {keepalive};\n" if keepalive else ""
-    log = f"  access_log {workdir}/{name}.access.log;\n" if access_log else "  access_log off;\n"
+    buffered = " buffer=64k flush=1s" if log_buffer else ""
+    log = (f"  access_log {workdir}/{name}.access.log{buffered};\n" if access_log
+           else "  access_log off;\n")
     proto = ('      proxy_http_version 1.1;\n      proxy_set_header Connection "";\n'
              if keepalive else "")
     return (_nginx_main(workdir, name, workers, worker_connections)
@@ -107,10 +111,11 @@ def nginx_proxy_conf(workdir: Path, name: str, *, listen: str, upstream_servers:
 
 def start_nginx_proxy(procs: Processes, name: str, host: str, port: int, upstream: str,
                       *, workers: int, access_log: bool, worker_connections: int = 4096,
-                      probe: bool = True) -> Target:
+                      probe: bool = True, log_buffer: bool = False) -> Target:
     conf = nginx_proxy_conf(procs.workdir, name, listen=f"{host}:{port}",
                             upstream_servers=[upstream], workers=workers,
-                            access_log=access_log, worker_connections=worker_connections)
+                            access_log=access_log, worker_connections=worker_connections,
+                            log_buffer=log_buffer)
     proc = start_nginx(procs, name, conf)
     if probe:
         wait_http(proc, host, port)
@@ -197,20 +202,23 @@ def failproxy_config(*, listen: list[str], servers: list[dict[str, Any]], worker
     }
 
 
-def python_env() -> dict[str, str]:
+def python_env(tree: Path | None = None) -> dict[str, str]:
+    """The environment of a Python target: failproxy (and bench) imported from `tree`
+    (default this checkout; a baseline checkout for before/after rows in one run)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"]
-                                     if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(tree or REPO) + (os.pathsep + env["PYTHONPATH"]
+                                             if env.get("PYTHONPATH") else "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 
 def start_failproxy(procs: Processes, name: str, cfg: dict[str, Any], *,
-                    probe: tuple[str, int] | None) -> Proc:
+                    probe: tuple[str, int] | None, tree: Path | None = None) -> Proc:
+    """`tree`: run the failproxy of another checkout (the baseline of a before/after run)."""
     path = procs.workdir / f"{name}.toml"
     path.write_text(toml_dumps(cfg))
     proc = procs.start(name, [sys.executable, "-m", "failproxy", "serve", str(path)],
-                       env=python_env())
+                       env=python_env(tree))
     if probe:
         wait_http(proc, probe[0], probe[1], timeout=20.0)
     announce(proc, f"failproxy {cfg['server']['workers']} worker(s) on "
@@ -219,11 +227,12 @@ def start_failproxy(procs: Processes, name: str, cfg: dict[str, Any], *,
 
 
 def start_failproxy_target(procs: Processes, name: str, host: str, port: int, unix_path: str,
-                           *, workers: int, access_log: bool) -> Target:
+                           *, workers: int, access_log: bool, tree: Path | None = None
+                           ) -> Target:
     cfg = failproxy_config(listen=[f"{host}:{port}"], servers=[{"address": f"unix:{unix_path}"}],
                            workers=workers, log_file=str(procs.workdir / f"{name}.log"),
                            access_log=access_log)
-    proc = start_failproxy(procs, name, cfg, probe=(host, port))
+    proc = start_failproxy(procs, name, cfg, probe=(host, port), tree=tree)
     return Target(name, "", host, port, proc, kind="failproxy")
 
 
@@ -239,3 +248,15 @@ def start_naive(procs: Processes, name: str, host: str, port: int, unix_path: st
     wait_http(proc, host, port)
     announce(proc, f"naive aiohttp proxy on {host}:{port}")
     return Target(name, "", host, port, proc, kind="naive")
+
+
+# ---------------------------------------------------------------- the floor of the stack
+
+def start_floor(procs: Processes, name: str, host: str, port: int, unix_path: str) -> Target:
+    """bench/floor_proxy.py: uvloop + httptools with no features (no access log to write)."""
+    argv = [sys.executable, "-m", "bench.floor_proxy", "--listen", f"{host}:{port}",
+            "--upstream", f"unix:{unix_path}"]
+    proc = procs.start(name, argv, env=python_env())
+    wait_http(proc, host, port)
+    announce(proc, f"floor proxy (uvloop + httptools, no features) on {host}:{port}")
+    return Target(name, "", host, port, proc, kind="floor")

@@ -31,30 +31,41 @@ class Params:
     warmup: float = 0.5
     log_sets: tuple[bool, ...] = (True, False)  # access log on, then off
     kinds: tuple[str, ...] = ("failproxy1", "failproxy2", "nginx1", "nginx2", "haproxy1",
-                              "naive")
+                              "floor", "naive")
+    # Another checkout of failproxy (e.g. the previous main) measured in the same run as
+    # "failproxy1-base": before/after figures from one sitting.
+    baseline: Path | None = None
 
 
 LABELS = {
     "direct": "fast upstream direct (nginx return 200, TCP)",
     "failproxy1": "failproxy, 1 worker",
     "failproxy2": "failproxy, 2 workers",
-    "nginx1": "nginx, 1 worker, keepalive 64",
-    "nginx2": "nginx, 2 workers, keepalive 64",
+    "nginx1": "nginx, 1 worker, keepalive 64, access log buffer=64k flush=1s",
+    "nginx2": "nginx, 2 workers, keepalive 64, access log buffer=64k flush=1s",
     "haproxy1": "HAProxy, 1 thread, http-reuse safe",
     "naive": "naive aiohttp proxy (uvloop)",
+    "floor": "floor: uvloop + httptools pass-through, no features",
+    "failproxy1-base": "failproxy, 1 worker, baseline checkout",
 }
 C_PEERS = ("nginx1", "haproxy1")  # "the best C peer" of the targets
 
 
-def _starter(kind: str, unix_path: str, log_on: bool
+def _starter(kind: str, unix_path: str, log_on: bool, baseline: Path | None
              ) -> Callable[[Processes, str, int], servers.Target]:
     def start(procs: Processes, name: str, port: int) -> servers.Target:
+        if kind == "failproxy1-base":
+            return servers.start_failproxy_target(procs, name, HOST, port, unix_path,
+                                                  workers=1, access_log=log_on, tree=baseline)
         if kind.startswith("failproxy"):
             return servers.start_failproxy_target(procs, name, HOST, port, unix_path,
                                                   workers=int(kind[-1]), access_log=log_on)
         if kind.startswith("nginx"):
             return servers.start_nginx_proxy(procs, name, HOST, port, f"unix:{unix_path}",
-                                             workers=int(kind[-1]), access_log=log_on)
+                                             workers=int(kind[-1]), access_log=log_on,
+                                             log_buffer=True)
+        if kind == "floor":
+            return servers.start_floor(procs, name, HOST, port, unix_path)
         if kind == "haproxy1":
             return servers.start_haproxy(procs, name, HOST, port, unix_path,
                                          access_log=log_on)
@@ -74,12 +85,15 @@ def run(params: Params, procs: Processes) -> dict[str, Any]:
     targets: list[dict[str, Any]] = []
     direct = servers.Target("direct", LABELS["direct"], HOST, up_port, upstream, kind="upstream")
     targets.append(_entry(direct, "", "direct"))
+    kinds = params.kinds + (("failproxy1-base",) if params.baseline else ())
     for log_on in params.log_sets:
         suffix = "" if log_on else "-nolog"
-        for kind in params.kinds:
+        for kind in kinds:
+            if kind == "floor" and not log_on:
+                continue  # it has no access log: one row, listed with the log-on set
             name = kind + suffix
             try:
-                t = _starter(kind, unix_path, log_on)(procs, name, free_port())
+                t = _starter(kind, unix_path, log_on, params.baseline)(procs, name, free_port())
             except (StartError, OSError) as exc:
                 log(f"  !! {name} did not start: {exc}")
                 t = servers.Target(name, "", HOST, 0, None, kind=kind, error=str(exc)[:2000])
