@@ -22,10 +22,10 @@ from typing import Any
 import uvloop
 
 from failproxy import config, logs
-from failproxy.client import ClientProtocol
+from failproxy.context import WorkerContext
+from failproxy.downstream import ClientConnection
 from failproxy.metrics import WorkerMetrics
 from failproxy.upstream import UpstreamConnection
-from failproxy.worker import Worker
 
 REQUEST = (
     b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
@@ -83,11 +83,11 @@ async def measure(requests: int, access: bool, profile: bool) -> float:
     cfg = config.loads(CONFIG.format(access="true" if access else "false"))
     logs.configure(cfg.log)
     loop = asyncio.get_running_loop()
-    worker = Worker(cfg, WorkerMetrics(1), loop)
+    ctx = WorkerContext(cfg, WorkerMetrics(1), loop)
     client_transport = FakeTransport()
-    client = ClientProtocol(worker, False)
+    client = ClientConnection(ctx, False)
     client.connection_made(client_transport)  # type: ignore[arg-type]
-    server = worker.servers[0]
+    server = ctx.peers[0]
     upstream = UpstreamConnection(server, loop)
     upstream_transport = FakeTransport()
     upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
@@ -117,6 +117,34 @@ async def measure(requests: int, access: bool, profile: bool) -> float:
     return (time.perf_counter() - started) / requests * 1e6
 
 
+async def measure_floor(requests: int) -> float:
+    """The same round through bench/floor_proxy.py: the Python floor of uvloop + httptools."""
+    from bench import floor_proxy
+
+    client_transport = FakeTransport()
+    upstream_transport = FakeTransport()
+    client = floor_proxy.Client("/nonexistent")
+    client.transport = client_transport  # type: ignore[assignment]
+    upstream = floor_proxy.Upstream(client)
+    upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
+    client.upstream = upstream
+
+    def one() -> None:
+        client.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+
+    for _ in range(2000):
+        one()
+    started = time.perf_counter()
+    for i in range(requests):
+        one()
+        if i % 64 == 0:
+            client_transport.out.clear()
+            upstream_transport.out.clear()
+            await asyncio.sleep(0)
+    return (time.perf_counter() - started) / requests * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000)
@@ -125,6 +153,9 @@ def main() -> None:
     for access in (True, False):
         us = uvloop.run(measure(args.requests, access, args.profile))
         print(f"access log {'on ' if access else 'off'}: {us:.2f} µs of Python per request")
+    if not args.profile:
+        us = uvloop.run(measure_floor(args.requests))
+        print(f"floor proxy   : {us:.2f} µs of Python per request (bench/floor_proxy.py)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
 """One request's walk over the servers, and the relay of the response that ends it.
 
-The walk: take the next server in order; skip it if marked down or at `max_conns`; reuse an
-idle pooled connection or connect; on a failure decide (policy.may_retry) whether the request
-may move on, log the `failover` *before* the next attempt starts, and go on. The first response
-head that is not itself a reason to move on is relayed and the request is committed to it.
+The steps, named as nginx's upstream module names them: `next_peer` takes the next server in
+order (skipping one marked down); `try_peer` skips it without connecting when it is `busy` or
+its queue is full, else takes its in-flight slot and reuses an idle pooled connection or
+`connect`s; `send_request` attaches the request to the connection; the connection reports the
+response (`on_response_head`, `on_response_body`, `on_response_complete`) or a failure. A
+failure ends the attempt (`end_attempt`: the one place a slot is given back) and `next_upstream`
+decides (policy.may_retry) whether the request may move on; the `failover` is logged *before*
+the next attempt starts. The first response head that is not itself a reason to move on is
+relayed and the request is committed to it; `finalize` ends the exchange.
+
+The phase of an exchange is explicit (`phase`, one of PHASES) and changes only in `_enter`,
+which checks the transition against `_TRANSITIONS`.
 """
 
 from __future__ import annotations
@@ -11,24 +19,64 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import Final, Protocol, cast
 
 from failproxy import policy
+from failproxy.connect import start_connect, when_connected
+from failproxy.context import WorkerContext
 from failproxy.headers import BadRequest, response_head, simple_response
-from failproxy.upstream import (
-    CHUNKED,
-    CLOSE,
-    UpstreamConnection,
-    start_connect,
-    when_connected,
-)
-
-if TYPE_CHECKING:
-    from failproxy.client import ClientProtocol, Request
-    from failproxy.state import Server
-    from failproxy.worker import Worker
+from failproxy.peer import Peer
+from failproxy.request import Request
+from failproxy.upstream import CHUNKED, CLOSE, UpstreamConnection
 
 _perf = time.perf_counter
+
+# The phases of an exchange.
+NEW: Final = 0  # created, no attempt yet
+CONNECTING: Final = 1  # a connect to the current peer is under way
+WAITING: Final = 2  # the request is on a connection; no response head yet
+RELAYING: Final = 3  # a response head went to the client; its body streams
+DONE: Final = 4  # answered, abandoned, or handed over as a tunnel
+PHASES: Final = ("new", "connecting", "waiting", "relaying", "done")
+
+# Allowed moves: from -> set of to. A failed attempt goes back to CONNECTING (or WAITING, with a
+# pooled connection) on the next peer; only RELAYING is committed.
+_TRANSITIONS: Final[tuple[frozenset[int], ...]] = (
+    frozenset({CONNECTING, WAITING, DONE}),  # NEW
+    frozenset({CONNECTING, WAITING, DONE}),  # CONNECTING
+    frozenset({CONNECTING, WAITING, RELAYING, DONE}),  # WAITING
+    frozenset({DONE}),  # RELAYING
+    frozenset(),  # DONE
+)
+
+
+class Downstream(Protocol):
+    """What an exchange needs of its client connection (downstream.ClientConnection)."""
+
+    @property
+    def client_ip(self) -> str: ...
+
+    @property
+    def write_paused(self) -> bool: ...
+
+    @property
+    def read_paused(self) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def write_lines(self, data: list[bytes]) -> None: ...
+
+    def keep_alive_after(self, req: Request) -> bool: ...
+
+    def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def start_tunnel(self, conn: UpstreamConnection) -> None: ...
+
+    def upstream_paused(self, paused: bool) -> None: ...
+
+    def request_attached(self) -> None: ...
 
 
 class Exchange:
@@ -40,222 +88,241 @@ class Exchange:
         "bytes_sent",
         "chunked_out",
         "client",
+        "client_ip",
         "conn",
         "connect_ms",
-        "done",
+        "ctx",
         "head_request",
-        "head_sent",
         "idempotent",
         "keep_alive",
         "out",
+        "peer",
+        "phase",
         "pos",
         "reasons",
         "req",
-        "server",
+        "slot",
         "stale_retried",
         "started",
         "status",
         "tried",
-        "worker",
     )
 
-    def __init__(self, worker: Worker, client: ClientProtocol, req: Request) -> None:
-        self.worker = worker
+    def __init__(self, ctx: WorkerContext, client: Downstream, req: Request) -> None:
+        self.ctx = ctx
         self.client = client
+        self.client_ip = client.client_ip
         self.req = req
         self.started = _perf()
+        self.phase = NEW
         self.pos = -1
         self.attempt = 0
         self.tried: list[str] = []
         self.reasons: list[str] = []
-        self.server: Server | None = None
+        self.peer: Peer | None = None  # the peer of the current attempt
+        self.slot: Peer | None = None  # the peer whose in-flight slot this exchange holds
         self.conn: UpstreamConnection | None = None
-        self.answered_by: Server | None = None
+        self.answered_by: Peer | None = None
         self.connect_ms: float | None = None
         self.stale_retried = False
         self.head_request = req.method == b"HEAD"
         self.idempotent = req.method in policy.IDEMPOTENT_METHODS
-        self.head_sent = False
         self.chunked_out = False
         self.keep_alive = False
         self.status = 0
         self.bytes_sent = 0
-        self.done = False
         # Response bytes gathered during one read from the upstream, sent in one writev.
         self.out: list[bytes] = []
+
+    def _enter(self, phase: int) -> None:
+        """The one place the phase changes."""
+        assert phase in _TRANSITIONS[self.phase], f"{PHASES[self.phase]} -> {PHASES[phase]}"
+        self.phase = phase
 
     # -- the walk -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        server = self._next_server()
-        if server is None:
+        peer = self._next_peer()
+        if peer is None:
             self._exhausted(None)
             return
-        self._try(server)
+        self._try_peer(peer)
 
-    def _next_server(self) -> Server | None:
+    def _next_peer(self) -> Peer | None:
         """The next server in order that is not marked down (logging each one skipped)."""
-        order = self.worker.order
+        ctx = self.ctx
+        order = ctx.order
         while True:
             self.pos += 1
             if self.pos >= len(order):
                 return None
-            server = order[self.pos]
-            if not server.down_until:
-                return server
-            now = self.worker.loop.time()
-            if not server.is_down(now):
-                return server
-            if self.pos == 0 and all(s.is_down(now) for s in order):
-                return server  # every server is down: try them anyway, as nginx does
-            self.worker.log_skipped(self, server)
+            peer = order[self.pos]
+            if not peer.down_until:
+                return peer
+            now = ctx.loop.time()
+            if not peer.is_down(now):
+                return peer
+            if self.pos == 0 and all(p.is_down(now) for p in order):
+                return peer  # every server is down: try them anyway, as nginx does
+            ctx.events.skipped(self, peer, now)
 
-    def _try(self, server: Server) -> None:
+    def _try_peer(self, peer: Peer) -> None:
         self.attempt += 1
-        self.server = server
-        self.tried.append(server.address)
-        if server.max_conns and server.inflight >= server.max_conns:
+        self.peer = peer
+        self.tried.append(peer.address)
+        if peer.busy():
             self._failed("busy", None)
             return
-        if server.queue_probe is not None and server.queue_full():
+        if peer.queue_probe is not None and peer.queue_full():
             self._failed("queue_full", None)
             return
-        server.inflight += 1
-        req = self.req
-        if server.idle:
+        self._take_slot(peer)
+        if peer.idle:
+            req = self.req
             # A request that could not be re-sent after a stale connection fails must not get
             # a connection that may be closing.
-            careful = not (req.replayable and (self.idempotent or self.worker.retry_non_idempotent))
-            conn = server.take_idle(self.worker.loop.time(), careful)
+            careful = not (req.replayable and (self.idempotent or self.ctx.retry_non_idempotent))
+            conn = peer.take_idle(self.ctx.loop.time(), careful)
             if conn is not None:
-                self._attach(conn, reused=True)
+                self._send_request(cast(UpstreamConnection, conn), reused=True)
                 return
-        self._connect(server)
+        self._connect(peer)
 
-    def _connect(self, server: Server) -> None:
+    def _take_slot(self, peer: Peer) -> None:
+        assert self.slot is None, "an exchange holds one slot at a time"
+        peer.acquire()
+        self.slot = peer
+
+    def _connect(self, peer: Peer) -> None:
+        self._enter(CONNECTING)
         t0 = _perf()
-        sock, err = start_connect(server)
+        sock, err = start_connect(peer)
         if sock is None:
-            server.inflight -= 1
+            self._end_attempt()
             self._failed(policy.classify_connect_errno(err), err)
             return
         if err == errno.EINPROGRESS:
             when_connected(
-                self.worker.loop,
+                self.ctx.loop,
                 sock,
-                self.worker.connect_timeout,
-                lambda err: self._tcp_connected(server, sock, err, t0),
+                self.ctx.connect_timeout,
+                lambda err: self._tcp_connected(peer, sock, err, t0),
             )
             return
-        self._open(server, sock, t0)
+        self._open(peer, sock, t0)
 
-    def _tcp_connected(self, server: Server, sock: socket.socket, err: int, t0: float) -> None:
-        if self.done:
+    def _tcp_connected(self, peer: Peer, sock: socket.socket, err: int, t0: float) -> None:
+        if self.phase == DONE:
             sock.close()
-            server.inflight -= 1
         elif err:
             sock.close()
-            server.inflight -= 1
+            self._end_attempt()
             self._failed(policy.classify_connect_errno(err), err)
         else:
-            self._open(server, sock, t0)
+            self._open(peer, sock, t0)
 
-    def _open(self, server: Server, sock: socket.socket, t0: float) -> None:
-        self.worker.loop.create_task(self._wrap(server, sock, t0))
+    def _open(self, peer: Peer, sock: socket.socket, t0: float) -> None:
+        self.ctx.loop.create_task(self._wrap(peer, sock, t0))
 
-    async def _wrap(self, server: Server, sock: socket.socket, t0: float) -> None:
+    async def _wrap(self, peer: Peer, sock: socket.socket, t0: float) -> None:
         """Give a connected socket a uvloop transport, then send the request on it."""
-        loop = self.worker.loop
-        conn = UpstreamConnection(server, loop)
+        loop = self.ctx.loop
+        conn = UpstreamConnection(peer, loop)
         try:
-            if server.is_unix:
-                await loop.create_unix_connection(lambda: conn, sock=sock)
+            if peer.is_unix:
+                await loop.create_unix_connection(lambda: conn, sock=sock)  # type: ignore
             else:
-                await loop.create_connection(lambda: conn, sock=sock)
+                await loop.create_connection(lambda: conn, sock=sock)  # type: ignore
         except OSError as exc:
             sock.close()
-            server.inflight -= 1
-            if not self.done:
+            if self.phase != DONE:
+                self._end_attempt()
                 self._failed(policy.classify_connect_errno(exc.errno), exc.errno)
             return
         except Exception as exc:  # a bug here must not leave the client waiting forever
             sock.close()
-            server.inflight -= 1
-            self.worker.log.exception("internal_error", request_id=self.req.request_id or None)
-            if not self.done:
+            self.ctx.events.internal_error(self)
+            if self.phase != DONE:
+                self._end_attempt()
                 self._answer_locally(502, f"internal error: {type(exc).__name__}")
             return
         seconds = _perf() - t0
         self.connect_ms = seconds * 1000.0
-        self.worker.metrics.connect_duration(server.index, seconds)
-        if self.done:
-            server.inflight -= 1
+        self.ctx.events.connected(peer, seconds)
+        if self.phase == DONE:
             conn.close()
             return
-        self._attach(conn, reused=False)
+        self._send_request(conn, reused=False)
 
-    def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
-        """Send the request on `conn`; from here on bytes may have reached the upstream."""
+    def _send_request(self, conn: UpstreamConnection, reused: bool) -> None:
+        """Put the request on `conn`; from here on bytes may have reached the upstream."""
+        self._enter(WAITING)
+        ctx = self.ctx
         self.conn = conn
         conn.exchange = self
         conn.reused = reused
-        conn.timer.set(self.worker.loop.time() + self.worker.read_timeout)
-        self.worker.metrics.upstream_request(conn.server.index)
-        req = self.req
-        req.attach(conn, self.worker.retry_body_bytes)
+        conn.timer.set(ctx.loop.time() + ctx.read_timeout)
+        ctx.events.upstream_request(conn.peer)
+        self.req.attach(conn, ctx.retry_body_bytes)
         client = self.client
         if client.write_paused:
             conn.pause_reading()
-        if client.paused:
+        if client.read_paused:
             client.request_attached()
 
-    def _release_attempt(self) -> None:
+    def _end_attempt(self) -> None:
+        """The current attempt is over, whatever its outcome: the one place the in-flight slot
+        is given back and the request let go of its connection."""
+        slot = self.slot
+        if slot is not None:
+            self.slot = None
+            slot.release()
         conn = self.conn
         if conn is not None:
             self.conn = None
             conn.exchange = None
-            conn.server.inflight -= 1
         self.req.detach()
 
     def _failed(self, reason: str, err: int | None) -> None:
         """The current attempt failed: move on if the policy allows, else end the request."""
-        server = self.server
-        assert server is not None
+        peer = self.peer
+        assert peer is not None
         if reason != "busy" and reason != "queue_full":
-            self.worker.server_failed(server)
-        nxt = self._next_if_allowed(reason)
+            self._peer_failed(peer)
+        nxt = self._next_upstream(reason)
         if nxt is None:
             self.reasons.append(reason)
             self._exhausted(reason)
             return
-        self._move_on(server, nxt, reason, err)
+        self._move_on(peer, nxt, reason, err)
 
-    def _move_on(self, server: Server, nxt: Server, reason: str, err: int | None) -> None:
+    def _move_on(self, peer: Peer, nxt: Peer, reason: str, err: int | None) -> None:
         """Log the decision before the next attempt starts, so a stuck attempt leaves a trail."""
         self.reasons.append(reason)
-        self.worker.log_failover(self, server, nxt, reason, err)
-        self._try(nxt)
+        self.ctx.events.failover(self, peer, nxt, reason, err)
+        self._try_peer(nxt)
 
-    def _next_if_allowed(self, reason: str) -> Server | None:
-        worker = self.worker
+    def _next_upstream(self, reason: str) -> Peer | None:
+        """The peer a request that failed with `reason` moves on to, or None: it may not."""
+        ctx = self.ctx
         if not policy.may_retry(
             reason,
-            retry_on=worker.retry_on,
+            retry_on=ctx.retry_on,
             idempotent=self.idempotent,
             replayable=self.req.replayable,
-            retry_non_idempotent=worker.retry_non_idempotent,
+            retry_non_idempotent=ctx.retry_non_idempotent,
         ):
             return None
         if policy.walk_limit_reached(
-            self.attempt, worker.tries, _perf() - self.started, worker.retry_timeout
+            self.attempt, ctx.tries, _perf() - self.started, ctx.retry_timeout
         ):
             return None
-        return self._next_server()
+        return self._next_peer()
 
     def _exhausted(self, reason: str | None) -> None:
         """No server took the request: 502, or 504 when the last attempt timed out."""
         status = policy.exhausted_status(reason)
-        self.worker.log_exhausted(self, status)
+        self.ctx.events.exhausted(self, status)
         self._answer_locally(status, "no upstream server could take the request")
 
     def _answer_locally(self, status: int, text: str) -> None:
@@ -265,7 +332,25 @@ class Exchange:
         self.status = status
         self.bytes_sent = len(data)
         client.write(data)
-        self._finish(keep)
+        self._finalize(keep)
+
+    # -- passive health ---------------------------------------------------------------------------
+
+    def _peer_failed(self, peer: Peer) -> None:
+        if not peer.fail_timeout:
+            return
+        if peer.record_failure(self.ctx.loop.time()):
+            self.ctx.events.peer_down(peer)
+        else:
+            self.ctx.events.peer_fails(peer)
+
+    def _peer_ok(self, peer: Peer) -> None:
+        """A success clears a failure count or a down mark."""
+        if peer.down_until and peer.record_success():
+            self.ctx.events.peer_up(peer)
+        elif peer.fails:
+            peer.fails = 0
+            self.ctx.events.peer_fails(peer)
 
     # -- events from the upstream connection ------------------------------------------------------
 
@@ -289,22 +374,21 @@ class Exchange:
         status: int,
         reason: bytes,
         headers: list[tuple[bytes, bytes]],
-        length: bytes | None,
     ) -> None:
         status_reason = policy.STATUS_REASONS.get(status)
         if status_reason is not None:
-            nxt = self._next_if_allowed(status_reason)
+            nxt = self._next_upstream(status_reason)
             if nxt is not None:
                 # Its body is not wanted: the connection cannot be reused without reading it.
-                server = conn.server
-                self._release_attempt()
+                peer = conn.peer
+                self._end_attempt()
                 conn.abort()
-                self.worker.server_failed(server)
-                self._move_on(server, nxt, status_reason, None)
+                self._peer_failed(peer)
+                self._move_on(peer, nxt, status_reason, None)
                 return
-        client = self.client
+        self._enter(RELAYING)
         req = self.req
-        keep = client.keep_alive_after(req)
+        keep = self.client.keep_alive_after(req)
         framing = b""
         if conn.framing == CHUNKED or conn.framing == CLOSE:
             if req.http10:
@@ -317,9 +401,8 @@ class Exchange:
             framing = b"Connection: upgrade\r\n"
         self.keep_alive = keep
         self.status = status
-        self.head_sent = True
-        self.answered_by = conn.server
-        extra = conn.server.header_line if self.worker.upstream_header else b""
+        self.answered_by = conn.peer
+        extra = conn.peer.header_line if self.ctx.upstream_header else b""
         data = response_head(
             status, reason, headers, framing, keep_alive=keep, http10=req.http10, extra=extra
         )
@@ -329,7 +412,7 @@ class Exchange:
     def on_response_body(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
-            conn.timer.set(self.worker.loop.time() + self.worker.read_timeout)
+            conn.timer.set(self.ctx.loop.time() + self.ctx.read_timeout)
         size = len(data)
         if self.chunked_out:
             line = b"%x\r\n" % size
@@ -350,33 +433,34 @@ class Exchange:
             self.out.append(b"0\r\n\r\n")
             self.bytes_sent += 5
         self.flush_out()
-        server = conn.server
-        self._release_attempt()
-        if server.down_until or server.fails:
-            self.worker.server_ok(server)
-        if reusable and not conn.closed and conn.requests < server.keepalive_requests:
+        peer = conn.peer
+        self._end_attempt()
+        if peer.down_until or peer.fails:
+            self._peer_ok(peer)
+        if reusable and not conn.closed and conn.requests < peer.keepalive_requests:
             if conn.paused:
                 conn.resume_reading()  # paused for a slow client: an idle one must see EOF
-            conn.idle_since = self.worker.loop.time()
-            if server.put_idle(conn):
-                conn.timer.set(conn.idle_since + server.keepalive_timeout)
+            conn.idle_since = self.ctx.loop.time()
+            if peer.put_idle(conn):
+                conn.timer.set(conn.idle_since + peer.keepalive_timeout)
             else:
                 conn.close()
         else:
             conn.close()
-        self._finish(self.keep_alive)
+        self._finalize(self.keep_alive)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream closed or reset the connection before the response was complete."""
-        server = conn.server
-        self._release_attempt()
-        if self.done:
+        peer = conn.peer
+        self._end_attempt()
+        phase = self.phase
+        if phase == DONE:
             return
-        if self.head_sent:
+        if phase == RELAYING:
             # Cut short: never presented as complete. The client connection is closed.
             self.keep_alive = False
             self.client.abort()
-            self._finish(False)
+            self._finalize(False)
             return
         if (
             conn.reused
@@ -385,54 +469,50 @@ class Exchange:
             and policy.may_retry_stale(
                 idempotent=self.idempotent,
                 replayable=self.req.replayable,
-                retry_non_idempotent=self.worker.retry_non_idempotent,
+                retry_non_idempotent=self.ctx.retry_non_idempotent,
             )
         ):
             # A pooled keep-alive connection the upstream had closed: not a failover.
             self.stale_retried = True
-            server.inflight += 1
-            self._connect(server)
+            self._take_slot(peer)
+            self._connect(peer)
             return
         err = getattr(exc, "errno", None) if exc is not None else None
         self._failed("reset", err)
 
     def on_upstream_timeout(self, conn: UpstreamConnection) -> None:
-        self._release_attempt()
+        self._end_attempt()
         conn.abort()
-        if self.head_sent:
+        if self.phase == RELAYING:
             self.keep_alive = False
             self.client.abort()
-            self._finish(False)
+            self._finalize(False)
             return
         self._failed("timeout", None)
 
     def on_upstream_invalid(self, conn: UpstreamConnection, detail: str) -> None:
         """A response that breaks HTTP: 502 if nothing was relayed yet, else close the client."""
-        self._release_attempt()
+        self._end_attempt()
         conn.abort()
-        if self.head_sent:
+        if self.phase == RELAYING:
             self.client.abort()
-            self._finish(False)
+            self._finalize(False)
             return
-        self.worker.log.warning(
-            "upstream_invalid",
-            request_id=self.req.request_id,
-            address=conn.server.address,
-            detail=detail,
-        )
+        self.ctx.events.upstream_invalid(self, conn.peer, detail)
         self._answer_locally(502, "invalid response from upstream")
 
     def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None:
         """101 relayed: the connection becomes a raw tunnel."""
-        self._release_attempt()
-        if self.done:
+        self._end_attempt()
+        if self.phase == DONE:
             conn.close()
             return
         self.flush_out()
+        client = self.client
         if rest:
-            self.client.write(rest)
-        self.client.start_tunnel(conn)
-        self._finish(True, tunnel=True)
+            client.write(rest)
+        client.start_tunnel(conn)
+        self._finalize(True, tunnel=True)
 
     # -- events from the client side -------------------------------------------------------------
 
@@ -440,13 +520,13 @@ class Exchange:
         """The client finished sending the body; the upstream read deadline starts over."""
         conn = self.conn
         if conn is not None:
-            conn.timer.set(self.worker.loop.time() + self.worker.read_timeout)
+            conn.timer.set(self.ctx.loop.time() + self.ctx.read_timeout)
 
     def upstream_paused(self, paused: bool) -> None:
         self.client.upstream_paused(paused)
         conn = self.conn
         if conn is not None and paused:
-            conn.timer.set(self.worker.loop.time() + self.worker.send_timeout)
+            conn.timer.set(self.ctx.loop.time() + self.ctx.send_timeout)
 
     def client_paused(self, paused: bool) -> None:
         conn = self.conn
@@ -458,42 +538,48 @@ class Exchange:
 
     def client_gone(self) -> None:
         """The client disconnected: whatever is in flight upstream is abandoned."""
-        if self.done:
+        if self.phase == DONE:
             return
         conn = self.conn
-        self._release_attempt()
+        self._end_attempt()
         if conn is not None:
             conn.abort()
-        if not self.head_sent:
+        if self.phase != RELAYING:
             self.status = 499
-        self._finish(False)
+        self._finalize(False)
 
     def abort_request(self, error: BadRequest) -> None:
         """The body broke a rule mid-stream: the upstream must never get a complete request."""
         conn = self.conn
-        self._release_attempt()
+        self._end_attempt()
         if conn is not None:
             conn.abort()
-        self.worker.log_client_error(self.client, error)
-        if self.head_sent:
-            self.client.abort()
-            self._finish(False)
+        client = self.client
+        self.ctx.events.client_error(self.client_ip, error.status, error.detail)
+        if self.phase == RELAYING:
+            client.abort()
+            self._finalize(False)
             return
         data = simple_response(error.status, error.detail, close=True)
         self.status = error.status
         self.bytes_sent = len(data)
-        self.client.write(data)
-        self._finish(False)
+        client.write(data)
+        self._finalize(False)
 
     # -- the end --------------------------------------------------------------------------------
 
-    def _finish(self, keep_alive: bool, tunnel: bool = False) -> None:
-        if self.done:
+    def _finalize(self, keep_alive: bool, tunnel: bool = False) -> None:
+        if self.phase == DONE:
             return
-        self.done = True
-        self.worker.request_done(self)
+        self._enter(DONE)
+        self.ctx.events.request(self)
         if not tunnel:
             self.client.exchange_done(self, keep_alive)
 
+    @property
+    def done(self) -> bool:
+        return self.phase == DONE
+
     def elapsed_ms(self) -> float:
         return int((_perf() - self.started) * 1_000_000) / 1000
+

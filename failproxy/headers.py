@@ -26,6 +26,23 @@ HOP_BY_HOP = frozenset(
 KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"identity"})
 
 
+# What the client connection does with a request header, by lower-cased name (see
+# `header_kinds`); a name that is not in the table is copied through.
+H_HOST, H_LENGTH, H_XFF, H_VIA, H_EXPECT, H_REQUEST_ID, H_HOP, H_REPLACED = 1, 2, 3, 4, 5, 6, 7, 8
+
+
+def header_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) -> dict[bytes, int]:
+    """Lower-cased request header name -> its H_* kind; built once per worker, because the
+    request-id header name and the X-Forwarded-* settings are configured."""
+    kinds = dict.fromkeys(HOP_BY_HOP, H_HOP) | dict.fromkeys(replaced, H_REPLACED)
+    kinds |= {b"host": H_HOST, b"content-length": H_LENGTH, b"via": H_VIA, b"expect": H_EXPECT}
+    if xff_mode != "off":
+        kinds[b"x-forwarded-for"] = H_XFF
+    if request_id:
+        kinds[request_id] = H_REQUEST_ID
+    return kinds
+
+
 class BadRequest(Exception):
     """A request the proxy refuses before any byte reaches an upstream."""
 

@@ -1,29 +1,23 @@
-"""Upstream side: the connect that sees EAGAIN, and the Protocol that parses responses strictly.
+"""One connection to an upstream server, and its strict response parsing.
 
-Connect: a raw non-blocking `socket.connect()`. asyncio's `sock_connect()` reports a full AF_UNIX
-backlog as *success* (the error only shows at the first write, CPython gh-117208), so it would
-hide exactly the failure failproxy exists to act on.
+A connection carries one exchange at a time, then idles in its peer's pool. It parses the
+response with httptools and hands what it finds to its exchange, declared here as
+`ResponseSink`: this module sits under the exchange and never imports it.
 
-Response parsing: httptools (llhttp) cannot be told that a response answers HEAD and has no
-end-of-stream call for close-delimited bodies; both are handled here.
+httptools (llhttp) cannot be told that a response answers HEAD and has no end-of-stream call for
+close-delimited bodies; both are handled here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 
 from failproxy.headers import HOP_BY_HOP, connection_tokens
+from failproxy.peer import Peer
 from failproxy.timer import Timer
-
-if TYPE_CHECKING:
-    from failproxy.exchange import Exchange
-    from failproxy.state import Server
 
 # Response headers that need more than being copied through (the rest of HOP_BY_HOP is dropped).
 _CONNECTION, _LENGTH, _TE, _KEEPALIVE, _UPGRADE, _DROP = 1, 2, 3, 4, 5, 6
@@ -41,68 +35,41 @@ _PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
 LENGTH, CHUNKED, CLOSE, NOBODY = 1, 2, 3, 4
 
 
-def start_connect(server: Server) -> tuple[socket.socket | None, int]:
-    """Begin a connect without blocking.
+class ResponseSink(Protocol):
+    """What a connection reports to the exchange it carries (exchange.Exchange)."""
 
-    Returns (sock, 0) when connected (UNIX connects complete at once), (sock, EINPROGRESS) for a
-    TCP connect under way, (None, errno) when it failed: EAGAIN is a full UNIX backlog.
-    """
-    sock = server.spare
-    if sock is not None:
-        server.spare = None
-    else:
-        # Non-blocking from birth: no extra ioctl() per connection.
-        sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    try:
-        sock.connect(server.sockaddr)
-    except BlockingIOError as exc:
-        if exc.errno == errno.EINPROGRESS and not server.is_unix:
-            return sock, errno.EINPROGRESS
-        _discard(server, sock)
-        return None, exc.errno or errno.EAGAIN
-    except OSError as exc:
-        _discard(server, sock)
-        return None, exc.errno or errno.EIO
-    return sock, 0
+    @property
+    def head_request(self) -> bool: ...
 
+    def on_interim(
+        self, conn: UpstreamConnection, status: int, reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None: ...
 
-def _discard(server: Server, sock: socket.socket) -> None:
-    """A UNIX socket whose connect failed is still unconnected: keep it for the next attempt.
-    On an overloaded box that saves a socket() and a close() per request (~6 us here)."""
-    if server.is_unix and server.spare is None:
-        server.spare = sock
-    else:
-        sock.close()
+    def on_response_head(
+        self, conn: UpstreamConnection, status: int, reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None: ...
 
+    def on_response_body(self, data: bytes) -> None: ...
 
-def when_connected(
-    loop: asyncio.AbstractEventLoop,
-    sock: socket.socket,
-    timeout: float,
-    callback: Callable[[int], None],
-) -> None:
-    """Call `callback(errno)` once a TCP connect in progress ends: 0 on success, ETIMEDOUT
-    after `timeout` (a dead peer, or a full listen backlog, drops the SYN and never answers)."""
-    fd = sock.fileno()
-    timer: asyncio.TimerHandle | None = None
+    def flush_out(self) -> None: ...
 
-    def finish(err: int) -> None:
-        loop.remove_writer(fd)
-        if timer is not None:
-            timer.cancel()
-        callback(err)
+    def on_response_complete(self, conn: UpstreamConnection, reusable: bool) -> None: ...
 
-    def writable() -> None:
-        finish(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None: ...
 
-    loop.add_writer(fd, writable)
-    if timeout > 0:
-        timer = loop.call_later(timeout, finish, errno.ETIMEDOUT)
+    def on_upstream_timeout(self, conn: UpstreamConnection) -> None: ...
+
+    def on_upstream_invalid(self, conn: UpstreamConnection, detail: str) -> None: ...
+
+    def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None: ...
+
+    def upstream_paused(self, paused: bool) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One connection to an upstream server; carries one exchange at a time, then idles in the
-    server's pool."""
+class UpstreamConnection:
+    """An asyncio protocol (uvloop calls its methods; it needs no base class)."""
 
     __slots__ = (
         "_body_seen",
@@ -122,34 +89,33 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "idle_since",
         "keep_alive",
-        "keepalive_until",
+        "keepalive_hint",
         "loop",
         "paused",
+        "peer",
         "requests",
         "reused",
-        "server",
         "timer",
         "transport",
         "tunnel",
     )
 
-    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
-        self.server = server
+    def __init__(self, peer: Peer, loop: asyncio.AbstractEventLoop) -> None:
+        self.peer = peer
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: ResponseSink | None = None
         self.closed = False
         self.requests = 0
         self.idle_since = 0.0
-        self.keepalive_until = 0.0
+        # The upstream's own `Keep-Alive: timeout=N` (seconds it keeps an idle connection), 0
+        # when it sent none.
+        self.keepalive_hint = 0.0
         self.tunnel: asyncio.Transport | None = None
         self.reused = False
         self.paused = False
         self.timer = Timer(loop, self._on_timer)
         self._parser = httptools.HttpResponseParser(self)
-        self._reset_response()
-
-    def _reset_response(self) -> None:
         self._status = 0
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -164,7 +130,22 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True
         self.got_bytes = False
 
-    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def _reset_response(self) -> None:
+        self._status = 0
+        self._reason = b""
+        self._headers = []
+        self._conn_tokens = []
+        self._interim = False
+        self._head_only = False
+        self._body_seen = False
+        self._te = b""
+        self._length = None
+        self._upgrade = b""
+        self.framing = 0
+        self.keep_alive = True
+        self.got_bytes = False
+
+    # -- asyncio protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -172,26 +153,28 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.timer.close()
-        if self.tunnel is not None:
-            self.tunnel.close()
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.close()
             return
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
             if self.framing == CLOSE and self._status and exc is None:
-                exchange.on_response_complete(self, reusable=False)
+                exchange.on_response_complete(self, False)
             else:
                 exchange.on_upstream_lost(self, exc)
         else:
-            self.server.forget_idle(self)
+            self.peer.forget_idle(self)
 
     def eof_received(self) -> bool | None:
         # Returning falsy closes the transport, which ends in connection_lost above.
         return None
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.write(data)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.write(data)
             return
         if self.exchange is None:
             # Bytes on an idle connection: the upstream broke the protocol; never reuse it.
@@ -213,26 +196,33 @@ class UpstreamConnection(asyncio.Protocol):
             if exchange is not None:
                 exchange.on_upstream_invalid(self, str(exc) or type(exc).__name__)
             return
-        if self._head_only and self.exchange is not None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if self._head_only:
             # A HEAD response ends with its head: llhttp would wait for the announced body.
             self._parser = httptools.HttpResponseParser(self)
-            self._finish(reusable=self.keep_alive and not self._body_seen)
+            self._finish(self.keep_alive and not self._body_seen)
+            return
+        exchange.flush_out()
+
+    def pause_writing(self) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.pause_reading()  # the client sends faster than the upstream takes
             return
         exchange = self.exchange
         if exchange is not None:
-            exchange.flush_out()
-
-    def pause_writing(self) -> None:
-        if self.tunnel is not None:
-            self.tunnel.pause_reading()  # the client sends faster than the upstream takes
-        elif self.exchange is not None:
-            self.exchange.upstream_paused(True)
+            exchange.upstream_paused(True)
 
     def resume_writing(self) -> None:
-        if self.tunnel is not None:
-            self.tunnel.resume_reading()
-        elif self.exchange is not None:
-            self.exchange.upstream_paused(False)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.resume_reading()
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.upstream_paused(False)
 
     # -- httptools callbacks -------------------------------------------------------------------
 
@@ -240,8 +230,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        kind = _SPECIAL.get(name.lower())
-        if kind is None:
+        kind = _SPECIAL.get(name.lower(), 0)
+        if not kind:
             self._headers.append((name, value))
         elif kind == _CONNECTION:
             self._conn_tokens.append(value)
@@ -279,7 +269,7 @@ class UpstreamConnection(asyncio.Protocol):
         if status == 101:
             self.framing = NOBODY
             headers.append((b"Upgrade", self._upgrade))
-        elif exchange.head_request or status in (204, 304):
+        elif exchange.head_request or status == 204 or status == 304:
             self.framing = NOBODY
             self._head_only = exchange.head_request
         elif self._te:
@@ -291,7 +281,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.framing = CLOSE
             self.keep_alive = False
-        exchange.on_response_head(self, status, self._reason, headers, self._length)
+        exchange.on_response_head(self, status, self._reason, headers)
 
     def on_body(self, body: bytes) -> None:
         if self._interim:
@@ -311,7 +301,7 @@ class UpstreamConnection(asyncio.Protocol):
             return  # finished in data_received, after feed_data returns
         if self._status == 101:
             return  # HttpParserUpgrade follows
-        self._finish(reusable=self.keep_alive)
+        self._finish(self.keep_alive)
 
     def _on_timer(self) -> None:
         """read/send timeout while carrying a request; keep-alive expiry while idle."""
@@ -320,7 +310,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange = None
             exchange.on_upstream_timeout(self)
         else:
-            self.server.forget_idle(self)
+            self.peer.forget_idle(self)
             self.close()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -331,7 +321,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests += 1
         self._reset_response()
         if exchange is not None:
-            exchange.on_response_complete(self, reusable=reusable)
+            exchange.on_response_complete(self, reusable)
 
     def _keepalive_hint(self, value: bytes) -> None:
         """`Keep-Alive: timeout=N` tells when the upstream will close an idle connection."""
@@ -339,42 +329,53 @@ class UpstreamConnection(asyncio.Protocol):
             key, _, val = part.strip().partition(b"=")
             if key.lower() == b"timeout":
                 try:
-                    self.keepalive_until = float(val)
+                    self.keepalive_hint = float(val)
                 except ValueError:
                     pass
 
     def reusable(self, now: float, careful: bool) -> bool:
         """Fit to carry another request? `careful`: only if surely not about to be closed."""
-        if self.closed or self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
             return False
         idle = now - self.idle_since
-        allowance = self.server.keepalive_timeout
-        if self.keepalive_until:
-            allowance = min(allowance, self.keepalive_until)
+        allowance = self.peer.keepalive_timeout
+        if self.keepalive_hint:
+            allowance = min(allowance, self.keepalive_hint)
         if careful:
             return idle < allowance / 2
         return idle < allowance
 
     def close(self) -> None:
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
 
     def abort(self) -> None:
         self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.writelines(data)
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed and not self.paused:
+        transport = self.transport
+        if transport is not None and not self.closed and not self.paused:
             self.paused = True
-            self.transport.pause_reading()
+            transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed and self.paused:
+        transport = self.transport
+        if transport is not None and not self.closed and self.paused:
             self.paused = False
-            self.transport.resume_reading()
+            transport.resume_reading()

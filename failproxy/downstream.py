@@ -1,4 +1,5 @@
-"""Downstream side: one Protocol per client connection, parsing requests with httptools.
+"""The client connection: where a request is parsed (httptools callbacks), refused when
+malformed, and handed to an exchange.
 
 Requests are parsed strictly (SPEC 8): anything ambiguous is answered here and none of its bytes
 reach an upstream. Requests are answered one at a time and in order; a pipelined request waits
@@ -8,169 +9,47 @@ in `queue` with reading paused, so a client can never make the proxy buffer more
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from failproxy.context import WorkerContext
 from failproxy.exchange import Exchange
 from failproxy.headers import (
-    HOP_BY_HOP,
+    H_EXPECT,
+    H_HOP,
+    H_HOST,
+    H_LENGTH,
+    H_REQUEST_ID,
+    H_VIA,
+    H_XFF,
     BadRequest,
     check_transfer_encoding,
     connection_tokens,
     simple_response,
 )
+from failproxy.request import Request
 from failproxy.timer import Timer
-
-if TYPE_CHECKING:
-    from failproxy.upstream import UpstreamConnection
-    from failproxy.worker import Worker
+from failproxy.upstream import UpstreamConnection
 
 # Reasons to pause reading the client, as bits: reading resumes only when none is left.
-PIPELINE, UPSTREAM_FULL, BUFFER_FULL, UPGRADE = 1, 2, 4, 8
+PIPELINE, UPSTREAM_FULL, BUFFER_FULL, UPGRADE, REJECTED = 1, 2, 4, 8, 16
 # Unsent request-body bytes held (no upstream attached yet) before reading pauses.
 BUFFER_LIMIT = 65536
 
 # What the client timer is waiting for.
 IDLE, HEAD, BODY, NONE = 0, 1, 2, 3
 
-# Request headers that need more than being copied through, by lower-cased name: see
-# `header_kinds`, built once per worker because the request-id header name is configured.
-_HOST, _CL, _XFF, _VIA, _EXPECT, _RID, _HOP, _DROP = 1, 2, 3, 4, 5, 6, 7, 8
-
-
-def header_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) -> dict[bytes, int]:
-    """Lower-cased request header name -> what on_header does with it; absent: copy it."""
-    kinds = dict.fromkeys(HOP_BY_HOP, _HOP) | dict.fromkeys(replaced, _DROP)
-    kinds |= {b"host": _HOST, b"content-length": _CL, b"via": _VIA, b"expect": _EXPECT}
-    if xff_mode != "off":
-        kinds[b"x-forwarded-for"] = _XFF
-    if request_id:
-        kinds[request_id] = _RID
-    return kinds
-
-
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class Request:
-    """One parsed request and its body, held so that it can be sent (again) to an upstream."""
-
-    __slots__ = (
-        "body_bytes",
-        "chunked",
-        "chunks",
-        "complete",
-        "conn_tokens",
-        "content_length",
-        "expect_continue",
-        "has_body",
-        "head",
-        "head_size",
-        "headers",
-        "held",
-        "host_count",
-        "http10",
-        "keep_alive",
-        "method",
-        "replayable",
-        "request_id",
-        "sent",
-        "sink",
-        "started",
-        "te",
-        "upgrade",
-        "url",
-        "via",
-        "xff",
-    )
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.method = b""
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
-        self.host_count = 0
-        self.content_length: bytes | None = None
-        self.te = b""
-        self.conn_tokens: list[bytes] = []
-        self.upgrade = b""
-        self.xff = b""
-        self.via = b""
-        self.request_id = ""
-        self.expect_continue = False
-        self.http10 = False
-        self.keep_alive = True
-        self.chunked = False
-        self.head = b""
-        # Body bytes as they go upstream (already chunk-framed when chunked), from the first
-        # byte not yet known to be unneeded: `sent` of them reached the current upstream.
-        self.chunks: list[bytes] = []
-        self.held = 0
-        self.sent = 0
-        self.body_bytes = 0
-        self.replayable = True
-        self.complete = False
-        self.has_body = False
-        self.sink: UpstreamConnection | None = None
-
-    @property
-    def unsent(self) -> int:
-        return self.held if self.sink is None else 0
-
-    def add_body(self, data: bytes, retry_limit: int) -> None:
-        self.chunks.append(data)
-        self.held += len(data)
-        sink = self.sink
-        if sink is not None:
-            sink.write(data)
-            self.sent = len(self.chunks)
-            if self.held > retry_limit:
-                self._drop_sent()
-
-    def attach(self, sink: UpstreamConnection, retry_limit: int) -> None:
-        """Send the head and every held body byte to a new upstream; stream the rest to it."""
-        self.sink = sink
-        if self.chunks:
-            sink.transport.writelines([self.head, *self.chunks])  # type: ignore[union-attr]
-            self.sent = len(self.chunks)
-            if self.held > retry_limit:
-                self._drop_sent()
-        else:
-            sink.write(self.head)
-
-    def detach(self) -> None:
-        self.sink = None
-        self.sent = 0
-
-    def _drop_sent(self) -> None:
-        """Past `retry_body_bytes` the sent part of the body is let go: no replay after this."""
-        del self.chunks[: self.sent]
-        self.held = sum(len(c) for c in self.chunks)
-        self.sent = 0
-        self.replayable = False
-
-    @property
-    def path(self) -> str:
-        return self.url.decode("latin-1")
-
-    def log_fields(self) -> dict[str, Any]:
-        """The fields every log event about this request starts with."""
-        return {
-            "request_id": self.request_id or None,
-            "method": self.method.decode("latin-1"),
-            "path": self.url.decode("latin-1"),
-        }
-
-
-class ClientProtocol(asyncio.Protocol):
-    """One client connection."""
+class ClientConnection:
+    """One client connection: an asyncio protocol (uvloop calls its methods; no base class)."""
 
     __slots__ = (
         "active",
         "client_ip",
         "closed",
+        "ctx",
         "eof",
         "error",
         "head_raw",
@@ -188,13 +67,12 @@ class ClientProtocol(asyncio.Protocol):
         "transport",
         "tunnel",
         "upgrade_rest",
-        "worker",
         "write_paused",
     )
 
-    def __init__(self, worker: Worker, tls: bool) -> None:
-        self.worker = worker
-        self.loop = worker.loop
+    def __init__(self, ctx: WorkerContext, tls: bool) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
         self.tls = tls
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -215,22 +93,26 @@ class ClientProtocol(asyncio.Protocol):
         self.head_raw = 0
         self.tunnel: UpstreamConnection | None = None
         self.upgrade_rest = b""
-        self.timer = Timer(worker.loop, self._on_timeout)
+        self.timer = Timer(ctx.loop, self._on_timeout)
         self.timer_kind = HEAD
 
-    # -- asyncio.Protocol ---------------------------------------------------------------------
+    @property
+    def read_paused(self) -> bool:
+        return bool(self.paused)
+
+    # -- asyncio protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
-        self.worker.connection_opened(self)
-        self.timer.set(self.loop.time() + self.worker.server_cfg.header_timeout)
+        self.ctx.connection_opened(self)
+        self.timer.set(self.loop.time() + self.ctx.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.timer.close()
-        self.worker.connection_closed(self)
+        self.ctx.connection_closed(self)
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
@@ -253,7 +135,7 @@ class ClientProtocol(asyncio.Protocol):
             error = self.error or _parse_error(exc)
             self._reject(error)
             return
-        if self.in_head and self.head_raw > self.worker.server_cfg.max_header_bytes:
+        if self.in_head and self.head_raw > self.ctx.max_header_bytes:
             self._reject(BadRequest(431, "request head too large"))
 
     def eof_received(self) -> bool | None:
@@ -286,13 +168,13 @@ class ClientProtocol(asyncio.Protocol):
         self.head_raw = 0
         if self.timer_kind == IDLE:
             self.timer_kind = HEAD
-            self.timer.set(now + self.worker.server_cfg.header_timeout)
+            self.timer.set(now + self.ctx.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         req = self.req
         assert req is not None
         req.url += url
-        if len(req.url) > self.worker.server_cfg.max_uri_bytes:
+        if len(req.url) > self.ctx.max_uri_bytes:
             self._fail(BadRequest(414, "request target too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -302,28 +184,28 @@ class ClientProtocol(asyncio.Protocol):
         if b"_" in name:
             return  # as nginx: WSGI/Rack would read X_A as X-A
         lname = name.lower()
-        kind = self.worker.header_kinds.get(lname)
-        if kind is None:
+        kind = self.ctx.header_kinds.get(lname, 0)
+        if not kind:
             req.headers.append((name, value))
-        elif kind == _HOST:
+        elif kind == H_HOST:
             req.host_count += 1
             req.headers.append((name, value))
-        elif kind == _CL:
+        elif kind == H_LENGTH:
             req.content_length = value
-        elif kind == _HOP:
+        elif kind == H_HOP:
             self._hop_by_hop(req, lname, value)
-        elif kind == _RID:
+        elif kind == H_REQUEST_ID:
             req.request_id = value.decode("latin-1")
-        elif kind == _XFF:
+        elif kind == H_XFF:
             req.xff = req.xff + b", " + value if req.xff else value
-        elif kind == _VIA:
+        elif kind == H_VIA:
             req.via = req.via + b", " + value if req.via else value
-        elif kind == _EXPECT:
+        elif kind == H_EXPECT:
             if value.lower() == b"100-continue":
                 req.expect_continue = True
             else:
                 self._fail(BadRequest(417, "unsupported expectation"))
-        # _DROP: failproxy sets its own (X-Forwarded-Proto, X-Forwarded-Host)
+        # H_REPLACED: failproxy sets its own (X-Forwarded-Proto, X-Forwarded-Host)
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -343,22 +225,22 @@ class ClientProtocol(asyncio.Protocol):
         req = self.req
         assert req is not None
         req.body_bytes += len(body)
-        limit = self.worker.server_cfg.max_body_bytes
+        limit = self.ctx.max_body_bytes
         if limit and req.body_bytes > limit:
             self._fail(BadRequest(413, "request body too large"))
         if req.chunked:
             body = b"%x\r\n%b\r\n" % (len(body), body)
-        req.add_body(body, self.worker.retry_body_bytes)
+        req.add_body(body, self.ctx.retry_body_bytes)
         if req.sink is None and req.held > BUFFER_LIMIT:
             self._pause(BUFFER_FULL)
         if self.timer_kind == BODY:
-            self.timer.set(self.loop.time() + self.worker.server_cfg.body_timeout)
+            self.timer.set(self.loop.time() + self.ctx.body_timeout)
 
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
         if req.chunked:
-            req.add_body(b"0\r\n\r\n", self.worker.retry_body_bytes)
+            req.add_body(b"0\r\n\r\n", self.ctx.retry_body_bytes)
         req.complete = True
         self.req = None
         self.in_head = True
@@ -379,8 +261,8 @@ class ClientProtocol(asyncio.Protocol):
             self.timer.clear()
         else:
             self.timer_kind = BODY
-            self.timer.set(self.loop.time() + self.worker.server_cfg.body_timeout)
-        self.active = exchange = Exchange(self.worker, self, req)
+            self.timer.set(self.loop.time() + self.ctx.body_timeout)
+        self.active = exchange = Exchange(self.ctx, self, req)
         exchange.start()
 
     def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
@@ -403,14 +285,14 @@ class ClientProtocol(asyncio.Protocol):
                 self._begin(nxt)
             return
         if self.req is None:
-            if self.worker.draining:
+            if self.ctx.draining:
                 self.close()
                 return
             self.timer_kind = IDLE
-            self.timer.set(self.loop.time() + self.worker.server_cfg.keepalive_timeout)
+            self.timer.set(self.loop.time() + self.ctx.keepalive_timeout)
         else:
             self.timer_kind = HEAD
-            self.timer.set(self.req.started + self.worker.server_cfg.header_timeout)
+            self.timer.set(self.req.started + self.ctx.header_timeout)
         self._resume(BUFFER_FULL)
 
     def keep_alive_after(self, req: Request) -> bool:
@@ -418,9 +300,9 @@ class ClientProtocol(asyncio.Protocol):
         return (
             req.keep_alive
             and req.complete
-            and not self.worker.draining
+            and not self.ctx.draining
             and not self.must_close
-            and self.served + 1 < self.worker.server_cfg.keepalive_requests
+            and self.served + 1 < self.ctx.keepalive_requests
             and not self.closed
         )
 
@@ -428,14 +310,13 @@ class ClientProtocol(asyncio.Protocol):
         """Check what httptools leaves to the proxy (SPEC 8), then build the upstream head once:
         a retry re-sends the same bytes."""
         parser = self.parser
-        worker = self.worker
-        cfg = worker.server_cfg
+        ctx = self.ctx
         version = parser.get_http_version()
         if version != "1.1":
             if version != "1.0":
                 raise BadRequest(505, f"HTTP version {version} not supported")
             req.http10 = True
-        if req.head_size + len(req.url) > cfg.max_header_bytes:
+        if req.head_size + len(req.url) > ctx.max_header_bytes:
             raise BadRequest(431, "request head too large")
         req.method = method = parser.get_method()
         if method == b"CONNECT":
@@ -449,7 +330,7 @@ class ClientProtocol(asyncio.Protocol):
             framing = b"Transfer-Encoding: " + req.te + b"\r\n"
             req.has_body = True
         elif req.content_length is not None:
-            if cfg.max_body_bytes and int(req.content_length) > cfg.max_body_bytes:
+            if ctx.max_body_bytes and int(req.content_length) > ctx.max_body_bytes:
                 raise BadRequest(413, "request body too large")
             framing = b"Content-Length: " + req.content_length + b"\r\n"
             req.has_body = req.content_length != b"0"
@@ -465,9 +346,9 @@ class ClientProtocol(asyncio.Protocol):
             if tokens:
                 req.headers = [(n, v) for n, v in req.headers if n.lower() not in tokens]
         upgrade = req.upgrade if parser.should_upgrade() else b""
-        if not req.request_id and worker.rid_header:
-            req.request_id = worker.new_request_id()
-        req.head = worker.head_builder.build(
+        if not req.request_id and ctx.rid_header:
+            req.request_id = ctx.new_request_id()
+        req.head = ctx.head_builder.build(
             method,
             req.url,
             req.headers,
@@ -518,7 +399,7 @@ class ClientProtocol(asyncio.Protocol):
         """Bad input: answered in its turn, the connection closed, nothing sent upstream."""
         self.error = None
         self.transport.pause_reading()  # type: ignore[union-attr]
-        self.paused |= 16
+        self.paused |= REJECTED
         req = self.req
         self.req = None
         if req is not None and self.active is not None and self.active.req is req:
@@ -534,7 +415,7 @@ class ClientProtocol(asyncio.Protocol):
             self.queue.append(error)
 
     def _answer_error(self, error: BadRequest) -> None:
-        self.worker.log_client_error(self, error)
+        self.ctx.events.client_error(self.client_ip, error.status, error.detail)
         self.write(simple_response(error.status, error.detail, close=True))
         self.close()
 

@@ -1,4 +1,10 @@
-"""Per-worker runtime state of each upstream server: passive health, in-flight count, idle pool.
+"""A peer: one `[[upstream.server]]` as one worker sees it (nginx's word for it).
+
+It holds what the worker knows of that server: passive health, its in-flight requests from this
+worker, and its idle keep-alive connections. An exchange takes a peer's in-flight slot with
+`acquire()` and gives it back with `release()`, as nginx's peer get/free: one pair, called from
+one place in the exchange, so no path can leak a slot and leave a `max_conns` server "busy"
+forever.
 
 `fail_timeout = 0` (the default) means the server is never marked down: it is tried on every
 request. That is the point of failproxy; nginx instead benches a UNIX socket for the rest of the
@@ -8,17 +14,22 @@ second after a single EAGAIN unless `max_fails=0`.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from failproxy.config import Upstream, UpstreamConfig
 from failproxy.queue_depth import QueueProbe
 
-if TYPE_CHECKING:
-    from failproxy.upstream import UpstreamConnection
+
+class Pooled(Protocol):
+    """What the idle pool needs of a connection (upstream.UpstreamConnection)."""
+
+    def reusable(self, now: float, careful: bool) -> bool: ...
+
+    def close(self) -> None: ...
 
 
-class Server:
-    """One `[[upstream.server]]` as this worker sees it."""
+class Peer:
+    """One upstream server in one worker."""
 
     __slots__ = (
         "address",
@@ -54,13 +65,13 @@ class Server:
         self.is_unix = addr.is_unix
         self.sockaddr: str | tuple[str, int]
         if addr.is_unix:
-            self.family = socket.AF_UNIX
+            self.family = int(socket.AF_UNIX)
             self.sockaddr = addr.path
         else:
             # Resolved once, when the worker starts (as nginx does): a blocking lookup per
             # connect would stall every connection of the worker.
             info = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)[0]
-            self.family = info[0]
+            self.family = int(info[0])
             self.sockaddr = (str(info[4][0]), int(info[4][1]))
         self.fail_timeout = conf.fail_timeout
         self.max_fails = conf.max_fails
@@ -71,13 +82,33 @@ class Server:
         self.keepalive_requests = upstream.keepalive_requests
         self.keepalive_timeout = upstream.keepalive_timeout
         self.inflight = 0
-        self.spare: socket.socket | None = None  # an unconnected UNIX socket, see start_connect
+        self.spare: socket.socket | None = None  # an unconnected UNIX socket, see connect.py
         self.fails = 0
         self.first_fail = 0.0
         self.down_until = 0.0
         # Idle keep-alive connections, most recently used last (LIFO, as nginx): the warmest
         # connection is the least likely to have been closed by the upstream.
-        self.idle: list[UpstreamConnection] = []
+        self.idle: list[Pooled] = []
+
+    # -- the in-flight slot ------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        self.inflight += 1
+
+    def release(self) -> None:
+        self.inflight -= 1
+
+    def busy(self) -> bool:
+        """`max_conns`: that many requests of this worker already in flight to it."""
+        return 0 < self.max_conns <= self.inflight
+
+    def queue_full(self) -> bool:
+        """`max_queue`: that many connections already wait in its accept queue."""
+        probe = self.queue_probe
+        if probe is None:
+            return False
+        depth = probe.depth()
+        return depth is not None and depth >= self.max_queue
 
     # -- passive health (only with fail_timeout > 0) ---------------------------------------
 
@@ -104,17 +135,9 @@ class Server:
         self.down_until = 0.0
         return was_failing
 
-    def queue_full(self) -> bool:
-        """`max_queue`: that many connections already wait in its accept queue."""
-        probe = self.queue_probe
-        if probe is None:
-            return False
-        depth = probe.depth()
-        return depth is not None and depth >= self.max_queue
-
     # -- idle pool ---------------------------------------------------------------------------
 
-    def take_idle(self, now: float, careful: bool) -> UpstreamConnection | None:
+    def take_idle(self, now: float, careful: bool) -> Pooled | None:
         """The most recently used idle connection still fit to carry a request.
 
         `careful` (a request that must not be replayed) refuses connections that may be closing:
@@ -133,14 +156,14 @@ class Server:
                 return None
         return None
 
-    def put_idle(self, conn: UpstreamConnection) -> bool:
+    def put_idle(self, conn: Pooled) -> bool:
         """Keep a connection for reuse; False when the pool is full (the caller closes it)."""
         if len(self.idle) >= self.keepalive:
             return False
         self.idle.append(conn)
         return True
 
-    def forget_idle(self, conn: UpstreamConnection) -> None:
+    def forget_idle(self, conn: Pooled) -> None:
         try:
             self.idle.remove(conn)
         except ValueError:
@@ -154,5 +177,5 @@ class Server:
             self.spare = None
 
 
-def build_servers(upstream: UpstreamConfig) -> list[Server]:
-    return [Server(i, s, upstream) for i, s in enumerate(upstream.servers)]
+def build_peers(upstream: UpstreamConfig) -> list[Peer]:
+    return [Peer(i, s, upstream) for i, s in enumerate(upstream.servers)]

@@ -1,0 +1,124 @@
+"""What every connection of a worker shares: settings read once from the config, the peers in
+order, the events, the request-id source, and whether the worker is draining.
+
+The config is read into plain attributes here once, so the hot path never walks the config's
+dataclasses. This module sits under the client connection and the exchange: what it needs from
+the worker above it (pausing and resuming accept) it declares as `AcceptControl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Protocol
+
+from failproxy import policy
+from failproxy.config import Config
+from failproxy.events import Events
+from failproxy.headers import RequestHeadBuilder, header_kinds
+from failproxy.metrics import WorkerMetrics
+from failproxy.peer import Peer, build_peers
+
+
+class Connection(Protocol):
+    """A client connection, as the worker stops it (downstream.ClientConnection)."""
+
+    def drain(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class WorkerHooks(Protocol):
+    """What the connections' comings and goings tell the worker (worker.Worker)."""
+
+    def pause_accepting(self) -> None:
+        """`max_connections` are open: accept waits."""
+
+    def resume_accepting(self) -> None: ...
+
+    def drained(self) -> None:
+        """Draining, and the last connection closed."""
+
+
+class WorkerContext:
+    """Per-process state shared by every connection (one instance per worker)."""
+
+    def __init__(
+        self, cfg: Config, metrics: WorkerMetrics, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.cfg = cfg
+        self.loop = loop
+        server = cfg.server
+        up = cfg.upstream
+        # -- the client side
+        self.header_timeout = server.header_timeout
+        self.body_timeout = server.body_timeout
+        self.keepalive_timeout = server.keepalive_timeout
+        self.keepalive_requests = server.keepalive_requests
+        self.max_header_bytes = server.max_header_bytes
+        self.max_uri_bytes = server.max_uri_bytes
+        self.max_body_bytes = server.max_body_bytes
+        self.max_connections = server.max_connections
+        self.head_builder = RequestHeadBuilder(cfg.headers)
+        self.rid_header = self.head_builder.request_id_header
+        replaced = set()
+        if cfg.headers.x_forwarded_proto:
+            replaced.add(b"x-forwarded-proto")
+        if cfg.headers.x_forwarded_host:
+            replaced.add(b"x-forwarded-host")
+        self.header_kinds = header_kinds(
+            self.rid_header, cfg.headers.x_forwarded_for, frozenset(replaced)
+        )
+        self.upstream_header = cfg.headers.upstream_header
+        # -- the walk
+        self.peers: list[Peer] = build_peers(up)
+        by_address = {p.address: p for p in self.peers}
+        ordered = policy.server_order(up.servers, up.self)
+        self.order: list[Peer] = [by_address[s.address.text] for s in ordered]
+        self.retry_on = policy.expand_retry_on(up.retry_on)
+        self.tries = up.tries
+        self.retry_timeout = up.retry_timeout
+        self.retry_non_idempotent = up.retry_non_idempotent
+        self.retry_body_bytes = up.retry_body_bytes
+        self.connect_timeout = up.connect_timeout
+        self.read_timeout = up.read_timeout
+        self.send_timeout = up.send_timeout
+        # -- events, state
+        self.events = Events(
+            metrics,
+            access=cfg.log.access and cfg.log.level in ("debug", "info"),
+            first=self.order[0] if self.order else None,
+        )
+        self.draining = False
+        self.connections: set[Connection] = set()
+        self.hooks: WorkerHooks | None = None
+        self._accept_paused = False
+        self._rid_prefix = os.urandom(8).hex()
+        self._rid_counter = 0
+
+    def new_request_id(self) -> str:
+        """32 hex digits, unique without a syscall: a random per-process prefix and a counter
+        (os.urandom per request would cost a getrandom() call each)."""
+        self._rid_counter += 1
+        return f"{self._rid_prefix}{self._rid_counter:016x}"
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def connection_opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.events.connection_opened()
+        if len(self.connections) >= self.max_connections and not self._accept_paused:
+            self._accept_paused = True
+            if self.hooks is not None:
+                self.hooks.pause_accepting()
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.events.connection_closed()
+        hooks = self.hooks
+        if self._accept_paused and len(self.connections) < self.max_connections:
+            self._accept_paused = False
+            if hooks is not None and not self.draining:
+                hooks.resume_accepting()
+        if self.draining and not self.connections and hooks is not None:
+            hooks.drained()

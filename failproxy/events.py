@@ -1,0 +1,209 @@
+"""Where every SPEC 5 event of a worker is emitted, together with its metric.
+
+One call per event does both, so silencing a log line (level, `log.access = false`) never drops
+a counter, and a reader finds where a failover is logged and counted in one place. The hot
+events (`request`, `failover`) go through `logs.event_logger`, which renders straight to JSON;
+the rare ones go through structlog.
+
+What an event needs of the request and of its walk is declared below as read-only Protocols, so
+this module sits under the exchange and the client connection and never imports them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Protocol
+
+from failproxy import logs, policy
+from failproxy.metrics import WorkerMetrics
+from failproxy.peer import Peer
+
+
+class RequestView(Protocol):
+    """The parsed request, as its events need it."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def method(self) -> bytes: ...
+
+    @property
+    def url(self) -> bytes: ...
+
+
+class ExchangeView(Protocol):
+    """One request's walk, as its events need it."""
+
+    @property
+    def req(self) -> RequestView: ...
+
+    @property
+    def client_ip(self) -> str: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def tried(self) -> list[str]: ...
+
+    @property
+    def reasons(self) -> list[str]: ...
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def bytes_sent(self) -> int: ...
+
+    @property
+    def answered_by(self) -> Peer | None: ...
+
+    @property
+    def connect_ms(self) -> float | None: ...
+
+    def elapsed_ms(self) -> float: ...
+
+
+def request_fields(req: RequestView) -> dict[str, Any]:
+    """The fields every log event about a request starts with."""
+    return {
+        "request_id": req.request_id or None,
+        "method": req.method.decode("latin-1"),
+        "path": req.url.decode("latin-1"),
+    }
+
+
+class Events:
+    """This worker's log events and their metrics (SPEC 5 and 7)."""
+
+    __slots__ = ("_failover", "_first", "_request", "access", "log", "metrics")
+
+    def __init__(self, metrics: WorkerMetrics, *, access: bool, first: Peer | None) -> None:
+        self.metrics = metrics
+        self.log: Any = logs.get_logger().bind()
+        self.access = access
+        # `overflowed`: a server other than the first in order answered.
+        self._first = first
+        self._request = logs.event_logger("request", "info")
+        self._failover = logs.event_logger("failover", "warning")
+
+    # -- the walk ---------------------------------------------------------------------------
+
+    def failover(
+        self, ex: ExchangeView, src: Peer, dst: Peer, reason: str, err: int | None
+    ) -> None:
+        """Logged when decided, before the next attempt starts (SPEC 5)."""
+        self.metrics.failover(src.index, dst.index, policy.REASON_INDEX[reason])
+        req = ex.req
+        self._failover(
+            {
+                "request_id": req.request_id or None,
+                "method": req.method.decode("latin-1"),
+                "path": req.url.decode("latin-1"),
+                "from": src.address,
+                "to": dst.address,
+                "reason": reason,
+                "errno": policy.errno_name(err),
+                "attempt": ex.attempt,
+                "elapsed_ms": ex.elapsed_ms(),
+            }
+        )
+
+    def skipped(self, ex: ExchangeView, peer: Peer, now: float) -> None:
+        self.log.info(
+            "upstream_skipped",
+            request_id=ex.req.request_id or None,
+            address=peer.address,
+            until=_wall_iso(peer.down_until - now),
+        )
+
+    def exhausted(self, ex: ExchangeView, status: int) -> None:
+        self.metrics.exhausted()
+        self.log.error(
+            "upstream_exhausted",
+            **request_fields(ex.req),
+            tried=ex.tried,
+            reasons=ex.reasons,
+            status=status,
+        )
+
+    def upstream_request(self, peer: Peer) -> None:
+        """An attempt that reached a server (a connection carries the request)."""
+        self.metrics.upstream_request(peer.index)
+
+    def connected(self, peer: Peer, seconds: float) -> None:
+        self.metrics.connect_duration(peer.index, seconds)
+
+    def upstream_invalid(self, ex: ExchangeView, peer: Peer, detail: str) -> None:
+        self.log.warning(
+            "upstream_invalid", request_id=ex.req.request_id or None, address=peer.address,
+            detail=detail,
+        )
+
+    def internal_error(self, ex: ExchangeView) -> None:
+        self.log.exception("internal_error", request_id=ex.req.request_id or None)
+
+    # -- passive health ---------------------------------------------------------------------
+
+    def peer_down(self, peer: Peer) -> None:
+        self.log.warning("upstream_down", address=peer.address, fails=peer.fails)
+        self.metrics.server_state(peer.index, False, peer.fails)
+
+    def peer_up(self, peer: Peer) -> None:
+        self.log.info("upstream_up", address=peer.address, fails=0)
+        self.metrics.server_state(peer.index, True, 0)
+
+    def peer_fails(self, peer: Peer) -> None:
+        """The failure count changed without a change of state."""
+        self.metrics.server_state(peer.index, not peer.down_until, peer.fails)
+
+    # -- the client side --------------------------------------------------------------------
+
+    def client_error(self, client_ip: str, status: int, detail: str) -> None:
+        self.log.info("client_error", client=client_ip, status=status, detail=detail)
+        self.metrics.request(status, 0.0)
+
+    def request(self, ex: ExchangeView) -> None:
+        """The access-log line and the request counters, once per answered request."""
+        duration = ex.elapsed_ms()
+        status = ex.status
+        self.metrics.request(status, duration / 1000.0)
+        if not self.access:
+            return
+        req = ex.req
+        answered = ex.answered_by
+        connect_ms = ex.connect_ms
+        self._request(
+            {
+                "request_id": req.request_id or None,
+                "method": req.method.decode("latin-1"),
+                "path": req.url.decode("latin-1"),
+                "status": status,
+                "bytes_sent": ex.bytes_sent,
+                "duration_ms": duration,
+                "client": ex.client_ip,
+                "upstream": answered.address if answered is not None else None,
+                "upstreams": ex.tried,
+                "tries": ex.attempt,
+                "overflowed": answered is not None and answered is not self._first,
+                "connect_ms": round(connect_ms, 3) if connect_ms is not None else None,
+            }
+        )
+
+    def connection_opened(self) -> None:
+        self.metrics.connection_opened()
+
+    def connection_closed(self) -> None:
+        self.metrics.connection_closed()
+
+    # -- the process ------------------------------------------------------------------------
+
+    def worker_stopping(self) -> None:
+        self.log.info("worker_stopping", worker_pid=os.getpid())
+
+
+def _wall_iso(seconds_from_now: float) -> str:
+    t = time.time() + max(0.0, seconds_from_now)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
