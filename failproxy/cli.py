@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from failproxy import __version__, config
+from failproxy import __version__, config, policy
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "check":
         print("ok")
-        for line in config.describe_order(cfg):
+        for line in policy.describe_order(cfg):
             print(line)
         return 0
     from failproxy import master  # forks workers and pulls in the event loop: only for serve

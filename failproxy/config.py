@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from failproxy.reasons import REASONS, RETRY_ON_NAMES
+
 
 class ConfigError(Exception):
     """Raised by `load`; `problems` holds one line per problem, each naming its key path."""
@@ -302,8 +304,6 @@ def _array(item: Check, what: str) -> Check:
 
 
 def _retry_reason(value: Any, at: _At) -> Any:
-    from failproxy.policy import REASONS, RETRY_ON_NAMES  # policy imports this module
-
     if isinstance(value, str) and value in RETRY_ON_NAMES:
         return value
     names = ", ".join(["connect", *(r for r in REASONS if r in RETRY_ON_NAMES)])
@@ -574,17 +574,3 @@ def loads(text: str, path: str = "<string>") -> Config:
         raise ConfigError([f"{path}: invalid TOML: {e}"]) from None
     base_dir = os.path.dirname(path) if os.path.isabs(path) else ""
     return _validate(data, path, base_dir)
-
-
-def describe_order(cfg: Config) -> list[str]:
-    """The resolved server order as `failproxy check` prints it: what a request tries, in turn."""
-    from failproxy.policy import server_order  # policy imports this module
-
-    self_address = cfg.upstream.self
-    lines = []
-    for n, server in enumerate(server_order(cfg.upstream.servers, self_address), 1):
-        role = "backup" if server.backup else "primary"
-        if server.address == self_address:
-            role += ", self: tried last" if server.backup else ", self"
-        lines.append(f"{n}. {server.address.text} ({role})")
-    return lines

@@ -6,7 +6,7 @@ are single instructions, so the master reads live slots while workers write them
 master reaps a worker it folds the slot's final values into a `Totals` keyed by upstream
 address text, so every counter stays monotonic across worker restarts, TTIN/TTOU and reloads
 that change the server list. Server indexes on the hot path are positions in
-`config.upstream.servers`; reasons are positions in `policy.REASONS`.
+`config.upstream.servers`; reasons are positions in `reasons.REASONS`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from failproxy.policy import REASONS
+from failproxy.reasons import REASONS
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0)

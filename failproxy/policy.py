@@ -8,32 +8,16 @@ from __future__ import annotations
 import errno as _errno
 from collections.abc import Sequence
 
-from failproxy.config import Address, Upstream
-
-# Every failed attempt has exactly one of these reasons (SPEC 4.1), in this fixed order:
-# metrics index them by position.
-REASONS: tuple[str, ...] = (
-    "overloaded",
-    "refused",
-    "missing",
-    "connect_timeout",
-    "unreachable",
-    "busy",
-    "queue_full",
-    "reset",
-    "timeout",
-    "http_502",
-    "http_503",
-    "http_504",
+from failproxy.config import Address, Config, Upstream
+from failproxy.reasons import (
+    CONNECT_REASONS,
+    REASON_INDEX,
+    REASONS,
+    RETRY_ON_NAMES,
+    SENT_REASONS,
 )
-REASON_INDEX = {reason: i for i, reason in enumerate(REASONS)}
 
-# Reasons where nothing was sent: always safe to move on (when listed in retry_on).
-CONNECT_REASONS = frozenset(REASONS[:7])
-# Reasons that happen after bytes may have reached the upstream.
-SENT_REASONS = frozenset(REASONS[7:])
-# What `retry_on` may name.
-RETRY_ON_NAMES = frozenset({"connect", *SENT_REASONS})
+__all__ = ["CONNECT_REASONS", "REASONS", "REASON_INDEX", "RETRY_ON_NAMES", "SENT_REASONS"]
 
 # RFC 9110 9.2.2 idempotent methods (CONNECT is never proxied).
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -133,3 +117,15 @@ def walk_limit_reached(attempts: int, tries: int, elapsed: float, retry_timeout:
     if tries and attempts >= tries:
         return True
     return bool(retry_timeout and elapsed >= retry_timeout)
+
+
+def describe_order(cfg: Config) -> list[str]:
+    """The resolved server order as `failproxy check` prints it: what a request tries, in turn."""
+    self_address = cfg.upstream.self
+    lines = []
+    for n, server in enumerate(server_order(cfg.upstream.servers, self_address), 1):
+        role = "backup" if server.backup else "primary"
+        if server.address == self_address:
+            role += ", self: tried last" if server.backup else ", self"
+        lines.append(f"{n}. {server.address.text} ({role})")
+    return lines

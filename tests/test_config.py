@@ -16,11 +16,11 @@ from failproxy.config import (
     Address,
     Config,
     ConfigError,
-    describe_order,
     load,
     loads,
     parse_address,
 )
+from failproxy.policy import describe_order
 
 # SPEC 3's TOML block, verbatim: every key with its documented default.
 SPEC_TOML = """

@@ -1,0 +1,28 @@
+"""The reasons a failed attempt can have (SPEC 4.1), in a fixed order: metrics index them by
+position. The bottom of the package: config validates `retry_on` against these names, policy
+decides with them, metrics count by them."""
+
+from __future__ import annotations
+
+REASONS: tuple[str, ...] = (
+    "overloaded",
+    "refused",
+    "missing",
+    "connect_timeout",
+    "unreachable",
+    "busy",
+    "queue_full",
+    "reset",
+    "timeout",
+    "http_502",
+    "http_503",
+    "http_504",
+)
+REASON_INDEX = {reason: i for i, reason in enumerate(REASONS)}
+
+# Reasons where nothing was sent: always safe to move on (when listed in retry_on).
+CONNECT_REASONS = frozenset(REASONS[:7])
+# Reasons that happen after bytes may have reached the upstream.
+SENT_REASONS = frozenset(REASONS[7:])
+# What `retry_on` may name.
+RETRY_ON_NAMES = frozenset({"connect", *SENT_REASONS})
