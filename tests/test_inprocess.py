@@ -1,0 +1,157 @@
+"""Interleavings a subprocess test cannot choose, driven in-process on fake transports
+(tests/inprocess.py), with a real uvloop loop and real sockets where the exchange connects."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+from backends import TcpBlackhole
+from inprocess import RESPONSE, Harness, request
+
+from failproxy import exchange
+from failproxy.exchange import Exchange
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    uvloop.run(asyncio.wait_for(main(), 10))
+
+
+def test_client_gone_during_a_tcp_connect(tmp_path: Path) -> None:
+    """The slot is given back at once, the request is logged 499, and the connect that ends
+    later (here by its timeout) neither fails over nor writes to the gone client."""
+    hole = TcpBlackhole()
+    try:
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            toml = (f"[upstream]\nconnect_timeout = 0.3\n[[upstream.server]]\n"
+                    f'address = "{hole.address}"\n[[upstream.server]]\n'
+                    f'address = "unix:{tmp_path}/never.sock"\n')
+            h = Harness(toml, tmp_path / "log", loop)
+            first = h.ctx.order[0]
+            client, out = h.client()
+            client.data_received(request("/slow"))
+            active = client.active
+            assert active is not None and active.phase == exchange.CONNECTING
+            assert first.inflight == 1
+            client.connection_lost(None)
+            assert first.inflight == 0, "the slot outlived its client"
+            assert active.phase == exchange.DONE
+            await asyncio.sleep(0.6)  # past connect_timeout: the connect ends now
+            assert out.data() == b""
+            assert [e["status"] for e in h.events("request")] == [499]
+            assert h.events("failover") == [] and h.events("upstream_exhausted") == []
+            assert all(p.inflight == 0 for p in h.ctx.peers)
+
+        run(main)
+    finally:
+        hole.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_upstream_eof_during_a_pooled_reuse(tmp_path: Path, method: str) -> None:
+    """A pooled connection the upstream closes before any response byte: a GET is sent once
+    more on a fresh connection to the same server (no failover, one answer); a POST is never
+    replayed (SPEC 4.2): it is answered 502 and the fresh listener never sees it."""
+    path = str(tmp_path / "up.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+    listener.setblocking(False)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        h = Harness(f'[[upstream.server]]\naddress = "unix:{path}"\n', tmp_path / "log", loop)
+        peer = h.ctx.peers[0]
+        pooled, upstream_out = h.pooled(peer)
+        client, out = h.client()
+        body = "Content-Length: 3\r\n" if method == "POST" else ""
+        client.data_received(request("/r", method, body) + (b"abc" if body else b""))
+        assert upstream_out.data().startswith(f"{method} /r HTTP/1.1\r\n".encode())
+        pooled.connection_lost(None)  # EOF before the first response byte
+        if method == "GET":
+            fresh, _ = await loop.sock_accept(listener)
+            got = await loop.sock_recv(fresh, 65536)
+            assert got.startswith(b"GET /r HTTP/1.1\r\n")
+            await loop.sock_sendall(fresh, RESPONSE)
+            for _ in range(100):
+                if out.data().endswith(b"ok"):
+                    break
+                await asyncio.sleep(0.01)
+            assert out.data().count(b"HTTP/1.1 200 OK") == 1
+            (event,) = h.events("request")
+            assert event["status"] == 200 and event["tries"] == 1
+            fresh.close()
+        else:
+            assert out.data().startswith(b"HTTP/1.1 502 ")
+            await asyncio.sleep(0.1)
+            with pytest.raises(BlockingIOError):
+                listener.accept()  # nobody connected: the POST was not replayed
+            (event,) = h.events("request")
+            assert event["status"] == 502
+        assert h.events("failover") == []
+        assert peer.inflight == 0
+
+    try:
+        run(main)
+    finally:
+        listener.close()
+
+
+def test_pipelined_request_while_a_response_streams(tmp_path: Path) -> None:
+    """The second request waits (reading paused) until the first response is complete, then
+    goes out on the connection the first one freed; answers come in order."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        h = Harness('[[upstream.server]]\naddress = "unix:/nonexistent/up.sock"\n',
+                    tmp_path / "log", loop)
+        peer = h.ctx.peers[0]
+        pooled, upstream_out = h.pooled(peer)
+        client, out = h.client()
+        client.data_received(request("/one"))
+        assert upstream_out.take().startswith(b"GET /one ")
+        pooled.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        client.data_received(request("/two"))
+        transport = client.transport
+        assert transport is not None and not transport.reading, "a pipelined request waits"  # type: ignore[attr-defined]
+        assert upstream_out.data() == b"", "the second request went out too early"
+        pooled.data_received(b"-part")
+        assert upstream_out.take().startswith(b"GET /two "), "it did not follow"
+        assert transport.reading  # type: ignore[attr-defined]
+        pooled.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+        data = out.data()
+        assert data.index(b"first-part") < data.index(b"second")
+        assert data.count(b"HTTP/1.1 200 OK\r\n") == 2
+        assert [e["path"] for e in h.events("request")] == ["/one", "/two"]
+        assert peer.inflight == 0 and peer.idle == [pooled]
+
+    run(main)
+
+
+def test_phase_transitions_are_checked(tmp_path: Path) -> None:
+    """The exchange's phase moves only along the table; a move off it is a bug, caught."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        h = Harness('[[upstream.server]]\naddress = "unix:/nonexistent/up.sock"\n',
+                    tmp_path / "log", loop)
+        peer = h.ctx.peers[0]
+        pooled, _ = h.pooled(peer)
+        client, _ = h.client()
+        client.data_received(request())
+        active = client.active
+        assert isinstance(active, Exchange) and active.phase == exchange.WAITING
+        with pytest.raises(AssertionError, match="waiting -> new"):
+            active._enter(exchange.NEW)
+        pooled.data_received(RESPONSE)
+        assert active.phase == exchange.DONE
+        with pytest.raises(AssertionError, match="done -> relaying"):
+            active._enter(exchange.RELAYING)
+
+    run(main)
