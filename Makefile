@@ -7,12 +7,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 TEST_STAMP := $(VENV)/.stamp-test
 BENCH_STAMP := $(VENV)/.stamp-bench
+BUILD_STAMP := $(VENV)/.stamp-build
+# The hot modules are compiled by mypyc in place (setup.py); an edit makes the build stale, and
+# failproxy then runs its .py files (failproxy/_build.py) until `make build` runs again.
+SOURCES := $(wildcard failproxy/*.py) setup.py
+HAVE_CC := $(shell command -v cc >/dev/null 2>&1 && echo yes)
+# The tests that also run on the pure-Python build (what users without a compiler get).
+PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py tests/test_layers.py
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.
 DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl
 DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl
 
-.PHONY: all demo test lint typecheck pytest bench bench-full venv deb-deps clean
+.PHONY: all build demo test lint typecheck pytest pytest-pure bench bench-full venv deb-deps clean
 
 all: test
 
@@ -28,6 +35,14 @@ $(BENCH_STAMP): pyproject.toml | $(BIN)/python
 	@touch $@ $(TEST_STAMP)
 
 venv: $(TEST_STAMP)
+
+# Compile the hot modules again when a source changed (the editable install compiled them once).
+$(BUILD_STAMP): $(SOURCES) | $(TEST_STAMP)
+	$(BIN)/python setup.py -q build_ext --inplace
+	@touch failproxy/_compiled__mypyc*.so 2>/dev/null || true
+	@touch $@
+
+build: $(BUILD_STAMP)
 
 # Installs the Debian packages only when one of their commands is missing. Works as root
 # (no sudo needed) or through sudo; says what to do when neither is possible.
@@ -53,23 +68,28 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(BIN)/mypy failproxy
 
-pytest: $(TEST_STAMP) deb-deps
-	$(BIN)/pytest -q
+pytest: $(BUILD_STAMP) deb-deps
+	FAILPROXY_EXPECT_BUILD=$(if $(HAVE_CC),compiled,pure) $(BIN)/pytest -q
 
-test: $(TEST_STAMP) deb-deps
+pytest-pure: $(TEST_STAMP) deb-deps
+	FAILPROXY_PURE=1 FAILPROXY_EXPECT_BUILD=pure $(BIN)/pytest -q $(PURE_TESTS)
+
+test: $(BUILD_STAMP) deb-deps
 	$(BIN)/ruff check failproxy tests bench
 	$(BIN)/mypy failproxy
-	$(BIN)/pytest -q
+	FAILPROXY_EXPECT_BUILD=$(if $(HAVE_CC),compiled,pure) $(BIN)/pytest -q
+	FAILPROXY_PURE=1 FAILPROXY_EXPECT_BUILD=pure $(BIN)/pytest -q $(PURE_TESTS) tests/test_build.py
 
-demo: $(TEST_STAMP)
+demo: $(BUILD_STAMP)
 	$(BIN)/failproxy demo
 
-bench: $(BENCH_STAMP) deb-deps
+bench: $(BENCH_STAMP) $(BUILD_STAMP) deb-deps
 	$(BIN)/python -m bench quick
 
-bench-full: $(BENCH_STAMP) deb-deps
+bench-full: $(BENCH_STAMP) $(BUILD_STAMP) deb-deps
 	$(BIN)/python -m bench full
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out
+	rm -f failproxy/*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from failproxy import __version__, config, policy
+from failproxy import BUILD, __version__, config, policy
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -13,7 +13,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="failproxy",
         description="Per-host front proxy: the local UNIX socket first, then ordered TCP peers.",
     )
-    parser.add_argument("--version", action="version", version=f"failproxy {__version__}")
+    parser.add_argument("--version", action="version", version=f"failproxy {__version__} ({BUILD})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = commands.add_parser("serve", help="run the proxy in the foreground")
     serve.add_argument("config", metavar="CONFIG", help="TOML configuration file")

@@ -135,7 +135,7 @@ def test_serve_invalid_config_exits_1_without_serving(invalid: Path) -> None:
 def test_version() -> None:
     result = run("--version")
     assert result.returncode == 0
-    assert result.stdout == f"failproxy {failproxy.__version__}\n"
+    assert result.stdout == f"failproxy {failproxy.__version__} ({failproxy.BUILD})\n"
 
 
 def test_version_matches_the_package_metadata() -> None:

@@ -1,0 +1,58 @@
+"""Build: the hot modules compiled by mypyc where a C compiler exists, plain Python otherwise.
+
+Everything else about the package is in pyproject.toml. `FAILPROXY_PURE_BUILD=1` skips the
+compiled build on purpose; a compiler or mypyc that fails leaves the pure-Python package (the
+same source), with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import shutil
+import sysconfig
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+BUILD = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "failproxy", "_build.py"))
+
+
+class OptionalBuildExt(build_ext):
+    """A compiled build that fails is not an install that fails: pure Python then."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # CompileError, LinkError, a missing header ...
+            print(f"warning: compiled build failed ({exc}); failproxy stays pure Python")
+            for ext in self.extensions:
+                path = self.get_ext_fullpath(ext.name)
+                if os.path.exists(path):
+                    os.remove(path)
+
+
+def _compiler_found() -> bool:
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc) is not None
+
+
+def ext_modules() -> list[Any]:
+    if os.environ.get("FAILPROXY_PURE_BUILD", "") not in ("", "0") or not _compiler_found():
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print("warning: mypyc is not installed; failproxy stays pure Python")
+        return []
+    paths = [os.path.join("failproxy", f"{name}.py") for name in BUILD["COMPILED"]]
+    try:
+        return list(mypycify(paths, opt_level="3", group_name=BUILD["GROUP"]))
+    except Exception as exc:  # a module mypyc cannot compile
+        print(f"warning: mypyc failed ({exc}); failproxy stays pure Python")
+        return []
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
