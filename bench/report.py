@@ -486,6 +486,8 @@ def _seed_issue4_rows(seed: dict[str, Any]) -> list[tuple[str, str, bool | None]
 
 
 def _seed(r: dict[str, Any]) -> str:
+    if "mixes" not in r:
+        return _seed_legacy(r)
     p = r["params"]
     base = p.get("baseline") or {}
     out = [
@@ -532,7 +534,8 @@ def _seed(r: dict[str, Any]) -> str:
     out.append(f"![latency CDFs per mix]({PLOT_NAME})\n")
     for name, m in mixes.items():
         out.append(f"### Mix `{name}`\n")
-        out.append(f"{m['why']}. {m['rate']:g} req/s, slow action {m['slow_ms']} ms, slow "
+        why = m["why"][:1].upper() + m["why"][1:]
+        out.append(f"{why}. {m['rate']:g} req/s, slow action {m['slow_ms']} ms, slow "
                    f"share per host {', '.join(f'{s:.0%}' for s in m['slow_share_per_host'])}"
                    f"; offered {', '.join(f'{x:.0%}' for x in m['offered_load_per_host'])} "
                    "of each host's workers. Latencies in ms, medians over rounds.\n")
@@ -580,6 +583,25 @@ def _seed(r: dict[str, Any]) -> str:
     t = r.get("no_overload")
     if t:
         out.append(_seed_throughput(t))
+    return "\n".join(out)
+
+
+def _seed_legacy(r: dict[str, Any]) -> str:
+    """A result of the seed scenario from before issue 7's instrument (loads x variants)."""
+    p = r["params"]
+    out = [f"*This result predates the paired-rounds instrument (issue 7); re-run `python -m "
+           f"bench seed`.* {p['rate']:g} req/s open loop, slow {p['slow_ms']} ms, "
+           f"{p['rounds']} round(s) × {p['duration_s']:g} s.\n"]
+    for name, sc in r.get("scenarios", {}).items():
+        rows = [[v["label"], f"{v.get('ok', 0):,}/{v.get('sent', 0):,}",
+                 _errors(v.get("errors", {})), fmt(v.get("p99_ms"), 1),
+                 fmt(v.get("fast_p99_ms"), 1), _pct(v.get("overflow_share"))]
+                for v in sc.get("variants", {}).values()]
+        out.append(f"**{name}** (slow share per host {sc.get('slow_share_per_host')}):\n")
+        out.append(_table(["front", "ok / sent", "errors", "p99 ms", "fast-action p99 ms",
+                           "overflowed"], rows))
+    if r.get("no_overload"):
+        out.append(_seed_throughput(r["no_overload"]))
     return "\n".join(out)
 
 

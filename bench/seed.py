@@ -209,10 +209,10 @@ def estimate_seconds(p: Params) -> float:
         mix = MIXES[name]
         backlog = max(0.0, max(mix.offered()) - 1) * p.duration
         tail = min(p.timeout, backlog + 2 * mix.slow_ms / 1000)
-        total += p.rounds * len(p.fronts) * (p.duration + tail + 4.0)
+        total += p.rounds * len(p.fronts) * (p.duration + tail + 2.5)
     if p.throughput_duration > 0:
         total += 10 + p.rounds * (len(p.fronts) + 1) * (max(1, round(p.throughput_duration))
-                                                         + 1.5)
+                                                         + 2.5)
     return total
 
 
@@ -705,10 +705,13 @@ def _throughput(params: Params, procs: Processes, uport: int, live: list[str],
     runs: dict[str, list[dict[str, Any]]] = {}
     conns = params.wrk_conns_per_host * len(HOSTS)
     for r in range(params.rounds):
-        for name in targets:
+        # the order rotates from round to round, and each target gets a 1 s warm-up run
+        for name in targets[r % len(targets):] + targets[:r % len(targets)]:
             port = ports[name]
             script = wrk.write_script(procs.workdir / f"wrk-{name}.lua",
                                       [(ip, port) for ip in ips])
+            wrk.run(f"http://{ips[0]}:{port}/fast", script=script, duration=1.0,
+                    connections=conns, threads=len(HOSTS))
             front_cpu0 = sum(p.cpu_seconds() for p in fronts[name])
             app_cpu0 = sum(p.cpu_seconds() for p in unicorns)
             res = wrk.run(f"http://{ips[0]}:{port}/fast", script=script,
