@@ -354,24 +354,30 @@ def start_fronts(procs: Processes, front: str, front_port: int, uport: int,
     """The front `front` on every host, started together, each answering before we go on."""
     started: list[tuple[Proc, str]] = []
     logs = {}
-    for name, ip in HOSTS:
-        kind, conf, logfile = _front_config(front, name, ip, front_port, uport, socks[name],
-                                            procs.workdir, f"{tag}-{name}", workers)
-        logs[name] = logfile
-        if kind == "nginx":
-            proc = servers.start_nginx(procs, f"{tag}-{name}", conf)
-        else:
-            path = procs.workdir / f"{tag}-{name}.toml"
-            path.write_text(servers.toml_dumps(conf))
-            proc = procs.start(f"{tag}-{name}", [sys.executable, "-m", "failproxy", "serve",
-                                                 str(path)], env=env)
-        started.append((proc, ip))
-    for proc, ip in started:
-        # the probes have no X-Request-Id "bench-…": the logs' readers leave them out
-        wait_http(proc, ip, front_port, "/fast", timeout=20.0)
-    for _ in range(WARMUP_REQUESTS):  # the same few requests through every kind of front
-        for _, ip in HOSTS:
-            http_get(ip, front_port, "/fast", timeout=5.0)
+    try:
+        for name, ip in HOSTS:
+            kind, conf, logfile = _front_config(front, name, ip, front_port, uport,
+                                                socks[name], procs.workdir, f"{tag}-{name}",
+                                                workers)
+            logs[name] = logfile
+            if kind == "nginx":
+                proc = servers.start_nginx(procs, f"{tag}-{name}", conf)
+            else:
+                path = procs.workdir / f"{tag}-{name}.toml"
+                path.write_text(servers.toml_dumps(conf))
+                proc = procs.start(f"{tag}-{name}", [sys.executable, "-m", "failproxy",
+                                                     "serve", str(path)], env=env)
+            started.append((proc, ip))
+        for proc, ip in started:
+            # the probes have no X-Request-Id "bench-…": the logs' readers leave them out
+            wait_http(proc, ip, front_port, "/fast", timeout=20.0)
+        for _ in range(WARMUP_REQUESTS):  # the same few requests through every kind of front
+            for _, ip in HOSTS:
+                http_get(ip, front_port, "/fast", timeout=5.0)
+    except BaseException:
+        for proc, _ in started:
+            procs.stop(proc)
+        raise
     return Running([p for p, _ in started], logs)
 
 
