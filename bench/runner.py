@@ -2,7 +2,8 @@
 
 Modes:
     quick       every scenario, short loads (1 round; under 5 minutes on 2 cores)
-    full        every scenario, 3 interleaved rounds of 10 s loads, 10 000 idle connections
+    full        every scenario, 3 interleaved rounds of 10 s loads, 10 000 idle connections;
+                seed: issue 7's protocol, 6 mixes x 5 paired rounds x 60 s (about 2 hours)
     smoke       a few seconds: direct and failproxy throughput only (used by the test suite);
                 writes JSON only, never RESULTS.md
     throughput | failover | memory | seed
