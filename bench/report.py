@@ -43,18 +43,27 @@ def merge(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
 def _slim(name: str, result: dict[str, Any]) -> dict[str, Any]:
     result = copy.deepcopy(result)
     if name == "seed":
-        for sc in result.get("scenarios", {}).values():
-            for v in sc.get("variants", {}).values():
-                lat = v.pop("latencies_ms", [])
-                v["cdf_ms"] = [percentile(lat, q) for q in range(101)] if lat else []
+        _slim_seed(result)
     return result
+
+
+SEED_CDF_QS = [*range(100), 99.5, 99.9, 100]
+
+
+def _slim_seed(result: dict[str, Any]) -> None:
+    """Raw latency lists -> their percentiles (SEED_CDF_QS) in results.json."""
+    for mix in result.get("mixes", {}).values():
+        for f in mix.get("fronts", {}).values():
+            for cls in ("fast", "slow"):
+                lat = f.pop(f"latencies_{cls}_ms", [])
+                f[f"cdf_{cls}_ms"] = [percentile(lat, q) for q in SEED_CDF_QS] if lat else []
 
 
 # ---------------------------------------------------------------- RESULTS.md
 
 def write(path: Path, merged: dict[str, Any]) -> None:
     sc = merged["scenarios"]
-    parts = [_header(merged), _targets(sc),
+    parts = [_header(merged), _targets(sc), _seed_targets(sc),
              "Why the throughput targets are missed, and what was done about it: "
              "[PROFILE.md](PROFILE.md).\n"]
     renderers = {"throughput": _throughput, "failover": _failover, "memory": _memory,
@@ -98,7 +107,7 @@ def _header(merged: dict[str, Any]) -> str:
 def _section_head(name: str, result: dict[str, Any], runs: dict[str, Any]) -> str:
     titles = {"throughput": "Throughput and latency", "failover": "Failover cost",
               "memory": "Memory per idle client connection",
-              "seed": "The seed's experiment: 3 unicorn hosts, skewed slow actions"}
+              "seed": "The seed's experiment (issue 7): 3 unicorn hosts, mixes of slow actions"}
     run = runs.get(result.get("run_id", ""), {})
     return (f"## {titles[name]}\n\nFrom run `{result.get('run_id')}` ({run.get('size', '?')} "
             f"sizes), {result.get('elapsed_s')} s.\n")
@@ -202,58 +211,6 @@ def _memory(r: dict[str, Any]) -> str:
                       "RSS KiB after close", "still open", "note"], rows))
 
 
-def _seed(r: dict[str, Any]) -> str:
-    p = r["params"]
-    out = [
-        f"Hosts {', '.join(p['hosts'])}: each a real unicorn ({p['unicorn_workers']} workers, "
-        "UNIX socket backlog 5 + TCP backlog 1024, the Rack app in `bench/seed_app/`) behind a "
-        "front of the kind compared, 1 worker each, access log on. An open-loop client sends "
-        f"{p['rate']:g} requests/s for {p['duration_s']:g} s (× {p['rounds']} round(s)), "
-        "round-robin over the three fronts, each request on a new connection; a slow request "
-        f"sleeps {p['slow_ms']} ms in the app. Latency is counted from each request's "
-        f"scheduled start (no coordinated omission) and over successful (200) responses; "
-        f"a request may take at most {p['timeout_s']:g} s. *Overflowed* = answered by another "
-        "host than the front's (the app's `X-Served-By`).",
-        "",
-        f"![latency CDFs]({PLOT_NAME})",
-        "",
-    ]
-    titles = {"skewed": "Skewed: slow actions on host1 only (the cluster has spare capacity)",
-              "capacity": "At capacity: slow actions on every host (no failover can help)"}
-    for name, sc in r["scenarios"].items():
-        load = ", ".join(f"{x:.0%}" for x in sc["offered_slow_load_per_host"])
-        out.append(f"### {titles.get(name, name)}\n")
-        out.append(f"Slow share of each host's requests {sc['slow_share_per_host']}; slow work "
-                   f"offered to each host = {load} of its workers' time.\n")
-        rows = []
-        for v in sc["variants"].values():
-            if v.get("error"):
-                rows.append([v["label"], "**did not start**"] + [""] * 8)
-                continue
-            rows.append([v["label"], f"{v['ok']:,}/{v['sent']:,}",
-                         _errors(v["errors"]), fmt(v["p50_ms"], 1), fmt(v["p90_ms"], 1),
-                         f"**{fmt(v['p99_ms'], 1)}**", fmt(v["max_ms"], 1),
-                         fmt(v["fast_p99_ms"], 1), f"{v['overflow_share']:.1%}"])
-        out.append(_table(["front", "ok / sent", "errors", "p50 ms", "p90 ms", "p99 ms",
-                           "max ms", "fast-action p99 ms", "overflowed"], rows))
-    t = r["no_overload"]
-    rows = [[x["label"], fmt(x["req_s"], 0), fmt(x["p50_ms"], 2), fmt(x["p99_ms"], 2),
-             _x(x["ratio_direct"]),
-             fmt(x.get("front_cpu_us_per_req"), 0) if x["label"] != t["targets"]["direct"][
-                 "label"] else "–",
-             fmt(x.get("unicorn_cpu_us_per_req"), 0), str(x["errors"])]
-            for x in t["targets"].values()]
-    out.append("### No overload: throughput through the fronts vs unicorn directly\n")
-    out.append(f"`{t['wrk']}`, fast action only; 4 connections per host never fill the UNIX "
-               "backlog. *direct* goes to unicorn's TCP ports (a new connection per request, "
-               "unicorn closes each); through a front the client keeps its connection and the "
-               "front connects over the UNIX socket. Everything shares the same CPUs. CPU "
-               "µs/request: the three fronts together, and the three unicorns together.\n")
-    out.append(_table(["target", "req/s", "p50 ms", "p99 ms", "× direct", "fronts CPU µs/req",
-                       "unicorns CPU µs/req", "errors"], rows))
-    return "\n".join(out)
-
-
 def _errors(errors: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0"
 
@@ -304,26 +261,8 @@ def _targets(sc: dict[str, Any]) -> str:
             mem["bytes_per_conn"] <= 4096)
     else:
         add("≤ 4 KB RSS per idle client connection", "not measured", None)
-    seed = sc.get("seed", {})
-    sk = seed.get("scenarios", {}).get("skewed", {}).get("variants", {})
-    f, n = sk.get("failproxy", {}), sk.get("nginx-seed", {})
-    if f.get("ok") and n.get("ok"):
-        x = f["p99_ms"] / n["p99_ms"]
-        add("seed, skewed: failproxy p99 ≤ 0.5× nginx-with-seed-config p99",
-            f"{f['p99_ms']:.1f} vs {n['p99_ms']:.1f} ms = {x:.2f}×", x <= 0.5)
-        add("seed, skewed: zero errors while the cluster has spare capacity",
-            f"{f['error_count']} errors of {f['sent']:,}", f["error_count"] == 0)
-    else:
-        add("seed experiment, failproxy vs nginx seed config", "not measured", None)
-    fm = sk.get("failproxy-maxconns", {})
-    if fm.get("ok") and n.get("ok"):
-        add("(same, failproxy with max_conns = 2)",
-            f"p99 {fm['p99_ms']:.1f} ms = {fm['p99_ms'] / n['p99_ms']:.2f}×, "
-            f"{fm['error_count']} errors", None)
-    no = seed.get("no_overload", {}).get("targets", {}).get("failproxy")
-    if no and no.get("ratio_direct") is not None:
-        add("seed, no overload: failproxy ≥ 0.95× the req/s of unicorn's TCP port directly",
-            f"{no['ratio_direct']:.2f}×", no["ratio_direct"] >= 0.95)
+    for target, measured, ok in _seed_issue4_rows(sc.get("seed", {})):
+        add(target, measured, ok)
     return ("## Targets (issue 4)\n\nEach target of the issue with the value measured by the "
             "latest run of its scenario (the tables below give the details).\n\n"
             + _table(["target", "measured", "met?"], rows))
@@ -366,47 +305,395 @@ def console_summary(doc: dict[str, Any]) -> str:
                     f"{row['bytes_per_conn']:,.0f} B per idle connection"
                     if not row.get("error") else "ERROR"))
         elif name == "seed":
-            for sname, sc in r["scenarios"].items():
-                for v, s in sc["variants"].items():
-                    lines.append(f"{name}/{sname}: {v:<19} " + (
-                        f"ok {s['ok']}/{s['sent']} p99 {s['p99_ms']:.1f} ms "
-                        f"overflowed {s['overflow_share']:.1%}" if s.get("sent") else "ERROR"))
-            for v, s in r["no_overload"]["targets"].items():
-                lines.append(f"{name}/no-overload: {v:<19} {s['req_s']:,.0f} req/s "
-                             f"({_x(s['ratio_direct'])} direct)")
+            lines += _seed_console(r, doc["scenarios"])
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- the seed experiment (issue 7)
+
+SEED_NEW, SEED_OLD, SEED_REF = "failproxy", "failproxy-old", "nginx-seed"
+
+
+def _nan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _spread(s: dict[str, Any] | None) -> str:
+    """'0.42x [0.35-0.51]' (typographic signs) from a {median, min, max} of paired ratios."""
+    if not s or _nan(s.get("median")):
+        return "–"
+    if s["min"] == s["max"]:
+        return f"{s['median']:.2f}×"
+    return f"{s['median']:.2f}× [{s['min']:.2f}–{s['max']:.2f}]"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if _nan(v) else f"{v:.1%}"
+
+
+def _dest_cell(dest: dict[str, int], host: str) -> str:
+    """'unix 1,234 · h2 100 · h3 90 · h1 (own TCP) 5' for one box's front."""
+    parts = []
+    for d, n in sorted(dest.items(), key=lambda kv: (kv[0] != "unix", kv[0])):
+        name = f"{d} (own TCP)" if d == host else d
+        parts.append(f"{name} {n:,}")
+    return " · ".join(parts) or "–"
+
+
+def _proto_note(p: dict[str, Any]) -> str:
+    if p["rounds"] >= 5 and p["duration_s"] >= 60:
+        return (f"This run follows issue 7's protocol: {p['rounds']} paired rounds of "
+                f"{p['duration_s']:g} s per mix and front.")
+    return (f"**This run is shorter than issue 7's protocol** ({p['rounds']} round(s) of "
+            f"{p['duration_s']:g} s; the protocol is ≥ 5 paired rounds of ≥ 60 s): its figures "
+            "are indicative only.")
+
+
+def seed_goals(sc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The five goal figures of issue 7, from the seed (and failover) scenarios' results:
+    one dict per row with goal, mix, target, new (failproxy), old (failproxy-old), ok."""
+    rows: list[dict[str, Any]] = []
+
+    def add(goal: str, mix: str, target: str, new: str, old: str, ok: bool | None) -> None:
+        rows.append({"goal": goal, "mix": mix, "target": target, "new": new, "old": old,
+                     "ok": ok})
+
+    seed = sc.get("seed", {})
+    mixes = seed.get("mixes", {}) if not failed(seed) and seed else {}
+    for name, m in mixes.items():
+        fr, pr = m["fronts"], m["paired"]
+        new, old = fr.get(SEED_NEW, {}), fr.get(SEED_OLD, {})
+        pn, po = pr.get(SEED_NEW, {}), pr.get(SEED_OLD, {})
+
+        def ratio_row(goal: str, target: str, key: str, limit: float) -> None:
+            s = pn.get(key)  # noqa: B023 - called at once, inside the same iteration
+            add(goal, name, target, _spread(s), _spread(po.get(key)),  # noqa: B023
+                None if not s else s["median"] <= limit)
+
+        def errors_row(goal: str) -> None:
+            add(goal, name, "0 errors", _errs(new), _errs(old),  # noqa: B023
+                None if "error_count" not in new else new["error_count"] == 0)  # noqa: B023
+
+        if m["kind"] == "skew":
+            ratio_row("1. skewed, spare capacity", "fast-action p99 ≤ 0.45× nginx-seed",
+                      "fast_p99", 0.45)
+            ratio_row("1. skewed, spare capacity", "overall p99 ≤ 0.6× nginx-seed", "p99",
+                      0.6)
+            errors_row("1. skewed, spare capacity")
+            peers = m.get("equal_peers")
+            if peers:
+                sk, (a, b) = peers["skewed"], peers["peers"]
+                tn, xn = _peer_split(new, sk, a, b)
+                to, _ = _peer_split(old, sk, a, b)
+                add("2. overflow over equal peers", name,
+                    f"{sk}'s overflow: max/min over {a}, {b} ≤ 1.5×", tn, to,
+                    None if xn is None else xn <= 1.5)
+        elif m["kind"] in ("nooverload", "light"):
+            goal = "3. no overload" if m["kind"] == "nooverload" else "3. (extra) light load"
+            add(goal, name, "< 5 % of requests leave their box",
+                _left(new), _left(old),
+                None if "left_box_share" not in new else new["left_box_share"] < 0.05)
+        elif m["kind"] == "capacity":
+            ratio_row("4. at capacity", "fast-action p99 ≤ 1.0× nginx-seed", "fast_p99", 1.0)
+            errors_row("4. at capacity")
+            ref = fr.get(SEED_REF, {})
+            ok = (None if "left_box_share" not in new or "left_box_share" not in ref
+                  else new["left_box_share"] <= ref["left_box_share"])
+            add("4. at capacity", name, "left their box ≤ nginx-seed's "
+                f"({_pct(ref.get('left_box_share'))})", _left(new), _left(old), ok)
+    tput = (seed.get("no_overload") or {}) if mixes else {}
+    if tput:
+        t = tput.get("targets", {})
+        pair = tput.get("failproxy_vs_old_req_s")
+        n, o = t.get(SEED_NEW, {}), t.get(SEED_OLD, {})
+        add("3. no overload", "wrk, fast only", "req/s ≥ the old defaults' (paired wrk rounds)",
+            f"{fmt(n.get('req_s'), 0)} req/s = {_spread(pair)} old" if pair else "–",
+            f"{fmt(o.get('req_s'), 0)} req/s", None if not pair else pair["median"] >= 1.0)
+    fo = next((r for r in sc.get("failover", {}).get("rows", [])
+               if r["proxy"] == "failproxy" and not r.get("error") and r["connections"] == 1),
+              None)
+    add("5. failover decision cost", "failover scenario", "≤ 50 µs added median (wrk -c1)",
+        f"{fo['added_p50_us']:+.0f} µs (p99 {fo['added_p99_us']:+.0f} µs)" if fo
+        else "not measured", "–", None if not fo else fo["added_p50_us"] <= 50)
+    rows.sort(key=lambda g: g["goal"][:2])  # by goal, mixes in their order (a stable sort)
+    return rows
+
+
+def _peer_split(f: dict[str, Any], skewed: str, a: str, b: str) -> tuple[str, float | None]:
+    """How the skewed box's front split its overflow between peers a and b, and max/min."""
+    d = f.get("dest", {}).get(skewed)
+    if d is None:
+        return "–", None
+    na, nb = d.get(a, 0), d.get(b, 0)
+    if not na and not nb:
+        return f"{a} 0 / {b} 0", None
+    x = max(na, nb) / min(na, nb) if min(na, nb) else math.inf
+    return f"{a} {na:,} / {b} {nb:,} = {x:.2f}×", x
+
+
+def _errs(f: dict[str, Any]) -> str:
+    if "error_count" not in f:
+        return "–"
+    return f"{f['error_count']} of {f['sent']:,}"
+
+
+def _left(f: dict[str, Any]) -> str:
+    if "left_box_share" not in f:
+        return "–"
+    return f"{f['left_box_share']:.1%} ({f['left_box']:,} of {f['ok']:,})"
+
+
+def _seed_targets(sc: dict[str, Any]) -> str:
+    seed = sc.get("seed")
+    if not seed or failed(seed) or "mixes" not in seed:
+        return ""
+    rows = [[g["goal"], f"`{g['mix']}`" if " " not in g["mix"] else g["mix"], g["target"],
+             g["new"], g["old"], "–" if g["ok"] is None else ("yes" if g["ok"] else "**no**")]
+            for g in seed_goals(sc)]
+    p = seed["params"]
+    base = p.get("baseline") or {}
+    old = (f"failproxy-old = the same config run from {base.get('path')} "
+           f"(`--baseline {base.get('spec')}`)" if base else "failproxy-old was not run")
+    return ("## Targets (issue 7)\n\n"
+            "Each goal of issue 7 with the figure the latest `seed` run measured (the seed "
+            "section below has the details), for failproxy with the defaults (this tree, "
+            f"nothing tuned) and, beside it, the old defaults ({old}). Ratios are paired: "
+            "round k of every front replays the same arrival schedule (seed k), and each "
+            "figure is the median of the per-round ratios to nginx-seed, [min–max] over the "
+            f"rounds. *Left their box* = answered by another host (`X-Served-By`). "
+            f"{_proto_note(p)}\n\n"
+            + _table(["goal", "mix", "target", "failproxy", "failproxy-old", "met?"], rows))
+
+
+def _seed_issue4_rows(seed: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """Issue 4's seed targets, from the skew100 mix and the wrk check."""
+    rows: list[tuple[str, str, bool | None]] = []
+    sk = seed.get("mixes", {}).get("skew100", {}).get("fronts", {})
+    f, n = sk.get(SEED_NEW, {}), sk.get(SEED_REF, {})
+    if f.get("ok") and n.get("ok"):
+        x = f["p99_ms"] / n["p99_ms"]
+        rows.append(("seed, skew100: failproxy p99 ≤ 0.5× nginx-with-seed-config p99",
+                     f"{f['p99_ms']:.1f} vs {n['p99_ms']:.1f} ms = {x:.2f}× (medians over "
+                     "rounds)", x <= 0.5))
+        rows.append(("seed, skew100: zero errors while the cluster has spare capacity",
+                     f"{f['error_count']} errors of {f['sent']:,}", f["error_count"] == 0))
+    else:
+        rows.append(("seed experiment, failproxy vs nginx seed config", "not measured", None))
+    no = (seed.get("no_overload") or {}).get("targets", {}).get(SEED_NEW)
+    if no and no.get("ratio_direct") is not None:
+        rows.append(("seed, no overload: failproxy ≥ 0.95× the req/s of unicorn's TCP port "
+                     "directly", f"{no['ratio_direct']:.2f}×", no["ratio_direct"] >= 0.95))
+    return rows
+
+
+def _seed(r: dict[str, Any]) -> str:
+    if "mixes" not in r:
+        return _seed_legacy(r)
+    p = r["params"]
+    base = p.get("baseline") or {}
+    out = [
+        f"Hosts {', '.join(p['hosts'])}: each a real unicorn ({p['unicorn_workers']} workers, "
+        f"UNIX socket backlog {p['unix_backlog']} + TCP backlog 1024, the Rack app in "
+        f"`bench/seed_app/`) behind a front of the kind compared ({p['front_workers']} worker "
+        "each, access log on), the same kind on all three hosts. An open-loop client gives "
+        "each host's front a Poisson stream of requests (a third of the mix's rate), each on "
+        "a new connection; a slow request sleeps in the app for the mix's slow time. Latency "
+        "is counted from each request's *scheduled* send time (no coordinated omission), "
+        "over successful (200) responses; an error is any other outcome (non-200, a timeout "
+        f"after {p['timeout_s']:g} s, a connection error).",
+        "",
+        f"Paired rounds: {p['rounds']} round(s) of {p['duration_s']:g} s of arrivals per mix "
+        "and front. Round k of a mix replays the schedule drawn from seed k for every front "
+        "(same arrival times, same request classes; its digest is checked); within a round "
+        "the fronts run one after another (their order rotates from round to round), each "
+        "on freshly started fronts, with unicorn's queues drained between runs. Ratios to "
+        "nginx-seed are taken round by round and given as median [min–max]. "
+        f"{_proto_note(p)}",
+        "",
+        "Fronts: " + "; ".join(f"**{f}**" for f in p["fronts"]) + ". failproxy runs from "
+        "this tree with the defaults (only listeners, workers, servers, `self` and the log "
+        "file are set); failproxy-old runs the same config from "
+        + (f"{base.get('path')} (`--baseline {base.get('spec')}`, commit "
+           f"`{base.get('commit', '')[:12]}`)" if base else "(not run)") + ". *Left box* = "
+        "answered by another host (the app's `X-Served-By`); *overflow* = not answered "
+        "through the box's own UNIX socket, from the front's own log (failproxy's `request` "
+        "events' `upstream`, nginx's `$upstream_addr`), which also gives the split per "
+        "destination.",
+        "",
+    ]
+    mixes = r["mixes"]
+    rows = []
+    for name, m in mixes.items():
+        rows.append([f"`{name}`", fmt(m["rate"], 0), str(m["slow_ms"]),
+                     " / ".join(f"{s:.0%}" for s in m["slow_share_per_host"]),
+                     " / ".join(f"{x:.0%}" for x in m["offered_load_per_host"]),
+                     f"{m['cluster_load']:.0%}", m["why"]])
+    out.append("Mixes (offered load = slow and fast work offered to a host as a share of its "
+               f"workers' time, the fast action taken as {p['fast_ms_estimate']:g} ms):\n")
+    out.append(_table(["mix", "req/s", "slow ms", "slow share h1 / h2 / h3",
+                       "offered h1 / h2 / h3", "cluster", "why"], rows))
+    out.append(f"![latency CDFs per mix]({PLOT_NAME})\n")
+    for name, m in mixes.items():
+        out.append(f"### Mix `{name}`\n")
+        why = m["why"][:1].upper() + m["why"][1:]
+        out.append(f"{why}. {m['rate']:g} req/s, slow action {m['slow_ms']} ms, slow "
+                   f"share per host {', '.join(f'{s:.0%}' for s in m['slow_share_per_host'])}"
+                   f"; offered {', '.join(f'{x:.0%}' for x in m['offered_load_per_host'])} "
+                   "of each host's workers. Latencies in ms, medians over rounds.\n")
+        rows = []
+        for fname, f in m["fronts"].items():
+            if f.get("error") or "ok" not in f:
+                rows.append([f"**{fname}**", "**did not run**"] + [""] * 10
+                            + [_first_line(f.get("error") or "")])
+                continue
+            pr = m["paired"].get(fname, {})
+            rows.append([f"**{fname}**", f"{f['ok']:,}/{f['sent']:,}", _errors(f["errors"]),
+                         fmt(f["fast_p50_ms"], 1), f"**{fmt(f['fast_p99_ms'], 1)}**",
+                         fmt(f["slow_p50_ms"], 0), fmt(f["slow_p99_ms"], 0),
+                         fmt(f["p99_ms"], 1),
+                         "1" if fname == SEED_REF else _spread(pr.get("fast_p99")),
+                         "1" if fname == SEED_REF else _spread(pr.get("p99")),
+                         _pct(f["left_box_share"]),
+                         f"{_pct(f['overflow_share'])} ({f['overflow_fast']:,} / "
+                         f"{f['overflow_slow']:,})",
+                         "" if f.get("complete") else "**incomplete runs**"])
+        out.append(_table(["front", "ok / sent", "errors", "fast p50", "fast p99", "slow p50",
+                           "slow p99", "all p99", "fast p99 × nginx-seed",
+                           "all p99 × nginx-seed", "left box", "overflow (fast / slow)",
+                           "note"], rows))
+        hosts = [h for h in ("h1", "h2", "h3")]
+        rows = []
+        for fname, f in m["fronts"].items():
+            if "dest" not in f:
+                continue
+            reasons: dict[str, int] = {}
+            for c in f.get("failover_reasons", {}).values():
+                for k, v in c.items():
+                    reasons[k] = reasons.get(k, 0) + v
+            rows.append([f"**{fname}**"] + [_dest_cell(f["dest"].get(h, {}), h) for h in hosts]
+                        + [_errors(reasons) if reasons else "–"])
+        out.append("Where each box's front sent its requests (summed over rounds), and the "
+                   "failover events it logged by reason (failproxy only):\n")
+        out.append(_table(["front", *(f"{h}'s front" for h in hosts), "failovers"], rows))
+        lags = [f.get("client_lag_max_ms") for f in m["fronts"].values()
+                if not _nan(f.get("client_lag_max_ms"))]
+        out.append("Schedules: " + ", ".join(f"seed {k} `{d}`" for k, d in
+                                             enumerate(m["digests"]))
+                   + (f"; the client sent its requests at most {max(lags):.1f} ms late "
+                      "(that delay is inside the latencies)." if lags else ".") + "\n")
+    t = r.get("no_overload")
+    if t:
+        out.append(_seed_throughput(t))
+    return "\n".join(out)
+
+
+def _seed_legacy(r: dict[str, Any]) -> str:
+    """A result of the seed scenario from before issue 7's instrument (loads x variants)."""
+    p = r["params"]
+    out = [f"*This result predates the paired-rounds instrument (issue 7); re-run `python -m "
+           f"bench seed`.* {p['rate']:g} req/s open loop, slow {p['slow_ms']} ms, "
+           f"{p['rounds']} round(s) × {p['duration_s']:g} s.\n"]
+    for name, sc in r.get("scenarios", {}).items():
+        rows = [[v["label"], f"{v.get('ok', 0):,}/{v.get('sent', 0):,}",
+                 _errors(v.get("errors", {})), fmt(v.get("p99_ms"), 1),
+                 fmt(v.get("fast_p99_ms"), 1), _pct(v.get("overflow_share"))]
+                for v in sc.get("variants", {}).values()]
+        out.append(f"**{name}** (slow share per host {sc.get('slow_share_per_host')}):\n")
+        out.append(_table(["front", "ok / sent", "errors", "p99 ms", "fast-action p99 ms",
+                           "overflowed"], rows))
+    if r.get("no_overload"):
+        out.append(_seed_throughput(r["no_overload"]))
+    return "\n".join(out)
+
+
+def _seed_throughput(t: dict[str, Any]) -> str:
+    rows = []
+    for name, x in t["targets"].items():
+        if x.get("error"):
+            rows.append([x["label"], "**did not start**"] + [""] * 6)
+            continue
+        rows.append([x["label"], fmt(x["req_s"], 0), fmt(x["p50_ms"], 2), fmt(x["p99_ms"], 2),
+                     _x(x["ratio_direct"]),
+                     "–" if name == "direct" else fmt(x.get("front_cpu_us_per_req"), 0),
+                     fmt(x.get("unicorn_cpu_us_per_req"), 0), str(x["errors"])])
+    pair = t.get("failproxy_vs_old_req_s")
+    return ("### No overload: throughput through the fronts vs unicorn directly\n\n"
+            f"`{t['wrk']}`, fast action only; 4 connections per host never fill the UNIX "
+            "backlog. *direct* goes to unicorn's TCP ports (a new connection per request, "
+            "unicorn closes each); through a front the client keeps its connection and the "
+            "front connects over the UNIX socket. Everything shares the same CPUs. CPU "
+            "µs/request: the three fronts together, and the three unicorns together."
+            + (f" failproxy over failproxy-old, paired round by round: {_spread(pair)}."
+               if pair else "") + "\n\n"
+            + _table(["target", "req/s", "p50 ms", "p99 ms", "× direct", "fronts CPU µs/req",
+                      "unicorns CPU µs/req", "errors"], rows))
+
+
+def _seed_console(r: dict[str, Any], scenarios: dict[str, Any]) -> list[str]:
+    lines = []
+    for mname, m in r.get("mixes", {}).items():
+        for fname, f in m["fronts"].items():
+            pr = m["paired"].get(fname, {})
+            lines.append(f"seed/{mname}: {fname:<18} " + (
+                f"ok {f['ok']}/{f['sent']} err {f['error_count']}  fast p99 "
+                f"{f['fast_p99_ms']:.1f} ms ({_spread(pr.get('fast_p99'))})  all p99 "
+                f"{f['p99_ms']:.1f} ms ({_spread(pr.get('p99'))})  left box "
+                f"{f['left_box_share']:.1%}" if "ok" in f else
+                f"ERROR {_first_line(f.get('error') or 'no result')}"))
+    for name, x in (r.get("no_overload") or {}).get("targets", {}).items():
+        lines.append(f"seed/no-overload: {name:<18} " + (
+            f"{x['req_s']:,.0f} req/s ({_x(x['ratio_direct'])} direct)"
+            if "req_s" in x else "ERROR"))
+    for g in seed_goals(scenarios):
+        ok = "–" if g["ok"] is None else ("yes" if g["ok"] else "NO")
+        lines.append(f"seed goal {g['goal']} [{g['mix']}] {g['target']}: {g['new']} "
+                     f"(old {g['old']}) met: {ok}")
+    return lines
+
+
 def plot_seed(result: dict[str, Any], path: Path) -> bool:
-    """Latency CDFs of the seed experiment, one panel per load; False if matplotlib is absent."""
+    """Latency CDFs of the seed experiment, one panel per mix: fast requests solid, slow
+    ones dashed, one colour per front; False if matplotlib is absent."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    scenarios = result["scenarios"]
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 4.8),
-                             squeeze=False)
-    for ax, (name, sc) in zip(axes[0], scenarios.items(), strict=True):
-        for v in sc["variants"].values():
-            lat = v.get("latencies_ms") or []
-            if not lat:
-                continue
-            n = len(lat)
-            ys = [(i + 1) / n for i in range(n)]
-            ax.step(lat, ys, where="post", label=f"{v['label']} ({v['error_count']} errors)")
+    mixes = result.get("mixes", {})
+    if not mixes:
+        return False
+    cols = min(3, len(mixes))
+    nrows = math.ceil(len(mixes) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 4.6 * nrows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (name, m) in zip(axes.flat, mixes.items(), strict=False):
+        for i, (fname, f) in enumerate(m["fronts"].items()):
+            c = colours[i % len(colours)]
+            for cls, style in (("fast", "-"), ("slow", "--")):
+                lat = f.get(f"latencies_{cls}_ms") or []
+                if not lat:
+                    continue
+                n = len(lat)
+                ax.step(lat, [(j + 1) / n for j in range(n)], where="post", color=c,
+                        linestyle=style, linewidth=1.2,
+                        label=f"{fname} {cls} ({f.get('error_count', 0)} errors)"
+                        if cls == "fast" else f"{fname} slow")
         ax.set_xscale("log")
-        ax.set_xlabel("latency, ms (log scale; successful requests)")
+        ax.set_xlabel("latency, ms (log; successful requests)")
         ax.set_ylabel("share of requests")
-        loads = ", ".join(f"{x:.0%}" for x in sc["offered_slow_load_per_host"])
-        ax.set_title(f"{name}: slow work per host {loads}")
+        loads = "/".join(f"{x:.0%}" for x in m["offered_load_per_host"])
+        ax.set_title(f"{name}: {m['rate']:g} req/s, slow {m['slow_ms']} ms, "
+                     f"offered {loads}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in list(axes.flat)[len(mixes):]:
+        ax.set_visible(False)
     p = result["params"]
-    fig.suptitle(f"Seed experiment: 3 unicorn hosts, {p['rate']:g} req/s open loop, "
-                 f"slow = {p['slow_ms']} ms")
+    fig.suptitle(f"Seed experiment: 3 unicorn hosts x {p['unicorn_workers']} workers, open "
+                 f"loop; {p['rounds']} round(s) x {p['duration_s']:g} s per mix and front\n"
+                 "solid: fast action, dashed: slow action", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

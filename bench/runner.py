@@ -2,7 +2,8 @@
 
 Modes:
     quick       every scenario, short loads (1 round; under 5 minutes on 2 cores)
-    full        every scenario, 3 interleaved rounds of 10 s loads, 10 000 idle connections
+    full        every scenario, 3 interleaved rounds of 10 s loads, 10 000 idle connections;
+                seed: issue 7's protocol, 6 mixes x 5 paired rounds x 60 s (about 2 hours)
     smoke       a few seconds: direct and failproxy throughput only (used by the test suite);
                 writes JSON only, never RESULTS.md
     throughput | failover | memory | seed
@@ -47,13 +48,15 @@ def settings(size: str) -> dict[str, Any]:
             "throughput": throughput.Params(rounds=1, duration=3.0),
             "failover": failover.Params(rounds=1, duration=3.0),
             "memory": memory.Params(connections=2000),
-            "seed": seed.Params(rounds=1, duration=6.0, throughput_duration=3.0),
+            "seed": seed.Params(rounds=1, duration=10.0, throughput_duration=3.0,
+                                mixes=seed.QUICK_MIXES),
         }
     return {
         "throughput": throughput.Params(rounds=3, duration=10.0, warmup=1.0),
         "failover": failover.Params(rounds=3, duration=10.0),
         "memory": memory.Params(connections=10000),
-        "seed": seed.Params(rounds=3, duration=20.0, throughput_duration=10.0),
+        # issue 7's protocol: >= 5 paired rounds of >= 60 s per mix (about 2 hours)
+        "seed": seed.Params(rounds=5, duration=60.0, throughput_duration=10.0),
     }
 
 
@@ -77,9 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="free text stored with the run "
                         "(e.g. 'shared machine')")
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs (configs, logs)")
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="another failproxy checkout (e.g. the previous main) measured in "
-                        "the same run, for before/after rows")
+    group = parser.add_argument_group("seed scenario")
+    group.add_argument("--mixes", help="comma-separated mixes (default: the mode's set; all: "
+                       + ", ".join(seed.MIXES) + ")")
+    group.add_argument("--fronts", help="comma-separated fronts (default: "
+                       + ",".join(seed.DEFAULT_FRONTS) + "; all: " + ", ".join(seed.FRONTS)
+                       + ")")
+    group.add_argument("--rounds", type=int, help="paired rounds (full: 5, quick: 1)")
+    group.add_argument("--duration", type=float, help="seconds of arrivals per run "
+                       "(full: 60, quick: 10)")
+    group.add_argument("--throughput-duration", type=float, help="seconds per wrk run of the "
+                       "no-overload check (full: 10, quick: 3; 0 = skip it)")
+    group.add_argument("--baseline", help="failproxy-old's source: a tree holding failproxy/, "
+                       f"or a git revision of this repository (default {seed.BASELINE_DEFAULT}); "
+                       "given, the throughput scenario measures it too (failproxy1-base)")
     args = parser.parse_args(argv)
 
     raw_argv = sys.argv[1:] if argv is None else argv
@@ -101,9 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"run {run_id}: {command} ({size} sizes; scenarios: {', '.join(names)})")
     params = settings(size)
-    if args.baseline is not None:
-        params["throughput"] = dataclasses.replace(params["throughput"],
-                                                   baseline=args.baseline.resolve())
+    if "seed" in params:
+        try:
+            params["seed"] = seed.with_options(
+                params["seed"], mixes=args.mixes, fronts=args.fronts, rounds=args.rounds,
+                duration=args.duration, throughput_duration=args.throughput_duration,
+                baseline=args.baseline)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.baseline is not None and "throughput" in params:
+        params["throughput"] = dataclasses.replace(params["throughput"], baseline=args.baseline)
     failures = 0
     for name in names:
         log(f"== {name}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import servers, wrk
+from bench import seed, servers, wrk
 from bench.procs import Processes, StartError
 from bench.stats import median, ratio
 from bench.system import free_port, log
@@ -34,7 +34,7 @@ class Params:
                               "floor", "naive")
     # Another checkout of failproxy (e.g. the previous main) measured in the same run as
     # "failproxy1-base": before/after figures from one sitting.
-    baseline: Path | None = None
+    baseline: str | None = None  # a tree holding failproxy/, or a git revision (bench.seed)
 
 
 LABELS = {
@@ -86,6 +86,7 @@ def run(params: Params, procs: Processes) -> dict[str, Any]:
     direct = servers.Target("direct", LABELS["direct"], HOST, up_port, upstream, kind="upstream")
     targets.append(_entry(direct, "", "direct"))
     kinds = params.kinds + (("failproxy1-base",) if params.baseline else ())
+    baseline = seed.baseline_tree(params.baseline, workdir)[0] if params.baseline else None
     for log_on in params.log_sets:
         suffix = "" if log_on else "-nolog"
         for kind in kinds:
@@ -93,7 +94,7 @@ def run(params: Params, procs: Processes) -> dict[str, Any]:
                 continue  # it has no access log: one row, listed with the log-on set
             name = kind + suffix
             try:
-                t = _starter(kind, unix_path, log_on, params.baseline)(procs, name, free_port())
+                t = _starter(kind, unix_path, log_on, baseline)(procs, name, free_port())
             except (StartError, OSError) as exc:
                 log(f"  !! {name} did not start: {exc}")
                 t = servers.Target(name, "", HOST, 0, None, kind=kind, error=str(exc)[:2000])
