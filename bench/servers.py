@@ -96,7 +96,7 @@ def nginx_proxy_conf(workdir: Path, name: str, *, listen: str, upstream_servers:
     """`log_buffer`: `access_log ... buffer=64k flush=1s`, as production nginx runs it."""
     servers = "".join(f"    server {s};\n" for s in upstream_servers)
     ka = f"    keepalive {keepalive};\n" if keepalive else ""
-    buffered = " buffer=64k flush=1s" if log_buffer else ""
+    buffered = " combined buffer=64k flush=1s" if log_buffer else ""
     log = (f"  access_log {workdir}/{name}.access.log{buffered};\n" if access_log
            else "  access_log off;\n")
     proto = ('      proxy_http_version 1.1;\n      proxy_set_header Connection "";\n'

@@ -181,7 +181,7 @@ class ClientConnection:
         req = self.req
         assert req is not None
         req.head_size += len(name) + len(value) + 4
-        if b"_" in name:
+        if name.find(b"_") >= 0:
             return  # as nginx: WSGI/Rack would read X_A as X-A
         lname = name.lower()
         kind = self.ctx.header_kinds.get(lname, 0)

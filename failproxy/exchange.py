@@ -24,7 +24,7 @@ from typing import Final, Protocol, cast
 from failproxy import policy
 from failproxy.connect import start_connect, when_connected
 from failproxy.context import WorkerContext
-from failproxy.headers import BadRequest, response_head, simple_response
+from failproxy.headers import BadRequest, ResponseHead, response_tail, simple_response
 from failproxy.peer import Peer
 from failproxy.request import Request
 from failproxy.upstream import CHUNKED, CLOSE, UpstreamConnection
@@ -354,27 +354,12 @@ class Exchange:
 
     # -- events from the upstream connection ------------------------------------------------------
 
-    def on_interim(
-        self,
-        conn: UpstreamConnection,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
+    def on_interim(self, conn: UpstreamConnection, status: int, head: ResponseHead) -> None:
         """1xx before the real response: relayed to HTTP/1.1 clients (not 100: we sent our own)."""
         if status != 100 and not self.req.http10:
-            data = response_head(
-                status, reason, headers, b"", keep_alive=True, http10=False, extra=b""
-            )
-            self.client.write(data)
+            self.client.write_lines([head.kept, b"\r\n"])
 
-    def on_response_head(
-        self,
-        conn: UpstreamConnection,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
+    def on_response_head(self, conn: UpstreamConnection, status: int, head: ResponseHead) -> None:
         status_reason = policy.STATUS_REASONS.get(status)
         if status_reason is not None:
             nxt = self._next_upstream(status_reason)
@@ -403,11 +388,10 @@ class Exchange:
         self.status = status
         self.answered_by = conn.peer
         extra = conn.peer.header_line if self.ctx.upstream_header else b""
-        data = response_head(
-            status, reason, headers, framing, keep_alive=keep, http10=req.http10, extra=extra
-        )
-        self.bytes_sent += len(data)
-        self.out.append(data)
+        kept = head.kept
+        tail = response_tail(framing, keep_alive=keep, http10=req.http10, extra=extra)
+        self.bytes_sent += len(kept) + len(tail)
+        self.out += (kept, tail)
 
     def on_response_body(self, data: bytes) -> None:
         conn = self.conn

@@ -4,6 +4,10 @@ A connection carries one exchange at a time, then idles in its peer's pool. It p
 response with httptools and hands what it finds to its exchange, declared here as
 `ResponseSink`: this module sits under the exchange and never imports it.
 
+The parser is given no per-header callbacks: llhttp validates the head and frames the body,
+and the head itself is read once, raw, when it is complete (headers.scan_response_head): the
+lines to drop are cut out and the rest is relayed byte for byte, never rebuilt.
+
 httptools (llhttp) cannot be told that a response answers HEAD and has no end-of-stream call for
 close-delimited bodies; both are handled here.
 """
@@ -15,21 +19,9 @@ from typing import Protocol
 
 import httptools
 
-from failproxy.headers import HOP_BY_HOP, connection_tokens
+from failproxy.headers import InvalidResponse, ResponseHead, scan_response_head
 from failproxy.peer import Peer
 from failproxy.timer import Timer
-
-# Response headers that need more than being copied through (the rest of HOP_BY_HOP is dropped).
-_CONNECTION, _LENGTH, _TE, _KEEPALIVE, _UPGRADE, _DROP = 1, 2, 3, 4, 5, 6
-_SPECIAL = dict.fromkeys(HOP_BY_HOP, _DROP) | {
-    b"connection": _CONNECTION,
-    b"content-length": _LENGTH,
-    b"transfer-encoding": _TE,
-    b"keep-alive": _KEEPALIVE,
-    b"upgrade": _UPGRADE,
-}
-# Connection tokens that name no header to drop.
-_PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 # Response framing, as seen from the upstream.
 LENGTH, CHUNKED, CLOSE, NOBODY = 1, 2, 3, 4
@@ -41,14 +33,10 @@ class ResponseSink(Protocol):
     @property
     def head_request(self) -> bool: ...
 
-    def on_interim(
-        self, conn: UpstreamConnection, status: int, reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None: ...
+    def on_interim(self, conn: UpstreamConnection, status: int, head: ResponseHead) -> None: ...
 
     def on_response_head(
-        self, conn: UpstreamConnection, status: int, reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        self, conn: UpstreamConnection, status: int, head: ResponseHead
     ) -> None: ...
 
     def on_response_body(self, data: bytes) -> None: ...
@@ -73,16 +61,12 @@ class UpstreamConnection:
 
     __slots__ = (
         "_body_seen",
-        "_conn_tokens",
+        "_head_buf",
         "_head_only",
-        "_headers",
+        "_in_head",
         "_interim",
-        "_length",
         "_parser",
-        "_reason",
         "_status",
-        "_te",
-        "_upgrade",
         "closed",
         "exchange",
         "framing",
@@ -117,30 +101,24 @@ class UpstreamConnection:
         self.timer = Timer(loop, self._on_timer)
         self._parser = httptools.HttpResponseParser(self)
         self._status = 0
-        self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._conn_tokens: list[bytes] = []
+        # The bytes of the response head so far (from the start of the current message): read
+        # whole in on_headers_complete.
+        self._head_buf = b""
+        self._in_head = True
         self._interim = False
         self._head_only = False
         self._body_seen = False
-        self._te = b""
-        self._length: bytes | None = None
-        self._upgrade = b""
         self.framing = 0
         self.keep_alive = True
         self.got_bytes = False
 
     def _reset_response(self) -> None:
         self._status = 0
-        self._reason = b""
-        self._headers = []
-        self._conn_tokens = []
+        self._head_buf = b""
+        self._in_head = True
         self._interim = False
         self._head_only = False
         self._body_seen = False
-        self._te = b""
-        self._length = None
-        self._upgrade = b""
         self.framing = 0
         self.keep_alive = True
         self.got_bytes = False
@@ -181,6 +159,8 @@ class UpstreamConnection:
             self.close()
             return
         self.got_bytes = True
+        if self._in_head:
+            self._head_buf += data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -189,7 +169,7 @@ class UpstreamConnection:
                 offset = upgrade.args[0]
                 exchange.on_upstream_upgrade(self, data[offset:])
             return
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, InvalidResponse) as exc:
             exchange = self.exchange
             self.exchange = None
             self.close()
@@ -226,62 +206,42 @@ class UpstreamConnection:
 
     # -- httptools callbacks -------------------------------------------------------------------
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        kind = _SPECIAL.get(name.lower(), 0)
-        if not kind:
-            self._headers.append((name, value))
-        elif kind == _CONNECTION:
-            self._conn_tokens.append(value)
-        elif kind == _LENGTH:
-            self._length = value
-            self._headers.append((name, value))
-        elif kind == _TE:
-            self._te = value
-        elif kind == _KEEPALIVE:
-            self._keepalive_hint(value)
-        elif kind == _UPGRADE:
-            self._upgrade = value
-        # other hop-by-hop headers are dropped
-
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
         self._status = status
+        buf = self._head_buf
+        end = buf.find(b"\r\n\r\n") + 4
+        if end < 4:
+            raise InvalidResponse("response head without CRLF line endings")
         exchange = self.exchange
         if exchange is None:
             return
+        head = scan_response_head(buf[:end], status)
         if 100 <= status < 200 and status != 101:
+            # An interim response: the real one (or another interim) starts after its head.
             self._interim = True
-            exchange.on_interim(self, status, self._reason, self._headers)
-            self._reason = b""
-            self._headers = []
+            self._head_buf = buf[end:]
+            exchange.on_interim(self, status, head)
             return
+        self._in_head = False
+        self._head_buf = b""
         self.keep_alive = parser.should_keep_alive()
-        headers = self._headers
-        tokens = self._conn_tokens
-        if tokens and (len(tokens) > 1 or tokens[0].lower() not in _PLAIN_TOKENS):
-            drop = connection_tokens(tokens) - _PLAIN_TOKENS
-            if drop:
-                headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        if head.keepalive_hint:
+            self.keepalive_hint = head.keepalive_hint
         if status == 101:
             self.framing = NOBODY
-            headers.append((b"Upgrade", self._upgrade))
         elif exchange.head_request or status == 204 or status == 304:
             self.framing = NOBODY
             self._head_only = exchange.head_request
-        elif self._te:
-            if self._te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
-                raise httptools.HttpParserError("response Transfer-Encoding not ending in chunked")
+        elif head.chunked:
             self.framing = CHUNKED
-        elif self._length is not None:
+        elif head.content_length is not None:
             self.framing = LENGTH
         else:
             self.framing = CLOSE
             self.keep_alive = False
-        exchange.on_response_head(self, status, self._reason, headers)
+        exchange.on_response_head(self, status, head)
 
     def on_body(self, body: bytes) -> None:
         if self._interim:
@@ -322,16 +282,6 @@ class UpstreamConnection:
         self._reset_response()
         if exchange is not None:
             exchange.on_response_complete(self, reusable)
-
-    def _keepalive_hint(self, value: bytes) -> None:
-        """`Keep-Alive: timeout=N` tells when the upstream will close an idle connection."""
-        for part in value.split(b","):
-            key, _, val = part.strip().partition(b"=")
-            if key.lower() == b"timeout":
-                try:
-                    self.keepalive_hint = float(val)
-                except ValueError:
-                    pass
 
     def reusable(self, now: float, careful: bool) -> bool:
         """Fit to carry another request? `careful`: only if surely not about to be closed."""

@@ -7,10 +7,12 @@ import pytest
 from failproxy.config import HeadersConfig
 from failproxy.headers import (
     BadRequest,
+    InvalidResponse,
     RequestHeadBuilder,
     check_transfer_encoding,
     connection_tokens,
-    response_head,
+    response_tail,
+    scan_response_head,
     simple_response,
 )
 
@@ -116,16 +118,78 @@ def test_upgrade_and_framing_lines() -> None:
 @pytest.mark.parametrize(
     ("keep", "http10", "tail"),
     [
-        (True, False, b"X: y\r\n\r\n"),
+        (True, False, b"\r\n"),
         (False, False, b"Connection: close\r\n\r\n"),
         (True, True, b"Connection: keep-alive\r\n\r\n"),
         (False, True, b"Connection: close\r\n\r\n"),
     ],
 )
-def test_response_head_connection(keep: bool, http10: bool, tail: bytes) -> None:
-    head = response_head(200, b"OK", [(b"X", b"y")], b"", keep_alive=keep, http10=http10, extra=b"")
-    assert head.startswith(b"HTTP/1.1 200 OK\r\nX: y\r\n")
-    assert head.endswith(tail)
+def test_response_tail_connection(keep: bool, http10: bool, tail: bytes) -> None:
+    assert response_tail(b"", keep_alive=keep, http10=http10, extra=b"") == tail
+    framed = response_tail(b"F: 1\r\n", keep_alive=keep, http10=http10, extra=b"X: 2\r\n")
+    assert framed == b"F: 1\r\nX: 2\r\n" + tail
+
+
+NGINX = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
+         b"Content-Length: 2\r\nConnection: keep-alive\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("head", "kept"),
+    [
+        # the common case: only the hop-by-hop Connection line is cut out, the rest is as sent
+        (NGINX, b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 2\r\n"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.1 204 No Content\r\n"),
+        # every hop-by-hop header goes, whatever its case; Content-Length stays
+        (b"HTTP/1.1 200 OK\r\nKEEP-ALIVE: timeout=5\r\nA: 1\r\nproxy-connection: x\r\n"
+         b"TE: trailers\r\nTrailer: X\r\nProxy-Authenticate: Basic\r\nUpgrade: h2\r\n"
+         b"content-length: 0\r\n\r\n", b"HTTP/1.1 200 OK\r\nA: 1\r\ncontent-length: 0\r\n"),
+        # a header named by Connection is hop-by-hop too
+        (b"HTTP/1.1 200 OK\r\nConnection: X-Secret, close\r\nX-Secret: 1\r\nB: 2\r\n\r\n",
+         b"HTTP/1.1 200 OK\r\nB: 2\r\n"),
+        # names that merely start like a hop-by-hop one are kept
+        (b"HTTP/1.1 200 OK\r\nConnection-Id: 7\r\nTEA: green\r\n\r\n",
+         b"HTTP/1.1 200 OK\r\nConnection-Id: 7\r\nTEA: green\r\n"),
+        # an HTTP/1.0 upstream: the client gets an HTTP/1.1 status line
+        (b"HTTP/1.0 200 OK\r\nA: 1\r\n\r\n", b"HTTP/1.1 200 OK\r\nA: 1\r\n"),
+    ],
+)
+def test_scan_response_head_keeps_the_rest_byte_for_byte(head: bytes, kept: bytes) -> None:
+    status = int(head[9:12])
+    assert scan_response_head(head, status).kept == kept
+
+
+def test_scan_response_head_reads_framing() -> None:
+    got = scan_response_head(NGINX, 200)
+    assert (got.content_length, got.chunked, got.upgrade, got.keepalive_hint) == (b"2", False,
+                                                                                  b"", 0.0)
+    got = scan_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n"
+                             b"Keep-Alive: timeout=5, max=100\r\n\r\n", 200)
+    assert got.chunked and got.content_length is None and got.keepalive_hint == 5.0
+    switch = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+              b"Connection: upgrade\r\n\r\n")
+    got = scan_response_head(switch, 101)
+    assert got.upgrade == b"websocket"
+    assert got.kept == b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", "chunked twice"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"
+         b"\r\n", "chunked twice"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "not ending in chunked"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+         "both Content-Length and Transfer-Encoding"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n", "differing"),
+        (b"HTTP/1.1 200 OK\r\nA: 1\r\n  folded\r\n\r\n", "obs-fold"),
+    ],
+)
+def test_scan_response_head_refuses_ambiguous_framing(head: bytes, why: str) -> None:
+    with pytest.raises(InvalidResponse, match=why):
+        scan_response_head(head, 200)
 
 
 def test_simple_response_is_well_framed() -> None:
