@@ -15,10 +15,13 @@ import httptools
 from failproxy.exchange import Exchange
 from failproxy.headers import (
     HOP_BY_HOP,
+    KNOWN_HOSTS,
     BadRequest,
     check_transfer_encoding,
     connection_tokens,
     simple_response,
+    valid_host,
+    without_h2c,
 )
 from failproxy.timer import Timer
 
@@ -42,6 +45,7 @@ _HOST, _CL, _XFF, _VIA, _EXPECT, _RID, _HOP, _DROP = 1, 2, 3, 4, 5, 6, 7, 8
 def header_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) -> dict[bytes, int]:
     """Lower-cased request header name -> what on_header does with it; absent: copy it."""
     kinds = dict.fromkeys(HOP_BY_HOP, _HOP) | dict.fromkeys(replaced, _DROP)
+    kinds[b"http2-settings"] = _DROP  # h2c is never forwarded (see without_h2c)
     kinds |= {b"host": _HOST, b"content-length": _CL, b"via": _VIA, b"expect": _EXPECT}
     if xff_mode != "off":
         kinds[b"x-forwarded-for"] = _XFF
@@ -181,6 +185,7 @@ class ClientProtocol(asyncio.Protocol):
         "paused",
         "queue",
         "req",
+        "resume",
         "served",
         "timer",
         "timer_kind",
@@ -215,6 +220,7 @@ class ClientProtocol(asyncio.Protocol):
         self.head_raw = 0
         self.tunnel: UpstreamConnection | None = None
         self.upgrade_rest = b""
+        self.resume: Request | None = None  # an upgrade request llhttp stopped at, not tunnelled
         self.timer = Timer(worker.loop, self._on_timeout)
         self.timer_kind = HEAD
 
@@ -308,6 +314,8 @@ class ClientProtocol(asyncio.Protocol):
         elif kind == _HOST:
             req.host_count += 1
             req.headers.append((name, value))
+            if value not in KNOWN_HOSTS and not valid_host(value):
+                self._fail(BadRequest(400, "invalid Host"))
         elif kind == _CL:
             req.content_length = value
         elif kind == _HOP:
@@ -440,6 +448,8 @@ class ClientProtocol(asyncio.Protocol):
         req.method = method = parser.get_method()
         if method == b"CONNECT":
             raise BadRequest(501, "CONNECT is not supported")
+        url = req.url  # not origin-form, or with a "#": checked further
+        authority = _check_target(req) if url[:1] != b"/" or 35 in url else b""
         req.keep_alive = parser.should_keep_alive()
         if req.te:
             if req.http10:
@@ -457,6 +467,11 @@ class ClientProtocol(asyncio.Protocol):
             framing = b""
         if not req.http10 and req.host_count != 1:
             raise BadRequest(400, "missing Host" if not req.host_count else "repeated Host")
+        if authority:
+            # RFC 9112 3.2.2: the target's authority replaces Host.
+            headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+            headers.insert(0, (b"Host", authority))
+            req.headers = headers
         if req.conn_tokens:
             tokens = connection_tokens(req.conn_tokens)
             tokens -= {b"close", b"keep-alive", b"upgrade"}
@@ -464,7 +479,17 @@ class ClientProtocol(asyncio.Protocol):
                 raise BadRequest(400, "Connection lists a framing header")
             if tokens:
                 req.headers = [(n, v) for n, v in req.headers if n.lower() not in tokens]
-        upgrade = req.upgrade if parser.should_upgrade() else b""
+        upgrade = b""
+        if parser.should_upgrade():
+            upgrade = without_h2c(req.upgrade)
+            if not upgrade or req.has_body:
+                # llhttp stops after this head as if another protocol followed (httptools makes
+                # it skip an upgrade request's body): not tunnelled, so HTTP resumes there.
+                upgrade = b""
+                self.resume = req
+                if req.has_body:
+                    self.req = Request(req.started)  # takes llhttp's early message-complete
+        req.upgrade = upgrade  # what a 101 may name
         if not req.request_id and worker.rid_header:
             req.request_id = worker.new_request_id()
         req.head = worker.head_builder.build(
@@ -486,10 +511,32 @@ class ClientProtocol(asyncio.Protocol):
         elif lname == b"transfer-encoding":
             req.te = req.te + b", " + value if req.te else value
         elif lname == b"upgrade":
-            req.upgrade = value
+            req.upgrade = req.upgrade + b", " + value if req.upgrade else value
 
     def _on_parser_upgrade(self, rest: bytes) -> None:
-        """llhttp stopped after an `Upgrade` request: the bytes after it belong to the tunnel."""
+        """llhttp stopped after an `Upgrade` request: the bytes after it belong to the tunnel,
+        unless failproxy does not tunnel that request (`resume`): then HTTP goes on."""
+        while self.resume is not None:
+            req = self.resume
+            self.resume = None
+            if req.has_body:
+                # llhttp skipped the body: a fresh parser reads it behind a stand-in head.
+                self.req = req
+                self.in_head = False
+                self.parser = httptools.HttpRequestParser(_SkippedBody(self))
+                if req.chunked:
+                    rest = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + rest
+                else:
+                    length = int(req.content_length or 0)
+                    rest = b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n%b" % (length, rest)
+            try:
+                self.parser.feed_data(rest)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                rest = rest[upgrade.args[0] :]
+            except httptools.HttpParserError as exc:
+                self._reject(self.error or _parse_error(exc))
+                return
         self.upgrade_rest = rest
         self.must_close = True  # unless a 101 makes it a tunnel, the parser cannot go on
         self._pause(UPGRADE)
@@ -596,6 +643,72 @@ class ClientProtocol(asyncio.Protocol):
         """Graceful stop: an idle keep-alive connection closes now, a busy one after its answer."""
         if self.active is None and self.req is None and not self.queue:
             self.close()
+
+
+def _check_target(req: Request) -> bytes:
+    """A request-target other than origin-form (RFC 9112 3.2): raise BadRequest, or return the
+    authority of an absolute-form target, which is rewritten to origin form."""
+    url = req.url
+    if 35 in url:
+        raise BadRequest(400, "fragment in the request target")  # as HAProxy, Envoy
+    if url[:1] == b"/":
+        return b""
+    if url[:1] == b"*":
+        if url != b"*" or req.method != b"OPTIONS":
+            raise BadRequest(400, "asterisk-form is only for OPTIONS *")
+        return b""
+    # llhttp let no other form through: absolute-form (authority-form is CONNECT's, 501).
+    scheme, sep, rest = url.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise BadRequest(400, "request target scheme is not http or https")
+    end = len(rest)
+    for delim in (b"/", b"?"):
+        i = rest.find(delim)
+        if 0 <= i < end:
+            end = i
+    authority, path = rest[:end], rest[end:]
+    if b"@" in authority:
+        raise BadRequest(400, "userinfo in the request target")
+    if not valid_host(authority):
+        raise BadRequest(400, "invalid authority in the request target")
+    req.url = path if path[:1] == b"/" else b"/" + path
+    return authority
+
+
+class _SkippedBody:
+    """Callbacks of the parser that reads on after llhttp skipped the body of an upgrade request
+    failproxy does not tunnel: the stand-in head it is fed first is dropped, the rest goes to
+    the client protocol as usual."""
+
+    __slots__ = ("client", "head")
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.head = True
+
+    def on_message_begin(self) -> None:
+        if not self.head:
+            self.client.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.head:
+            self.client.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head:
+            self.client.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.head:
+            self.head = False
+        else:
+            self.client.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.client.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.client.on_message_complete()
 
 
 def _parse_error(exc: Exception) -> BadRequest:

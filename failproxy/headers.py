@@ -5,6 +5,8 @@ Pure functions over lists of (name, value) byte pairs, so every rule is tested w
 
 from __future__ import annotations
 
+import re
+
 from failproxy.config import HeadersConfig
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the legacy ones proxies must also drop.
@@ -24,6 +26,49 @@ HOP_BY_HOP = frozenset(
 
 # Transfer codings failproxy knows (RFC 9112 7); any other is 501.
 KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"identity"})
+
+
+# RFC 3986 host [":" port] as a Host value or an absolute-form authority: an IP-literal
+# ("[v6]" or "[vX.future]") or a non-empty reg-name (unreserved, sub-delims, %HH), then an optional
+# port of digits; trailing OWS is llhttp's (it keeps it in the value).
+_SUB = rb"A-Za-z0-9\-._~!$&'()*+,;="
+_HOST_RE = re.compile(
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[" + _SUB + rb":]+)\]"
+    rb"|(?:[" + _SUB + rb"]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?[ \t]*"
+)
+KNOWN_HOSTS: set[bytes] = set()  # values already checked: most traffic repeats a few Hosts
+_KNOWN_HOSTS_MAX = 256
+
+
+def valid_host(value: bytes) -> bool:
+    """Is `value` a valid Host field value (RFC 9112 3.2, RFC 3986 3.2.2)? Known-good values are
+    remembered (a bounded set), so the common case is one set lookup, not a regex."""
+    if value in KNOWN_HOSTS:
+        return True
+    if _HOST_RE.fullmatch(value) is None:
+        return False
+    if len(KNOWN_HOSTS) >= _KNOWN_HOSTS_MAX:
+        KNOWN_HOSTS.clear()
+    KNOWN_HOSTS.add(value)
+    return True
+
+
+def upgrade_tokens(value: bytes) -> list[bytes]:
+    """The protocols of an `Upgrade` value, as sent, without empty list elements."""
+    return [t for t in (p.strip() for p in value.split(b",")) if t]
+
+
+def without_h2c(value: bytes) -> bytes:
+    """An `Upgrade` value less h2c: cleartext HTTP/2 through a proxy tunnels past it (the upstream
+    answers 101 and the proxy would relay bytes it never parses), so HAProxy drops it too."""
+    return b", ".join(t for t in upgrade_tokens(value) if t.lower() != b"h2c")
+
+
+def upgrade_matches(answered: bytes, asked: bytes) -> bool:
+    """May a 101 naming `answered` be tunnelled for a request that asked for `asked`? Every
+    protocol it names must be one asked for (RFC 9110 7.8; names compare case-insensitively)."""
+    got = {t.lower() for t in upgrade_tokens(answered)}
+    return bool(got) and got <= {t.lower() for t in upgrade_tokens(asked)}
 
 
 class BadRequest(Exception):
@@ -161,6 +206,46 @@ def simple_response(status: int, body: str, *, close: bool, request_id: bytes = 
     return b"".join(head) + payload
 
 
+# RFC 9110 15: the status lines failproxy writes itself. As nginx, a known status code gets its
+# standard reason phrase (whatever the upstream wrote); only another code relays the upstream's.
+STATUS_LINES: dict[int, bytes] = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason)
+    for code, reason in {
+        100: b"Continue", 101: b"Switching Protocols", 102: b"Processing", 103: b"Early Hints",
+        200: b"OK", 201: b"Created", 202: b"Accepted", 203: b"Non-Authoritative Information",
+        204: b"No Content", 205: b"Reset Content", 206: b"Partial Content",
+        207: b"Multi-Status", 208: b"Already Reported", 226: b"IM Used",
+        300: b"Multiple Choices", 301: b"Moved Permanently", 302: b"Found", 303: b"See Other",
+        304: b"Not Modified", 305: b"Use Proxy", 307: b"Temporary Redirect",
+        308: b"Permanent Redirect",
+        400: b"Bad Request", 401: b"Unauthorized", 402: b"Payment Required", 403: b"Forbidden",
+        404: b"Not Found", 405: b"Method Not Allowed", 406: b"Not Acceptable",
+        407: b"Proxy Authentication Required", 408: b"Request Timeout", 409: b"Conflict",
+        410: b"Gone", 411: b"Length Required", 412: b"Precondition Failed",
+        413: b"Content Too Large", 414: b"URI Too Long", 415: b"Unsupported Media Type",
+        416: b"Range Not Satisfiable", 417: b"Expectation Failed", 421: b"Misdirected Request",
+        422: b"Unprocessable Content", 423: b"Locked", 424: b"Failed Dependency",
+        425: b"Too Early", 426: b"Upgrade Required", 428: b"Precondition Required",
+        429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+        451: b"Unavailable For Legal Reasons",
+        500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+        503: b"Service Unavailable", 504: b"Gateway Timeout",
+        505: b"HTTP Version Not Supported", 506: b"Variant Also Negotiates",
+        507: b"Insufficient Storage", 508: b"Loop Detected", 510: b"Not Extended",
+        511: b"Network Authentication Required",
+    }.items()
+}
+# A reason phrase that may be relayed (RFC 9112 4: HTAB, SP, VCHAR, obs-text; llhttp lets
+# other control bytes through).
+_REASON_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+
+def valid_status(status: int, reason: bytes) -> bool:
+    """May a status line failproxy has no line of its own for be relayed? Codes outside 100-599
+    are invalid (RFC 9110 15), and so is a reason phrase with control bytes."""
+    return 100 <= status <= 599 and _REASON_RE.fullmatch(reason) is not None
+
+
 def response_head(
     status: int,
     reason: bytes,
@@ -173,7 +258,8 @@ def response_head(
 ) -> bytes:
     """The head relayed to the client: upstream headers minus hop-by-hop ones, our framing and
     connection lines. `headers` arrive already filtered; `extra` holds optional debug lines."""
-    parts = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    line = STATUS_LINES.get(status)
+    parts = [line] if line is not None else [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
     parts.append(framing)

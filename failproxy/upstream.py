@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from failproxy.headers import HOP_BY_HOP, connection_tokens
+from failproxy.headers import (
+    HOP_BY_HOP,
+    STATUS_LINES,
+    connection_tokens,
+    upgrade_matches,
+    valid_status,
+)
 from failproxy.timer import Timer
 
 if TYPE_CHECKING:
@@ -36,6 +42,8 @@ _SPECIAL = dict.fromkeys(HOP_BY_HOP, _DROP) | {
 }
 # Connection tokens that name no header to drop.
 _PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+# Connection tokens that would drop the framing itself: ambiguous framing, 502.
+_FRAMING_TOKENS = frozenset({b"content-length", b"transfer-encoding"})
 
 # Response framing, as seen from the upstream.
 LENGTH, CHUNKED, CLOSE, NOBODY = 1, 2, 3, 4
@@ -211,7 +219,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange = None
             self.close()
             if exchange is not None:
-                exchange.on_upstream_invalid(self, str(exc) or type(exc).__name__)
+                cause = exc.__context__ or exc  # a callback's own error rides as the context
+                exchange.on_upstream_invalid(self, str(cause) or type(cause).__name__)
             return
         if self._head_only and self.exchange is not None:
             # A HEAD response ends with its head: llhttp would wait for the announced body.
@@ -249,7 +258,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._length = value
             self._headers.append((name, value))
         elif kind == _TE:
-            self._te = value
+            self._te = self._te + b", " + value if self._te else value
         elif kind == _KEEPALIVE:
             self._keepalive_hint(value)
         elif kind == _UPGRADE:
@@ -263,6 +272,8 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None:
             return
+        if status not in STATUS_LINES and not valid_status(status, self._reason):
+            raise httptools.HttpParserError(f"invalid status line (status {status})")
         if 100 <= status < 200 and status != 101:
             self._interim = True
             exchange.on_interim(self, status, self._reason, self._headers)
@@ -274,17 +285,23 @@ class UpstreamConnection(asyncio.Protocol):
         tokens = self._conn_tokens
         if tokens and (len(tokens) > 1 or tokens[0].lower() not in _PLAIN_TOKENS):
             drop = connection_tokens(tokens) - _PLAIN_TOKENS
+            if drop & _FRAMING_TOKENS:
+                raise httptools.HttpParserError("Connection lists a framing header")
             if drop:
                 headers = [(n, v) for n, v in headers if n.lower() not in drop]
         if status == 101:
+            if not upgrade_matches(self._upgrade, exchange.req.upgrade):
+                raise httptools.HttpParserError("101 to a request that did not ask for it")
             self.framing = NOBODY
             headers.append((b"Upgrade", self._upgrade))
         elif exchange.head_request or status in (204, 304):
             self.framing = NOBODY
             self._head_only = exchange.head_request
         elif self._te:
-            if self._te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
-                raise httptools.HttpParserError("response Transfer-Encoding not ending in chunked")
+            # Only `chunked`, once: chunked twice is invalid (RFC 9112 6.1) and any other coding
+            # would be lost when failproxy re-frames the body for the client.
+            if self._te.strip().lower() != b"chunked":
+                raise httptools.HttpParserError("response Transfer-Encoding other than chunked")
             self.framing = CHUNKED
         elif self._length is not None:
             self.framing = LENGTH
