@@ -34,8 +34,9 @@ PIPELINE, UPSTREAM_FULL, BUFFER_FULL, UPGRADE = 1, 2, 4, 8
 # Unsent request-body bytes held (no upstream attached yet) before reading pauses.
 BUFFER_LIMIT = 65536
 
-# What the client timer is waiting for.
-IDLE, HEAD, BODY, NONE = 0, 1, 2, 3
+# What the client timer is waiting for (DRAIN: an idle connection of a stopping worker, kept
+# open a short grace in case the client is sending its next request right now).
+DRAIN, IDLE, HEAD, BODY, NONE = -1, 0, 1, 2, 3
 
 # Request headers that need more than being copied through, by lower-cased name: see
 # `header_kinds`, built once per worker because the request-id header name is configured.
@@ -232,6 +233,8 @@ class ClientProtocol(asyncio.Protocol):
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.worker.connection_opened(self)
         self.timer.set(self.loop.time() + self.worker.server_cfg.header_timeout)
+        if self.worker.draining:  # accepted just before the listener closed
+            self.drain(self.worker.idle_grace)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -290,7 +293,7 @@ class ClientProtocol(asyncio.Protocol):
         self.req = Request(now)
         self.in_head = True
         self.head_raw = 0
-        if self.timer_kind == IDLE:
+        if self.timer_kind <= IDLE:
             self.timer_kind = HEAD
             self.timer.set(now + self.worker.server_cfg.header_timeout)
 
@@ -411,8 +414,8 @@ class ClientProtocol(asyncio.Protocol):
                 self._begin(nxt)
             return
         if self.req is None:
-            if self.worker.draining:
-                self.close()
+            if self.worker.draining:  # told keep-alive before draining began
+                self.drain(self.worker.idle_grace)
                 return
             self.timer_kind = IDLE
             self.timer.set(self.loop.time() + self.worker.server_cfg.keepalive_timeout)
@@ -587,7 +590,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         kind = self.timer_kind
-        if kind == IDLE:
+        if kind <= IDLE:
             self.close()
         elif kind == HEAD:
             if self.req is None and self.head_raw == 0 and self.served:
@@ -639,10 +642,20 @@ class ClientProtocol(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
 
-    def drain(self) -> None:
-        """Graceful stop: an idle keep-alive connection closes now, a busy one after its answer."""
-        if self.active is None and self.req is None and not self.queue:
+    def drain(self, grace: float) -> None:
+        """Graceful stop: a busy connection closes after its answer (`Connection: close`). An idle
+        one stays open for `grace`: a request the client is sending at this very moment is still
+        answered (with `Connection: close`); past the grace it closes, which RFC 9112 9.3.1
+        clients survive (they retry an idempotent request on a connection closed while idle)."""
+        if self.active is not None or self.req is not None or self.queue or self.closed:
+            return
+        if grace <= 0:
             self.close()
+            return
+        self.timer_kind = DRAIN
+        deadline = self.loop.time() + grace
+        current = self.timer.deadline
+        self.timer.set(deadline if current is None else min(current, deadline))
 
 
 def _check_target(req: Request) -> bytes:

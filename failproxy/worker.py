@@ -26,6 +26,9 @@ from failproxy.metrics import WorkerMetrics
 from failproxy.state import Server, build_servers
 
 QUICK_STOP_GRACE = 1.0  # TERM/INT: in-flight requests get at most this long (SPEC 6)
+# QUIT/reload: an idle keep-alive connection stays open this long (at most shutdown_timeout) so
+# that a request its client is sending as the worker starts draining is answered, not dropped.
+IDLE_GRACE = 1.5
 
 
 class Worker:
@@ -69,6 +72,7 @@ class Worker:
         self._rid_prefix = os.urandom(8).hex()
         self._rid_counter = 0
         self.draining = False
+        self.idle_grace = 0.0  # set when draining starts
         self.connections: set[ClientProtocol] = set()
         self.servers_listening: list[asyncio.AbstractServer] = []
         self.accept_paused = False
@@ -223,21 +227,23 @@ class Worker:
 
     # -- stopping --------------------------------------------------------------------------------
 
-    def graceful_stop(self, timeout: float) -> None:
-        """Stop accepting, let in-flight requests finish (keep-alive ones get Connection: close)."""
+    def graceful_stop(self, timeout: float, idle_grace: float = IDLE_GRACE) -> None:
+        """Stop accepting, let in-flight requests finish (keep-alive ones get Connection: close);
+        idle connections are kept `idle_grace` for a request already on its way (SPEC 6 QUIT)."""
         if self.draining:
             return
         self.draining = True
+        self.idle_grace = min(idle_grace, timeout)
         self.log.info("worker_stopping", worker_pid=os.getpid())
         self._close_listening()
         for client in list(self.connections):
-            client.drain()
+            client.drain(self.idle_grace)
         if not self.connections and not self._stopped.done():
             self._stopped.set_result(None)
         self.loop.call_later(timeout, self._force_stop)
 
     def quick_stop(self) -> None:
-        self.graceful_stop(QUICK_STOP_GRACE)
+        self.graceful_stop(QUICK_STOP_GRACE, idle_grace=0.0)
 
     def _force_stop(self) -> None:
         for client in list(self.connections):
