@@ -23,7 +23,7 @@ from failproxy.peer import Peer, build_peers
 class Connection(Protocol):
     """A client connection, as the worker stops it (downstream.ClientConnection)."""
 
-    def drain(self) -> None: ...
+    def drain(self, grace: float) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -90,6 +90,7 @@ class WorkerContext:
             first=self.order[0] if self.order else None,
         )
         self.draining = False
+        self.idle_grace = 0.0  # set when draining starts: see downstream.ClientConnection.drain
         self.connections: set[Connection] = set()
         self.hooks: WorkerHooks | None = None
         self._accept_paused = False

@@ -22,10 +22,13 @@ from failproxy.headers import (
     H_REQUEST_ID,
     H_VIA,
     H_XFF,
+    KNOWN_HOSTS,
     BadRequest,
     check_transfer_encoding,
     connection_tokens,
     simple_response,
+    valid_host,
+    without_h2c,
 )
 from failproxy.request import Request
 from failproxy.timer import Timer
@@ -36,8 +39,9 @@ PIPELINE, UPSTREAM_FULL, BUFFER_FULL, UPGRADE, REJECTED = 1, 2, 4, 8, 16
 # Unsent request-body bytes held (no upstream attached yet) before reading pauses.
 BUFFER_LIMIT = 65536
 
-# What the client timer is waiting for.
-IDLE, HEAD, BODY, NONE = 0, 1, 2, 3
+# What the client timer is waiting for (DRAIN: an idle connection of a stopping worker, kept
+# open a short grace in case the client is sending its next request right now).
+DRAIN, IDLE, HEAD, BODY, NONE = -1, 0, 1, 2, 3
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -60,6 +64,7 @@ class ClientConnection:
         "paused",
         "queue",
         "req",
+        "resume",
         "served",
         "timer",
         "timer_kind",
@@ -93,6 +98,7 @@ class ClientConnection:
         self.head_raw = 0
         self.tunnel: UpstreamConnection | None = None
         self.upgrade_rest = b""
+        self.resume: Request | None = None  # an upgrade request llhttp stopped at, not tunnelled
         self.timer = Timer(ctx.loop, self._on_timeout)
         self.timer_kind = HEAD
 
@@ -108,6 +114,8 @@ class ClientConnection:
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.ctx.connection_opened(self)
         self.timer.set(self.loop.time() + self.ctx.header_timeout)
+        if self.ctx.draining:  # accepted just before the listener closed
+            self.drain(self.ctx.idle_grace)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -166,7 +174,7 @@ class ClientConnection:
         self.req = Request(now)
         self.in_head = True
         self.head_raw = 0
-        if self.timer_kind == IDLE:
+        if self.timer_kind <= IDLE:
             self.timer_kind = HEAD
             self.timer.set(now + self.ctx.header_timeout)
 
@@ -190,6 +198,8 @@ class ClientConnection:
         elif kind == H_HOST:
             req.host_count += 1
             req.headers.append((name, value))
+            if value not in KNOWN_HOSTS and not valid_host(value):
+                self._fail(BadRequest(400, "invalid Host"))
         elif kind == H_LENGTH:
             req.content_length = value
         elif kind == H_HOP:
@@ -285,8 +295,8 @@ class ClientConnection:
                 self._begin(nxt)
             return
         if self.req is None:
-            if self.ctx.draining:
-                self.close()
+            if self.ctx.draining:  # told keep-alive before draining began
+                self.drain(self.ctx.idle_grace)
                 return
             self.timer_kind = IDLE
             self.timer.set(self.loop.time() + self.ctx.keepalive_timeout)
@@ -321,6 +331,8 @@ class ClientConnection:
         req.method = method = parser.get_method()
         if method == b"CONNECT":
             raise BadRequest(501, "CONNECT is not supported")
+        url = req.url  # not origin-form, or with a "#": checked further
+        authority = _check_target(req) if url[:1] != b"/" or url.find(b"#") >= 0 else b""
         req.keep_alive = parser.should_keep_alive()
         if req.te:
             if req.http10:
@@ -338,6 +350,11 @@ class ClientConnection:
             framing = b""
         if not req.http10 and req.host_count != 1:
             raise BadRequest(400, "missing Host" if not req.host_count else "repeated Host")
+        if authority:
+            # RFC 9112 3.2.2: the target's authority replaces Host.
+            headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+            headers.insert(0, (b"Host", authority))
+            req.headers = headers
         if req.conn_tokens:
             tokens = connection_tokens(req.conn_tokens)
             tokens -= {b"close", b"keep-alive", b"upgrade"}
@@ -345,7 +362,17 @@ class ClientConnection:
                 raise BadRequest(400, "Connection lists a framing header")
             if tokens:
                 req.headers = [(n, v) for n, v in req.headers if n.lower() not in tokens]
-        upgrade = req.upgrade if parser.should_upgrade() else b""
+        upgrade = b""
+        if parser.should_upgrade():
+            upgrade = without_h2c(req.upgrade)
+            if not upgrade or req.has_body:
+                # llhttp stops after this head as if another protocol followed (httptools makes
+                # it skip an upgrade request's body): not tunnelled, so HTTP resumes there.
+                upgrade = b""
+                self.resume = req
+                if req.has_body:
+                    self.req = Request(req.started)  # takes llhttp's early message-complete
+        req.upgrade = upgrade  # what a 101 may name
         if not req.request_id and ctx.rid_header:
             req.request_id = ctx.new_request_id()
         req.head = ctx.head_builder.build(
@@ -367,10 +394,32 @@ class ClientConnection:
         elif lname == b"transfer-encoding":
             req.te = req.te + b", " + value if req.te else value
         elif lname == b"upgrade":
-            req.upgrade = value
+            req.upgrade = req.upgrade + b", " + value if req.upgrade else value
 
     def _on_parser_upgrade(self, rest: bytes) -> None:
-        """llhttp stopped after an `Upgrade` request: the bytes after it belong to the tunnel."""
+        """llhttp stopped after an `Upgrade` request: the bytes after it belong to the tunnel,
+        unless failproxy does not tunnel that request (`resume`): then HTTP goes on."""
+        while self.resume is not None:
+            req = self.resume
+            self.resume = None
+            if req.has_body:
+                # llhttp skipped the body: a fresh parser reads it behind a stand-in head.
+                self.req = req
+                self.in_head = False
+                self.parser = httptools.HttpRequestParser(_SkippedBody(self))
+                if req.chunked:
+                    rest = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + rest
+                else:
+                    length = int(req.content_length or 0)
+                    rest = b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n%b" % (length, rest)
+            try:
+                self.parser.feed_data(rest)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                rest = rest[upgrade.args[0] :]
+            except httptools.HttpParserError as exc:
+                self._reject(self.error or _parse_error(exc))
+                return
         self.upgrade_rest = rest
         self.must_close = True  # unless a 101 makes it a tunnel, the parser cannot go on
         self._pause(UPGRADE)
@@ -421,7 +470,7 @@ class ClientConnection:
 
     def _on_timeout(self) -> None:
         kind = self.timer_kind
-        if kind == IDLE:
+        if kind <= IDLE:
             self.close()
         elif kind == HEAD:
             if self.req is None and self.head_raw == 0 and self.served:
@@ -473,10 +522,86 @@ class ClientConnection:
             self.closed = True
             self.transport.abort()
 
-    def drain(self) -> None:
-        """Graceful stop: an idle keep-alive connection closes now, a busy one after its answer."""
-        if self.active is None and self.req is None and not self.queue:
+    def drain(self, grace: float) -> None:
+        """Graceful stop: a busy connection closes after its answer (`Connection: close`). An idle
+        one stays open for `grace`: a request the client is sending at this very moment is still
+        answered (with `Connection: close`); past the grace it closes, which RFC 9112 9.3.1
+        clients survive (they retry an idempotent request on a connection closed while idle)."""
+        if self.active is not None or self.req is not None or self.queue or self.closed:
+            return
+        if grace <= 0:
             self.close()
+            return
+        self.timer_kind = DRAIN
+        deadline = self.loop.time() + grace
+        current = self.timer.deadline
+        self.timer.set(deadline if current is None else min(current, deadline))
+
+
+def _check_target(req: Request) -> bytes:
+    """A request-target other than origin-form (RFC 9112 3.2): raise BadRequest, or return the
+    authority of an absolute-form target, which is rewritten to origin form."""
+    url = req.url
+    if url.find(b"#") >= 0:
+        raise BadRequest(400, "fragment in the request target")  # as HAProxy, Envoy
+    if url[:1] == b"/":
+        return b""
+    if url[:1] == b"*":
+        if url != b"*" or req.method != b"OPTIONS":
+            raise BadRequest(400, "asterisk-form is only for OPTIONS *")
+        return b""
+    # llhttp let no other form through: absolute-form (authority-form is CONNECT's, 501).
+    scheme, sep, rest = url.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise BadRequest(400, "request target scheme is not http or https")
+    end = len(rest)
+    for delim in (b"/", b"?"):
+        i = rest.find(delim)
+        if 0 <= i < end:
+            end = i
+    authority, path = rest[:end], rest[end:]
+    if authority.find(b"@") >= 0:
+        raise BadRequest(400, "userinfo in the request target")
+    if not valid_host(authority):
+        raise BadRequest(400, "invalid authority in the request target")
+    req.url = path if path[:1] == b"/" else b"/" + path
+    return authority
+
+
+class _SkippedBody:
+    """Callbacks of the parser that reads on after llhttp skipped the body of an upgrade request
+    failproxy does not tunnel: the stand-in head it is fed first is dropped, the rest goes to
+    the client connection as usual."""
+
+    __slots__ = ("client", "head")
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.head = True
+
+    def on_message_begin(self) -> None:
+        if not self.head:
+            self.client.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.head:
+            self.client.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head:
+            self.client.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.head:
+            self.head = False
+        else:
+            self.client.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.client.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.client.on_message_complete()
 
 
 def _parse_error(exc: Exception) -> BadRequest:

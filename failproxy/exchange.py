@@ -564,6 +564,10 @@ class Exchange:
     def done(self) -> bool:
         return self.phase == DONE
 
+    @property
+    def upgrade_asked(self) -> bytes:
+        return self.req.upgrade
+
     def elapsed_ms(self) -> float:
         return int((_perf() - self.started) * 1_000_000) / 1000
 

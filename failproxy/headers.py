@@ -28,6 +28,49 @@ HOP_BY_HOP = frozenset(
 KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"identity"})
 
 
+# RFC 3986 host [":" port] as a Host value or an absolute-form authority: an IP-literal
+# ("[v6]" or "[vX.future]") or a non-empty reg-name (unreserved, sub-delims, %HH), then an optional
+# port of digits; trailing OWS is llhttp's (it keeps it in the value).
+_SUB = rb"A-Za-z0-9\-._~!$&'()*+,;="
+_HOST_RE = re.compile(
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[" + _SUB + rb":]+)\]"
+    rb"|(?:[" + _SUB + rb"]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?[ \t]*"
+)
+KNOWN_HOSTS: set[bytes] = set()  # values already checked: most traffic repeats a few Hosts
+_KNOWN_HOSTS_MAX = 256
+
+
+def valid_host(value: bytes) -> bool:
+    """Is `value` a valid Host field value (RFC 9112 3.2, RFC 3986 3.2.2)? Known-good values are
+    remembered (a bounded set), so the common case is one set lookup, not a regex."""
+    if value in KNOWN_HOSTS:
+        return True
+    if _HOST_RE.fullmatch(value) is None:
+        return False
+    if len(KNOWN_HOSTS) >= _KNOWN_HOSTS_MAX:
+        KNOWN_HOSTS.clear()
+    KNOWN_HOSTS.add(value)
+    return True
+
+
+def upgrade_tokens(value: bytes) -> list[bytes]:
+    """The protocols of an `Upgrade` value, as sent, without empty list elements."""
+    return [t for t in (p.strip() for p in value.split(b",")) if t]
+
+
+def without_h2c(value: bytes) -> bytes:
+    """An `Upgrade` value less h2c: cleartext HTTP/2 through a proxy tunnels past it (the upstream
+    answers 101 and the proxy would relay bytes it never parses), so HAProxy drops it too."""
+    return b", ".join(t for t in upgrade_tokens(value) if t.lower() != b"h2c")
+
+
+def upgrade_matches(answered: bytes, asked: bytes) -> bool:
+    """May a 101 naming `answered` be tunnelled for a request that asked for `asked`? Every
+    protocol it names must be one asked for (RFC 9110 7.8; names compare case-insensitively)."""
+    got = {t.lower() for t in upgrade_tokens(answered)}
+    return bool(got) and got <= {t.lower() for t in upgrade_tokens(asked)}
+
+
 # What the client connection does with a request header, by lower-cased name (see
 # `header_kinds`); a name that is not in the table is copied through.
 H_HOST, H_LENGTH, H_XFF, H_VIA, H_EXPECT, H_REQUEST_ID, H_HOP, H_REPLACED = 1, 2, 3, 4, 5, 6, 7, 8
@@ -37,6 +80,7 @@ def header_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) -
     """Lower-cased request header name -> its H_* kind; built once per worker, because the
     request-id header name and the X-Forwarded-* settings are configured."""
     kinds = dict.fromkeys(HOP_BY_HOP, H_HOP) | dict.fromkeys(replaced, H_REPLACED)
+    kinds[b"http2-settings"] = H_REPLACED  # h2c is never forwarded (see without_h2c)
     kinds |= {b"host": H_HOST, b"content-length": H_LENGTH, b"via": H_VIA, b"expect": H_EXPECT}
     if xff_mode != "off":
         kinds[b"x-forwarded-for"] = H_XFF
@@ -180,6 +224,46 @@ def simple_response(status: int, body: str, *, close: bool, request_id: bytes = 
     return b"".join(head) + payload
 
 
+# RFC 9110 15: the status lines failproxy writes itself. As nginx, a known status code gets its
+# standard reason phrase (whatever the upstream wrote); only another code relays the upstream's.
+STATUS_LINES: dict[int, bytes] = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason)
+    for code, reason in {
+        100: b"Continue", 101: b"Switching Protocols", 102: b"Processing", 103: b"Early Hints",
+        200: b"OK", 201: b"Created", 202: b"Accepted", 203: b"Non-Authoritative Information",
+        204: b"No Content", 205: b"Reset Content", 206: b"Partial Content",
+        207: b"Multi-Status", 208: b"Already Reported", 226: b"IM Used",
+        300: b"Multiple Choices", 301: b"Moved Permanently", 302: b"Found", 303: b"See Other",
+        304: b"Not Modified", 305: b"Use Proxy", 307: b"Temporary Redirect",
+        308: b"Permanent Redirect",
+        400: b"Bad Request", 401: b"Unauthorized", 402: b"Payment Required", 403: b"Forbidden",
+        404: b"Not Found", 405: b"Method Not Allowed", 406: b"Not Acceptable",
+        407: b"Proxy Authentication Required", 408: b"Request Timeout", 409: b"Conflict",
+        410: b"Gone", 411: b"Length Required", 412: b"Precondition Failed",
+        413: b"Content Too Large", 414: b"URI Too Long", 415: b"Unsupported Media Type",
+        416: b"Range Not Satisfiable", 417: b"Expectation Failed", 421: b"Misdirected Request",
+        422: b"Unprocessable Content", 423: b"Locked", 424: b"Failed Dependency",
+        425: b"Too Early", 426: b"Upgrade Required", 428: b"Precondition Required",
+        429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+        451: b"Unavailable For Legal Reasons",
+        500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+        503: b"Service Unavailable", 504: b"Gateway Timeout",
+        505: b"HTTP Version Not Supported", 506: b"Variant Also Negotiates",
+        507: b"Insufficient Storage", 508: b"Loop Detected", 510: b"Not Extended",
+        511: b"Network Authentication Required",
+    }.items()
+}
+# A reason phrase that may be relayed (RFC 9112 4: HTAB, SP, VCHAR, obs-text; llhttp lets
+# other control bytes through).
+_REASON_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+
+def valid_status(status: int, reason: bytes) -> bool:
+    """May a status line failproxy has no line of its own for be relayed? Codes outside 100-599
+    are invalid (RFC 9110 15), and so is a reason phrase with control bytes."""
+    return 100 <= status <= 599 and _REASON_RE.fullmatch(reason) is not None
+
+
 # Response header lines that are not relayed as they are (RFC 9110 7.6.1 hop-by-hop), found in
 # one case-sensitive pass over the lower-cased raw head (measured: cheaper than a case-blind
 # regex, a `find` per name, or a Python step per line); `Content-Length` is found to frame the
@@ -189,6 +273,8 @@ _RESPONSE_SPECIAL = re.compile(
     rb"|trailer|proxy-authenticate|proxy-authorization):"
 )
 _PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+# Connection tokens that would drop the framing itself: ambiguous framing, 502.
+_FRAMING_TOKENS = frozenset({b"content-length", b"transfer-encoding"})
 
 
 class InvalidResponse(Exception):
@@ -210,18 +296,22 @@ class ResponseHead:
         self.keepalive_hint = 0.0  # the upstream's `Keep-Alive: timeout=N`, 0 when absent
 
 
-def scan_response_head(head: bytes, status: int) -> ResponseHead:
+def scan_response_head(head: bytes, status: int, upgrade_asked: bytes) -> ResponseHead:
     """Read a response head (status line + header lines + the blank line, as llhttp validated
-    it): the lines to drop are cut out, everything else is relayed byte for byte.
+    it): the lines to drop are cut out, everything else is relayed byte for byte, after a
+    status line of failproxy's own for a known status (as nginx writes them).
 
-    Raises InvalidResponse for framing a proxy must not pass on: Transfer-Encoding that does not
-    end in chunked or applies chunked twice, Content-Length beside Transfer-Encoding, differing
-    Content-Length values, an obs-fold (RFC 9112 5.2: a proxy may reject it)."""
+    Raises InvalidResponse for what a proxy must not pass on: a status outside 100-599 or a
+    reason phrase with control bytes; Transfer-Encoding other than one `chunked` (chunked twice
+    is invalid, RFC 9112 6.1, and another coding would be lost when the body is re-framed);
+    Content-Length beside Transfer-Encoding, or differing Content-Length values; Connection
+    naming a framing header; an obs-fold (RFC 9112 5.2: a proxy may reject it); a 101 naming a
+    protocol the request did not ask for (`upgrade_asked`, RFC 9110 7.8)."""
     out = ResponseHead()
     if head.find(b"\r\n ") >= 0 or head.find(b"\r\n\t") >= 0:
         raise InvalidResponse("obs-fold in a response header")
     cuts: list[tuple[int, int]] = []  # (start, end) of each line to drop, from its CRLF
-    codings: list[bytes] = []
+    te = b""
     tokens: list[bytes] = []
     for match in _RESPONSE_SPECIAL.finditer(head.lower()):
         name = match.group(1)
@@ -238,20 +328,21 @@ def scan_response_head(head: bytes, status: int) -> ResponseHead:
             if status == 101:
                 continue
         elif name == b"transfer-encoding":
-            codings += [c.strip().lower() for c in value.split(b",")]
+            te = te + b", " + value if te else value
         elif name == b"connection":
             tokens.append(value)
         elif name == b"keep-alive":
             out.keepalive_hint = _keepalive_timeout(value)
         cuts.append((at, eol))
     end = len(head) - 2  # without the blank line
-    if head.startswith(b"HTTP/1.1 "):
-        start = b""
-        pos = 0
+    pos = head.find(b"\r\n")  # the end of the status line: every cut starts at a CRLF after it
+    line = STATUS_LINES.get(status)
+    if line is not None:
+        start = line[:-2]
+    elif valid_status(status, head[13:pos]):
+        start = b"HTTP/1.1" + head[8:pos]  # the client always gets an HTTP/1.1 status line
     else:
-        # An HTTP/1.0 upstream: the client always gets an HTTP/1.1 status line.
-        pos = head.find(b"\r\n")
-        start = b"HTTP/1.1" + head[8:pos]
+        raise InvalidResponse(f"invalid status line (status {status})")
     if cuts:
         parts = [start]
         for cut_start, cut_end in cuts:
@@ -261,18 +352,20 @@ def scan_response_head(head: bytes, status: int) -> ResponseHead:
         kept = b"".join(parts)
     else:
         kept = start + head[pos:end]
-    if codings:
-        if codings[-1] != b"chunked":
-            raise InvalidResponse("response Transfer-Encoding not ending in chunked")
-        if codings.count(b"chunked") > 1:
-            raise InvalidResponse("response Transfer-Encoding applies chunked twice")
+    if te:
+        if te.lower() != b"chunked":
+            raise InvalidResponse("response Transfer-Encoding other than chunked")
         if out.content_length is not None:
             raise InvalidResponse("response with both Content-Length and Transfer-Encoding")
         out.chunked = True
     if tokens:
         named = connection_tokens(tokens) - _PLAIN_TOKENS
+        if named & _FRAMING_TOKENS:
+            raise InvalidResponse("Connection lists a framing header")
         if named:
             kept = _drop_lines(kept, named)
+    if status == 101 and not upgrade_matches(out.upgrade, upgrade_asked):
+        raise InvalidResponse("101 to a request that did not ask for that upgrade")
     out.kept = kept
     return out
 

@@ -33,6 +33,10 @@ class ResponseSink(Protocol):
     @property
     def head_request(self) -> bool: ...
 
+    @property
+    def upgrade_asked(self) -> bytes:
+        """The protocols the request asked to upgrade to (b"" for none): all a 101 may name."""
+
     def on_interim(self, conn: UpstreamConnection, status: int, head: ResponseHead) -> None: ...
 
     def on_response_head(
@@ -174,7 +178,8 @@ class UpstreamConnection:
             self.exchange = None
             self.close()
             if exchange is not None:
-                exchange.on_upstream_invalid(self, str(exc) or type(exc).__name__)
+                cause = exc.__context__ or exc  # a callback's own error rides as the context
+                exchange.on_upstream_invalid(self, str(cause) or type(cause).__name__)
             return
         exchange = self.exchange
         if exchange is None:
@@ -217,7 +222,7 @@ class UpstreamConnection:
         exchange = self.exchange
         if exchange is None:
             return
-        head = scan_response_head(buf[:end], status)
+        head = scan_response_head(buf[:end], status, exchange.upgrade_asked)
         if 100 <= status < 200 and status != 101:
             # An interim response: the real one (or another interim) starts after its head.
             self._interim = True

@@ -23,6 +23,9 @@ from failproxy.downstream import ClientConnection
 from failproxy.metrics import WorkerMetrics
 
 QUICK_STOP_GRACE = 1.0  # TERM/INT: in-flight requests get at most this long (SPEC 6)
+# QUIT/reload: an idle keep-alive connection stays open this long (at most shutdown_timeout) so
+# that a request its client is sending as the worker starts draining is answered, not dropped.
+IDLE_GRACE = 1.5
 
 
 class Worker:
@@ -87,22 +90,24 @@ class Worker:
 
     # -- stopping --------------------------------------------------------------------------------
 
-    def graceful_stop(self, timeout: float) -> None:
-        """Stop accepting, let in-flight requests finish (keep-alive ones get Connection: close)."""
+    def graceful_stop(self, timeout: float, idle_grace: float = IDLE_GRACE) -> None:
+        """Stop accepting, let in-flight requests finish (keep-alive ones get Connection: close);
+        idle connections are kept `idle_grace` for a request already on its way (SPEC 6 QUIT)."""
         ctx = self.ctx
         if ctx.draining:
             return
         ctx.draining = True
+        ctx.idle_grace = min(idle_grace, timeout)
         ctx.events.worker_stopping()
         self._close_listening()
         for conn in list(ctx.connections):
-            conn.drain()
+            conn.drain(ctx.idle_grace)
         if not ctx.connections:
             self.drained()
         self.loop.call_later(timeout, self._force_stop)
 
     def quick_stop(self) -> None:
-        self.graceful_stop(QUICK_STOP_GRACE)
+        self.graceful_stop(QUICK_STOP_GRACE, idle_grace=0.0)
 
     def _force_stop(self) -> None:
         for conn in list(self.ctx.connections):

@@ -157,19 +157,19 @@ NGINX = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
 )
 def test_scan_response_head_keeps_the_rest_byte_for_byte(head: bytes, kept: bytes) -> None:
     status = int(head[9:12])
-    assert scan_response_head(head, status).kept == kept
+    assert scan_response_head(head, status, b"").kept == kept
 
 
 def test_scan_response_head_reads_framing() -> None:
-    got = scan_response_head(NGINX, 200)
+    got = scan_response_head(NGINX, 200, b"")
     assert (got.content_length, got.chunked, got.upgrade, got.keepalive_hint) == (b"2", False,
                                                                                   b"", 0.0)
-    got = scan_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n"
-                             b"Keep-Alive: timeout=5, max=100\r\n\r\n", 200)
+    got = scan_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                             b"Keep-Alive: timeout=5, max=100\r\n\r\n", 200, b"")
     assert got.chunked and got.content_length is None and got.keepalive_hint == 5.0
     switch = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
               b"Connection: upgrade\r\n\r\n")
-    got = scan_response_head(switch, 101)
+    got = scan_response_head(switch, 101, b"WebSocket")
     assert got.upgrade == b"websocket"
     assert got.kept == b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
 
@@ -177,10 +177,13 @@ def test_scan_response_head_reads_framing() -> None:
 @pytest.mark.parametrize(
     ("head", "why"),
     [
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", "chunked twice"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", "other than chunked"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"
-         b"\r\n", "chunked twice"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "not ending in chunked"),
+         b"\r\n", "other than chunked"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "other than chunked"),
+        (b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\n",
+         "framing header"),
+        (b"HTTP/1.1 299 Odd\x01\r\n\r\n", "invalid status line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
          "both Content-Length and Transfer-Encoding"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n", "differing"),
@@ -189,7 +192,24 @@ def test_scan_response_head_reads_framing() -> None:
 )
 def test_scan_response_head_refuses_ambiguous_framing(head: bytes, why: str) -> None:
     with pytest.raises(InvalidResponse, match=why):
-        scan_response_head(head, 200)
+        scan_response_head(head, int(head[9:12]), b"")
+
+
+def test_scan_response_head_writes_known_status_lines() -> None:
+    """As nginx: a known status gets failproxy's own line; another keeps the upstream's reason."""
+    got = scan_response_head(b"HTTP/1.1 200 Fine\r\nA: 1\r\nConnection: close\r\n\r\n", 200,
+                             b"")
+    assert got.kept == b"HTTP/1.1 200 OK\r\nA: 1\r\n"
+    got = scan_response_head(b"HTTP/1.1 299 Odd One\r\nConnection: close\r\nA: 1\r\n\r\n", 299,
+                             b"")
+    assert got.kept == b"HTTP/1.1 299 Odd One\r\nA: 1\r\n"
+
+
+@pytest.mark.parametrize("asked", [b"", b"h2"])
+def test_scan_response_head_refuses_a_101_not_asked_for(asked: bytes) -> None:
+    with pytest.raises(InvalidResponse, match="101"):
+        scan_response_head(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+                           101, asked)
 
 
 def test_simple_response_is_well_framed() -> None:

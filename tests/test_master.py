@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from backends import Reply
-from support import REPO, Proxy, free_port, render_config
+from support import REPO, Proxy, RawConn, build_request, free_port, render_config
 
 from failproxy import listeners
 from failproxy.config import parse_address
@@ -572,3 +572,132 @@ def test_a_listener_that_cannot_be_bound_exits_1(tmp_path: Path, backend: Any) -
         assert b"cannot listen" in run.stderr and b"EADDRINUSE" in run.stderr
     finally:
         taken.close()
+
+
+class StrictLoad(Load):
+    """Client threads looping GETs with no retry of any kind: every request that does not get
+    its own 200 counts as failed. Keep-alive threads reuse their connection until the proxy says
+    `Connection: close` (http.client then reconnects); the others open one per request. Bounded:
+    each thread stops after `limit` requests or when the block ends."""
+
+    def __init__(self, port: int, threads: int = 3, limit: int = 20000) -> None:
+        super().__init__(port, threads=2 * threads)
+        self.limit = limit
+        self.ok = {True: 0, False: 0}  # type: ignore[assignment]
+        self.failures: dict[bool, list[str]] = {True: [], False: []}  # type: ignore[assignment]
+        self._threads = [threading.Thread(target=self._run, args=(i, keepalive), daemon=True)
+                         for i in range(threads) for keepalive in (True, False)]
+
+    def _run(self, n: int, keepalive: bool) -> None:
+        conn: http.client.HTTPConnection | None = None
+        path = f"/strict/{n}/{'ka' if keepalive else 'new'}"
+        for _ in range(self.limit):
+            if self._stop.is_set():
+                break
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                conn.request("GET", path, headers={} if keepalive else {"Connection": "close"})
+                resp = conn.getresponse()
+                body = resp.read()
+                failure = "" if resp.status == 200 and body == b"app GET " + path.encode() \
+                    else f"status {resp.status}: {body[:100]!r}"
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+                conn.close()
+                conn = None
+            with self._lock:
+                if failure:
+                    self.failures[keepalive].append(failure)
+                else:
+                    self.ok[keepalive] += 1
+            if not keepalive and conn is not None:
+                conn.close()
+                conn = None
+            time.sleep(0.001)
+        if conn is not None:
+            conn.close()
+
+
+def test_20_hups_and_2_usr2s_under_load_drop_no_request_3_times(tmp_path: Path,
+                                                                backend: Any) -> None:
+    """Issue 9: a retiring worker used to close its idle keep-alive connections at once, racing
+    clients sending their next request ("peer closed the connection"). Now it keeps them for a
+    grace: 3 rounds of 20 HUPs and 2 USR2s, keep-alive and connection-per-request clients at
+    once, and not one request fails, with clients that never retry."""
+    def one_write(r: Any) -> Reply:  # head and body in one send: no Nagle stall per request
+        body = f"app GET {r.target}".encode()
+        return Reply(raw=b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+    app = backend("app", handler=one_write)
+    proxy = start_proxy(tmp_path, [app], server={"workers": 2})
+    pid_file = tmp_path / "failproxy.pid"
+    master = proxy.pid
+    rounds: list[str] = []
+    try:
+        for rnd in range(3):
+            with StrictLoad(proxy.port) as load:
+                time.sleep(0.3)
+                for i in range(22):
+                    since = proxy.log.mark()
+                    if i in (9, 19):  # 2 upgrades among the 20 reloads
+                        os.kill(master, signal.SIGUSR2)
+                        new = wait_until(lambda m=master: (p := int(pid_file.read_text())) != m
+                                         and p, 15, "the new master's pid file")
+                        proxy.log.wait_for_event("upgrade_handover", since=since, pid=new,
+                                                 timeout=15)
+                        wait_until(lambda m=master: gone(m), 20, "the old master's exit")
+                        master = new
+                    else:
+                        os.kill(master, signal.SIGHUP)
+                        proxy.log.wait_for_event("reloaded", since=since, pid=master, timeout=10)
+                    time.sleep(0.05)
+                ok = dict(load.ok)
+                wait_until(lambda ok=ok: all(load.ok[k] > ok[k] + 20 for k in ok), 10,
+                           "requests served after the last signal")
+            rounds.append(f"round {rnd + 1}: keep-alive {load.ok[True]} ok "
+                          f"{len(load.failures[True])} failed, new connection each "
+                          f"{load.ok[False]} ok {len(load.failures[False])} failed")
+            print("\n" + rounds[-1])
+            assert load.failures == {True: [], False: []}, (rounds, load.failures)
+            assert load.ok[True] > 500 and load.ok[False] > 100, rounds
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(master, signal.SIGQUIT)
+        if master != proxy.pid:
+            wait_until(lambda: gone(master), 15, "the last master's exit")
+        proxy.stop()
+
+
+def test_a_draining_worker_answers_a_request_sent_within_the_grace(tmp_path: Path,
+                                                                   backend: Any) -> None:
+    """An idle keep-alive connection of a draining worker stays open for the grace (1.5 s): a
+    request sent meanwhile is answered with Connection: close; one that stays idle is closed
+    when the grace ends, and the worker exits."""
+    app = backend("app")
+    proxy = start_proxy(tmp_path, [app], server={"workers": 1})
+    late, idle = RawConn(proxy.port), RawConn(proxy.port)
+    try:
+        for c in (late, idle):
+            c.send(build_request("GET", "/first"))
+            assert c.read_response().status == 200
+        (worker,) = status(proxy)["workers"]
+        since = proxy.log.mark()
+        os.kill(worker, signal.SIGQUIT)
+        proxy.log.wait_for_event("worker_stopping", since=since, worker_pid=worker)
+        started = time.monotonic()
+        time.sleep(0.5)
+        late.send(build_request("GET", "/late"))
+        resp = late.read_response()
+        assert resp.status == 200 and resp.body == b"app GET /late"
+        assert "close" in resp.connection_tokens
+        late.wait_closed(2)
+        idle.wait_closed(4)
+        waited = time.monotonic() - started
+        assert 1.2 < waited < 3.0, waited
+        exited = proxy.log.wait_for_event("worker_exited", since=since, worker_pid=worker)
+        assert exited["exit_code"] == 0
+    finally:
+        late.close()
+        idle.close()
+        proxy.stop()
