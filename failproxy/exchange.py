@@ -24,7 +24,7 @@ from typing import Final, Protocol, cast
 from failproxy import policy
 from failproxy.connect import start_connect, when_connected
 from failproxy.context import WorkerContext
-from failproxy.headers import BadRequest, ResponseHead, response_tail, simple_response
+from failproxy.headers import BadRequest, response_head, simple_response
 from failproxy.peer import Peer
 from failproxy.request import Request
 from failproxy.upstream import CHUNKED, CLOSE, UpstreamConnection
@@ -354,12 +354,18 @@ class Exchange:
 
     # -- events from the upstream connection ------------------------------------------------------
 
-    def on_interim(self, conn: UpstreamConnection, status: int, head: ResponseHead) -> None:
+    def on_interim(
+        self, conn: UpstreamConnection, status: int, reason: bytes, lines: list[bytes]
+    ) -> None:
         """1xx before the real response: relayed to HTTP/1.1 clients (not 100: we sent our own)."""
         if status != 100 and not self.req.http10:
-            self.client.write_lines([head.kept, b"\r\n"])
+            data = response_head(status, reason, lines, b"", keep_alive=True, http10=False,
+                                 extra=b"")
+            self.client.write(data)
 
-    def on_response_head(self, conn: UpstreamConnection, status: int, head: ResponseHead) -> None:
+    def on_response_head(
+        self, conn: UpstreamConnection, status: int, reason: bytes, lines: list[bytes]
+    ) -> None:
         status_reason = policy.STATUS_REASONS.get(status)
         if status_reason is not None:
             nxt = self._next_upstream(status_reason)
@@ -388,10 +394,11 @@ class Exchange:
         self.status = status
         self.answered_by = conn.peer
         extra = conn.peer.header_line if self.ctx.upstream_header else b""
-        kept = head.kept
-        tail = response_tail(framing, keep_alive=keep, http10=req.http10, extra=extra)
-        self.bytes_sent += len(kept) + len(tail)
-        self.out += (kept, tail)
+        data = response_head(
+            status, reason, lines, framing, keep_alive=keep, http10=req.http10, extra=extra
+        )
+        self.bytes_sent += len(data)
+        self.out.append(data)
 
     def on_response_body(self, data: bytes) -> None:
         conn = self.conn

@@ -264,137 +264,29 @@ def valid_status(status: int, reason: bytes) -> bool:
     return 100 <= status <= 599 and _REASON_RE.fullmatch(reason) is not None
 
 
-# Response header lines that are not relayed as they are (RFC 9110 7.6.1 hop-by-hop), found in
-# one case-sensitive pass over the lower-cased raw head (measured: cheaper than a case-blind
-# regex, a `find` per name, or a Python step per line); `Content-Length` is found to frame the
-# body and kept, `Upgrade` is kept on a 101.
-_RESPONSE_SPECIAL = re.compile(
-    rb"\r\n(connection|content-length|transfer-encoding|keep-alive|upgrade|proxy-connection|te"
-    rb"|trailer|proxy-authenticate|proxy-authorization):"
-)
-_PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
-# Connection tokens that would drop the framing itself: ambiguous framing, 502.
-_FRAMING_TOKENS = frozenset({b"content-length", b"transfer-encoding"})
-
-
-class InvalidResponse(Exception):
-    """An upstream response the proxy must not relay (the client gets 502)."""
-
-
-class ResponseHead:
-    """What a raw response head says, and the part of it that is relayed unchanged."""
-
-    __slots__ = ("chunked", "content_length", "keepalive_hint", "kept", "upgrade")
-
-    def __init__(self) -> None:
-        # The status line and every relayed header line, each with its CRLF: the relayed head
-        # is `kept` + failproxy's own lines + CRLF.
-        self.kept = b""
-        self.content_length: bytes | None = None
-        self.chunked = False
-        self.upgrade = b""
-        self.keepalive_hint = 0.0  # the upstream's `Keep-Alive: timeout=N`, 0 when absent
-
-
-def scan_response_head(head: bytes, status: int, upgrade_asked: bytes) -> ResponseHead:
-    """Read a response head (status line + header lines + the blank line, as llhttp validated
-    it): the lines to drop are cut out, everything else is relayed byte for byte, after a
-    status line of failproxy's own for a known status (as nginx writes them).
-
-    Raises InvalidResponse for what a proxy must not pass on: a status outside 100-599 or a
-    reason phrase with control bytes; Transfer-Encoding other than one `chunked` (chunked twice
-    is invalid, RFC 9112 6.1, and another coding would be lost when the body is re-framed);
-    Content-Length beside Transfer-Encoding, or differing Content-Length values; Connection
-    naming a framing header; an obs-fold (RFC 9112 5.2: a proxy may reject it); a 101 naming a
-    protocol the request did not ask for (`upgrade_asked`, RFC 9110 7.8)."""
-    out = ResponseHead()
-    if head.find(b"\r\n ") >= 0 or head.find(b"\r\n\t") >= 0:
-        raise InvalidResponse("obs-fold in a response header")
-    cuts: list[tuple[int, int]] = []  # (start, end) of each line to drop, from its CRLF
-    te = b""
-    tokens: list[bytes] = []
-    for match in _RESPONSE_SPECIAL.finditer(head.lower()):
-        name = match.group(1)
-        at = match.start()
-        eol = head.find(b"\r\n", at + 2)
-        value = head[match.end() : eol].strip(b" \t")
-        if name == b"content-length":
-            if out.content_length is not None and out.content_length != value:
-                raise InvalidResponse("differing Content-Length values")
-            out.content_length = value
-            continue
-        if name == b"upgrade":
-            out.upgrade = value
-            if status == 101:
-                continue
-        elif name == b"transfer-encoding":
-            te = te + b", " + value if te else value
-        elif name == b"connection":
-            tokens.append(value)
-        elif name == b"keep-alive":
-            out.keepalive_hint = _keepalive_timeout(value)
-        cuts.append((at, eol))
-    end = len(head) - 2  # without the blank line
-    pos = head.find(b"\r\n")  # the end of the status line: every cut starts at a CRLF after it
+def response_head(
+    status: int,
+    reason: bytes,
+    lines: list[bytes],
+    framing: bytes,
+    *,
+    keep_alive: bool,
+    http10: bool,
+    extra: bytes,
+) -> bytes:
+    """The head relayed to the client: upstream headers minus hop-by-hop ones, our framing and
+    connection lines. `lines` arrive already filtered, as pieces (name, b": ", value, CRLF);
+    `extra` holds optional debug lines."""
     line = STATUS_LINES.get(status)
-    if line is not None:
-        start = line[:-2]
-    elif valid_status(status, head[13:pos]):
-        start = b"HTTP/1.1" + head[8:pos]  # the client always gets an HTTP/1.1 status line
-    else:
-        raise InvalidResponse(f"invalid status line (status {status})")
-    if cuts:
-        parts = [start]
-        for cut_start, cut_end in cuts:
-            parts.append(head[pos:cut_start])
-            pos = cut_end
-        parts.append(head[pos:end])
-        kept = b"".join(parts)
-    else:
-        kept = start + head[pos:end]
-    if te:
-        if te.lower() != b"chunked":
-            raise InvalidResponse("response Transfer-Encoding other than chunked")
-        if out.content_length is not None:
-            raise InvalidResponse("response with both Content-Length and Transfer-Encoding")
-        out.chunked = True
-    if tokens:
-        named = connection_tokens(tokens) - _PLAIN_TOKENS
-        if named & _FRAMING_TOKENS:
-            raise InvalidResponse("Connection lists a framing header")
-        if named:
-            kept = _drop_lines(kept, named)
-    if status == 101 and not upgrade_matches(out.upgrade, upgrade_asked):
-        raise InvalidResponse("101 to a request that did not ask for that upgrade")
-    out.kept = kept
-    return out
-
-
-def _drop_lines(kept: bytes, names: set[bytes]) -> bytes:
-    """Header lines whose (lower-cased) name is in `names` cut out; the status line stays."""
-    lines = kept.split(b"\r\n")
-    keep = [lines[0]] + [
-        line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() not in names
-    ]
-    return b"\r\n".join(keep)
-
-
-def _keepalive_timeout(value: bytes) -> float:
-    """`Keep-Alive: timeout=N` tells when the upstream will close an idle connection."""
-    for part in value.split(b","):
-        key, _, val = part.strip().partition(b"=")
-        if key.lower() == b"timeout":
-            try:
-                return float(val)
-            except ValueError:
-                return 0.0
-    return 0.0
-
-
-def response_tail(framing: bytes, *, keep_alive: bool, http10: bool, extra: bytes) -> bytes:
-    """failproxy's own lines after a relayed head's `kept` part, and the blank line."""
+    parts = [line] if line is not None else [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    parts += lines
+    parts.append(framing)
+    if extra:
+        parts.append(extra)
     if not keep_alive:
-        return framing + extra + b"Connection: close\r\n\r\n"
-    if http10:
-        return framing + extra + b"Connection: keep-alive\r\n\r\n"
-    return framing + extra + b"\r\n"
+        parts.append(b"Connection: close\r\n\r\n")
+    elif http10:
+        parts.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts)
