@@ -15,7 +15,7 @@ from typing import Protocol
 from failproxy import policy
 from failproxy.config import Config
 from failproxy.events import Events
-from failproxy.headers import RequestHeadBuilder, header_kinds
+from failproxy.headers import RequestHeadBuilder, request_kinds
 from failproxy.metrics import WorkerMetrics
 from failproxy.peer import Peer, build_peers
 
@@ -66,7 +66,7 @@ class WorkerContext:
             replaced.add(b"x-forwarded-proto")
         if cfg.headers.x_forwarded_host:
             replaced.add(b"x-forwarded-host")
-        self.header_kinds = header_kinds(
+        self.header_kinds = request_kinds(
             self.rid_header, cfg.headers.x_forwarded_for, frozenset(replaced)
         )
         self.upstream_header = cfg.headers.upstream_header
@@ -95,13 +95,14 @@ class WorkerContext:
         self.hooks: WorkerHooks | None = None
         self._accept_paused = False
         self._rid_prefix = os.urandom(8).hex()
-        self._rid_counter = 0
+        # Starts at 2**60 so that hex() gives 16 digits without a format spec (no format() call).
+        self._rid_counter = 1 << 60
 
     def new_request_id(self) -> str:
         """32 hex digits, unique without a syscall: a random per-process prefix and a counter
         (os.urandom per request would cost a getrandom() call each)."""
         self._rid_counter += 1
-        return f"{self._rid_prefix}{self._rid_counter:016x}"
+        return self._rid_prefix + hex(self._rid_counter)[2:]
 
     # -- connections ---------------------------------------------------------------------------
 

@@ -9,17 +9,22 @@ in `queue` with reading paused, so a client can never make the proxy buffer more
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
+from typing import Final
 
 import httptools
 
 from failproxy.context import WorkerContext
 from failproxy.exchange import Exchange
 from failproxy.headers import (
+    H_CONNECTION,
     H_EXPECT,
-    H_HOP,
     H_HOST,
     H_LENGTH,
+    H_PLAIN,
     H_REQUEST_ID,
+    H_TE,
+    H_UPGRADE,
     H_VIA,
     H_XFF,
     KNOWN_HOSTS,
@@ -29,21 +34,30 @@ from failproxy.headers import (
     simple_response,
     valid_host,
     without_h2c,
+    without_names,
 )
 from failproxy.request import Request
 from failproxy.timer import Timer
 from failproxy.upstream import UpstreamConnection
 
 # Reasons to pause reading the client, as bits: reading resumes only when none is left.
-PIPELINE, UPSTREAM_FULL, BUFFER_FULL, UPGRADE, REJECTED = 1, 2, 4, 8, 16
+PIPELINE: Final = 1
+UPSTREAM_FULL: Final = 2
+BUFFER_FULL: Final = 4
+UPGRADE: Final = 8
+REJECTED: Final = 16
 # Unsent request-body bytes held (no upstream attached yet) before reading pauses.
-BUFFER_LIMIT = 65536
+BUFFER_LIMIT: Final = 65536
 
 # What the client timer is waiting for (DRAIN: an idle connection of a stopping worker, kept
 # open a short grace in case the client is sending its next request right now).
-DRAIN, IDLE, HEAD, BODY, NONE = -1, 0, 1, 2, 3
+DRAIN: Final = -1
+IDLE: Final = 0
+HEAD: Final = 1
+BODY: Final = 2
+NONE: Final = 3
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class ClientConnection:
@@ -113,7 +127,7 @@ class ClientConnection:
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.ctx.connection_opened(self)
-        self.timer.set(self.loop.time() + self.ctx.header_timeout)
+        self.timer.set(monotonic() + self.ctx.header_timeout)
         if self.ctx.draining:  # accepted just before the listener closed
             self.drain(self.ctx.idle_grace)
 
@@ -170,7 +184,7 @@ class ClientConnection:
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        now = self.loop.time()
+        now = monotonic()
         self.req = Request(now)
         self.in_head = True
         self.head_raw = 0
@@ -189,21 +203,27 @@ class ClientConnection:
         req = self.req
         assert req is not None
         req.head_size += len(name) + len(value) + 4
-        if name.find(b"_") >= 0:
-            return  # as nginx: WSGI/Rack would read X_A as X-A
-        lname = name.lower()
-        kind = self.ctx.header_kinds.get(lname, 0)
-        if not kind:
-            req.headers.append((name, value))
+        kind = self.ctx.header_kinds.kind(name)
+        if kind == H_PLAIN:
+            lines = req.lines
+            lines.append(name)
+            lines.append(b": ")
+            lines.append(value)
+            lines.append(b"\r\n")
         elif kind == H_HOST:
             req.host_count += 1
-            req.headers.append((name, value))
+            req.host = value
+            req.lines += (name, b": ", value, b"\r\n")
             if value not in KNOWN_HOSTS and not valid_host(value):
                 self._fail(BadRequest(400, "invalid Host"))
         elif kind == H_LENGTH:
             req.content_length = value
-        elif kind == H_HOP:
-            self._hop_by_hop(req, lname, value)
+        elif kind == H_CONNECTION:
+            req.conn_tokens.append(value)
+        elif kind == H_TE:
+            req.te = req.te + b", " + value if req.te else value
+        elif kind == H_UPGRADE:
+            req.upgrade = req.upgrade + b", " + value if req.upgrade else value
         elif kind == H_REQUEST_ID:
             req.request_id = value.decode("latin-1")
         elif kind == H_XFF:
@@ -215,7 +235,7 @@ class ClientConnection:
                 req.expect_continue = True
             else:
                 self._fail(BadRequest(417, "unsupported expectation"))
-        # H_REPLACED: failproxy sets its own (X-Forwarded-Proto, X-Forwarded-Host)
+        # H_DROP (hop-by-hop, or set by failproxy itself), H_UNDERSCORE: not forwarded
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -226,7 +246,7 @@ class ClientConnection:
         except BadRequest as exc:
             self._fail(exc)
         if self.active is None and not self.queue:
-            self._begin(req)
+            self._begin(req, req.started)
         else:
             self.queue.append(req)
             self._pause(PIPELINE)
@@ -244,7 +264,7 @@ class ClientConnection:
         if req.sink is None and req.held > BUFFER_LIMIT:
             self._pause(BUFFER_FULL)
         if self.timer_kind == BODY:
-            self.timer.set(self.loop.time() + self.ctx.body_timeout)
+            self.timer.set(monotonic() + self.ctx.body_timeout)
 
     def on_message_complete(self) -> None:
         req = self.req
@@ -262,7 +282,7 @@ class ClientConnection:
 
     # -- request flow ---------------------------------------------------------------------------
 
-    def _begin(self, req: Request) -> None:
+    def _begin(self, req: Request, now: float) -> None:
         """Make `req` the active request and start its walk over the servers."""
         if req.expect_continue and req.has_body and not req.complete and not req.http10:
             self.write(CONTINUE)
@@ -271,11 +291,11 @@ class ClientConnection:
             self.timer.clear()
         else:
             self.timer_kind = BODY
-            self.timer.set(self.loop.time() + self.ctx.body_timeout)
+            self.timer.set(now + self.ctx.body_timeout)
         self.active = exchange = Exchange(self.ctx, self, req)
-        exchange.start()
+        exchange.start(now)
 
-    def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
+    def exchange_done(self, exchange: Exchange, keep_alive: bool, now: float) -> None:
         """The active request was answered: start the next pipelined one, idle, or close."""
         if self.active is exchange:
             self.active = None
@@ -292,14 +312,14 @@ class ClientConnection:
             if isinstance(nxt, BadRequest):
                 self._answer_error(nxt)
             else:
-                self._begin(nxt)
+                self._begin(nxt, now)
             return
         if self.req is None:
             if self.ctx.draining:  # told keep-alive before draining began
                 self.drain(self.ctx.idle_grace)
                 return
             self.timer_kind = IDLE
-            self.timer.set(self.loop.time() + self.ctx.keepalive_timeout)
+            self.timer.set(now + self.ctx.keepalive_timeout)
         else:
             self.timer_kind = HEAD
             self.timer.set(self.req.started + self.ctx.header_timeout)
@@ -352,16 +372,15 @@ class ClientConnection:
             raise BadRequest(400, "missing Host" if not req.host_count else "repeated Host")
         if authority:
             # RFC 9112 3.2.2: the target's authority replaces Host.
-            headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
-            headers.insert(0, (b"Host", authority))
-            req.headers = headers
+            req.lines = [b"Host", b": ", authority, b"\r\n", *without_names(req.lines, {b"host"})]
+            req.host = authority
         if req.conn_tokens:
             tokens = connection_tokens(req.conn_tokens)
             tokens -= {b"close", b"keep-alive", b"upgrade"}
             if tokens & {b"content-length", b"host", b"transfer-encoding"}:
                 raise BadRequest(400, "Connection lists a framing header")
             if tokens:
-                req.headers = [(n, v) for n, v in req.headers if n.lower() not in tokens]
+                req.lines = without_names(req.lines, tokens)
         upgrade = b""
         if parser.should_upgrade():
             upgrade = without_h2c(req.upgrade)
@@ -378,7 +397,8 @@ class ClientConnection:
         req.head = ctx.head_builder.build(
             method,
             req.url,
-            req.headers,
+            req.lines,
+            req.host,
             client_ip=self.client_ip,
             tls=self.tls,
             request_id=req.request_id,
@@ -387,14 +407,6 @@ class ClientConnection:
             xff_prior=req.xff,
             via_prior=req.via,
         )
-
-    def _hop_by_hop(self, req: Request, lname: bytes, value: bytes) -> None:
-        if lname == b"connection":
-            req.conn_tokens.append(value)
-        elif lname == b"transfer-encoding":
-            req.te = req.te + b", " + value if req.te else value
-        elif lname == b"upgrade":
-            req.upgrade = req.upgrade + b", " + value if req.upgrade else value
 
     def _on_parser_upgrade(self, rest: bytes) -> None:
         """llhttp stopped after an `Upgrade` request: the bytes after it belong to the tunnel,
@@ -533,7 +545,7 @@ class ClientConnection:
             self.close()
             return
         self.timer_kind = DRAIN
-        deadline = self.loop.time() + grace
+        deadline = monotonic() + grace
         current = self.timer.deadline
         self.timer.set(deadline if current is None else min(current, deadline))
 

@@ -63,6 +63,10 @@ class ExchangeView(Protocol):
     @property
     def connect_ms(self) -> float | None: ...
 
+    @property
+    def started(self) -> float:
+        """monotonic() when the request head began to arrive."""
+
     def elapsed_ms(self) -> float: ...
 
 
@@ -165,9 +169,9 @@ class Events:
         self.log.info("client_error", client=client_ip, status=status, detail=detail)
         self.metrics.request(status, 0.0)
 
-    def request(self, ex: ExchangeView) -> None:
+    def request(self, ex: ExchangeView, now: float) -> None:
         """The access-log line and the request counters, once per answered request."""
-        duration = ex.elapsed_ms()
+        duration = int((now - ex.started) * 1_000_000) / 1000
         status = ex.status
         self.metrics.request(status, duration / 1000.0)
         if not self.access:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import socket
-import time
+from time import monotonic
 from typing import Final, Protocol, cast
 
 from failproxy import policy
@@ -28,8 +28,6 @@ from failproxy.headers import BadRequest, response_head, simple_response
 from failproxy.peer import Peer
 from failproxy.request import Request
 from failproxy.upstream import CHUNKED, CLOSE, UpstreamConnection
-
-_perf = time.perf_counter
 
 # The phases of an exchange.
 NEW: Final = 0  # created, no attempt yet
@@ -68,7 +66,7 @@ class Downstream(Protocol):
 
     def keep_alive_after(self, req: Request) -> bool: ...
 
-    def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None: ...
+    def exchange_done(self, exchange: Exchange, keep_alive: bool, now: float) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -113,7 +111,7 @@ class Exchange:
         self.client = client
         self.client_ip = client.client_ip
         self.req = req
-        self.started = _perf()
+        self.started = req.started  # monotonic(), when the request head began to arrive
         self.phase = NEW
         self.pos = -1
         self.attempt = 0
@@ -141,12 +139,13 @@ class Exchange:
 
     # -- the walk -------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, now: float) -> None:
+        """`now`: monotonic(), read once by the caller (one clock read per request side)."""
         peer = self._next_peer()
         if peer is None:
             self._exhausted(None)
             return
-        self._try_peer(peer)
+        self._try_peer(peer, now)
 
     def _next_peer(self) -> Peer | None:
         """The next server in order that is not marked down (logging each one skipped)."""
@@ -159,14 +158,14 @@ class Exchange:
             peer = order[self.pos]
             if not peer.down_until:
                 return peer
-            now = ctx.loop.time()
+            now = monotonic()
             if not peer.is_down(now):
                 return peer
             if self.pos == 0 and all(p.is_down(now) for p in order):
                 return peer  # every server is down: try them anyway, as nginx does
             ctx.events.skipped(self, peer, now)
 
-    def _try_peer(self, peer: Peer) -> None:
+    def _try_peer(self, peer: Peer, now: float) -> None:
         self.attempt += 1
         self.peer = peer
         self.tried.append(peer.address)
@@ -182,9 +181,9 @@ class Exchange:
             # A request that could not be re-sent after a stale connection fails must not get
             # a connection that may be closing.
             careful = not (req.replayable and (self.idempotent or self.ctx.retry_non_idempotent))
-            conn = peer.take_idle(self.ctx.loop.time(), careful)
+            conn = peer.take_idle(now, careful)
             if conn is not None:
-                self._send_request(cast(UpstreamConnection, conn), reused=True)
+                self._send_request(cast(UpstreamConnection, conn), True, now)
                 return
         self._connect(peer)
 
@@ -195,7 +194,7 @@ class Exchange:
 
     def _connect(self, peer: Peer) -> None:
         self._enter(CONNECTING)
-        t0 = _perf()
+        t0 = monotonic()
         sock, err = start_connect(peer)
         if sock is None:
             self._end_attempt()
@@ -246,22 +245,23 @@ class Exchange:
                 self._end_attempt()
                 self._answer_locally(502, f"internal error: {type(exc).__name__}")
             return
-        seconds = _perf() - t0
+        now = monotonic()
+        seconds = now - t0
         self.connect_ms = seconds * 1000.0
         self.ctx.events.connected(peer, seconds)
         if self.phase == DONE:
             conn.close()
             return
-        self._send_request(conn, reused=False)
+        self._send_request(conn, False, now)
 
-    def _send_request(self, conn: UpstreamConnection, reused: bool) -> None:
+    def _send_request(self, conn: UpstreamConnection, reused: bool, now: float) -> None:
         """Put the request on `conn`; from here on bytes may have reached the upstream."""
         self._enter(WAITING)
         ctx = self.ctx
         self.conn = conn
         conn.exchange = self
         conn.reused = reused
-        conn.timer.set(ctx.loop.time() + ctx.read_timeout)
+        conn.timer.set(now + ctx.read_timeout)
         ctx.events.upstream_request(conn.peer)
         self.req.attach(conn, ctx.retry_body_bytes)
         client = self.client
@@ -300,7 +300,7 @@ class Exchange:
         """Log the decision before the next attempt starts, so a stuck attempt leaves a trail."""
         self.reasons.append(reason)
         self.ctx.events.failover(self, peer, nxt, reason, err)
-        self._try_peer(nxt)
+        self._try_peer(nxt, monotonic())
 
     def _next_upstream(self, reason: str) -> Peer | None:
         """The peer a request that failed with `reason` moves on to, or None: it may not."""
@@ -314,7 +314,7 @@ class Exchange:
         ):
             return None
         if policy.walk_limit_reached(
-            self.attempt, ctx.tries, _perf() - self.started, ctx.retry_timeout
+            self.attempt, ctx.tries, monotonic() - self.started, ctx.retry_timeout
         ):
             return None
         return self._next_peer()
@@ -339,7 +339,7 @@ class Exchange:
     def _peer_failed(self, peer: Peer) -> None:
         if not peer.fail_timeout:
             return
-        if peer.record_failure(self.ctx.loop.time()):
+        if peer.record_failure(monotonic()):
             self.ctx.events.peer_down(peer)
         else:
             self.ctx.events.peer_fails(peer)
@@ -401,9 +401,6 @@ class Exchange:
         self.out.append(data)
 
     def on_response_body(self, data: bytes) -> None:
-        conn = self.conn
-        if conn is not None:
-            conn.timer.set(self.ctx.loop.time() + self.ctx.read_timeout)
         size = len(data)
         if self.chunked_out:
             line = b"%x\r\n" % size
@@ -414,16 +411,25 @@ class Exchange:
             self.bytes_sent += size
 
     def flush_out(self) -> None:
+        """After each read of a response still under way: relay what it brought, and give the
+        next read `read_timeout` (once per read, not per body callback)."""
         out = self.out
         if out:
             self.client.write_lines(out)
             out.clear()
+        conn = self.conn
+        if conn is not None:
+            conn.timer.set(monotonic() + self.ctx.read_timeout)
 
     def on_response_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
+        now = monotonic()
+        out = self.out
         if self.chunked_out:
-            self.out.append(b"0\r\n\r\n")
+            out.append(b"0\r\n\r\n")
             self.bytes_sent += 5
-        self.flush_out()
+        if out:
+            self.client.write_lines(out)
+            out.clear()
         peer = conn.peer
         self._end_attempt()
         if peer.down_until or peer.fails:
@@ -431,14 +437,14 @@ class Exchange:
         if reusable and not conn.closed and conn.requests < peer.keepalive_requests:
             if conn.paused:
                 conn.resume_reading()  # paused for a slow client: an idle one must see EOF
-            conn.idle_since = self.ctx.loop.time()
+            conn.idle_since = now
             if peer.put_idle(conn):
                 conn.timer.set(conn.idle_since + peer.keepalive_timeout)
             else:
                 conn.close()
         else:
             conn.close()
-        self._finalize(self.keep_alive)
+        self._finalize(self.keep_alive, now)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream closed or reset the connection before the response was complete."""
@@ -503,7 +509,7 @@ class Exchange:
         if rest:
             client.write(rest)
         client.start_tunnel(conn)
-        self._finalize(True, tunnel=True)
+        self._finalize(True, 0.0, True)
 
     # -- events from the client side -------------------------------------------------------------
 
@@ -511,13 +517,13 @@ class Exchange:
         """The client finished sending the body; the upstream read deadline starts over."""
         conn = self.conn
         if conn is not None:
-            conn.timer.set(self.ctx.loop.time() + self.ctx.read_timeout)
+            conn.timer.set(monotonic() + self.ctx.read_timeout)
 
     def upstream_paused(self, paused: bool) -> None:
         self.client.upstream_paused(paused)
         conn = self.conn
         if conn is not None and paused:
-            conn.timer.set(self.ctx.loop.time() + self.ctx.send_timeout)
+            conn.timer.set(monotonic() + self.ctx.send_timeout)
 
     def client_paused(self, paused: bool) -> None:
         conn = self.conn
@@ -559,13 +565,16 @@ class Exchange:
 
     # -- the end --------------------------------------------------------------------------------
 
-    def _finalize(self, keep_alive: bool, tunnel: bool = False) -> None:
+    def _finalize(self, keep_alive: bool, now: float = 0.0, tunnel: bool = False) -> None:
+        """`now`: monotonic() if the caller has it (0: read it here)."""
         if self.phase == DONE:
             return
         self._enter(DONE)
-        self.ctx.events.request(self)
+        if not now:
+            now = monotonic()
+        self.ctx.events.request(self, now)
         if not tunnel:
-            self.client.exchange_done(self, keep_alive)
+            self.client.exchange_done(self, keep_alive, now)
 
     @property
     def done(self) -> bool:
@@ -576,5 +585,5 @@ class Exchange:
         return self.req.upgrade
 
     def elapsed_ms(self) -> float:
-        return int((_perf() - self.started) * 1_000_000) / 1000
+        return int((monotonic() - self.started) * 1_000_000) / 1000
 

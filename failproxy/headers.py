@@ -6,6 +6,7 @@ Pure functions over lists of (name, value) byte pairs, so every rule is tested w
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from failproxy.config import HeadersConfig
 
@@ -71,22 +72,94 @@ def upgrade_matches(answered: bytes, asked: bytes) -> bool:
     return bool(got) and got <= {t.lower() for t in upgrade_tokens(asked)}
 
 
-# What the client connection does with a request header, by lower-cased name (see
-# `header_kinds`); a name that is not in the table is copied through.
-H_HOST, H_LENGTH, H_XFF, H_VIA, H_EXPECT, H_REQUEST_ID, H_HOP, H_REPLACED = 1, 2, 3, 4, 5, 6, 7, 8
+# What the client connection does with a request header (see `request_kinds`); H_PLAIN is
+# copied through.
+H_PLAIN: Final = 0
+H_HOST: Final = 1
+H_LENGTH: Final = 2
+H_XFF: Final = 3
+H_VIA: Final = 4
+H_EXPECT: Final = 5
+H_REQUEST_ID: Final = 6
+H_CONNECTION: Final = 7
+H_TE: Final = 8
+H_UPGRADE: Final = 9
+H_DROP: Final = 10  # other hop-by-hop ones, the ones failproxy sets itself, HTTP2-Settings
+H_UNDERSCORE: Final = 11  # dropped, as nginx does: WSGI/Rack would read X_A as X-A
+H_KEEPALIVE: Final = 12  # responses only: `Keep-Alive: timeout=N`
+
+_NAMES_REMEMBERED = 512
 
 
-def header_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) -> dict[bytes, int]:
-    """Lower-cased request header name -> its H_* kind; built once per worker, because the
-    request-id header name and the X-Forwarded-* settings are configured."""
-    kinds = dict.fromkeys(HOP_BY_HOP, H_HOP) | dict.fromkeys(replaced, H_REPLACED)
-    kinds[b"http2-settings"] = H_REPLACED  # h2c is never forwarded (see without_h2c)
-    kinds |= {b"host": H_HOST, b"content-length": H_LENGTH, b"via": H_VIA, b"expect": H_EXPECT}
+class NameTable:
+    """Header name -> what to do with it, looked up by the name exactly as it arrived.
+
+    A name seen for the first time is lower-cased and classified once, then remembered (a bounded
+    dict): traffic repeats a few dozen names in a few spellings, so the common case is one dict
+    lookup per header, no bytes.lower() (a generic method call, the dearest step per header)."""
+
+    __slots__ = ("_by_lower", "_seen", "_underscore")
+
+    def __init__(self, by_lower: dict[bytes, int], underscore: bool) -> None:
+        self._by_lower = by_lower
+        self._underscore = underscore
+        self._seen: dict[bytes, int] = {}
+
+    def kind(self, name: bytes) -> int:
+        kind = self._seen.get(name, -1)
+        if kind >= 0:
+            return kind
+        if self._underscore and name.find(b"_") >= 0:
+            kind = H_UNDERSCORE
+        else:
+            kind = self._by_lower.get(name.lower(), H_PLAIN)
+        if len(self._seen) >= _NAMES_REMEMBERED:
+            self._seen.clear()
+        self._seen[name] = kind
+        return kind
+
+
+def request_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) -> NameTable:
+    """The request header table of a worker: the request-id header name and the X-Forwarded-*
+    settings are configured."""
+    kinds = dict.fromkeys(HOP_BY_HOP, H_DROP) | dict.fromkeys(replaced, H_DROP)
+    kinds[b"http2-settings"] = H_DROP  # h2c is never forwarded (see without_h2c)
+    kinds |= {
+        b"host": H_HOST,
+        b"content-length": H_LENGTH,
+        b"via": H_VIA,
+        b"expect": H_EXPECT,
+        b"connection": H_CONNECTION,
+        b"transfer-encoding": H_TE,
+        b"upgrade": H_UPGRADE,
+    }
     if xff_mode != "off":
         kinds[b"x-forwarded-for"] = H_XFF
     if request_id:
         kinds[request_id] = H_REQUEST_ID
-    return kinds
+    return NameTable(kinds, underscore=True)
+
+
+def response_kinds() -> NameTable:
+    """The response header table: hop-by-hop ones dropped, framing ones read."""
+    kinds = dict.fromkeys(HOP_BY_HOP, H_DROP) | {
+        b"connection": H_CONNECTION,
+        b"content-length": H_LENGTH,
+        b"transfer-encoding": H_TE,
+        b"keep-alive": H_KEEPALIVE,
+        b"upgrade": H_UPGRADE,
+    }
+    return NameTable(kinds, underscore=False)
+
+
+def without_names(lines: list[bytes], names: set[bytes]) -> list[bytes]:
+    """Header pieces (name, b": ", value, CRLF each) less the headers whose lower-cased name is
+    in `names`."""
+    out: list[bytes] = []
+    for i in range(0, len(lines), 4):
+        if lines[i].lower() not in names:
+            out += lines[i : i + 4]
+    return out
 
 
 class BadRequest(Exception):
@@ -147,7 +220,8 @@ class RequestHeadBuilder:
         self,
         method: bytes,
         target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        lines: list[bytes],
+        host: bytes,
         *,
         client_ip: str,
         tls: bool,
@@ -159,17 +233,14 @@ class RequestHeadBuilder:
     ) -> bytes:
         """The head to send upstream.
 
-        `headers` are already filtered (no hop-by-hop, no underscore names, no X-Forwarded-For
-        unless it is `off`, no Via, no request-id header); `framing` is the Content-Length or
+        `lines` are the header pieces already filtered (no hop-by-hop, no underscore names, no
+        X-Forwarded-For unless it is `off`, no Via, no request-id header) and `host` the Host
+        value among them; `framing` is the Content-Length or
         Transfer-Encoding line to send, `upgrade` the Upgrade value when tunnelling; the
         `*_prior` values are what the client sent in X-Forwarded-For and Via.
         """
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        host = b""
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-            if not host and name.lower() == b"host":
-                host = value
+        parts += lines
         if self._xff == "replace" or (self._xff == "append" and not xff_prior):
             parts += (b"X-Forwarded-For: ", client_ip.encode(), b"\r\n")
         elif self._xff == "append":

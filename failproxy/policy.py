@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno as _errno
 from collections.abc import Sequence
+from typing import Final
 
 from failproxy.config import Address, Config, Upstream
 from failproxy.reasons import (
@@ -20,10 +21,10 @@ from failproxy.reasons import (
 __all__ = ["CONNECT_REASONS", "REASONS", "REASON_INDEX", "RETRY_ON_NAMES", "SENT_REASONS"]
 
 # RFC 9110 9.2.2 idempotent methods (CONNECT is never proxied).
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # Response statuses that may trigger a failover, by status code.
-STATUS_REASONS = {502: "http_502", 503: "http_503", 504: "http_504"}
+STATUS_REASONS: Final = {502: "http_502", 503: "http_503", 504: "http_504"}
 
 _ERRNO_REASONS = {
     _errno.EAGAIN: "overloaded",  # == EWOULDBLOCK on Linux: UNIX listen backlog full

@@ -21,11 +21,12 @@ class Request:
         "has_body",
         "head",
         "head_size",
-        "headers",
         "held",
+        "host",
         "host_count",
         "http10",
         "keep_alive",
+        "lines",
         "method",
         "replayable",
         "request_id",
@@ -43,7 +44,9 @@ class Request:
         self.started = started
         self.method = b""
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        # The headers to forward, as the pieces of the upstream head: name, b": ", value, CRLF.
+        self.lines: list[bytes] = []
+        self.host = b""  # the Host value among them
         self.head_size = 0
         self.host_count = 0
         self.content_length: bytes | None = None

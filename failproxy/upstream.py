@@ -16,36 +16,40 @@ close-delimited bodies; both are handled here.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
 from failproxy.headers import (
-    HOP_BY_HOP,
+    H_CONNECTION,
+    H_KEEPALIVE,
+    H_LENGTH,
+    H_PLAIN,
+    H_TE,
+    H_UPGRADE,
     STATUS_LINES,
     connection_tokens,
+    response_kinds,
     upgrade_matches,
     valid_status,
+    without_names,
 )
 from failproxy.peer import Peer
 from failproxy.timer import Timer
 
-# Response headers that need more than being copied through (the rest of HOP_BY_HOP is dropped).
-_CONNECTION, _LENGTH, _TE, _KEEPALIVE, _UPGRADE, _DROP = 1, 2, 3, 4, 5, 6
-_SPECIAL = dict.fromkeys(HOP_BY_HOP, _DROP) | {
-    b"connection": _CONNECTION,
-    b"content-length": _LENGTH,
-    b"transfer-encoding": _TE,
-    b"keep-alive": _KEEPALIVE,
-    b"upgrade": _UPGRADE,
-}
+# Response headers that need more than being copied through (other hop-by-hop ones are
+# dropped), by name as sent: one table for the whole process (headers.NameTable).
+_KINDS: Final = response_kinds()
 # Connection tokens that name no header to drop.
-_PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+_PLAIN_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 # Connection tokens that would drop the framing itself: ambiguous framing, 502.
-_FRAMING_TOKENS = frozenset({b"content-length", b"transfer-encoding"})
+_FRAMING_TOKENS: Final = frozenset({b"content-length", b"transfer-encoding"})
 
 # Response framing, as seen from the upstream.
-LENGTH, CHUNKED, CLOSE, NOBODY = 1, 2, 3, 4
+LENGTH: Final = 1
+CHUNKED: Final = 2
+CLOSE: Final = 3
+NOBODY: Final = 4
 
 
 class ResponseSink(Protocol):
@@ -82,15 +86,6 @@ class ResponseSink(Protocol):
     def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None: ...
 
     def upstream_paused(self, paused: bool) -> None: ...
-
-
-def _without(lines: list[bytes], names: set[bytes]) -> list[bytes]:
-    """The header pieces less the headers whose lower-cased name is in `names`."""
-    out: list[bytes] = []
-    for i in range(0, len(lines), 4):
-        if lines[i].lower() not in names:
-            out += lines[i : i + 4]
-    return out
 
 
 class UpstreamConnection:
@@ -256,22 +251,22 @@ class UpstreamConnection:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        kind = _SPECIAL.get(name.lower(), 0)
-        if not kind or kind == _LENGTH:
+        kind = _KINDS.kind(name)
+        if kind in (H_PLAIN, H_LENGTH):
             lines = self._lines
             lines.append(name)
             lines.append(b": ")
             lines.append(value)
             lines.append(b"\r\n")
-            if kind:
+            if kind == H_LENGTH:
                 self._length = value
-        elif kind == _CONNECTION:
+        elif kind == H_CONNECTION:
             self._conn_tokens.append(value)
-        elif kind == _TE:
+        elif kind == H_TE:
             self._te = self._te + b", " + value if self._te else value
-        elif kind == _KEEPALIVE:
+        elif kind == H_KEEPALIVE:
             self._keepalive_hint(value)
-        elif kind == _UPGRADE:
+        elif kind == H_UPGRADE:
             self._upgrade = value
         # other hop-by-hop headers are dropped
 
@@ -298,7 +293,7 @@ class UpstreamConnection:
             if drop & _FRAMING_TOKENS:
                 raise httptools.HttpParserError("Connection lists a framing header")
             if drop:
-                lines = _without(lines, drop)
+                lines = without_names(lines, drop)
         if status == 101:
             if not upgrade_matches(self._upgrade, exchange.upgrade_asked):
                 raise httptools.HttpParserError("101 to a request that did not ask for it")

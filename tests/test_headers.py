@@ -6,12 +6,21 @@ import pytest
 
 from failproxy.config import HeadersConfig
 from failproxy.headers import (
+    H_DROP,
+    H_HOST,
+    H_KEEPALIVE,
+    H_PLAIN,
+    H_REQUEST_ID,
+    H_UNDERSCORE,
     BadRequest,
     RequestHeadBuilder,
     check_transfer_encoding,
     connection_tokens,
+    request_kinds,
     response_head,
+    response_kinds,
     simple_response,
+    without_names,
 )
 
 
@@ -60,8 +69,9 @@ def _build(cfg: HeadersConfig, **kw: object) -> bytes:
         via_prior=b"",
     )
     args.update(kw)
+    lines = [b"Host", b": ", b"example.test", b"\r\n", b"Accept", b": ", b"*/*", b"\r\n"]
     return RequestHeadBuilder(cfg).build(
-        b"GET", b"/p?q=1", [(b"Host", b"example.test"), (b"Accept", b"*/*")], **args  # type: ignore[arg-type]
+        b"GET", b"/p?q=1", lines, b"example.test", **args  # type: ignore[arg-type]
     )
 
 
@@ -135,6 +145,23 @@ def test_response_head_writes_known_status_lines() -> None:
     assert ok == b"HTTP/1.1 200 OK\r\n\r\n"
     odd = response_head(299, b"Odd One", [], b"", keep_alive=True, http10=False, extra=b"")
     assert odd == b"HTTP/1.1 299 Odd One\r\n\r\n"
+
+
+def test_name_table_classifies_each_spelling_once() -> None:
+    table = request_kinds(b"x-request-id", "replace", frozenset({b"x-forwarded-proto"}))
+    for name, kind in [(b"Host", H_HOST), (b"HOST", H_HOST), (b"host", H_HOST),
+                       (b"X_Forwarded_For", H_UNDERSCORE), (b"Accept", H_PLAIN),
+                       (b"X-Forwarded-Proto", H_DROP), (b"HTTP2-Settings", H_DROP),
+                       (b"X-Request-ID", H_REQUEST_ID), (b"Keep-Alive", H_DROP)]:
+        assert table.kind(name) == kind, name
+        assert table.kind(name) == kind, name  # the remembered answer is the same
+    assert response_kinds().kind(b"Keep-Alive") == H_KEEPALIVE
+    assert response_kinds().kind(b"X_Y") == H_PLAIN  # underscores are a request rule
+
+
+def test_without_names() -> None:
+    lines = [b"A", b": ", b"1", b"\r\n", b"X-Secret", b": ", b"2", b"\r\n"]
+    assert without_names(lines, {b"x-secret"}) == [b"A", b": ", b"1", b"\r\n"]
 
 
 def test_simple_response_is_well_framed() -> None:
