@@ -50,8 +50,8 @@ def ext_modules() -> list[Any]:
     paths = [os.path.join("failproxy", f"{name}.py") for name in BUILD["COMPILED"]]
     try:
         return list(mypycify(paths, opt_level="3", group_name=BUILD["GROUP"]))
-    except Exception as exc:  # a module mypyc cannot compile
-        print(f"warning: mypyc failed ({exc}); failproxy stays pure Python")
+    except BaseException as exc:  # mypy's errors end in SystemExit: never a failed install
+        print(f"warning: mypyc failed ({exc!r}); failproxy stays pure Python")
         return []
 
 

@@ -15,7 +15,7 @@ from typing import Final
 import httptools
 
 from failproxy.context import WorkerContext
-from failproxy.exchange import Exchange
+from failproxy.exchange import Downstream, Exchange
 from failproxy.headers import (
     H_CONNECTION,
     H_EXPECT,
@@ -60,7 +60,7 @@ NONE: Final = 3
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class ClientConnection:
+class ClientConnection(Downstream):
     """One client connection: an asyncio protocol (uvloop calls its methods; no base class)."""
 
     __slots__ = (
@@ -116,10 +116,6 @@ class ClientConnection:
         self.timer = Timer(ctx.loop, self._on_timeout)
         self.timer_kind = HEAD
 
-    @property
-    def read_paused(self) -> bool:
-        return bool(self.paused)
-
     # -- asyncio protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,17 +131,19 @@ class ClientConnection:
         self.closed = True
         self.timer.close()
         self.ctx.connection_closed(self)
-        if self.tunnel is not None:
-            self.tunnel.close()
+        tunnel = self.tunnel
+        if tunnel is not None:
             self.tunnel = None
+            tunnel.close()
         active = self.active
         if active is not None:
             self.active = None
             active.client_gone()
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.write(data)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.write(data)
             return
         if self.in_head:
             self.head_raw += len(data)

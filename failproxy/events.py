@@ -5,72 +5,47 @@ a counter, and a reader finds where a failover is logged and counted in one plac
 events (`request`, `failover`) go through `logs.event_logger`, which renders straight to JSON;
 the rare ones go through structlog.
 
-What an event needs of the request and of its walk is declared below as read-only Protocols, so
-this module sits under the exchange and the client connection and never imports them.
+What an event needs of a request's walk is declared below as an abstract interface
+(`ExchangeView`), so this module sits under the exchange and never imports it.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Protocol
+from typing import Any
+
+from mypy_extensions import trait
 
 from failproxy import logs, policy
 from failproxy.metrics import WorkerMetrics
 from failproxy.peer import Peer
+from failproxy.request import Request
 
 
-class RequestView(Protocol):
-    """The parsed request, as its events need it."""
+@trait
+class ExchangeView:
+    """One request's walk, as its events need it (exchange.Exchange implements it; a mypyc
+    trait, so compiled code reads these attributes natively, see upstream.ResponseSink)."""
 
-    @property
-    def request_id(self) -> str: ...
+    __slots__ = ()
 
-    @property
-    def method(self) -> bytes: ...
+    req: Request
+    client_ip: str
+    attempt: int
+    tried: list[str]
+    reasons: list[str]
+    status: int
+    bytes_sent: int
+    answered_by: Peer | None
+    connect_ms: float | None
+    started: float  # monotonic() when the request head began to arrive
 
-    @property
-    def url(self) -> bytes: ...
-
-
-class ExchangeView(Protocol):
-    """One request's walk, as its events need it."""
-
-    @property
-    def req(self) -> RequestView: ...
-
-    @property
-    def client_ip(self) -> str: ...
-
-    @property
-    def attempt(self) -> int: ...
-
-    @property
-    def tried(self) -> list[str]: ...
-
-    @property
-    def reasons(self) -> list[str]: ...
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def bytes_sent(self) -> int: ...
-
-    @property
-    def answered_by(self) -> Peer | None: ...
-
-    @property
-    def connect_ms(self) -> float | None: ...
-
-    @property
-    def started(self) -> float:
-        """monotonic() when the request head began to arrive."""
-
-    def elapsed_ms(self) -> float: ...
+    def elapsed_ms(self) -> float:
+        raise NotImplementedError
 
 
-def request_fields(req: RequestView) -> dict[str, Any]:
+def request_fields(req: Request) -> dict[str, Any]:
     """The fields every log event about a request starts with."""
     return {
         "request_id": req.request_id or None,

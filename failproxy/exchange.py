@@ -19,15 +19,18 @@ from __future__ import annotations
 import errno
 import socket
 from time import monotonic
-from typing import Final, Protocol, cast
+from typing import Final, cast
+
+from mypy_extensions import trait
 
 from failproxy import policy
 from failproxy.connect import start_connect, when_connected
 from failproxy.context import WorkerContext
+from failproxy.events import ExchangeView
 from failproxy.headers import BadRequest, response_head, simple_response
 from failproxy.peer import Peer
 from failproxy.request import Request
-from failproxy.upstream import CHUNKED, CLOSE, UpstreamConnection
+from failproxy.upstream import CHUNKED, CLOSE, ResponseSink, UpstreamConnection
 
 # The phases of an exchange.
 NEW: Final = 0  # created, no attempt yet
@@ -48,36 +51,43 @@ _TRANSITIONS: Final[tuple[frozenset[int], ...]] = (
 )
 
 
-class Downstream(Protocol):
-    """What an exchange needs of its client connection (downstream.ClientConnection)."""
+@trait
+class Downstream:
+    """What an exchange needs of its client connection (downstream.ClientConnection implements
+    it; a mypyc trait, so compiled code calls it natively, see upstream.ResponseSink)."""
 
-    @property
-    def client_ip(self) -> str: ...
+    __slots__ = ()
 
-    @property
-    def write_paused(self) -> bool: ...
+    client_ip: str
+    write_paused: bool  # the client's socket buffer is full: stop reading the upstream
+    paused: int  # why reading the client is paused (bits); 0 = reading
 
-    @property
-    def read_paused(self) -> bool: ...
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
 
-    def write(self, data: bytes) -> None: ...
+    def write_lines(self, data: list[bytes]) -> None:
+        raise NotImplementedError
 
-    def write_lines(self, data: list[bytes]) -> None: ...
+    def keep_alive_after(self, req: Request) -> bool:
+        raise NotImplementedError
 
-    def keep_alive_after(self, req: Request) -> bool: ...
+    def exchange_done(self, exchange: Exchange, keep_alive: bool, now: float) -> None:
+        raise NotImplementedError
 
-    def exchange_done(self, exchange: Exchange, keep_alive: bool, now: float) -> None: ...
+    def abort(self) -> None:
+        raise NotImplementedError
 
-    def abort(self) -> None: ...
+    def start_tunnel(self, conn: UpstreamConnection) -> None:
+        raise NotImplementedError
 
-    def start_tunnel(self, conn: UpstreamConnection) -> None: ...
+    def upstream_paused(self, paused: bool) -> None:
+        raise NotImplementedError
 
-    def upstream_paused(self, paused: bool) -> None: ...
+    def request_attached(self) -> None:
+        raise NotImplementedError
 
-    def request_attached(self) -> None: ...
 
-
-class Exchange:
+class Exchange(ResponseSink, ExchangeView):
     """The life of one request from the moment it is first in line until it is answered."""
 
     __slots__ = (
@@ -267,7 +277,7 @@ class Exchange:
         client = self.client
         if client.write_paused:
             conn.pause_reading()
-        if client.read_paused:
+        if client.paused:
             client.request_attached()
 
     def _end_attempt(self) -> None:
@@ -580,7 +590,6 @@ class Exchange:
     def done(self) -> bool:
         return self.phase == DONE
 
-    @property
     def upgrade_asked(self) -> bytes:
         return self.req.upgrade
 

@@ -14,18 +14,25 @@ second after a single EAGAIN unless `max_fails=0`.
 from __future__ import annotations
 
 import socket
-from typing import Protocol
+
+from mypy_extensions import trait
 
 from failproxy.config import Upstream, UpstreamConfig
 from failproxy.queue_depth import QueueProbe
 
 
-class Pooled(Protocol):
-    """What the idle pool needs of a connection (upstream.UpstreamConnection)."""
+@trait
+class Pooled:
+    """What the idle pool needs of a connection (upstream.UpstreamConnection implements it; a
+    mypyc trait, so compiled code calls it natively)."""
 
-    def reusable(self, now: float, careful: bool) -> bool: ...
+    __slots__ = ()
 
-    def close(self) -> None: ...
+    def reusable(self, now: float, careful: bool) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 class Peer:

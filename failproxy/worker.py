@@ -42,6 +42,7 @@ class Worker:
         self.servers_listening: list[asyncio.AbstractServer] = []
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._stopped: asyncio.Future[None] = loop.create_future()
+        self._forced = False
 
     # -- listening -----------------------------------------------------------------------------
 
@@ -110,12 +111,24 @@ class Worker:
         self.graceful_stop(QUICK_STOP_GRACE, idle_grace=0.0)
 
     def _force_stop(self) -> None:
+        self._forced = True
         for conn in list(self.ctx.connections):
             conn.abort()
         self.drained()
 
     async def wait_stopped(self) -> None:
-        await self._stopped
+        while True:
+            await self._stopped
+            if self._forced:
+                break
+            # A connection the kernel handed over as draining began may still wait in uvloop's
+            # queue (its connection_made not run yet): let it arrive before calling it a day,
+            # or the process would exit under it and its client see a close without an answer.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if not self.ctx.connections:
+                break
+            self._stopped = self.loop.create_future()
         for peer in self.ctx.peers:
             peer.close_idle()
         await asyncio.sleep(0)
