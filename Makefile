@@ -9,8 +9,8 @@ TEST_STAMP := $(VENV)/.stamp-test
 BENCH_STAMP := $(VENV)/.stamp-bench
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.
-DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl
-DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl
+DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl
+DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl curl
 
 .PHONY: all demo test lint typecheck pytest bench bench-full venv deb-deps clean
 

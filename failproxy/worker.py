@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ from failproxy.exchange import Exchange
 from failproxy.headers import BadRequest, RequestHeadBuilder
 from failproxy.metrics import WorkerMetrics
 from failproxy.state import Server, build_servers
+from failproxy.tls import server_context
 
 QUICK_STOP_GRACE = 1.0  # TERM/INT: in-flight requests get at most this long (SPEC 6)
 
@@ -197,8 +197,7 @@ class Worker:
         ssl_ctx = None
         for sock, tls in self._listeners:
             if tls and ssl_ctx is None:
-                ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                ssl_ctx.load_cert_chain(self.server_cfg.tls_cert, self.server_cfg.tls_key)
+                ssl_ctx = server_context(self.server_cfg)
             dup = sock.dup()
             dup.setblocking(False)
             factory = _factory(self, tls)
