@@ -5,7 +5,9 @@ in a real one): the image's health check against a real proxy, and the timeouts 
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 from support import REPO, free_port
-from test_master import start_proxy, wait_until
+from test_master import gone, start_proxy, status, wait_until
 
 from failproxy import config, healthcheck
 
@@ -109,3 +111,98 @@ def test_dockerfile_shape() -> None:
     assert 'VOLUME ["/var/run/app"]' in final
     # the final stage gets the virtualenv only: no pip install, no compiler
     assert not any("pip install" in ln or "apt-get" in ln for ln in final)
+
+
+# ---- deploy/failproxy.service --------------------------------------------------------------------
+UNIT_PATH = REPO / "deploy" / "failproxy.service"
+UNIT_BIN = "/usr/local/bin/failproxy"
+UNIT_CONFIG = "/etc/failproxy/config.toml"
+
+
+def unit_directives() -> dict[str, list[str]]:
+    """[Service] Key=value lines, in order (ExecReload= may repeat)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    for line in UNIT_PATH.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line
+            continue
+        key, _, value = line.partition("=")
+        if section == "[Service]":
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_systemd_unit_signals_and_limits_fit_failproxy() -> None:
+    unit = unit_directives()
+    defaults = config.ServerConfig()
+    assert unit["ExecStart"] == [f"{UNIT_BIN} serve {UNIT_CONFIG}"]
+    assert unit["ExecReload"] == [f"{UNIT_BIN} check {UNIT_CONFIG}", "/bin/kill -HUP $MAINPID"]
+    assert unit["KillSignal"] == ["SIGQUIT"]  # the graceful stop (SPEC 6), not systemd's TERM
+    assert unit["KillMode"] == ["mixed"]
+    # systemd's SIGKILL comes only after the drain had its shutdown_timeout
+    assert float(unit["TimeoutStopSec"][0]) >= defaults.shutdown_timeout + 2
+    assert int(unit["LimitNOFILE"][0]) > 2 * defaults.max_connections
+    (pid_file,) = unit["PIDFile"]
+    assert pid_file == f"/run/{unit['RuntimeDirectory'][0]}/failproxy.pid"
+    # what the unit's header and the README tell users to put in the config
+    assert f'server.pid_file = "{pid_file}"' in UNIT_PATH.read_text()
+    assert f'pid_file = "{pid_file}"' in (REPO / "README.md").read_text()
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    binary = Path(sys.executable).parent / "failproxy"
+    if not binary.exists():
+        pytest.skip(f"no {binary}: the failproxy command is not installed next to {sys.executable}")
+    # the same unit, with ExecStart= naming where failproxy is installed on this machine
+    unit = tmp_path / "failproxy.service"
+    unit.write_text(UNIT_PATH.read_text().replace(UNIT_BIN, str(binary)))
+    r = subprocess.run([analyze, "verify", "--man=no", "--generators=no", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    complaints = [ln for ln in (r.stdout + r.stderr).splitlines() if "failproxy" in ln]
+    assert r.returncode == 0 and complaints == [], r
+
+
+def test_the_units_reload_and_upgrade_commands_as_systemd_runs_them(
+        tmp_path: Path, backend: Any) -> None:
+    """ExecReload= and the USR2 procedure of the unit's header, with MainPID followed through
+    PIDFile= as systemd does when the main process exits; then KillSignal= stops it."""
+    unit = unit_directives()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    pid_file = run_dir / Path(unit["PIDFile"][0]).name
+    proxy = start_proxy(tmp_path / "p", [backend("app")], server={"pid_file": str(pid_file)})
+    binary = f"{sys.executable} -m failproxy"
+    main_pid = proxy.pid
+    new_master = 0
+    try:
+        since = proxy.log.mark()
+        for command in unit["ExecReload"]:
+            line = command.replace(UNIT_BIN, binary).replace(UNIT_CONFIG, str(proxy.config_path))
+            line = line.replace("$MAINPID", str(main_pid))
+            subprocess.run(line.split(), check=True, capture_output=True, timeout=60,
+                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        proxy.log.wait_for_event("reloaded", since=since, timeout=15)
+        # the upgrade: kill -USR2 $MAINPID
+        header = UNIT_PATH.read_text()
+        assert 'kill -USR2 "$(systemctl show --property=MainPID --value failproxy)"' in header
+        os.kill(main_pid, signal.SIGUSR2)
+        assert proxy.wait_exit(30) == 0  # the old master hands over, drains, exits
+        new_master = int(pid_file.read_text())  # what systemd reads at the main process's exit
+        assert new_master != main_pid and not gone(new_master)
+        assert status(proxy)["pid"] == new_master
+        assert not Path(f"{pid_file}.oldbin").exists()
+        # systemctl stop: KillSignal= to the main process, then it must be gone in time
+        os.kill(new_master, getattr(signal, unit["KillSignal"][0]))
+        wait_until(lambda: gone(new_master), float(unit["TimeoutStopSec"][0]), "the stop")
+        assert not pid_file.exists()  # no stale PID for systemd to follow
+    finally:
+        if new_master and not gone(new_master):
+            os.kill(new_master, signal.SIGKILL)
+        proxy.stop()
