@@ -61,8 +61,9 @@ cleanup() {
 }
 
 # One run at a time on a machine: another worktree's run may share the dockerd started here.
-exec 9>/tmp/failproxy-docker-test.lock
-flock -w 900 9 || fail "another docker-test kept /tmp/failproxy-docker-test.lock for 15 minutes"
+lock=/tmp/failproxy-docker-test.lock
+if { exec 9>>"$lock"; } 2>/dev/null; then chmod 666 "$lock" 2>/dev/null || true; else exec 9</dev/null; fi
+flock -w 900 9 || fail "another docker-test kept $lock for 15 minutes"
 trap cleanup EXIT
 
 # ---- 1. the engine, debootstrap, Compose ------------------------------------------------------
