@@ -1,35 +1,60 @@
-# failproxy as a sidecar: it shares a volume with the app server's container, in which the app
-# server creates its UNIX socket (backlog 5); failproxy tries that socket first on every request
-# and fails over to the peers' TCP ports listed in the config.
+# failproxy as a sidecar of an app server container. See README "Running as a sidecar".
 #
+#   python3 -m pip wheel . -w wheelhouse      # optional: install offline from these wheels
 #   docker build -t failproxy .
-#   docker run -v app-sock:/var/run/app -v ./config.toml:/etc/failproxy/config.toml:ro \
-#              -p 80:8000 failproxy
 #
-# The config's UNIX server address must be inside the shared volume, e.g.
-# address = "unix:/var/run/app/app.sock", and its listen address must not be loopback-only
-# (e.g. listen = ["0.0.0.0:8000"]).
+# The app server's container shares the volume /var/run/app and creates its UNIX socket there
+# (the default config's upstream is unix:/var/run/app/app.sock); mount your own config at
+# /etc/failproxy/config.toml to add the peers' TCP ports.
+#
+# BASE is any Debian-like image with python3 (>= 3.11) and its venv module at the same path in
+# both stages; `make docker-test` passes a local debootstrap image, since Docker Hub may be out
+# of reach.
+ARG BASE=python:3.11-slim
 
-FROM python:3.11-slim
+# -- build: a virtualenv with failproxy and its dependencies --------------------------------------
+FROM ${BASE} AS build
+LABEL failproxy.stage=build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+# Only what .dockerignore lets through: the package, pyproject.toml, README.md, wheelhouse/.
+COPY . /src
+# With a wheelhouse (wheels built on the host: reproducible, and no network needed here, so the
+# build runs with --network=none) everything comes from it; without one, pip asks the index.
+RUN python3 -m venv /opt/failproxy \
+ && if ls /src/wheelhouse/failproxy-*.whl >/dev/null 2>&1; then \
+        /opt/failproxy/bin/pip install --no-index --find-links /src/wheelhouse failproxy; \
+    else \
+        /opt/failproxy/bin/pip install /src; \
+    fi \
+ && /opt/failproxy/bin/pip uninstall --yes pip \
+ && /opt/failproxy/bin/python -m compileall -q /opt/failproxy
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY failproxy ./failproxy
-RUN pip install . && rm -rf /src
-
-# The UNIX socket directory shared with the app server's container.
+# -- runtime: the virtualenv only (no compiler, no pip, no wheels) -------------------------------
+FROM ${BASE}
+COPY --from=build /opt/failproxy /opt/failproxy
+COPY deploy/docker.toml /etc/failproxy/config.toml
+# failproxy runs as an unprivileged user. /var/run/app is the volume shared with the app
+# server's container: mode 1777 (as /tmp) lets an app running under any uid create its socket
+# there, and failproxy connects to it when the app creates it connectable by others (unicorn
+# and gunicorn do by default: umask 0 for the socket).
+RUN groupadd --system --gid 10001 failproxy \
+ && useradd --system --uid 10001 --gid failproxy --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin failproxy \
+ && mkdir -p /var/run/app \
+ && chmod 1777 /var/run/app
 VOLUME ["/var/run/app"]
-WORKDIR /
-
-# `docker stop` then sends QUIT: a graceful drain (unicorn's meaning), as the nginx image does.
-# Give it `docker stop -t` at least server.shutdown_timeout (30 s by default).
-STOPSIGNAL SIGQUIT
+ENV PATH=/opt/failproxy/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+USER failproxy:failproxy
 EXPOSE 8000
+
+# GET /healthz on the admin endpoint that the config names (the default config: 127.0.0.1:9180).
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-m", "failproxy.healthcheck", "/etc/failproxy/config.toml"]
+
+# `docker stop` sends QUIT: a graceful drain of up to server.shutdown_timeout, which must be
+# below docker's stop timeout (10 s unless `docker stop -t` / compose's stop_grace_period say
+# otherwise). The default config's shutdown_timeout is 8 s for that reason.
+STOPSIGNAL SIGQUIT
 
 ENTRYPOINT ["failproxy"]
 CMD ["serve", "/etc/failproxy/config.toml"]

@@ -16,10 +16,14 @@ HAVE_CC := $(shell command -v cc >/dev/null 2>&1 && echo yes)
 PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py tests/test_layers.py
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.
-DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl
-DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl
+DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl
+DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl curl
 
+<<<<<<< HEAD
 .PHONY: all build demo test lint typecheck pytest pytest-pure bench bench-full venv deb-deps clean
+=======
+.PHONY: all demo test lint typecheck pytest docker-test bench bench-full venv deb-deps clean
+>>>>>>> docker
 
 all: test
 
@@ -71,6 +75,7 @@ typecheck: $(TEST_STAMP)
 pytest: $(BUILD_STAMP) deb-deps
 	FAILPROXY_EXPECT_BUILD=$(if $(HAVE_CC),compiled,pure) $(BIN)/pytest -q
 
+<<<<<<< HEAD
 pytest-pure: $(TEST_STAMP) deb-deps
 	FAILPROXY_PURE=1 FAILPROXY_EXPECT_BUILD=pure $(BIN)/pytest -q $(PURE_TESTS)
 
@@ -79,6 +84,18 @@ test: $(BUILD_STAMP) deb-deps
 	$(BIN)/mypy failproxy
 	FAILPROXY_EXPECT_BUILD=$(if $(HAVE_CC),compiled,pure) $(BIN)/pytest -q
 	FAILPROXY_PURE=1 FAILPROXY_EXPECT_BUILD=pure $(BIN)/pytest -q $(PURE_TESTS) tests/test_build.py
+=======
+# The image and deploy/compose.yaml in a real Docker engine (installed and started when missing,
+# see tests/docker-test.sh). `make test` runs it too, and says SKIP where no engine can run.
+docker-test: $(TEST_STAMP)
+	PYTHON=$(BIN)/python bash tests/docker-test.sh
+
+test: $(TEST_STAMP) deb-deps
+	$(BIN)/ruff check failproxy tests bench
+	$(BIN)/mypy failproxy
+	DOCKER_TEST_SKIP_OK=1 PYTHON=$(BIN)/python bash tests/docker-test.sh
+	$(BIN)/pytest -q
+>>>>>>> docker
 
 demo: $(BUILD_STAMP)
 	$(BIN)/failproxy demo
@@ -90,6 +107,10 @@ bench-full: $(BENCH_STAMP) $(BUILD_STAMP) deb-deps
 	$(BIN)/python -m bench full
 
 clean:
+<<<<<<< HEAD
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out
 	rm -f failproxy/*.so
+=======
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out wheelhouse
+>>>>>>> docker
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

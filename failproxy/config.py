@@ -13,7 +13,6 @@ import math
 import os
 import pwd
 import re
-import ssl
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -384,12 +383,12 @@ def _check_server(v: dict[str, Any], _raw: dict[str, Any], at: _At) -> None:
             elif not os.path.isfile(path):
                 at.key(key).error(f"no such file {path!r}")
         if len(files) == 2 and all(os.path.isfile(p) for p in files.values()):
+            from failproxy import tls  # tls imports this module
+
             try:
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    files["tls_cert"], files["tls_key"], password=lambda: b""
-                )
-            except (ssl.SSLError, OSError) as e:
-                at.key("tls_key").error(f"cannot load the certificate and key: {e}")
+                tls.build(files["tls_cert"], files["tls_key"])
+            except tls.TLSError as e:
+                at.key(e.key).error(e.detail)
 
 
 def _check_server_entry(v: dict[str, Any], _raw: dict[str, Any], at: _At) -> None:

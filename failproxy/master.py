@@ -15,6 +15,10 @@ every worker of the newest is ready (`WorkerMetrics.ready()`, or alive `READY_FA
 then get QUIT and drain. The listening sockets are shared by all of them, so a connection queued
 meanwhile is accepted by whichever worker gets to it: nothing is refused.
 
+HUP also reads the TLS certificate and key again (failproxy/tls.py): the master builds the context
+before forking, so a pair that does not load fails the reload and the workers inherit exactly what
+was checked.
+
 USR2, unicorn's way: the master renames pid_file to `<pid_file>.oldbin` and fork+execs
 `python -m failproxy serve CONFIG` with the listening sockets' descriptors in FAILPROXY_FD and
 its own pid in FAILPROXY_OLD_MASTER. When all of the new master's workers are ready it sends
@@ -40,7 +44,7 @@ from typing import Any, NoReturn
 
 import failproxy
 from failproxy import config as config_mod
-from failproxy import listeners, logs
+from failproxy import listeners, logs, tls
 from failproxy.admin import AdminServer
 from failproxy.config import Config, ConfigError
 from failproxy.listeners import ListenError, ListenerSet
@@ -287,6 +291,7 @@ class Master:
         try:
             cfg = config_mod.load(self.config_path)
             _check_user(cfg)
+            ssl_ctx = tls.load(cfg.server)  # the certificate and key are read again
         except ConfigError as exc:
             self.log.error("reload_failed", detail="; ".join(exc.problems))
             return
@@ -298,6 +303,7 @@ class Master:
         except (ListenError, StartupError, OSError) as exc:
             self.log.error("reload_failed", detail=str(exc))
             return
+        tls.adopt(cfg.server, ssl_ctx)
         self.generation += 1
         self.num_workers = worker_count(cfg)
         self.reload_pending = True
@@ -580,6 +586,7 @@ def serve(config_path: str) -> int:
     try:
         cfg = config_mod.load(path)
         _check_user(cfg)
+        tls.adopt(cfg.server, tls.load(cfg.server))
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

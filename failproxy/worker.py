@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 from typing import Any
 
 import uvloop
@@ -21,6 +20,7 @@ from failproxy.config import Config
 from failproxy.context import WorkerContext
 from failproxy.downstream import ClientConnection
 from failproxy.metrics import WorkerMetrics
+from failproxy.tls import server_context
 
 QUICK_STOP_GRACE = 1.0  # TERM/INT: in-flight requests get at most this long (SPEC 6)
 # QUIT/reload: an idle keep-alive connection stays open this long (at most shutdown_timeout) so
@@ -59,8 +59,7 @@ class Worker:
         ssl_ctx = None
         for sock, tls in self._listeners:
             if tls and ssl_ctx is None:
-                ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                ssl_ctx.load_cert_chain(server_cfg.tls_cert, server_cfg.tls_key)
+                ssl_ctx = server_context(server_cfg)
             dup = sock.dup()
             dup.setblocking(False)
             factory = _factory(self.ctx, tls)
