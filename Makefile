@@ -12,7 +12,7 @@ BENCH_STAMP := $(VENV)/.stamp-bench
 DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl
 DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl
 
-.PHONY: all demo test lint typecheck pytest bench bench-full venv deb-deps clean
+.PHONY: all demo test lint typecheck pytest bench bench-full venv deb-deps clean fuzz soak
 
 all: test
 
@@ -60,6 +60,11 @@ test: $(TEST_STAMP) deb-deps
 	$(BIN)/ruff check failproxy tests bench
 	$(BIN)/mypy failproxy
 	$(BIN)/pytest -q
+
+# The long fuzz run (outside CI, ~10 minutes): tests/test_fuzz.py with the "long" Hypothesis
+# profile (random seeds, many more examples, shrinking on). FAILPROXY_FUZZ_SCALE=0.1 runs a tenth.
+fuzz: $(TEST_STAMP)
+	FAILPROXY_FUZZ=long $(BIN)/pytest -q -p no:cacheprovider --timeout=3600 tests/test_fuzz.py
 
 demo: $(TEST_STAMP)
 	$(BIN)/failproxy demo
