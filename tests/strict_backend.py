@@ -37,7 +37,7 @@ class SeenRequest:
     body: bytes = b""
     complete: bool = False
     error: str = ""
-    raw: bytes = b""  # every byte read on the connection up to this point (for diagnosis)
+    raw: bytes = b""  # the bytes read on its connection since the previous request ended
     at: float = 0.0
 
     def header_all(self, name: bytes) -> list[bytes]:
@@ -148,6 +148,7 @@ class StrictBackend:
                     out += h.send(h11.EndOfMessage()) or b""
                     sock.sendall(out)
                     cur = None
+                    raw = b""  # keep only the bytes of the request being read
                     if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                         return
                     h.start_next_cycle()
