@@ -405,7 +405,7 @@ def mutate(draw: st.DrawFn, req: GenReq) -> GenReq:
         if req.framing != "chunked":
             lines.insert(hdr, b"Transfer-Encoding: chunked")
     elif m == "te_not_chunked_last":
-        lines.insert(hdr, b"Transfer-Encoding: " + draw(st.sampled_from(
+        lines = _framing_replaced(lines, b"Transfer-Encoding: " + draw(st.sampled_from(
             [b"chunked, gzip", b"gzip", b"identity", b"chunked, identity"])))
     elif m == "te_unknown":
         lines = _framing_replaced(lines, b"Transfer-Encoding: " + draw(st.sampled_from(

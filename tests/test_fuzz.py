@@ -307,6 +307,11 @@ IDEMPOTENT = {"GET", "HEAD", "PUT", "DELETE"}
 # the machine sends HEAD no fault that must end in an error, and drops a connection after an
 # error answer to HEAD instead of reading on (the body would be taken for the next answer).
 HEAD_ERROR_HAS_BODY = True
+# Closing a client connection with pipelined bytes still unread makes the kernel reset it, and
+# what was not yet delivered of earlier, complete answers is lost
+# (test_close_with_unread_pipelined_input_keeps_earlier_answers): until that is fixed an answer
+# may be cut short when a later request on its connection was cut (and so closed it).
+CLOSE_RESETS_WITH_UNREAD_INPUT = True
 FAULTS = ["", "", "", "", "", "", "slow", "reset-first", "close-first", "reset", "cut",
           "cut-chunked"]
 
@@ -473,11 +478,13 @@ class Pipelines(RuleBasedStateMachine):
             try:
                 resp = c.raw.read_response(s.method, timeout=8)
             except IncompleteResponse as e:
-                assert s.fault.startswith("cut") or s.disturbed, \
-                    f"{s}: answer cut short ({e}) though nothing cut it"
+                closing = [k for k, p in enumerate(c.pending)
+                           if p.fault.startswith("cut") or p.disturbed]
+                explained = bool(closing) and (closing[0] == 0 or CLOSE_RESETS_WITH_UNREAD_INPUT)
+                assert explained, f"{s}: answer cut short ({e}) though nothing cut it"
                 assert c.raw.eof, f"{s}: a cut answer must close the connection"
                 out["cut"] += 1
-                self._gone(c, after_cut=True)
+                self._gone(c, after=closing[0])
                 return
             c.pending.pop(0)
             rid = resp.header("x-id")
@@ -500,16 +507,17 @@ class Pipelines(RuleBasedStateMachine):
                 out[f"error {resp.status}"] += 1
                 head_body = s.method == "HEAD" and HEAD_ERROR_HAS_BODY
                 if "close" in resp.connection_tokens or head_body:
-                    self._gone(c, after_cut=False)
+                    self._gone(c, after=None)
                     return
         assert not c.raw.buf, f"bytes after the last answer: {c.raw.buf[:200]!r} (answered twice?)"
 
-    def _gone(self, c: Conn, after_cut: bool) -> None:
-        """The proxy closed the connection: what was still pending never reaches a backend."""
+    def _gone(self, c: Conn, after: int | None) -> None:
+        """The proxy closed the connection after the cut answer to pending[after]: what was
+        pipelined behind that never reaches a backend."""
         c.dead = True
         c.raw.close()
-        if after_cut:
-            never = {s.rid for s in c.pending[1:]}
+        if after is not None:
+            never = {s.rid for s in c.pending[after + 1:]}
             time.sleep(0.02)
             reached = {r.header("x-id") for b in (self.world.a, self.world.b) for r in b.seen()}
             assert not never & reached, f"requests pipelined after a cut answer were forwarded: " \
@@ -572,3 +580,28 @@ def test_head_error_answer_has_no_body(proxy, backend) -> None:
         assert "close" not in head.connection_tokens, "the request was read whole: stays open"
         assert c.buf == b"" or c.buf.startswith(b"HTTP/1.1 "), f"a body follows: {c.buf!r}"
         assert c.read_response().status == 502
+
+
+@pytest.mark.xfail(strict=True, reason="closing a client connection with pipelined input unread "
+                   "resets it (RST): earlier complete answers and the last one are lost")
+def test_close_with_unread_pipelined_input_keeps_earlier_answers(proxy, backend) -> None:
+    """Found by the state machine. A request with `Connection: close` behind a large answer, and
+    one more request sent while failproxy is not reading (it answers in order): after the
+    second answer failproxy closes with that request unread, the kernel sends RST instead of
+    FIN and drops what the client had not yet received. nginx avoids it with a lingering close
+    (shut down writing, read and discard input for a while, then close)."""
+    big = os.urandom(300_000)
+    app = backend("app", handler=lambda r: Reply(200, body=big if r.target == "/big" else b"x"))
+    fp = proxy([app])
+    with fp.connect(timeout=10, rcvbuf=65536) as c:
+        c.send(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n"
+               b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        time.sleep(0.3)
+        c.send(b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.3)
+        first = c.read_response(timeout=5)
+        assert first.body == big
+        second = c.read_response(timeout=5)
+        assert second.body == b"x" and "close" in second.connection_tokens
+        c.wait_closed(3)
+    assert [r.target for r in app.requests] == ["/big", "/x"]
