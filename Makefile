@@ -66,6 +66,12 @@ test: $(TEST_STAMP) deb-deps
 fuzz: $(TEST_STAMP)
 	FAILPROXY_FUZZ=long $(BIN)/pytest -q -p no:cacheprovider --timeout=3600 tests/test_fuzz.py
 
+# The fault soak (outside CI, ~2 minutes): 10 000 requests through failproxy in front of two
+# unicorns whose workers are killed every 2 s; figures in bench/RELIABILITY.md. CI runs 1 000
+# (tests/test_soak.py).
+soak: $(TEST_STAMP) deb-deps
+	$(BIN)/python -m bench.soak --requests 10000 --out bench/out/soak.json
+
 demo: $(TEST_STAMP)
 	$(BIN)/failproxy demo
 
