@@ -19,11 +19,8 @@ PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py 
 DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl
 DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl curl
 
-<<<<<<< HEAD
-.PHONY: all build demo test lint typecheck pytest pytest-pure bench bench-full venv deb-deps clean
-=======
-.PHONY: all demo test lint typecheck pytest docker-test bench bench-full venv deb-deps clean
->>>>>>> docker
+.PHONY: all build demo test lint typecheck pytest pytest-pure docker-test bench bench-full venv \
+	deb-deps clean fuzz soak
 
 all: test
 
@@ -75,27 +72,31 @@ typecheck: $(TEST_STAMP)
 pytest: $(BUILD_STAMP) deb-deps
 	FAILPROXY_EXPECT_BUILD=$(if $(HAVE_CC),compiled,pure) $(BIN)/pytest -q
 
-<<<<<<< HEAD
 pytest-pure: $(TEST_STAMP) deb-deps
 	FAILPROXY_PURE=1 FAILPROXY_EXPECT_BUILD=pure $(BIN)/pytest -q $(PURE_TESTS)
 
-test: $(BUILD_STAMP) deb-deps
-	$(BIN)/ruff check failproxy tests bench
-	$(BIN)/mypy failproxy
-	FAILPROXY_EXPECT_BUILD=$(if $(HAVE_CC),compiled,pure) $(BIN)/pytest -q
-	FAILPROXY_PURE=1 FAILPROXY_EXPECT_BUILD=pure $(BIN)/pytest -q $(PURE_TESTS) tests/test_build.py
-=======
 # The image and deploy/compose.yaml in a real Docker engine (installed and started when missing,
 # see tests/docker-test.sh). `make test` runs it too, and says SKIP where no engine can run.
 docker-test: $(TEST_STAMP)
 	PYTHON=$(BIN)/python bash tests/docker-test.sh
 
-test: $(TEST_STAMP) deb-deps
+test: $(BUILD_STAMP) deb-deps
 	$(BIN)/ruff check failproxy tests bench
 	$(BIN)/mypy failproxy
 	DOCKER_TEST_SKIP_OK=1 PYTHON=$(BIN)/python bash tests/docker-test.sh
-	$(BIN)/pytest -q
->>>>>>> docker
+	FAILPROXY_EXPECT_BUILD=$(if $(HAVE_CC),compiled,pure) $(BIN)/pytest -q
+	FAILPROXY_PURE=1 FAILPROXY_EXPECT_BUILD=pure $(BIN)/pytest -q $(PURE_TESTS) tests/test_build.py
+
+# The long fuzz run (outside CI, ~10 minutes): tests/test_fuzz.py with the "long" Hypothesis
+# profile (random seeds, many more examples, shrinking on). FAILPROXY_FUZZ_SCALE=0.1 runs a tenth.
+fuzz: $(BUILD_STAMP)
+	FAILPROXY_FUZZ=long $(BIN)/pytest -q -p no:cacheprovider --timeout=3600 tests/test_fuzz.py
+
+# The fault soak (outside CI, ~2 minutes): 10 000 requests through failproxy in front of two
+# unicorns whose workers are killed every 2 s; figures in bench/RELIABILITY.md. CI runs 1 000
+# (tests/test_soak.py).
+soak: $(BUILD_STAMP) deb-deps
+	$(BIN)/python -m bench.soak --requests 10000 --out bench/out/soak.json
 
 demo: $(BUILD_STAMP)
 	$(BIN)/failproxy demo
@@ -107,10 +108,6 @@ bench-full: $(BENCH_STAMP) $(BUILD_STAMP) deb-deps
 	$(BIN)/python -m bench full
 
 clean:
-<<<<<<< HEAD
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out
-	rm -f failproxy/*.so
-=======
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out wheelhouse
->>>>>>> docker
+	rm -f failproxy/*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
