@@ -16,8 +16,9 @@ HAVE_CC := $(shell command -v cc >/dev/null 2>&1 && echo yes)
 PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py tests/test_layers.py
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.
-DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl
-DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl curl
+DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl \
+	dnsmasq-base
+DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl curl dnsmasq
 
 .PHONY: all build demo test lint typecheck pytest pytest-pure docker-test bench bench-full venv \
 	deb-deps clean fuzz soak

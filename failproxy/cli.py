@@ -36,6 +36,33 @@ def _load(path: str) -> config.Config | None:
         return None
 
 
+def _check_lines(cfg: config.Config) -> list[str]:
+    """The order a request walks as `serve` would start with it: peers from DNS resolved now,
+    and the address taken as self with the reason."""
+    if not cfg.upstream.peers and cfg.upstream.self is not None:
+        return policy.describe_order(cfg)
+    import asyncio
+
+    from failproxy import discovery
+
+    found = asyncio.run(discovery.resolve_once(cfg))
+    try:
+        choice = found.self_choice
+        lines = policy.describe_order(cfg, found.servers(), choice.address,
+                                      choice.reason if choice.detected else "")
+        for i, entry in enumerate(found.entries):
+            if entry.error is not None:
+                lines.append(
+                    f"upstream.peers[{i}].dns: {entry.error} (serve starts without these peers "
+                    f"and asks again every {entry.conf.resolve_interval:g} s)"
+                )
+        if cfg.upstream.peers and choice.address is None:
+            lines.append(choice.reason)
+        return lines
+    finally:
+        found.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status is returned, not raised, so tests can call it."""
     args_list = sys.argv[1:] if argv is None else argv
@@ -55,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "check":
         print("ok")
-        for line in policy.describe_order(cfg):
+        for line in _check_lines(cfg):
             print(line)
         return 0
     from failproxy import master  # forks workers and pulls in the event loop: only for serve

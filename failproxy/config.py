@@ -79,8 +79,28 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class PeersConfig:
+    """One `[[upstream.peers]]` entry: backups read from DNS (discovery.py).
+
+    The A and AAAA records of `dns` (looked up as written, at start and every
+    `resolve_interval`) become backups `address:port`, sorted, after the listed backups; at most
+    `max_peers` of them (the ones that follow this box around the ring). The server keys they
+    share have `[[upstream.server]]`'s meanings.
+    """
+
+    dns: str
+    port: int
+    resolve_interval: float = 5.0
+    max_peers: int = 32
+    fail_timeout: float = 0.0
+    max_fails: int = 1
+    max_conns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     servers: tuple[Upstream, ...] = ()
+    peers: tuple[PeersConfig, ...] = ()
     connect_timeout: float = 0.5
     send_timeout: float = 60.0
     read_timeout: float = 60.0
@@ -93,6 +113,9 @@ class UpstreamConfig:
     keepalive_requests: int = 1000
     keepalive_timeout: float = 60.0
     self: Address | None = None
+    # Name servers for [[upstream.peers]]; () = the `nameserver` lines of /etc/resolv.conf.
+    resolver: tuple[Address, ...] = ()
+    resolver_timeout: float = 1.0  # one query to one name server
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +156,10 @@ class Config:
 ADDRESS_FORMS = "expected HOST:PORT, [V6]:PORT or unix:/absolute/path"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes and needs its trailing NUL
 DEFAULT_LISTEN = "127.0.0.1:8000"
+MIN_INTERVAL = 0.1  # resolve_interval: DNS is asked at most this often
+# Servers a worker counts in shared memory: the listed ones plus every entry's max_peers. The
+# failover matrix grows with its square (metrics.py), so it is bounded.
+MAX_SLOTS = 256
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: what a header name may be
@@ -232,6 +259,12 @@ def _seconds(value: Any, at: _At) -> Any:
     return at.error(f"must be a number of seconds >= 0, got {_show(value)}")
 
 
+def _interval(value: Any, at: _At) -> Any:
+    if type(value) in (int, float) and math.isfinite(value) and value >= MIN_INTERVAL:
+        return float(value)
+    return at.error(f"must be a number of seconds >= {MIN_INTERVAL}, got {_show(value)}")
+
+
 def _bool(value: Any, at: _At) -> Any:
     if isinstance(value, bool):
         return value
@@ -284,6 +317,43 @@ def _address(value: Any, at: _At) -> Any:
         return parse_address(value)
     except ValueError as e:
         return at.error(str(e))
+
+
+def _port(value: Any, at: _At) -> Any:
+    if type(value) is int and 1 <= value <= 65535:
+        return value
+    return at.error(f"must be a port number 1..65535, got {_show(value)}")
+
+
+def _dns_name(value: Any, at: _At) -> Any:
+    """A host name to look up (an address is listed as an [[upstream.server]] instead)."""
+    if not isinstance(value, str):
+        return at.error(f"must be a host name string, got {_show(value)}")
+    if _is_ip(value.strip("[]")):
+        return at.error(f"{value!r} is an address, not a name: list it as an [[upstream.server]]")
+    if not _HOSTNAME.fullmatch(value) or len(value.rstrip(".")) > 253:
+        return at.error(f"must be a host name, got {_show(value)}")
+    return value
+
+
+def _name_server(value: Any, at: _At) -> Any:
+    """`IP`, `IP:PORT` or `[V6]:PORT`: a name server is given by address (port 53 by default)."""
+    if isinstance(value, str) and _is_ip(value):
+        value = f"[{value}]:53" if ":" in value else f"{value}:53"
+    address = _address(value, at)
+    if address is _BAD:
+        return _BAD
+    if address.is_unix or not _is_ip(address.host):
+        return at.error(f"a name server is an IP address (IP or IP:PORT), got {_show(value)}")
+    return address
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _optional_address(value: Any, at: _At) -> Any:
@@ -409,9 +479,10 @@ def _raw_address(entry: Any) -> Address | None:
 def _check_upstream(v: dict[str, Any], raw: dict[str, Any], at: _At) -> None:
     # Read from the raw entries, so a bad key in one entry does not hide a duplicate address.
     entries = raw.get("server", [])
+    peers = raw.get("peers", [])
     if not isinstance(entries, list):
         return
-    if not entries:
+    if not entries and not (isinstance(peers, list) and peers):
         at.key("server").error("at least one [[upstream.server]] is required")
     addresses = [_raw_address(entry) for entry in entries]
     seen: dict[Address, int] = {}
@@ -423,8 +494,28 @@ def _check_upstream(v: dict[str, Any], raw: dict[str, Any], at: _At) -> None:
                 f"{address.text} duplicates upstream.server[{seen[address]}].address"
             )
         seen.setdefault(address, i)
+    good_peers: tuple[PeersConfig, ...] = v.get("peers", ())
+    names: dict[tuple[str, int], int] = {}
+    for i, entry in enumerate(good_peers):
+        key = (entry.dns.rstrip(".").lower(), entry.port)
+        if key in names:
+            at.key("peers").index(i).key("dns").error(
+                f"{entry.dns} port {entry.port} duplicates upstream.peers[{names[key]}]"
+            )
+        names.setdefault(key, i)
+    slots = len(entries) + sum(entry.max_peers for entry in good_peers)
+    if good_peers and slots > MAX_SLOTS:
+        at.key("peers").error(
+            f"{len(entries)} servers and max_peers adding up to {slots}: at most {MAX_SLOTS}"
+        )
     self_address = v.get("self")
-    if self_address is not None and None not in addresses and self_address not in seen:
+    # With [[upstream.peers]], self may name an address that DNS gives (same port as an entry).
+    from_dns = isinstance(peers, list) and any(
+        isinstance(p, dict) and p.get("port") == getattr(self_address, "port", None)
+        for p in peers
+    )
+    if (self_address is not None and None not in addresses and self_address not in seen
+            and not from_dns):
         at.key("self").error(f"{self_address.text} matches no upstream.server address")
 
 
@@ -448,6 +539,20 @@ _SERVER_ENTRY = _Table(
     ),
     required=("address",),
     post=_check_server_entry,
+)
+
+_PEERS_ENTRY = _Table(
+    PeersConfig,
+    _same_keys(
+        dns=_dns_name,
+        port=_port,
+        resolve_interval=_interval,
+        max_peers=_integer(1),
+        fail_timeout=_seconds,
+        max_fails=_integer(1, " (fail_timeout = 0 never marks a server down)"),
+        max_conns=_integer(0),
+    ),
+    required=("dns", "port"),
 )
 
 _ROOT = _Table(
@@ -486,6 +591,7 @@ _ROOT = _Table(
                 UpstreamConfig,
                 {
                     "server": ("servers", _array(_SERVER_ENTRY, "tables ([[upstream.server]])")),
+                    "peers": ("peers", _array(_PEERS_ENTRY, "tables ([[upstream.peers]])")),
                     **_same_keys(
                         connect_timeout=_seconds,
                         send_timeout=_seconds,
@@ -499,9 +605,11 @@ _ROOT = _Table(
                         keepalive_requests=_integer(1),
                         keepalive_timeout=_seconds,
                         self=_optional_address,
+                        resolver=_array(_name_server, "name server addresses"),
+                        resolver_timeout=_interval,
                     ),
                 },
-                defaults={"servers": ()},
+                defaults={"servers": (), "peers": ()},
                 post=_check_upstream,
             ),
         ),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+from collections.abc import Sequence
 from typing import Protocol
 
 from failproxy import policy
-from failproxy.config import Config
+from failproxy.config import Address, Config, Upstream
 from failproxy.events import Events
 from failproxy.headers import RequestHeadBuilder, request_kinds
 from failproxy.metrics import WorkerMetrics
@@ -84,10 +86,11 @@ class WorkerContext:
         self.read_timeout = up.read_timeout
         self.send_timeout = up.send_timeout
         # -- events, state
+        self.first: Peer | None = self.order[0] if self.order else None
         self.events = Events(
             metrics,
             access=cfg.log.access and cfg.log.level in ("debug", "info"),
-            first=self.order[0] if self.order else None,
+            first=self.first,
         )
         self.draining = False
         self.idle_grace = 0.0  # set when draining starts: see downstream.ClientConnection.drain
@@ -97,6 +100,51 @@ class WorkerContext:
         self._rid_prefix = os.urandom(8).hex()
         # Starts at 2**60 so that hex() gives 16 digits without a format spec (no format() call).
         self._rid_counter = 1 << 60
+
+    def apply_peers(
+        self, dynamic: Sequence[tuple[int, Upstream]], self_address: Address | None
+    ) -> tuple[list[str], list[str]]:
+        """Swap in a new list of backups from DNS, `(metric slot, server)` each, and the address
+        taken as this box's own; returns the (added, removed) address texts.
+
+        Called between two requests (a timer of the worker's loop), never during one. A peer that
+        stays keeps its Peer object: its health, in-flight count and pool. An exchange in flight
+        keeps the Peer objects it holds; a removed peer's idle connections are closed and the ones
+        still busy are not pooled again (keepalive 0). An exchange in the middle of its walk goes
+        on through the order it started with (exchange.Exchange.order).
+        """
+        up = self.cfg.upstream
+        static = len(up.servers)
+        old = {p.address: p for p in self.peers[static:]}
+        peers = self.peers[:static]
+        added: list[str] = []
+        for slot, conf in dynamic:
+            text = conf.address.text
+            peer = old.get(text)
+            if peer is not None and peer.index == slot:
+                del old[text]
+            else:
+                host = conf.address.host
+                family = int(socket.AF_INET6 if ":" in host else socket.AF_INET)
+                peer = Peer(slot, conf, up, (family, (host, conf.address.port)))
+                self.events.metrics.server_state(slot, True, 0)  # the slot's last owner's gauges
+                added.append(text)
+            peers.append(peer)
+        again = set(added)  # an address that moved to another slot was not removed
+        removed = [p.address for p in old.values() if p.address not in again]
+        for peer in old.values():
+            peer.keepalive = 0
+            peer.close_idle()
+        by_address = {p.address: p for p in peers}
+        servers = [*up.servers, *[conf for _, conf in dynamic]]
+        ordered = policy.server_order(servers, self_address)
+        self.peers = peers
+        self.order = [by_address[s.address.text] for s in ordered]
+        first = self.order[0] if self.order else None
+        if first is not self.first:
+            self.first = first
+            self.events = Events(self.events.metrics, access=self.events.access, first=first)
+        return added, removed
 
     def new_request_id(self) -> str:
         """32 hex digits, unique without a syscall: a random per-process prefix and a counter

@@ -103,6 +103,7 @@ class Exchange(ResponseSink, ExchangeView):
         "head_request",
         "idempotent",
         "keep_alive",
+        "order",
         "out",
         "peer",
         "phase",
@@ -123,6 +124,9 @@ class Exchange(ResponseSink, ExchangeView):
         self.req = req
         self.started = req.started  # monotonic(), when the request head began to arrive
         self.phase = NEW
+        # The server order this walk goes through, as it was when the request came: a new peer
+        # list from DNS (context.apply_peers) applies to the next request, not mid-walk.
+        self.order = ctx.order
         self.pos = -1
         self.attempt = 0
         self.tried: list[str] = []
@@ -160,7 +164,7 @@ class Exchange(ResponseSink, ExchangeView):
     def _next_peer(self) -> Peer | None:
         """The next server in order that is not marked down (logging each one skipped)."""
         ctx = self.ctx
-        order = ctx.order
+        order = self.order
         while True:
             self.pos += 1
             if self.pos >= len(order):

@@ -38,7 +38,7 @@ import stat
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -46,9 +46,11 @@ import failproxy
 from failproxy import config as config_mod
 from failproxy import listeners, logs, tls
 from failproxy.admin import AdminServer
-from failproxy.config import Config, ConfigError
+from failproxy.config import Config, ConfigError, Upstream
+from failproxy.discovery import Discovery
 from failproxy.listeners import ListenError, ListenerSet
-from failproxy.metrics import Totals, WorkerMetrics, render
+from failproxy.metrics import Snapshot, Totals, WorkerMetrics, render
+from failproxy.peertable import PeerTable
 
 OLD_MASTER_ENV = "FAILPROXY_OLD_MASTER"
 READY_FALLBACK = 1.0  # a worker that never calls metrics.ready() counts as serving after this
@@ -57,7 +59,7 @@ QUICK_STOP = 1.0  # SPEC: TERM ends in-flight requests after at most 1 s
 HANDLED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR2,
            signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
-WorkerMain = Callable[[Config, list[Any], WorkerMetrics], int]
+WorkerMain = Callable[[Config, list[Any], WorkerMetrics, PeerTable], int]
 
 
 class StartupError(Exception):
@@ -70,8 +72,12 @@ class Worker:
     generation: int
     cfg: Config
     metrics: WorkerMetrics
-    addresses: tuple[str, ...]  # label text of each upstream index
+    # Label text of each server slot: the generation's Discovery.owners, which changes as DNS
+    # peers come and go (None: a slot never used yet).
+    addresses: Sequence[str | None]
+    discovery: Discovery
     started: float = field(default_factory=time.monotonic)
+    base: Snapshot | None = None  # counts already folded into Master.retired (fold_server)
     retiring: bool = False
     kill_at: float | None = None
 
@@ -203,6 +209,7 @@ class Master:
         self.generation = 0
         self.num_workers = worker_count(cfg)
         self.retired = Totals()
+        self.discovery = self._discovery(cfg, None)
         self.signals: list[int] = []
         self.wake = asyncio.Event()
         self.stopping: str | None = None  # "graceful" | "quick"
@@ -211,6 +218,19 @@ class Master:
         self.reexec_pid: int | None = None
         self.next_spawn_at = 0.0
         self.backoff = 0.0
+
+    def _discovery(self, cfg: Config, previous: Discovery | None) -> Discovery:
+        discovery = Discovery(cfg, self.log, previous)
+
+        def reassigning(slot: int) -> None:
+            # A DNS peer's slot passes to a new address: what it counted so far stays its own.
+            for worker in self.workers.values():
+                if worker.discovery is discovery:
+                    worker.base = self.retired.fold_server(worker.metrics, worker.addresses,
+                                                           slot, worker.base)
+
+        discovery.on_reassign = reassigning
+        return discovery
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -230,6 +250,9 @@ class Master:
             await self.admin.start()
         self.log.info("starting", listen=[a.text for a in listeners.configured(self.cfg)],
                       workers=self.num_workers, admin=self.admin_text or None)
+        # Peers from DNS and self are known before the first fork (workers start with them).
+        await self.discovery.start()
+        self.discovery.run()
         while True:
             while self.signals:
                 name = signal.Signals(self.signals.pop(0)).name
@@ -245,6 +268,7 @@ class Master:
             await self._sleep()
         for sig in HANDLED:
             loop.remove_signal_handler(sig)
+        await self.discovery.stop()
         _remove_pid(self.pid_path)
         self.log.info("stopped", mode=self.stopping)
         return 0
@@ -383,6 +407,13 @@ class Master:
                 self.log = logs.get_logger()
             except OSError as exc:
                 self.log.warning("log_config_failed", detail=str(exc))
+        # The new generation's peers: the last good answers carried over, new entries resolved
+        # now, so its workers start with a list; the old workers keep theirs while they drain.
+        discovery = self._discovery(cfg, self.discovery)
+        await discovery.start()
+        await self.discovery.stop()
+        self.discovery = discovery
+        discovery.run()
         self.cfg = cfg
 
     # -- workers ---------------------------------------------------------------------------------
@@ -406,7 +437,8 @@ class Master:
     def _spawn(self) -> None:
         cfg = self.cfg
         socks = self.listeners.sockets(listeners.configured(cfg))
-        metrics = WorkerMetrics(len(cfg.upstream.servers))
+        discovery = self.discovery
+        metrics = WorkerMetrics(discovery.n_slots)
         try:
             pid = self._fork()
         except OSError as exc:
@@ -415,13 +447,13 @@ class Master:
             self.next_spawn_at = time.monotonic() + 1.0
             return
         if pid == 0:
-            self._worker_child(cfg, socks, metrics)
-        worker = Worker(pid, self.generation, cfg, metrics,
-                        tuple(s.address.text for s in cfg.upstream.servers))
+            self._worker_child(cfg, socks, metrics, discovery.table)
+        worker = Worker(pid, self.generation, cfg, metrics, discovery.owners, discovery)
         self.workers[pid] = worker
         self.log.info("worker_started", worker_pid=pid, generation=self.generation)
 
-    def _worker_child(self, cfg: Config, socks: list[Any], metrics: WorkerMetrics) -> NoReturn:
+    def _worker_child(self, cfg: Config, socks: list[Any], metrics: WorkerMetrics,
+                      peers: PeerTable) -> NoReturn:
         code = 1
         try:
             gc.freeze()  # the master's heap stays shared copy-on-write, and is never collected
@@ -429,7 +461,7 @@ class Master:
                 other.metrics.close()
             _detach_master_fds({s.fileno() for s in socks})
             _drop_privileges(cfg.server.user)
-            code = self.worker_main(cfg, socks, metrics)
+            code = self.worker_main(cfg, socks, metrics, peers)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -505,8 +537,12 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
-            self.retired.add(worker.metrics, worker.addresses, gauges=False)
+            self.retired.add(worker.metrics, worker.addresses, gauges=False, base=worker.base)
             worker.metrics.close()
+            old = worker.discovery
+            if old is not self.discovery and all(w.discovery is not old
+                                                 for w in self.workers.values()):
+                old.close()  # the last worker of an older generation: its peer table goes
             expected = worker.retiring or self.stopping is not None
             level = "info" if expected and code == 0 else "warning"
             getattr(self.log, level)("worker_exited", worker_pid=pid, exit_code=code,
@@ -546,7 +582,7 @@ class Master:
     def totals(self) -> Totals:
         totals = self.retired.copy()
         for worker in self.workers.values():
-            totals.add(worker.metrics, worker.addresses, gauges=True)
+            totals.add(worker.metrics, worker.addresses, gauges=True, base=worker.base)
         return totals
 
     def healthy(self) -> bool:
@@ -555,6 +591,8 @@ class Master:
     def status(self) -> dict[str, Any]:
         totals = self.totals()
         live = sorted(self.workers.values(), key=lambda w: w.started)
+        choice = self.discovery.self_choice
+        own = choice.address
         return {
             "version": failproxy.__version__,
             "pid": self.pid,
@@ -562,22 +600,36 @@ class Master:
             "retiring": [w.pid for w in live if w.retiring],
             "generation": self.generation,
             "uptime": round(time.time() - self.started_at, 3),
-            "upstreams": [
-                {
-                    "address": s.address.text,
-                    "backup": s.backup,
-                    "state": "down" if totals.down[s.address.text] else "up",
-                    "fails": totals.fails[s.address.text],
-                    "requests": totals.server_requests[s.address.text],
-                    "failovers": totals.server_failovers[s.address.text],
-                }
-                for s in self.cfg.upstream.servers
-            ],
+            "upstreams": [_upstream_status(s, dns, s.address == own, totals)
+                          for s, dns in self.discovery.servers()],
+            "self": {"address": own.text if own else None, "reason": choice.reason,
+                     "detected": choice.detected},
+            "peers": self.discovery.describe(),
         }
 
     def metrics_text(self) -> str:
-        servers = [s.address.text for s in self.cfg.upstream.servers]
+        servers = [s.address.text for s, _ in self.discovery.servers()]
         return render(self.totals(), servers, sum(not w.retiring for w in self.workers.values()))
+
+
+def _upstream_status(server: Upstream, dns: str | None, own: bool, totals: Totals
+                     ) -> dict[str, Any]:
+    """One server in /status: SPEC 7's fields; `dns` (the name it came from) only for a peer
+    from DNS, and `self: true` only on the address taken as this box's own."""
+    text = server.address.text
+    out: dict[str, Any] = {
+        "address": text,
+        "backup": server.backup,
+        "state": "down" if totals.down[text] else "up",
+        "fails": totals.fails[text],
+        "requests": totals.server_requests[text],
+        "failovers": totals.server_failovers[text],
+    }
+    if dns is not None:
+        out["dns"] = dns
+    if own:
+        out["self"] = True
+    return out
 
 
 def serve(config_path: str) -> int:

@@ -6,7 +6,9 @@ are single instructions, so the master reads live slots while workers write them
 master reaps a worker it folds the slot's final values into a `Totals` keyed by upstream
 address text, so every counter stays monotonic across worker restarts, TTIN/TTOU and reloads
 that change the server list. Server indexes on the hot path are positions in
-`config.upstream.servers`; reasons are positions in `reasons.REASONS`.
+`config.upstream.servers`, then the slots reserved for peers from DNS (`max_peers` per
+`[[upstream.peers]]`, discovery.py); reasons are positions in `reasons.REASONS`. A DNS slot
+that passes to another address is folded first (`Totals.fold_server`), as a retired worker is.
 """
 
 from __future__ import annotations
@@ -147,6 +149,9 @@ class WorkerMetrics:
         return self._q.tolist(), self._d.tolist()  # type: ignore[return-value]
 
 
+Snapshot = tuple[list[int], list[float]]  # one worker's int64 and float64 cells
+
+
 @dataclass
 class Totals:
     """Figures summed over workers, keyed by label text rather than by index."""
@@ -173,11 +178,39 @@ class Totals:
             self.active, Counter(self.fails), Counter(self.down),
         )
 
-    def add(self, metrics: WorkerMetrics, addresses: Sequence[str], *, gauges: bool) -> None:
-        """Add one worker's slot; `addresses[i]` is the text of its server i."""
+    def add(self, metrics: WorkerMetrics, addresses: Sequence[str | None], *, gauges: bool,
+            base: Snapshot | None = None) -> None:
+        """Add one worker's slot; `addresses[i]` is the text of its server i (None: a slot no
+        server ever used). `base`: counts already folded away (`fold_server`), subtracted."""
         q, d = metrics.snapshot()
-        layout = _Layout(metrics.n_servers)
+        if base is not None:
+            q = [a - b for a, b in zip(q, base[0], strict=True)]
+            d = [a - b for a, b in zip(d, base[1], strict=True)]
+        self._add(q, d, metrics.n_servers, addresses, gauges)
+
+    def fold_server(self, metrics: WorkerMetrics, addresses: Sequence[str | None], server: int,
+                    base: Snapshot | None) -> Snapshot:
+        """Server slot `server` is about to count for another address: add what it counted so
+        far (for `addresses[server]`) and return the new `base` that keeps it from being
+        counted again. The worker's own memory is only read, never reset (it may be writing)."""
+        q, d = metrics.snapshot()
         n = metrics.n_servers
+        base_q, base_d = base if base is not None else ([0] * len(q), [0.0] * len(d))
+        base_q, base_d = list(base_q), list(base_d)
+        delta_q, delta_d = [0] * len(q), [0.0] * len(d)
+        cells, sums = _server_cells(_Layout(n), n, server)
+        for c in cells:
+            delta_q[c] = q[c] - base_q[c]
+            base_q[c] = q[c]
+        for c in sums:
+            delta_d[c] = d[c] - base_d[c]
+            base_d[c] = d[c]
+        self._add(delta_q, delta_d, n, addresses, False)
+        return base_q, base_d
+
+    def _add(self, q: list[int], d: list[float], n: int, addresses: Sequence[str | None],
+             gauges: bool) -> None:
+        layout = _Layout(n)
         for status in range(_STATUSES):
             if q[status]:
                 self.status[status] += q[status]
@@ -186,7 +219,8 @@ class Totals:
         self.duration_sum += d[0]
         self.exhausted += q[layout.exhausted]
         width = len(CONNECT_BUCKETS) + 1
-        for i, address in enumerate(addresses[:n]):
+        named = [(i, a) for i, a in enumerate(addresses[:n]) if a is not None]
+        for i, address in named:
             self.server_requests[address] += q[layout.server_requests + i]
             self.server_failovers[address] += q[layout.server_failovers + i]
             hist = self.connect.setdefault(address, [0] * width)
@@ -194,7 +228,7 @@ class Totals:
             for b in range(width):
                 hist[b] += q[base + b]
             self.connect_sum[address] = self.connect_sum.get(address, 0.0) + d[1 + i]
-            for j, to_address in enumerate(addresses[:n]):
+            for j, to_address in named:
                 base = layout.failovers + (i * n + j) * _N_REASONS
                 for r, reason in enumerate(REASONS):
                     if q[base + r]:
@@ -204,6 +238,21 @@ class Totals:
                 self.down[address] += q[layout.down + i]
         if gauges:
             self.active += q[layout.active]
+
+
+def _server_cells(layout: _Layout, n: int, server: int) -> tuple[list[int], list[int]]:
+    """The counter cells (int64, float64) that belong to server `server`: its requests,
+    failovers away, connect histogram and time, and the failover matrix row and column."""
+    width = len(CONNECT_BUCKETS) + 1
+    cells = [layout.server_requests + server, layout.server_failovers + server]
+    cells += range(layout.connect + server * width, layout.connect + (server + 1) * width)
+    for other in range(n):
+        row = layout.failovers + (server * n + other) * _N_REASONS
+        cells += range(row, row + _N_REASONS)
+        if other != server:
+            col = layout.failovers + (other * n + server) * _N_REASONS
+            cells += range(col, col + _N_REASONS)
+    return cells, [1 + server]
 
 
 # -- Prometheus text exposition (format 0.0.4) ---------------------------------------------------
@@ -293,5 +342,5 @@ def render(totals: Totals, servers: Iterable[str], workers: int) -> str:
     return "\n".join(page.lines) + "\n"
 
 
-__all__ = ["CONNECT_BUCKETS", "CONTENT_TYPE", "DURATION_BUCKETS", "REASONS", "Totals",
-           "WorkerMetrics", "render"]
+__all__ = ["CONNECT_BUCKETS", "CONTENT_TYPE", "DURATION_BUCKETS", "REASONS", "Snapshot",
+           "Totals", "WorkerMetrics", "render"]

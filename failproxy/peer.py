@@ -62,7 +62,15 @@ class Peer:
         "spare",
     )
 
-    def __init__(self, index: int, conf: Upstream, upstream: UpstreamConfig) -> None:
+    def __init__(
+        self,
+        index: int,
+        conf: Upstream,
+        upstream: UpstreamConfig,
+        resolved: tuple[int, tuple[str, int]] | None = None,
+    ) -> None:
+        """`resolved` (family, sockaddr): the address was resolved already (a peer from DNS,
+        discovery.py), so no lookup happens here."""
         addr = conf.address
         self.index = index
         self.address = addr.text
@@ -74,6 +82,9 @@ class Peer:
         if addr.is_unix:
             self.family = int(socket.AF_UNIX)
             self.sockaddr = addr.path
+        elif resolved is not None:
+            self.family = resolved[0]
+            self.sockaddr = resolved[1]
         else:
             # Resolved once, when the worker starts (as nginx does): a blocking lookup per
             # connect would stall every connection of the worker.

@@ -120,13 +120,32 @@ def walk_limit_reached(attempts: int, tries: int, elapsed: float, retry_timeout:
     return bool(retry_timeout and elapsed >= retry_timeout)
 
 
-def describe_order(cfg: Config) -> list[str]:
-    """The resolved server order as `failproxy check` prints it: what a request tries, in turn."""
-    self_address = cfg.upstream.self
+def describe_order(
+    cfg: Config,
+    servers: Sequence[tuple[Upstream, str | None]] | None = None,
+    self_address: Address | None = None,
+    self_reason: str = "",
+) -> list[str]:
+    """The resolved server order as `failproxy check` prints it: what a request tries, in turn.
+
+    `servers`: every server with the DNS name it came from (None: listed), as discovery.py
+    resolved them; by default the listed ones. `self_address`/`self_reason`: the address
+    detected as this box's own and why; by default `upstream.self`.
+    """
+    if servers is None:
+        servers = [(s, None) for s in cfg.upstream.servers]
+    if self_address is None:
+        self_address = cfg.upstream.self
+    names = {s.address.text: dns for s, dns in servers}
     lines = []
-    for n, server in enumerate(server_order(cfg.upstream.servers, self_address), 1):
+    for n, server in enumerate(server_order([s for s, _ in servers], self_address), 1):
         role = "backup" if server.backup else "primary"
+        dns = names.get(server.address.text)
+        if dns:
+            role += f", dns {dns}"
         if server.address == self_address:
             role += ", self: tried last" if server.backup else ", self"
+            if self_reason:
+                role += f"; {self_reason}"
         lines.append(f"{n}. {server.address.text} ({role})")
     return lines

@@ -20,6 +20,7 @@ from failproxy.config import Config
 from failproxy.context import WorkerContext
 from failproxy.downstream import ClientConnection
 from failproxy.metrics import WorkerMetrics
+from failproxy.peertable import PeerTable, PeerWatch
 from failproxy.tls import server_context
 
 QUICK_STOP_GRACE = 1.0  # TERM/INT: in-flight requests get at most this long (SPEC 6)
@@ -148,12 +149,20 @@ def _sock_address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetrics) -> int:
-    """Run one worker until a signal stops it; returns the exit code."""
+def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetrics,
+                peers: PeerTable | None = None) -> int:
+    """Run one worker until a signal stops it; returns the exit code.
+
+    `peers`: the master's current peer list (peertable.py), applied before the first request
+    and checked again now and then."""
     logs.configure(cfg.log)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(cfg, metrics, loop)
+    if peers is not None:
+        watch = PeerWatch(peers, cfg.upstream, worker.ctx, worker.log)
+        watch.check()
+        watch.start(loop)
     parent = os.getppid()
 
     def watch_parent() -> None:

@@ -218,7 +218,10 @@ class HTTPBackend:
         read_rate: float = 0.0,
         record_body_limit: int = 1 << 20,
         send_100: bool = True,
+        sock: socket.socket | None = None,
     ) -> None:
+        """`sock`: an unbound TCP socket to listen with (e.g. one made in another network
+        namespace); `address` is then the HOST:PORT it binds."""
         self.name = name
         self.handler = handler or self.default_reply
         self.idle_timeout = idle_timeout  # close an idle keep-alive connection after it
@@ -246,7 +249,8 @@ class HTTPBackend:
         else:
             self.path = ""
             host, _, port = address.rpartition(":")
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock = sock if sock is not None else socket.socket(socket.AF_INET,
+                                                                    socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind((host, int(port)))
             self.address = f"{host}:{self.sock.getsockname()[1]}"

@@ -47,7 +47,8 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"no TOML for {v!r}")
 
 
-def render_config(sections: dict[str, dict[str, Any]], servers: list[dict[str, Any]]) -> str:
+def render_config(sections: dict[str, dict[str, Any]], servers: list[dict[str, Any]],
+                  peers: Iterable[dict[str, Any]] = ()) -> str:
     out: list[str] = []
     for name, values in sections.items():
         if not values:
@@ -58,6 +59,10 @@ def render_config(sections: dict[str, dict[str, Any]], servers: list[dict[str, A
     for server in servers:
         out.append("[[upstream.server]]")
         out += [f"{k} = {_toml_value(v)}" for k, v in server.items()]
+        out.append("")
+    for entry in peers:
+        out.append("[[upstream.peers]]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
         out.append("")
     return "\n".join(out)
 
@@ -207,8 +212,14 @@ class Proxy:
                  server: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None,
                  headers: dict[str, Any] | None = None,
                  log: dict[str, Any] | None = None, admin: dict[str, Any] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, peers: Iterable[dict[str, Any]] = (),
+                 command_prefix: Iterable[str] = (),
+                 socket_factory: Callable[[], socket.socket] | None = None) -> None:
         self.workdir = workdir
+        # Run it as `PREFIX... python -m failproxy serve` (e.g. `ip netns exec NS`), and reach it
+        # with sockets from `socket_factory` (e.g. made inside that namespace).
+        self.command_prefix = list(command_prefix)
+        self.socket_factory = socket_factory
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = port or free_port()
@@ -222,7 +233,7 @@ class Proxy:
         self.config_text = render_config(
             {"server": srv, "upstream": upstream or {}, "headers": headers or {}, "log": lg,
              "admin": admin or {}},
-            self.servers)
+            self.servers, peers)
         self.config_path.write_text(self.config_text)
         self.log = LogReader(self.log_path)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -244,7 +255,8 @@ class Proxy:
         self._out = open(self.workdir / "stdout.txt", "wb")  # noqa: SIM115
         self._err = open(self.workdir / "stderr.txt", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "failproxy", "serve", str(self.config_path)],
+            [*self.command_prefix, sys.executable, "-m", "failproxy", "serve",
+             str(self.config_path)],
             cwd=str(self.workdir), env=env, stdout=self._out, stderr=self._err,
             stdin=subprocess.DEVNULL, start_new_session=True)
         self.wait_ready(timeout)
@@ -258,13 +270,26 @@ class Proxy:
                 raise AssertionError(
                     f"failproxy exited with {self.proc.returncode} before serving:\n"
                     f"{self.stderr()[-3000:]}\nconfig:\n{self.config_text}")
-            with contextlib.suppress(OSError), socket.create_connection(self.address, timeout=0.5):
+            with contextlib.suppress(OSError), self._socket(timeout=0.5):
                 # the port accepts; a pre-fork master may still be forking: wait for a worker
                 self._wait_worker(deadline)
                 return
             time.sleep(0.03)
         raise AssertionError(f"failproxy did not accept on {self.address} within {timeout}s:\n"
                              f"{self.stderr()[-3000:]}")
+
+    def _socket(self, timeout: float) -> socket.socket:
+        """A connected client socket."""
+        if self.socket_factory is None:
+            return socket.create_connection(self.address, timeout=timeout)
+        sock = self.socket_factory()
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def _wait_worker(self, deadline: float) -> None:
         # A single-process proxy serves by itself; a master serves once a worker logged in.
@@ -332,7 +357,8 @@ class Proxy:
         return rc
 
     def connect(self, timeout: float = 5.0, rcvbuf: int | None = None) -> RawConn:
-        return RawConn(self.port, self.host, timeout=timeout, rcvbuf=rcvbuf)
+        sock = self.socket_factory() if self.socket_factory is not None else None
+        return RawConn(self.port, self.host, timeout=timeout, rcvbuf=rcvbuf, sock=sock)
 
     def request(self, method: str, target: str, *, headers: Iterable[tuple[str, str]] = (),
                 body: bytes = b"", timeout: float = 10.0) -> Response:
@@ -415,8 +441,10 @@ class RawConn:
     """A client connection to the proxy: exact bytes out, whole responses in."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0,
-                 rcvbuf: int | None = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                 rcvbuf: int | None = None, sock: socket.socket | None = None) -> None:
+        # `sock`: an unconnected socket to use (e.g. one made in another network namespace)
+        self.sock = sock if sock is not None else socket.socket(socket.AF_INET,
+                                                                socket.SOCK_STREAM)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
