@@ -24,6 +24,7 @@ class OptionalBuildExt(build_ext):
     """A compiled build that fails is not an install that fails: pure Python then."""
 
     def run(self) -> None:
+        self._remove_stale()
         try:
             super().run()
         except Exception as exc:  # CompileError, LinkError, a missing header ...
@@ -32,6 +33,21 @@ class OptionalBuildExt(build_ext):
                 path = self.get_ext_fullpath(ext.name)
                 if os.path.exists(path):
                     os.remove(path)
+
+
+    def _remove_stale(self) -> None:
+        """A build (in place, or in build/ that a wheel is made from) keeps the extension of a
+        module no longer compiled, which would shadow its .py: remove those first."""
+        if self.inplace:
+            package = os.path.join(os.path.dirname(os.path.abspath(__file__)), "failproxy")
+        else:
+            package = os.path.join(self.build_lib, "failproxy")
+        if not os.path.isdir(package):
+            return
+        for name in os.listdir(package):
+            stem = name.split(".", 1)[0]
+            if name.endswith(".so") and stem not in BUILD["COMPILED"] and "__mypyc" not in stem:
+                os.remove(os.path.join(package, name))
 
 
 def _compiler_found() -> bool:

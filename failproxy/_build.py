@@ -24,12 +24,15 @@ from pathlib import Path
 # The hot path, compiled by mypyc (plain typed Python, no compiled-only code). Bottom first.
 COMPILED = (
     "reasons",
+    "jsonlog",
     "timer",
     "headers",
     "policy",
     "metrics",
     "queue_depth",
+    "loadshare",
     "peer",
+    "balance",
     "connect",
     "upstream",
     "request",
@@ -53,7 +56,15 @@ def _stale(package_dir: Path, library: Path) -> bool:
     if not (package_dir.parent / "pyproject.toml").exists():
         return False  # an installed wheel: its files are what was built
     built = library.stat().st_mtime
-    return any((package_dir / f"{name}.py").stat().st_mtime > built for name in COMPILED)
+    if any((package_dir / f"{name}.py").stat().st_mtime > built for name in COMPILED):
+        return True
+    # The extension of a module no longer compiled would shadow its source.
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    return any(
+        path.name[: -len(suffix)] not in COMPILED
+        for path in package_dir.glob("*" + suffix)
+        if path != library
+    )
 
 
 def _source_only(package_dir: Path) -> None:

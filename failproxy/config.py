@@ -18,15 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from failproxy.errors import ConfigError as ConfigError  # re-exported: config.ConfigError
 from failproxy.reasons import REASONS, RETRY_ON_NAMES
-
-
-class ConfigError(Exception):
-    """Raised by `load`; `problems` holds one line per problem, each naming its key path."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +106,10 @@ class UpstreamConfig:
     keepalive_requests: int = 1000
     keepalive_timeout: float = 60.0
     self: Address | None = None
+    # Where overflow goes (SPEC 4.3, balance.py): "room" (a peer with a free worker, else held
+    # up to hold_timeout, else home) or "ring" (the listed order, the seed's policy).
+    overflow: str = "room"
+    hold_timeout: float = 2.0  # room: longest a request waits in failproxy for a free worker
     # Name servers for [[upstream.peers]]; () = the `nameserver` lines of /etc/resolv.conf.
     resolver: tuple[Address, ...] = ()
     resolver_timeout: float = 1.0  # one query to one name server
@@ -605,6 +602,8 @@ _ROOT = _Table(
                         keepalive_requests=_integer(1),
                         keepalive_timeout=_seconds,
                         self=_optional_address,
+                        overflow=_choice("room", "ring"),
+                        hold_timeout=_seconds,
                         resolver=_array(_name_server, "name server addresses"),
                         resolver_timeout=_interval,
                     ),

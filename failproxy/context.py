@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from failproxy import policy
+from failproxy.balance import Room
 from failproxy.config import Address, Config, Upstream
 from failproxy.events import Events
 from failproxy.headers import RequestHeadBuilder, request_kinds
+from failproxy.loadshare import LoadView
 from failproxy.metrics import WorkerMetrics
 from failproxy.peer import Peer, build_peers
 
@@ -46,10 +48,16 @@ class WorkerContext:
     """Per-process state shared by every connection (one instance per worker)."""
 
     def __init__(
-        self, cfg: Config, metrics: WorkerMetrics, loop: asyncio.AbstractEventLoop
+        self,
+        cfg: Config,
+        metrics: WorkerMetrics,
+        loop: asyncio.AbstractEventLoop,
+        share: LoadView | None = None,
     ) -> None:
+        """`share`: the other workers' load (several worker processes; loadshare.py)."""
         self.cfg = cfg
         self.loop = loop
+        metrics.attach(loop)  # counters reach shared memory once per loop iteration
         server = cfg.server
         up = cfg.upstream
         # -- the client side
@@ -73,10 +81,15 @@ class WorkerContext:
         )
         self.upstream_header = cfg.headers.upstream_header
         # -- the walk
+        self.share = share
         self.peers: list[Peer] = build_peers(up)
+        for peer in self.peers:
+            peer.share = share
         by_address = {p.address: p for p in self.peers}
         ordered = policy.server_order(up.servers, up.self)
         self.order: list[Peer] = [by_address[s.address.text] for s in ordered]
+        self.room: Room | None = None
+        self._set_room(up.self)
         self.retry_on = policy.expand_retry_on(up.retry_on)
         self.tries = up.tries
         self.retry_timeout = up.retry_timeout
@@ -138,13 +151,42 @@ class WorkerContext:
         by_address = {p.address: p for p in peers}
         servers = [*up.servers, *[conf for _, conf in dynamic]]
         ordered = policy.server_order(servers, self_address)
+        for peer in peers:
+            peer.share = self.share
         self.peers = peers
         self.order = [by_address[s.address.text] for s in ordered]
+        self._set_room(self_address)
         first = self.order[0] if self.order else None
         if first is not self.first:
             self.first = first
             self.events = Events(self.events.metrics, access=self.events.access, first=first)
         return added, removed
+
+    def _set_room(self, self_address: Address | None) -> None:
+        """The `room` overflow policy (balance.py), for a UNIX primary with backups; None under
+        `overflow = "ring"` or another shape of server list, which walks the order as listed."""
+        up = self.cfg.upstream
+        order = self.order
+        local = order[0] if order else None
+        backups = [p for p in order if p.backup]
+        if (
+            up.overflow != "room"
+            or local is None
+            or not local.is_unix
+            or local.backup
+            or len(order) != 1 + len(backups)
+            or not backups
+        ):
+            self.room = None
+            return
+        own_text = self_address.text if self_address is not None else None
+        own = next((p for p in backups if p.address == own_text), None)
+        peers = [p for p in backups if p is not own]
+        room = self.room
+        if room is None:
+            self.room = Room(self.loop, local, own, peers, up.hold_timeout, self.share is not None)
+        else:
+            room.configure(local, own, peers)  # a new list from DNS: keep what was learned, held
 
     def new_request_id(self) -> str:
         """32 hex digits, unique without a syscall: a random per-process prefix and a counter

@@ -26,6 +26,7 @@ from typing import Any
 
 from failproxy import dnsclient, netaddrs
 from failproxy.config import Address, Config, PeersConfig, Upstream, parse_address
+from failproxy.loadshare import LoadShare
 from failproxy.peertable import PeerTable, peer_upstream
 
 
@@ -107,6 +108,8 @@ class Discovery:
         self._freed: dict[int, float] = {}  # free slot -> when it was freed
         self._slot_of: dict[str, int] = {}
         self.table = PeerTable(max(self.n_slots, 1))
+        # The generation's workers' requests in flight per slot (the overflow policy's view).
+        self.load = LoadShare(max(self.n_slots, 1))
         self.self_choice = SelfChoice(up.self, "set in upstream.self", False) if up.self else (
             SelfChoice(None, "no self: not detected yet", False))
         self.rows: list[tuple[int, str, int]] = []
@@ -302,6 +305,7 @@ class Discovery:
 
     def close(self) -> None:
         self.table.close()
+        self.load.close()
 
 
 async def resolve_once(cfg: Config) -> Discovery:

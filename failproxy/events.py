@@ -2,7 +2,7 @@
 
 One call per event does both, so silencing a log line (level, `log.access = false`) never drops
 a counter, and a reader finds where a failover is logged and counted in one place. The hot
-events (`request`, `failover`) go through `logs.event_logger`, which renders straight to JSON;
+events (`request`, `failover`) go through a `jsonlog.Emitter`, which renders straight to JSON;
 the rare ones go through structlog.
 
 What an event needs of a request's walk is declared below as an abstract interface
@@ -18,6 +18,7 @@ from typing import Any
 from mypy_extensions import trait
 
 from failproxy import logs, policy
+from failproxy.jsonlog import stamp
 from failproxy.metrics import WorkerMetrics
 from failproxy.peer import Peer
 from failproxy.request import Request
@@ -40,6 +41,7 @@ class ExchangeView:
     answered_by: Peer | None
     connect_ms: float | None
     started: float  # monotonic() when the request head began to arrive
+    held_ms: float | None  # how long the overflow policy held it (None: not held)
 
     def elapsed_ms(self) -> float:
         raise NotImplementedError
@@ -65,8 +67,8 @@ class Events:
         self.access = access
         # `overflowed`: a server other than the first in order answered.
         self._first = first
-        self._request = logs.event_logger("request", "info")
-        self._failover = logs.event_logger("failover", "warning")
+        self._request = logs.emitter("request", "info")
+        self._failover = logs.emitter("failover", "warning")
 
     # -- the walk ---------------------------------------------------------------------------
 
@@ -75,9 +77,16 @@ class Events:
     ) -> None:
         """Logged when decided, before the next attempt starts (SPEC 5)."""
         self.metrics.failover(src.index, dst.index, policy.REASON_INDEX[reason])
+        emitter = self._failover
+        if not emitter.enabled:
+            return
         req = ex.req
-        self._failover(
+        emitter.emit(
             {
+                "event": "failover",
+                "level": "warning",
+                "timestamp": stamp(),
+                "pid": emitter.pid,
                 "request_id": req.request_id or None,
                 "method": req.method.decode("latin-1"),
                 "path": req.url.decode("latin-1"),
@@ -149,13 +158,18 @@ class Events:
         duration = int((now - ex.started) * 1_000_000) / 1000
         status = ex.status
         self.metrics.request(status, duration / 1000.0)
-        if not self.access:
+        emitter = self._request
+        if not self.access or not emitter.enabled:
             return
         req = ex.req
         answered = ex.answered_by
         connect_ms = ex.connect_ms
-        self._request(
+        emitter.emit(
             {
+                "event": "request",
+                "level": "info",
+                "timestamp": stamp(),
+                "pid": emitter.pid,
                 "request_id": req.request_id or None,
                 "method": req.method.decode("latin-1"),
                 "path": req.url.decode("latin-1"),
@@ -168,6 +182,7 @@ class Events:
                 "tries": ex.attempt,
                 "overflowed": answered is not None and answered is not self._first,
                 "connect_ms": round(connect_ms, 3) if connect_ms is not None else None,
+                "held_ms": ex.held_ms,
             }
         )
 

@@ -24,6 +24,7 @@ from typing import Final, cast
 from mypy_extensions import trait
 
 from failproxy import policy
+from failproxy.balance import Holdable
 from failproxy.connect import start_connect, when_connected
 from failproxy.context import WorkerContext
 from failproxy.events import ExchangeView
@@ -38,16 +39,18 @@ CONNECTING: Final = 1  # a connect to the current peer is under way
 WAITING: Final = 2  # the request is on a connection; no response head yet
 RELAYING: Final = 3  # a response head went to the client; its body streams
 DONE: Final = 4  # answered, abandoned, or handed over as a tunnel
-PHASES: Final = ("new", "connecting", "waiting", "relaying", "done")
+HELD: Final = 5  # no known free worker anywhere: waiting in failproxy (balance.Room)
+PHASES: Final = ("new", "connecting", "waiting", "relaying", "done", "held")
 
 # Allowed moves: from -> set of to. A failed attempt goes back to CONNECTING (or WAITING, with a
 # pooled connection) on the next peer; only RELAYING is committed.
 _TRANSITIONS: Final[tuple[frozenset[int], ...]] = (
-    frozenset({CONNECTING, WAITING, DONE}),  # NEW
+    frozenset({CONNECTING, WAITING, DONE, HELD}),  # NEW
     frozenset({CONNECTING, WAITING, DONE}),  # CONNECTING
     frozenset({CONNECTING, WAITING, RELAYING, DONE}),  # WAITING
     frozenset({DONE}),  # RELAYING
     frozenset(),  # DONE
+    frozenset({CONNECTING, WAITING, DONE}),  # HELD
 )
 
 
@@ -87,7 +90,7 @@ class Downstream:
         raise NotImplementedError
 
 
-class Exchange(ResponseSink, ExchangeView):
+class Exchange(ResponseSink, ExchangeView, Holdable):
     """The life of one request from the moment it is first in line until it is answered."""
 
     __slots__ = (
@@ -101,6 +104,7 @@ class Exchange(ResponseSink, ExchangeView):
         "connect_ms",
         "ctx",
         "head_request",
+        "held_ms",
         "idempotent",
         "keep_alive",
         "order",
@@ -111,6 +115,7 @@ class Exchange(ResponseSink, ExchangeView):
         "reasons",
         "req",
         "slot",
+        "slot_answered",
         "stale_retried",
         "started",
         "status",
@@ -133,6 +138,8 @@ class Exchange(ResponseSink, ExchangeView):
         self.reasons: list[str] = []
         self.peer: Peer | None = None  # the peer of the current attempt
         self.slot: Peer | None = None  # the peer whose in-flight slot this exchange holds
+        self.slot_answered = False  # ... and that peer's response head has arrived
+        self.held_ms: float | None = None  # how long the overflow policy held it
         self.conn: UpstreamConnection | None = None
         self.answered_by: Peer | None = None
         self.connect_ms: float | None = None
@@ -155,15 +162,56 @@ class Exchange(ResponseSink, ExchangeView):
 
     def start(self, now: float) -> None:
         """`now`: monotonic(), read once by the caller (one clock read per request side)."""
+        room = self.ctx.room
+        # The overflow policy reasons about the local socket's workers; one marked down
+        # (fail_timeout > 0) is skipped by the plain walk below, as nginx would.
+        if room is not None and self.order[0] is room.local and not room.local.is_down(now):
+            peer, reason = room.route(self, now)
+            if peer is None:
+                self._enter(HELD)  # resumed by the policy (resume), or its client goes
+                return
+            self._go(peer, reason, now)
+            return
         peer = self._next_peer()
         if peer is None:
             self._exhausted(None)
             return
         self._try_peer(peer, now)
 
-    def _next_peer(self) -> Peer | None:
-        """The next server in order that is not marked down (logging each one skipped)."""
+    def resume(self, peer: Peer, reason: str, now: float) -> None:
+        """balance.Holdable: the policy sends a held request on."""
+        self.held_ms = int((now - self.started) * 1_000_000) / 1000
+        self._go(peer, reason, now)
+
+    def _go(self, peer: Peer, reason: str, now: float) -> None:
+        """The first attempt, where the overflow policy chose: when that is not the local socket
+        the skip is a failover (logged before the attempt, as every failover is)."""
+        room = self.ctx.room
+        assert room is not None
+        if reason:
+            local = room.local
+            self.attempt += 1
+            self.tried.append(local.address)
+            self.reasons.append(reason)
+            self.ctx.events.failover(self, local, peer, reason, None)
+        if peer is not room.local:
+            room.sent(peer, now)
+        self._try_peer(peer, now)
+
+    def _next_peer(self, reason: str = "") -> Peer | None:
+        """The next server to try after a failure (with `reason`): where the overflow policy
+        says (a peer with a free worker, else home), or under `overflow = "ring"` the next one
+        in order that is not marked down (logging each one skipped)."""
         ctx = self.ctx
+        room = ctx.room
+        failed = self.peer
+        if (
+            room is not None
+            and failed is not None
+            and self.order[0] is room.local
+            and (not self.tried or self.tried[0] == room.local.address)
+        ):
+            return room.after_failure(failed, reason, self.tried, monotonic())
         order = self.order
         while True:
             self.pos += 1
@@ -205,6 +253,7 @@ class Exchange(ResponseSink, ExchangeView):
         assert self.slot is None, "an exchange holds one slot at a time"
         peer.acquire()
         self.slot = peer
+        self.slot_answered = False
 
     def _connect(self, peer: Peer) -> None:
         self._enter(CONNECTING)
@@ -290,7 +339,10 @@ class Exchange(ResponseSink, ExchangeView):
         slot = self.slot
         if slot is not None:
             self.slot = None
-            slot.release()
+            slot.release(self.slot_answered)
+            room = self.ctx.room
+            if room is not None:
+                room.release()  # a worker may be free again: a held request may go
         conn = self.conn
         if conn is not None:
             self.conn = None
@@ -331,7 +383,7 @@ class Exchange(ResponseSink, ExchangeView):
             self.attempt, ctx.tries, monotonic() - self.started, ctx.retry_timeout
         ):
             return None
-        return self._next_peer()
+        return self._next_peer(reason)
 
     def _exhausted(self, reason: str | None) -> None:
         """No server took the request: 502, or 504 when the last attempt timed out."""
@@ -392,6 +444,10 @@ class Exchange(ResponseSink, ExchangeView):
                 self._move_on(peer, nxt, status_reason, None)
                 return
         self._enter(RELAYING)
+        slot = self.slot
+        if slot is not None:
+            slot.answered()  # its worker is done with us: the policy counts it free
+            self.slot_answered = True
         req = self.req
         keep = self.client.keep_alive_after(req)
         framing = b""
@@ -551,6 +607,10 @@ class Exchange(ResponseSink, ExchangeView):
         """The client disconnected: whatever is in flight upstream is abandoned."""
         if self.phase == DONE:
             return
+        if self.phase == HELD:
+            room = self.ctx.room
+            if room is not None:
+                room.unhold(self)
         conn = self.conn
         self._end_attempt()
         if conn is not None:

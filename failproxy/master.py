@@ -49,6 +49,7 @@ from failproxy.admin import AdminServer
 from failproxy.config import Config, ConfigError, Upstream
 from failproxy.discovery import Discovery
 from failproxy.listeners import ListenError, ListenerSet
+from failproxy.loadshare import LoadShare
 from failproxy.metrics import Snapshot, Totals, WorkerMetrics, render
 from failproxy.peertable import PeerTable
 
@@ -59,7 +60,7 @@ QUICK_STOP = 1.0  # SPEC: TERM ends in-flight requests after at most 1 s
 HANDLED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR2,
            signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
-WorkerMain = Callable[[Config, list[Any], WorkerMetrics, PeerTable], int]
+WorkerMain = Callable[[Config, list[Any], WorkerMetrics, PeerTable, tuple[LoadShare, int]], int]
 
 
 class StartupError(Exception):
@@ -76,6 +77,7 @@ class Worker:
     # peers come and go (None: a slot never used yet).
     addresses: Sequence[str | None]
     discovery: Discovery
+    column: int  # its column in discovery.load (loadshare.py)
     started: float = field(default_factory=time.monotonic)
     base: Snapshot | None = None  # counts already folded into Master.retired (fold_server)
     retiring: bool = False
@@ -439,21 +441,23 @@ class Master:
         socks = self.listeners.sockets(listeners.configured(cfg))
         discovery = self.discovery
         metrics = WorkerMetrics(discovery.n_slots)
+        column = discovery.load.claim()
         try:
             pid = self._fork()
         except OSError as exc:
             metrics.close()
+            discovery.load.release(column)
             self.log.error("fork_failed", detail=str(exc))
             self.next_spawn_at = time.monotonic() + 1.0
             return
         if pid == 0:
-            self._worker_child(cfg, socks, metrics, discovery.table)
-        worker = Worker(pid, self.generation, cfg, metrics, discovery.owners, discovery)
+            self._worker_child(cfg, socks, metrics, discovery.table, (discovery.load, column))
+        worker = Worker(pid, self.generation, cfg, metrics, discovery.owners, discovery, column)
         self.workers[pid] = worker
         self.log.info("worker_started", worker_pid=pid, generation=self.generation)
 
     def _worker_child(self, cfg: Config, socks: list[Any], metrics: WorkerMetrics,
-                      peers: PeerTable) -> NoReturn:
+                      peers: PeerTable, load: tuple[LoadShare, int]) -> NoReturn:
         code = 1
         try:
             gc.freeze()  # the master's heap stays shared copy-on-write, and is never collected
@@ -461,7 +465,7 @@ class Master:
                 other.metrics.close()
             _detach_master_fds({s.fileno() for s in socks})
             _drop_privileges(cfg.server.user)
-            code = self.worker_main(cfg, socks, metrics, peers)
+            code = self.worker_main(cfg, socks, metrics, peers, load)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -539,6 +543,7 @@ class Master:
                 continue
             self.retired.add(worker.metrics, worker.addresses, gauges=False, base=worker.base)
             worker.metrics.close()
+            worker.discovery.load.release(worker.column)  # its requests in flight went with it
             old = worker.discovery
             if old is not self.discovery and all(w.discovery is not old
                                                  for w in self.workers.values()):

@@ -18,6 +18,7 @@ import socket
 from mypy_extensions import trait
 
 from failproxy.config import Upstream, UpstreamConfig
+from failproxy.loadshare import LoadView
 from failproxy.queue_depth import QueueProbe
 
 
@@ -58,8 +59,10 @@ class Peer:
         "max_fails",
         "max_queue",
         "queue_probe",
+        "share",
         "sockaddr",
         "spare",
+        "waiting",
     )
 
     def __init__(
@@ -100,6 +103,11 @@ class Peer:
         self.keepalive_requests = upstream.keepalive_requests
         self.keepalive_timeout = upstream.keepalive_timeout
         self.inflight = 0
+        # Of those, the ones with no response head yet: what the overflow policy counts (a
+        # pull-model worker that wrote its answer is free again), published to the other
+        # workers when there are several (loadshare.py).
+        self.waiting = 0
+        self.share: LoadView | None = None
         self.spare: socket.socket | None = None  # an unconnected UNIX socket, see connect.py
         self.fails = 0
         self.first_fail = 0.0
@@ -112,9 +120,27 @@ class Peer:
 
     def acquire(self) -> None:
         self.inflight += 1
+        self.waiting += 1
+        if self.share is not None:
+            self.share.publish(self.index, self.waiting)
 
-    def release(self) -> None:
+    def answered(self) -> None:
+        """The request holding a slot got its response head."""
+        self.waiting -= 1
+        if self.share is not None:
+            self.share.publish(self.index, self.waiting)
+
+    def release(self, answered: bool) -> None:
         self.inflight -= 1
+        if not answered:
+            self.waiting -= 1
+            if self.share is not None:
+                self.share.publish(self.index, self.waiting)
+
+    def others(self) -> int:
+        """The other workers' requests awaiting this server's answer."""
+        share = self.share
+        return share.others(self.index) if share is not None else 0
 
     def busy(self) -> bool:
         """`max_conns`: that many requests of this worker already in flight to it."""

@@ -11,12 +11,23 @@ master checked, and needs no read access to the key after dropping to `server.us
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
-from failproxy.config import ConfigError
+from failproxy.errors import ConfigError
 
-if TYPE_CHECKING:
-    from failproxy.config import ServerConfig
+
+class ServerConfig(Protocol):
+    """What TLS needs of `[server]` (config.ServerConfig)."""
+
+    @property
+    def tls_listen(self) -> Sequence[object]: ...
+
+    @property
+    def tls_cert(self) -> str: ...
+
+    @property
+    def tls_key(self) -> str: ...
 
 ALPN = ["http/1.1"]
 

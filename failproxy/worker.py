@@ -19,6 +19,7 @@ from failproxy import logs
 from failproxy.config import Config
 from failproxy.context import WorkerContext
 from failproxy.downstream import ClientConnection
+from failproxy.loadshare import LoadShare, LoadView
 from failproxy.metrics import WorkerMetrics
 from failproxy.peertable import PeerTable, PeerWatch
 from failproxy.tls import server_context
@@ -33,11 +34,15 @@ class Worker:
     """A worker's listeners and its stop; implements `context.WorkerHooks`."""
 
     def __init__(
-        self, cfg: Config, metrics: WorkerMetrics, loop: asyncio.AbstractEventLoop
+        self,
+        cfg: Config,
+        metrics: WorkerMetrics,
+        loop: asyncio.AbstractEventLoop,
+        share: LoadView | None = None,
     ) -> None:
         self.cfg = cfg
         self.loop = loop
-        self.ctx = WorkerContext(cfg, metrics, loop)
+        self.ctx = WorkerContext(cfg, metrics, loop, share)
         self.ctx.hooks = self
         self.log: Any = logs.get_logger().bind()
         self.servers_listening: list[asyncio.AbstractServer] = []
@@ -150,15 +155,18 @@ def _sock_address(sock: socket.socket) -> str:
 
 
 def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetrics,
-                peers: PeerTable | None = None) -> int:
+                peers: PeerTable | None = None,
+                load: tuple[LoadShare, int] | None = None) -> int:
     """Run one worker until a signal stops it; returns the exit code.
 
     `peers`: the master's current peer list (peertable.py), applied before the first request
-    and checked again now and then."""
+    and checked again now and then. `load`: the generation's load table and this worker's
+    column in it (loadshare.py)."""
     logs.configure(cfg.log)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    worker = Worker(cfg, metrics, loop)
+    share = LoadView(load[0], load[1], loop) if load is not None else None
+    worker = Worker(cfg, metrics, loop, share)
     if peers is not None:
         watch = PeerWatch(peers, cfg.upstream, worker.ctx, worker.log)
         watch.check()
@@ -189,6 +197,7 @@ def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetr
         loop.call_later(1.0, watch_parent)
         loop.run_until_complete(worker.wait_stopped())
     finally:
+        metrics.flush()
         logs.flush()
         loop.close()
     return 0

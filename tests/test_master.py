@@ -370,12 +370,13 @@ def test_term_is_a_quick_stop(tmp_path: Path, backend: Any) -> None:
 
 def test_reloads_and_upgrade_under_load_fail_no_request(tmp_path: Path, backend: Any,
                                                        sockdir: Path) -> None:
-    """5 HUP (one swaps the backup order) and 1 USR2 while clients loop: zero failures."""
+    """5 HUP (one swaps the backup order) and 1 USR2 while clients loop: zero failures. The
+    listed order decides (`overflow = "ring"`), so the swap shows in who answers."""
     t1, t2 = backend("t1"), backend("t2")
     missing = f"unix:{sockdir}/absent.sock"  # every request fails over from it ("missing")
     servers = [missing, {"address": t1.address, "backup": True},
                {"address": t2.address, "backup": True}]
-    proxy = start_proxy(tmp_path, servers, server={"workers": 2})
+    proxy = start_proxy(tmp_path, servers, server={"workers": 2}, upstream={"overflow": "ring"})
     pid_file = tmp_path / "failproxy.pid"
     new_master = 0
     try:

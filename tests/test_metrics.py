@@ -139,3 +139,34 @@ def test_closed_slot_no_longer_reports_ready() -> None:
     m.close()
     assert not m.is_ready()
     m.close()  # idempotent
+
+
+def test_a_workers_counts_reach_shared_memory_once_per_loop_iteration() -> None:
+    """Attached to a loop (as in a worker), the hot path gathers changes in lists and writes
+    them to shared memory at the end of the iteration: what the master reads is then exact."""
+    import asyncio
+
+    async def main() -> None:
+        m = WorkerMetrics(2)
+        m.attach(asyncio.get_running_loop())
+        for _ in range(3):
+            m.request(200, 0.003)
+        m.upstream_request(1)
+        m.connection_opened()
+        m.connection_opened()
+        m.connection_closed()
+        q, d = m.snapshot()
+        assert q[200] == 0 and d[0] == 0.0, "not written before the iteration ends"
+        await asyncio.sleep(0)
+        totals = Totals()
+        totals.add(m, ["a", "b"], gauges=True)
+        assert totals.status[200] == 3
+        assert totals.duration_sum == pytest.approx(0.009)
+        assert totals.server_requests["b"] == 1
+        assert totals.active == 1
+        m.request(504, 0.2)
+        m.flush()  # what a stopping worker does last
+        assert m.snapshot()[0][504] == 1
+        m.close()
+
+    asyncio.run(main())

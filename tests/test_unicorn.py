@@ -102,8 +102,12 @@ def _get(port: int, path: str, out: list[Any]) -> None:
 
 
 def test_unicorn_overflow_to_tcp(proxy, unicorn) -> None:
+    """The seed's policy (`overflow = "ring"`): a full backlog is an EAGAIN, the request moves
+    to the TCP port at once. (The default `room` policy goes there before the backlog fills:
+    test_room.py.)"""
     fp = proxy([unicorn.unix_address, {"address": unicorn.tcp_address, "backup": True}],
-               upstream={"read_timeout": 30.0}, headers={"upstream_header": True})
+               upstream={"read_timeout": 30.0, "overflow": "ring"},
+               headers={"upstream_header": True})
     # the fast path goes to the UNIX socket
     out: list[Any] = []
     _get(fp.port, "/fast", out)

@@ -1,0 +1,144 @@
+"""The hot end of the log: JSON lines rendered by orjson into a sink that writes once per loop
+turn. Compiled with the hot path (logs.py, structlog's set-up, stays plain Python)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import stat
+import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any, Final, TextIO
+
+import orjson
+
+
+class Timestamper:
+    """ISO 8601 UTC with milliseconds; formatted at most once per millisecond."""
+
+    __slots__ = ("_last", "_ms", "_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._ms = -1
+        self._prefix = ""
+        self._last = ""
+
+    def now(self) -> str:
+        now = time.time()
+        ms = int(now * 1000)
+        if ms == self._ms:
+            return self._last
+        self._ms = ms
+        second = ms // 1000
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self._last = f"{self._prefix}.{ms % 1000:03d}Z"
+        return self._last
+
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
+        """As a structlog processor, for the events that go through structlog."""
+        event["timestamp"] = self.now()
+        return event
+
+
+TIMESTAMPER: Final = Timestamper()
+
+
+def stamp() -> str:
+    """The event timestamp: ISO 8601 UTC with milliseconds (formatted at most once a ms)."""
+    return TIMESTAMPER.now()
+
+
+class Sink:
+    """Where rendered lines go. Inside a running loop, lines are gathered and written once per
+    loop iteration; outside one (the master, exit paths) they are written at once."""
+
+    __slots__ = ("_buf", "_fd", "_file", "_pipe", "_scheduled", "path")
+
+    def __init__(self, file: TextIO | None, path: str) -> None:
+        self.path = path
+        self._file = open(path, "ab", buffering=0) if path else None  # noqa: SIM115
+        self._fd = self._file.fileno() if self._file else (file or sys.stderr).fileno()
+        # Workers share stderr. An O_APPEND write to a file is atomic whatever its size; to a
+        # pipe (docker logs, systemd) only up to PIPE_BUF bytes, so batches are cut at lines.
+        try:
+            self._pipe = not stat.S_ISREG(os.fstat(self._fd).st_mode)
+        except OSError:
+            self._pipe = True
+        self._buf: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, line: bytes) -> None:
+        self._buf.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._buf:
+            return
+        lines = self._buf
+        self._buf = []
+        if not self._pipe:
+            self._write(b"".join(lines))
+            return
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            if batch and size + len(line) > select.PIPE_BUF:
+                self._write(b"".join(batch))
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line)
+        self._write(b"".join(batch))
+
+    def _write(self, data: bytes) -> None:
+        while data:
+            try:
+                written = os.write(self._fd, data)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                # A non-blocking stderr (shared with a parent) that is full: drop rather than spin.
+                return
+            data = data[written:]
+
+
+class Emitter:
+    """The emitter of one event of the hot path (`request`, `failover`).
+
+    The caller builds the whole event as one dict, starting with `event`, `level`, `timestamp`
+    (`stamp()`) and `pid` (`pid`): with JSON output it goes straight through orjson into the sink,
+    the same object structlog would render (~1 us instead of ~5 us through the processor chain,
+    and no dict growing by four keys). With the console format it goes through structlog. Below
+    the configured level `enabled` is False and the caller builds nothing."""
+
+    __slots__ = ("_method", "_sink", "enabled", "pid")
+
+    def __init__(self, enabled: bool, pid: int, sink: Sink | None, method: Any) -> None:
+        """`sink`: JSON output goes there directly; None: through structlog's `method`."""
+        self.enabled = enabled
+        self.pid = pid
+        self._sink = sink
+        self._method = method
+
+    def emit(self, fields: dict[str, Any]) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.write(orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE))
+            return
+        event = fields.pop("event")
+        for key in ("level", "timestamp", "pid"):
+            del fields[key]
+        self._method(event, **fields)

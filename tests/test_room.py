@@ -1,0 +1,278 @@
+"""The default overflow policy, `room` (balance.py, SPEC 4.3).
+
+First its decisions in-process, on real Peer objects and a real UNIX listener whose accept
+queue the policy reads (a listener that never accepts *is* a full set of busy workers); then end
+to end with real unicorn on three "boxes": a box whose workers are busy sends the next request
+to a peer with room at once, two equal peers share the overflow, an idle cluster keeps the
+listed order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_unicorn import UNICORN, Unicorn
+
+import failproxy
+from failproxy import config
+from failproxy.balance import Holdable, Room
+from failproxy.peer import Peer, build_peers
+
+
+class Listener:
+    """A UNIX listener that never accepts: each connect we make waits in its queue."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(self.path)
+        self.sock.listen(16)
+        self.clients: list[socket.socket] = []
+
+    def queue(self, n: int) -> None:
+        """Leave exactly `n` connections waiting in the accept queue."""
+        while len(self.clients) < n:
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(self.path)
+            self.clients.append(c)
+        while len(self.clients) > n:
+            self.sock.accept()[0].close()  # a worker takes one
+            self.clients.pop(0).close()
+
+    def close(self) -> None:
+        self.queue(0)
+        self.sock.close()
+
+
+class Held(Holdable):
+    """A request the policy may hold (balance.Holdable); sent on, it takes its peer's slot as
+    an exchange does."""
+
+    def __init__(self) -> None:
+        self.sent_to: Peer | None = None
+        self.reason = ""
+
+    def resume(self, peer: Peer, reason: str, now: float) -> None:
+        self.sent_to, self.reason = peer, reason
+        peer.acquire()
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[tuple[Room, Listener, list[Peer]]]:
+    listener = Listener(tmp_path / "app.sock")
+    cfg = config.loads(
+        f'[upstream]\nself = "127.0.0.1:9003"\nhold_timeout = 0.2\n'
+        f'[[upstream.server]]\naddress = "unix:{listener.path}"\n'
+        '[[upstream.server]]\naddress = "127.0.0.1:9001"\nbackup = true\n'
+        '[[upstream.server]]\naddress = "127.0.0.1:9002"\nbackup = true\n'
+        '[[upstream.server]]\naddress = "127.0.0.1:9003"\nbackup = true\n'
+    )
+    peers = build_peers(cfg.upstream)
+    loop = asyncio.new_event_loop()
+    room = Room(loop, peers[0], peers[3], [peers[1], peers[2]], 0.2, shared=False)
+    try:
+        yield room, listener, peers
+    finally:
+        listener.close()
+        loop.close()
+
+
+def busy(peer: Peer, n: int) -> None:
+    """`n` requests of ours awaiting `peer`'s answer (as an exchange takes its slot)."""
+    for _ in range(n):
+        peer.acquire()
+
+
+def test_nothing_in_flight_goes_local_and_w_is_learned(box: Any) -> None:
+    room, listener, peers = box
+    local = peers[0]
+    assert room.choose(time.monotonic()) == (local, ""), "presumed idle: nothing of ours there"
+    busy(local, 1)
+    # W starts at 1; the queue is empty: a probe goes local, and W = 2 is learned once a
+    # worker took it (here: nothing queued, 2 awaiting answers -> 2 in service)
+    assert room.choose(time.monotonic()) == (local, "")
+    busy(local, 1)
+    room._verify()
+    assert room.workers == 2, "2 awaiting answers, none queued: 2 in service"
+    # it grew, so the next one past W probes again; this time it waits in the queue
+    assert room.choose(time.monotonic()) == (local, "")
+    busy(local, 1)
+    listener.queue(1)
+    room._verify()
+    assert room.workers == 2, "3 awaiting, 1 queued: still 2 in service"
+    # both workers busy by our count, and the next probe backed off: a peer
+    peer, reason = room.choose(time.monotonic())
+    assert reason == "workers_busy" and peer is peers[1]
+
+
+def test_a_queued_connection_means_every_worker_is_busy(box: Any) -> None:
+    room, listener, peers = box
+    local = peers[0]
+    room.workers = 2
+    busy(local, 1)  # one of two taken by our count: the queue decides
+    listener.queue(1)  # ... and it holds a connection (a peer's request on our TCP port, say)
+    peer, reason = room.choose(time.monotonic())
+    assert reason == "queued" and peer in (peers[1], peers[2])
+    room._turn_over()
+    listener.queue(0)
+    assert room.choose(time.monotonic()) == (local, "")
+
+
+def test_overflow_goes_to_the_least_loaded_peer_then_the_least_recent(box: Any) -> None:
+    room, _listener, peers = box
+    local, p1, p2, own = peers
+    room.workers = 2
+    room._probe_at = time.monotonic() + 60  # no probe in this test
+    busy(local, 2)
+    now = time.monotonic()
+    assert room.choose(now)[0] is p1, "a tie: ring order"
+    room.sent(p1, now)
+    assert room.choose(now)[0] is p2, "a tie in flight: the one sent to less lately"
+    room.sent(p2, now)
+    busy(p2, 1)
+    assert room.choose(now)[0] is p1, "fewest awaiting answers first"
+    busy(p1, 2)
+    busy(p2, 1)
+    assert room.choose(now) == (None, "workers_busy"), "no known free worker anywhere"
+    assert own not in (room.choose(now)[0],), "the own TCP port is not overflow: it is home"
+
+
+@pytest.mark.skipif(failproxy.BUILD.startswith("compiled"),
+                    reason="a test double cannot subclass a compiled trait; `make test` runs this "
+                    "file on the pure-Python build too")
+def test_held_requests_go_in_order_where_a_worker_frees_up_or_home(box: Any) -> None:
+    room, _listener, peers = box
+    local, p1, p2, own = peers
+    room.workers = 1
+    room._probe_at = time.monotonic() + 60
+    busy(local, 1)
+    busy(p1, 1)
+    busy(p2, 1)
+    first, second, third = Held(), Held(), Held()
+    now = time.monotonic()
+    assert room.route(first, now) == (None, "")
+    assert room.route(second, now) == (None, "")
+    p2.release(False)  # p2 answered: room there now
+    room.release()
+    assert (first.sent_to, first.reason) == (p2, "held")
+    assert second.sent_to is None, "one free worker, one request"
+    room.unhold(second)  # its client went away
+    assert room.route(third, now) == (None, "")
+    loop = room._loop
+    loop.run_until_complete(asyncio.sleep(0.3))  # past hold_timeout
+    assert (third.sent_to, third.reason) == (own, "hold_timeout"), "home, never cross-host"
+    assert not room.held
+
+
+def test_after_a_local_failure_a_peer_with_room_else_home(box: Any) -> None:
+    room, _listener, peers = box
+    local, p1, p2, own = peers
+    room.workers = 3
+    now = time.monotonic()
+    assert room.after_failure(local, "overloaded", [local.address], now) is p1
+    busy(p1, 3)
+    busy(p2, 3)
+    assert room.after_failure(local, "overloaded", [local.address], now) is own
+    assert room.after_failure(local, "refused", [local.address], now) is own
+    assert room.workers == 1, "refused: the app server restarts, W is learned again"
+    tried = [local.address, own.address]
+    assert room.after_failure(own, "refused", tried, now) is p1, "then the ring, as today"
+
+
+# ---- end to end, real unicorn ---------------------------------------------------------------
+
+def _get(port: int, path: str, out: list[tuple[str, float, bytes]]) -> None:
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    out.append((path, time.monotonic() - t0, data))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[Unicorn]]:
+    if UNICORN is None:
+        pytest.skip("unicorn is not installed (Debian package `unicorn`; the Makefile installs it)")
+    boxes = []
+    try:
+        for name in ("h1", "h2", "h3"):
+            d = tmp_path / name
+            d.mkdir()
+            boxes.append(Unicorn(d))
+        for b in boxes:
+            b.wait_ready()
+        yield boxes
+    finally:
+        for b in boxes:
+            b.stop()
+
+
+def test_busy_box_sends_fast_requests_to_peers_with_room_shared_evenly(proxy, cluster) -> None:
+    h1, h2, h3 = cluster
+    fp = proxy([h1.unix_address, {"address": h2.tcp_address, "backup": True},
+                {"address": h3.tcp_address, "backup": True},
+                {"address": h1.tcp_address, "backup": True}],
+               upstream={"self": h1.tcp_address, "read_timeout": 30.0})
+    # idle: the local socket, as listed
+    out: list[Any] = []
+    _get(fp.port, "/fast", out)
+    assert fp.log.wait_for_event("request", path="/fast")["upstream"] == h1.unix_address
+    # h1's two workers take a 0.5 s request each (the second one teaches failproxy W = 2)
+    slow = [threading.Thread(target=_get, args=(fp.port, "/slow", out)) for _ in range(2)]
+    for t in slow:
+        t.start()
+    time.sleep(0.2)
+    fast = [threading.Thread(target=_get, args=(fp.port, f"/fast?n={i}", out)) for i in range(12)]
+    for t in fast:
+        t.start()
+        time.sleep(0.01)
+    for t in slow + fast:
+        t.join(30)
+    reqs = {r["path"]: r for r in fp.log.wait_for_events("request", 15, timeout=10)}
+    assert [r["upstream"] for r in fp.log.find("request", path="/slow")] == [h1.unix_address] * 2
+    fast_reqs = [reqs[f"/fast?n={i}"] for i in range(12)]
+    where = Counter(r["upstream"] for r in fast_reqs)
+    away = where[h2.tcp_address] + where[h3.tcp_address]
+    # at most one fast request was a probe for a third worker (it waited behind a slow one)
+    assert away >= 11, where
+    waited = [d for p, d, _ in out if p.startswith("/fast?") and d > 0.3]
+    assert len(waited) <= 1, waited
+    # the two equal peers share it
+    assert max(where[h2.tcp_address], where[h3.tcp_address]) <= 1.5 * min(
+        where[h2.tcp_address], where[h3.tcp_address]), where
+    for r in fast_reqs:
+        if r["upstream"] != h1.unix_address:
+            assert r["upstreams"][0] == h1.unix_address and r["overflowed"] is True
+    fos = [f for f in fp.log.find("failover") if f["path"].startswith("/fast?")]
+    assert fos and all(f["reason"] in ("workers_busy", "queued", "held") for f in fos), fos
+    assert all(f["from"] == h1.unix_address for f in fos)
+    assert all(d.startswith(b"HTTP/1.1 200") for _, _, d in out)
+
+
+def test_idle_cluster_keeps_the_listed_order(proxy, cluster, sockdir) -> None:
+    """No load: the local socket; when it is gone, the ring after self exactly as today."""
+    h1, h2, h3 = cluster
+    gone = f"unix:{sockdir}/gone.sock"
+    fp = proxy([gone, {"address": h2.tcp_address, "backup": True},
+                {"address": h3.tcp_address, "backup": True},
+                {"address": h1.tcp_address, "backup": True}],
+               upstream={"self": h1.tcp_address})
+    out: list[Any] = []
+    _get(fp.port, "/fast?i=0", out)
+    time.sleep(3.2)  # nothing sent lately (the decayed count is under 0.05): the ring again
+    _get(fp.port, "/fast?i=1", out)
+    reqs = fp.log.wait_for_events("request", 2, timeout=5)
+    assert [r["upstream"] for r in reqs] == [h2.tcp_address] * 2
+    assert all(r["upstreams"] == [gone, h2.tcp_address] for r in reqs)
+    fos = fp.log.find("failover")
+    assert [(f["reason"], f["to"]) for f in fos] == [("missing", h2.tcp_address)] * 2
