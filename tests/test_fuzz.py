@@ -56,9 +56,9 @@ PROFILE = os.environ.get("FAILPROXY_FUZZ", "ci")
 LONG = PROFILE == "long"
 # Examples per test: (ci, long). `make fuzz` runs the long counts (about 10 minutes).
 EXAMPLES = {
-    "stream": (250, 5500),
+    "stream": (250, 8000),
     "pending": (20, 300),
-    "stateful": (25, 600),
+    "stateful": (25, 900),
 }
 _common: dict[str, Any] = {
     "deadline": None,
