@@ -49,6 +49,10 @@ REJECTED: Final = 16
 # Unsent request-body bytes held (no upstream attached yet) before reading pauses.
 BUFFER_LIMIT: Final = 65536
 
+# How long a connection failproxy closes keeps reading (and dropping) what its client still
+# sends, after failproxy's FIN (lingering close, as nginx): see ClientConnection.close.
+LINGER: Final = 2.0
+
 # What the client timer is waiting for (DRAIN: an idle connection of a stopping worker, kept
 # open a short grace in case the client is sending its next request right now).
 DRAIN: Final = -1
@@ -66,14 +70,15 @@ class ClientConnection(Downstream):
     __slots__ = (
         "active",
         "client_ip",
+        "close_after",
         "closed",
         "ctx",
         "eof",
         "error",
         "head_raw",
         "in_head",
+        "last_parsed",
         "loop",
-        "must_close",
         "parser",
         "paused",
         "queue",
@@ -106,7 +111,10 @@ class ClientConnection(Downstream):
         self.write_paused = False
         self.closed = False
         self.eof = False
-        self.must_close = False
+        # The request after which the connection closes whatever it says: an upgrade request
+        # that is not tunnelled (llhttp cannot parse past it).
+        self.close_after: Request | None = None
+        self.last_parsed: Request | None = None
         self.error: BadRequest | None = None
         self.in_head = True
         self.head_raw = 0
@@ -141,6 +149,8 @@ class ClientConnection(Downstream):
             active.client_gone()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # lingering: what a client sends after failproxy closed is dropped
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.write(data)
@@ -160,7 +170,7 @@ class ClientConnection(Downstream):
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still want its answers (HTTP/1.0 clients, `nc -q`).
-        if self.active is None and not self.queue:
+        if self.closed or (self.active is None and not self.queue):
             return None
         self.eof = True
         return True
@@ -239,6 +249,7 @@ class ClientConnection(Downstream):
         req = self.req
         assert req is not None
         self.in_head = False
+        self.last_parsed = req
         try:
             self._finish_head(req)
         except BadRequest as exc:
@@ -329,7 +340,7 @@ class ClientConnection(Downstream):
             req.keep_alive
             and req.complete
             and not self.ctx.draining
-            and not self.must_close
+            and self.close_after is not req
             and self.served + 1 < self.ctx.keepalive_requests
             and not self.closed
         )
@@ -351,7 +362,11 @@ class ClientConnection(Downstream):
             raise BadRequest(501, "CONNECT is not supported")
         url = req.url  # not origin-form, or with a "#": checked further
         authority = _check_target(req) if url[:1] != b"/" or url.find(b"#") >= 0 else b""
-        req.keep_alive = parser.should_keep_alive()
+        # Keep-alive from the Connection tokens themselves (llhttp lets an HTTP/1.0 `keep-alive`
+        # win over a `close`, and counts Proxy-Connection): `close` always wins, and HTTP/1.0
+        # needs `keep-alive` (RFC 9112 9.3).
+        tokens = connection_tokens(req.conn_tokens) if req.conn_tokens else _NO_TOKENS
+        req.keep_alive = b"close" not in tokens and (not req.http10 or b"keep-alive" in tokens)
         if req.te:
             if req.http10:
                 raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
@@ -366,15 +381,20 @@ class ClientConnection(Downstream):
             req.has_body = req.content_length != b"0"
         else:
             framing = b""
-        if not req.http10 and req.host_count != 1:
-            raise BadRequest(400, "missing Host" if not req.host_count else "repeated Host")
+        if req.host_count != 1:
+            if not req.http10:
+                raise BadRequest(400, "missing Host" if not req.host_count else "repeated Host")
+            if not req.host_count:
+                # HTTP/1.0 may omit Host; the HTTP/1.1 request upstream may not (RFC 9112 3.2):
+                # the address the client reached, as nginx sends its server's name.
+                req.host = self._local_host()
+                req.lines += (b"Host", b": ", req.host, b"\r\n")
         if authority:
             # RFC 9112 3.2.2: the target's authority replaces Host.
             req.lines = [b"Host", b": ", authority, b"\r\n", *without_names(req.lines, {b"host"})]
             req.host = authority
         if req.conn_tokens:
-            tokens = connection_tokens(req.conn_tokens)
-            tokens -= {b"close", b"keep-alive", b"upgrade"}
+            tokens = tokens - {b"close", b"keep-alive", b"upgrade"}
             if tokens & {b"content-length", b"host", b"transfer-encoding"}:
                 raise BadRequest(400, "Connection lists a framing header")
             if tokens:
@@ -406,6 +426,15 @@ class ClientConnection(Downstream):
             via_prior=req.via,
         )
 
+    def _local_host(self) -> bytes:
+        """host[:port] the client connected to (a Host for requests that sent none)."""
+        transport = self.transport
+        name = transport.get_extra_info("sockname") if transport is not None else None
+        if isinstance(name, tuple):
+            host, port = str(name[0]), int(name[1])
+            return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+        return b"localhost"
+
     def _on_parser_upgrade(self, rest: bytes) -> None:
         """llhttp stopped after an `Upgrade` request: the bytes after it belong to the tunnel,
         unless failproxy does not tunnel that request (`resume`): then HTTP goes on."""
@@ -431,7 +460,9 @@ class ClientConnection(Downstream):
                 self._reject(self.error or _parse_error(exc))
                 return
         self.upgrade_rest = rest
-        self.must_close = True  # unless a 101 makes it a tunnel, the parser cannot go on
+        # Unless a 101 makes it a tunnel, the parser cannot go on after this request: the
+        # connection closes once it is answered (requests before it keep theirs).
+        self.close_after = self.last_parsed
         self._pause(UPGRADE)
 
     def start_tunnel(self, conn: UpstreamConnection) -> None:
@@ -523,9 +554,21 @@ class ClientConnection(Downstream):
             self.transport.writelines(data)  # type: ignore[union-attr]
 
     def close(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.closed = True
-            self.transport.close()
+        """Close after the answers written so far. Lingering, as nginx does: failproxy sends its
+        FIN (write_eof) and reads on, dropping what arrives, until the client closes or LINGER
+        passes. Closing with unread input at once makes the kernel reset the connection, and a
+        client then loses answers it had not read yet (a pipelined request after a `close`)."""
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        self.closed = True
+        self.timer.close()
+        if self.eof or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self.loop.call_later(LINGER, transport.close)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -546,6 +589,9 @@ class ClientConnection(Downstream):
         deadline = monotonic() + grace
         current = self.timer.deadline
         self.timer.set(deadline if current is None else min(current, deadline))
+
+
+_NO_TOKENS: Final[set[bytes]] = set()
 
 
 def _check_target(req: Request) -> bytes:

@@ -394,7 +394,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     def _answer_locally(self, status: int, text: str) -> None:
         client = self.client
         keep = client.keep_alive_after(self.req)
-        data = simple_response(status, text, close=not keep)
+        data = simple_response(status, text, close=not keep, head=self.head_request)
         self.status = status
         self.bytes_sent = len(data)
         client.write(data)
@@ -631,7 +631,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             client.abort()
             self._finalize(False)
             return
-        data = simple_response(error.status, error.detail, close=True)
+        data = simple_response(error.status, error.detail, close=True, head=self.head_request)
         self.status = error.status
         self.bytes_sent = len(data)
         client.write(data)

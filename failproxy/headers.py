@@ -183,7 +183,11 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
 
 
 def check_transfer_encoding(value: bytes) -> None:
-    """Raise BadRequest unless the codings end in `chunked` and are all known (SPEC 8)."""
+    """Raise BadRequest unless the codings end in `chunked` and are all known (SPEC 8). A tab
+    in the value is refused here: llhttp refuses it once the body starts, which would be after
+    the head went upstream."""
+    if value.find(b"\t") >= 0:
+        raise BadRequest(400, "tab in Transfer-Encoding")
     codings = [c.strip().lower() for c in value.split(b",")]
     for coding in codings:
         name = coding.split(b";", 1)[0].strip()
@@ -280,19 +284,23 @@ STATUS_REASONS: dict[int, bytes] = {
 }
 
 
-def simple_response(status: int, body: str, *, close: bool, request_id: bytes = b"") -> bytes:
-    """A short plain-text response made by the proxy itself (errors, 502/504)."""
+def simple_response(
+    status: int, body: str, *, close: bool, request_id: bytes = b"", head: bool = False
+) -> bytes:
+    """A short plain-text response made by the proxy itself (errors, 502/504). `head`: it
+    answers a HEAD request: the same head, no body (RFC 9110 9.3.2), or a client keeping the
+    connection would read the text as its next answer."""
     payload = body.encode() + b"\n"
     reason = STATUS_REASONS.get(status, b"Error")
-    head = [
+    lines = [
         b"HTTP/1.1 %d %s\r\n" % (status, reason),
         b"Content-Type: text/plain; charset=utf-8\r\n",
         b"Content-Length: %d\r\n" % len(payload),
     ]
     if request_id:
-        head.append(request_id)
-    head.append(b"Connection: close\r\n\r\n" if close else b"\r\n")
-    return b"".join(head) + payload
+        lines.append(request_id)
+    lines.append(b"Connection: close\r\n\r\n" if close else b"\r\n")
+    return b"".join(lines) if head else b"".join(lines) + payload
 
 
 # RFC 9110 15: the status lines failproxy writes itself. As nginx, a known status code gets its
