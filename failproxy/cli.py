@@ -63,6 +63,23 @@ def _check_lines(cfg: config.Config) -> list[str]:
         found.close()
 
 
+def _overflow_line(cfg: config.Config) -> str:
+    """How a busy box's requests are placed (upstream.overflow, upstream.hold_timeout)."""
+    up = cfg.upstream
+    if up.overflow == "ring":
+        return 'overflow: ring (upstream.overflow = "ring"): the order above, on connect errors'
+    primaries = [s for s in up.servers if not s.backup]
+    if (len(primaries) != 1 or not primaries[0].address.is_unix
+            or (len(up.servers) == 1 and not up.peers)):
+        return ("overflow: ring (the room policy needs one unix: primary and backups): the order "
+                "above, on connect errors")
+    hold = (f"held up to upstream.hold_timeout = {up.hold_timeout:g} s, then home"
+            if up.hold_timeout > 0 else "home at once (upstream.hold_timeout = 0)")
+    return ("overflow: room (upstream.overflow): the UNIX socket while the box has an idle worker "
+            "(learned), else the least-loaded backup with one, else " + hold
+            + '; overflow = "ring" for the order alone')
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status is returned, not raised, so tests can call it."""
     args_list = sys.argv[1:] if argv is None else argv
@@ -84,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ok")
         for line in _check_lines(cfg):
             print(line)
+        print(_overflow_line(cfg))
         return 0
     from failproxy import master  # forks workers and pulls in the event loop: only for serve
 

@@ -32,6 +32,11 @@ pytestmark = pytest.mark.skipif(
 INTERVAL = 0.2  # resolve_interval in these tests: a change is seen within ~0.2 s
 
 
+
+def order_lines(stdout: str) -> list[str]:
+    """`failproxy check` output less its last line, which names the overflow policy."""
+    return [line for line in stdout.splitlines() if not line.startswith("overflow: ")]
+
 def _net() -> str:
     """A 127.A.B. prefix of this test's own, so concurrent runs do not share addresses."""
     return f"127.{random.randint(64, 250)}.{random.randint(1, 250)}."
@@ -291,7 +296,7 @@ def test_several_entries_and_ipv6_sorted_and_deduplicated(
                          capture_output=True, text=True, timeout=30,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [
+    assert order_lines(out.stdout) == [
         "ok",
         f"1. unix:{sockdir / 'app.sock'} (primary)",
         f"2. {net}3:{port} (backup)",
@@ -355,14 +360,14 @@ def test_self_detected_from_the_interfaces_and_tried_last(
         assert on_one.returncode == 0, on_one.stderr
         veth_one = f"fpa{one.name.split('-')[1]}"
         veth_two = f"fpb{one.name.split('-')[1]}"
-        assert on_one.stdout.splitlines()[2:] == [
+        assert order_lines(on_one.stdout)[2:] == [
             f"2. {BOX}2:{port} (backup, dns {name})",
             f"3. {BOX}3:{port} (backup, dns {name})",
             f"4. {BOX}1:{port} (backup, dns {name}, self: tried last; "
             f"{BOX}1 is on interface {veth_one})",
         ]
         # .2 and .3 are both on box 2's namespace: the first is taken, the other is named.
-        assert on_others.stdout.splitlines()[2:] == [
+        assert order_lines(on_others.stdout)[2:] == [
             f"2. {BOX}3:{port} (backup, dns {name})",
             f"3. {BOX}1:{port} (backup, dns {name})",
             f"4. {BOX}2:{port} (backup, dns {name}, self: tried last; {BOX}2 is on interface "
@@ -415,7 +420,7 @@ def test_explicit_self_wins_over_detection(
              str(p.config_path)], capture_output=True, text=True, timeout=30,
             env={**os.environ, "PYTHONPATH": str(REPO)})
         assert out.returncode == 0, out.stderr
-        assert out.stdout.splitlines()[2:] == [
+        assert order_lines(out.stdout)[2:] == [
             f"2. {BOX}3:{port} (backup, dns {name})",
             f"3. {BOX}1:{port} (backup, dns {name})",
             f"4. {BOX}2:{port} (backup, dns {name}, self: tried last)",
@@ -437,14 +442,14 @@ def test_self_detected_among_listed_backups(tmp_path: Path, boxes: tuple[Netns, 
     tag = one.name.split("-")[1]
     on_one = subprocess.run([*one.exec_prefix(), *argv], capture_output=True, text=True,
                             env=env, timeout=30)
-    assert on_one.stdout.splitlines()[2:] == [
+    assert order_lines(on_one.stdout)[2:] == [
         "2. 127.0.0.1:8080 (backup)",
         f"3. {BOX}2:8080 (backup)",
         f"4. {BOX}1:8080 (backup, self: tried last; {BOX}1 is on interface fpa{tag})",
     ]
     on_others = subprocess.run([*others.exec_prefix(), *argv], capture_output=True, text=True,
                                env=env, timeout=30)
-    assert on_others.stdout.splitlines()[2:] == [
+    assert order_lines(on_others.stdout)[2:] == [
         f"2. {BOX}1:8080 (backup)",
         "3. 127.0.0.1:8080 (backup)",
         f"4. {BOX}2:8080 (backup, self: tried last; {BOX}2 is on interface fpb{tag})",
