@@ -188,13 +188,13 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         the skip is a failover (logged before the attempt, as every failover is)."""
         room = self.ctx.room
         assert room is not None
-        if reason:
-            local = room.local
+        local = room.local
+        if reason and peer is not local:
             self.attempt += 1
             self.tried.append(local.address)
             self.reasons.append(reason)
             self.ctx.events.failover(self, local, peer, reason, None)
-        if peer is not room.local:
+        if peer is not local:
             room.sent(peer, now)
         self._try_peer(peer, now)
 
