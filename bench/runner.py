@@ -29,12 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import failover, memory, report, seed, throughput
+from bench import failover, memory, microrun, report, seed, throughput
 from bench.procs import Processes
 from bench.system import ensure_packages, log, machine_facts, raise_nofile
 
 BENCH_DIR = Path(__file__).resolve().parent
-SCENARIOS = ("throughput", "failover", "memory", "seed")
+SCENARIOS = ("throughput", "failover", "memory", "seed", "micro")
 
 
 def settings(size: str) -> dict[str, Any]:
@@ -50,6 +50,7 @@ def settings(size: str) -> dict[str, Any]:
             "memory": memory.Params(connections=2000),
             "seed": seed.Params(rounds=1, duration=10.0, throughput_duration=3.0,
                                 mixes=seed.QUICK_MIXES),
+            "micro": microrun.Params(rounds=1, requests=30_000, baseline=seed.BASELINE_DEFAULT),
         }
     return {
         "throughput": throughput.Params(rounds=3, duration=10.0, warmup=1.0),
@@ -57,6 +58,7 @@ def settings(size: str) -> dict[str, Any]:
         "memory": memory.Params(connections=10000),
         # issue 7's protocol: >= 5 paired rounds of >= 60 s per mix (about 2 hours)
         "seed": seed.Params(rounds=5, duration=60.0, throughput_duration=10.0),
+        "micro": microrun.Params(rounds=5, requests=100_000, baseline=seed.BASELINE_DEFAULT),
     }
 
 
@@ -65,6 +67,7 @@ RUNNERS: dict[str, Callable[[Any, Processes], dict[str, Any]]] = {
     "failover": failover.run,
     "memory": memory.run,
     "seed": seed.run,
+    "micro": microrun.run,
 }
 
 
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
     if args.baseline is not None and "throughput" in params:
         params["throughput"] = dataclasses.replace(params["throughput"], baseline=args.baseline)
+    if args.baseline is not None and "micro" in params:
+        params["micro"] = dataclasses.replace(params["micro"], baseline=args.baseline)
     failures = 0
     for name in names:
         log(f"== {name}")
