@@ -68,7 +68,9 @@ class StartupError(Exception):
 
 
 @dataclass(eq=False)
-class Worker:
+class WorkerProcess:
+    """The master's record of one forked worker (the process itself runs worker.Worker)."""
+
     pid: int
     generation: int
     cfg: Config
@@ -207,7 +209,7 @@ class Master:
         if self.pid_path:
             _write_pid(self.pid_path)
         self.worker_main = _load_worker_main()
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, WorkerProcess] = {}
         self.generation = 0
         self.num_workers = worker_count(cfg)
         self.retired = Totals()
@@ -420,7 +422,7 @@ class Master:
 
     # -- workers ---------------------------------------------------------------------------------
 
-    def _current(self) -> list[Worker]:
+    def _current(self) -> list[WorkerProcess]:
         return [w for w in self.workers.values()
                 if w.generation == self.generation and not w.retiring]
 
@@ -452,7 +454,8 @@ class Master:
             return
         if pid == 0:
             self._worker_child(cfg, socks, metrics, discovery.table, (discovery.load, column))
-        worker = Worker(pid, self.generation, cfg, metrics, discovery.owners, discovery, column)
+        worker = WorkerProcess(pid, self.generation, cfg, metrics, discovery.owners, discovery,
+                               column)
         self.workers[pid] = worker
         self.log.info("worker_started", worker_pid=pid, generation=self.generation)
 
@@ -508,7 +511,7 @@ class Master:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(old, signal.SIGQUIT)
 
-    def _retire(self, worker: Worker, sig: int) -> None:
+    def _retire(self, worker: WorkerProcess, sig: int) -> None:
         worker.retiring = True
         grace = worker.cfg.server.shutdown_timeout if sig == signal.SIGQUIT else QUICK_STOP
         deadline = time.monotonic() + grace + KILL_GRACE
