@@ -15,10 +15,16 @@ What failproxy knows, cheaply and only locally:
   together: they feed the same workers;
 - the local listener's accept-queue depth (sock_diag, ~12-28 us: read at most once per loop
   turn, and only when the count says the last idle worker may be taken);
-- W, learned: never configured. It starts at 1 and only grows: whenever the queue is read,
-  `W = max(W, awaiting - queued)` (a pull-model server serves exactly what is not queued). Past
-  W a *probe* (a request sent locally while the queue is empty) tests for more workers, at most
-  once per back-off interval (1 s, doubling to 64 s while it finds none).
+- W, learned: never configured. It starts at 1 and only grows. Past W a *probe* (a request
+  sent locally while the queue is empty) tests for more workers, at most once per back-off
+  interval (1 s, doubling to 64 s while it finds none). The queue is read every loop turn for
+  PROBE_SPIN after it, then every PROBE_POLL up to PROBE_VERIFY; when two readings in a row
+  see more requests in service than W (`awaiting - queued`: a pull-model server serves
+  exactly what is not queued), W grows to that. Every turn, because a fast request can end
+  before any fixed delay, taking the evidence with it (W stayed 1 under light load of
+  millisecond requests, and 7 % of them left an idle box); two in a row, because a request
+  whose answer is in our socket buffer, not yet read, still counts as awaiting while its
+  worker takes the probe.
 Connect errors still move the request on at once, with their reasons (exchange.py).
 """
 
@@ -34,7 +40,10 @@ from mypy_extensions import trait
 from failproxy.peer import Peer
 from failproxy.queue_depth import QueueProbe
 
-PROBE_VERIFY = 0.002  # after a probe connects, when to look whether a worker took it
+PROBE_VERIFY = 0.02  # after a probe connects, how long to look whether a worker takes it
+PROBE_SPIN = 0.002  # ... every loop turn for this long (millisecond requests), then each
+PROBE_POLL = 0.001  # ... this often (an idle worker may wake late on a loaded box)
+PROBE_RETRY = 0.1  # nothing learned (the others ended first): the next probe after this
 BACKOFF_MAX = 64.0
 RECENT_DECAY = 1.0  # seconds: "sent lately", the load measure that breaks in-flight ties
 RETRY_TICK = 0.005  # with several workers, another's completion may free a slot: look this often
@@ -74,6 +83,9 @@ class Room:
         self._probe_at = 0.0
         self._backoff = 1.0
         self._probing = False
+        self._probe_until = 0.0  # a probe is watched until then
+        self._probe_spin_until = 0.0
+        self._seen = 0  # the last watch reading's requests in service (0: none counted)
         self._queued = -1  # the accept queue read this loop turn (-1: not read), plus connects
         self._recent = [0.0] * len(peers)
         self._recent_at = [0.0] * len(peers)
@@ -116,7 +128,10 @@ class Room:
             reason = "workers_busy"
             if now >= self._probe_at and not self._probing and self._queue(now) == 0:
                 self._probing = True  # more workers than W? one request finds out
-                self._loop.call_later(PROBE_VERIFY, self._verify)
+                self._probe_until = now + PROBE_VERIFY
+                self._probe_spin_until = now + PROBE_SPIN
+                self._seen = 0
+                self._loop.call_soon(self._verify)  # after its connect (synchronous on UNIX)
                 return self._local()
         return self._best_peer(now, ()), reason
 
@@ -191,26 +206,41 @@ class Room:
         queued = depth if depth is not None else 0
         self._queued = queued
         self._loop.call_soon(self._turn_over)
-        in_service = self.busy(self.local) - queued
-        if in_service > self.workers:
-            self.workers = in_service  # that many are being served at once: W is at least that
-            self._probe_at = now
-            self._backoff = 1.0
         return queued
 
     def _turn_over(self) -> None:
         self._queued = -1
 
     def _verify(self) -> None:
-        """After a probe: did a worker take it (W grew)? If not, probe again only later."""
-        self._probing = False
-        before = self.workers
+        """Watch a probe: in service beside the others (W grows), or queued behind them for the
+        whole watch (back off), or the others ended first (nothing learned: try again soon)."""
         self._queued = -1
         now = monotonic()
-        self._queue(now)
-        if self.workers == before:
-            self._probe_at = now + self._backoff
-            self._backoff = min(2 * self._backoff, BACKOFF_MAX)
+        busy = self.busy(self.local)
+        in_service = busy - self._queue(now)
+        if in_service > self.workers:
+            if self._seen == in_service:  # twice in a row, a loop turn's I/O between them
+                self.workers = in_service
+                self._probing = False
+                self._probe_at = now  # it grew: the next one past W may probe for more
+                self._backoff = 1.0
+                return
+            self._seen = in_service
+        else:
+            self._seen = 0
+        if busy <= self.workers:
+            self._probing = False  # the others ended before a worker took it: no evidence
+            self._probe_at = now + PROBE_RETRY
+            return
+        if now < self._probe_until:
+            if now < self._probe_spin_until:
+                self._loop.call_soon(self._verify)  # a fast request's whole life is this short
+            else:
+                self._loop.call_later(PROBE_POLL, self._verify)
+            return
+        self._probing = False  # queued behind W in service the whole watch: W it is, for now
+        self._probe_at = now + self._backoff
+        self._backoff = min(2 * self._backoff, BACKOFF_MAX)
 
     # -- holding ----------------------------------------------------------------------------------
 

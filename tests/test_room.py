@@ -97,17 +97,22 @@ def test_nothing_in_flight_goes_local_and_w_is_learned(box: Any) -> None:
     assert room.choose(time.monotonic()) == (local, ""), "presumed idle: nothing of ours there"
     busy(local, 1)
     # W starts at 1; the queue is empty: a probe goes local, and W = 2 is learned once a
-    # worker took it (here: nothing queued, 2 awaiting answers -> 2 in service)
+    # worker took it (here: nothing queued, 2 awaiting answers -> 2 in service, read on two
+    # loop turns in a row)
     assert room.choose(time.monotonic()) == (local, "")
     busy(local, 1)
+    room._verify()
+    assert room.workers == 1, "one reading is not enough: an answer may be unread"
     room._verify()
     assert room.workers == 2, "2 awaiting answers, none queued: 2 in service"
     # it grew, so the next one past W probes again; this time it waits in the queue
     assert room.choose(time.monotonic()) == (local, "")
     busy(local, 1)
     listener.queue(1)
-    room._verify()
+    watch = room._loop.run_until_complete(asyncio.sleep(0.05))  # the probe is watched 20 ms
+    assert watch is None and not room._probing
     assert room.workers == 2, "3 awaiting, 1 queued: still 2 in service"
+    assert room._probe_at > time.monotonic() + 0.5, "found none: the next probe backs off"
     # both workers busy by our count, and the next probe backed off: a peer
     peer, reason = room.choose(time.monotonic())
     assert reason == "workers_busy" and peer is peers[1]
@@ -276,3 +281,35 @@ def test_idle_cluster_keeps_the_listed_order(proxy, cluster, sockdir) -> None:
     assert all(r["upstreams"] == [gone, h2.tcp_address] for r in reqs)
     fos = fp.log.find("failover")
     assert [(f["reason"], f["to"]) for f in fos] == [("missing", h2.tcp_address)] * 2
+
+
+def test_fast_requests_two_at_a_time_stay_home_once_w_is_learned(proxy, cluster) -> None:
+    """No overload: two clients at once, requests of about a millisecond. Two workers serve
+    them, so failproxy must learn W = 2 although a request ends long before any fixed delay
+    (a probe is watched while it is in service) and from then on keep them home."""
+    h1, h2, h3 = cluster
+    fp = proxy([h1.unix_address, {"address": h2.tcp_address, "backup": True},
+                {"address": h3.tcp_address, "backup": True},
+                {"address": h1.tcp_address, "backup": True}],
+               upstream={"self": h1.tcp_address})
+    out: list[Any] = []
+    learn, run = 1.0, 3.0  # seconds: W is learned in the first, judged over the rest
+    start = time.monotonic()
+
+    def client(k: int) -> None:
+        for i in range(3000):
+            if time.monotonic() - start > run:
+                return
+            _get(fp.port, f"/fast?c={k}&i={i}&t={time.monotonic() - start:.3f}", out)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    reqs = fp.log.wait_for_events("request", len(out), timeout=15)
+    assert len(out) > 200 and all(d.startswith(b"HTTP/1.1 200") for _, _, d in out)
+    later = [r for r in reqs if float(r["path"].rsplit("t=", 1)[1]) > learn]
+    where = Counter(r["upstream"] for r in later)
+    away = len(later) - where[h1.unix_address]
+    assert later and away <= 0.02 * len(later), where
