@@ -73,7 +73,8 @@ class Client:
         loop = asyncio.get_running_loop()
         upstream = Upstream(self)
         try:
-            await loop.create_unix_connection(lambda: upstream, self.upstream_path)
+            await loop.create_unix_connection(  # type: ignore[type-var]  # not a BaseProtocol
+                lambda: upstream, self.upstream_path)
         except OSError:
             if self.transport is not None:
                 self.transport.close()

@@ -190,7 +190,9 @@ def _is_table_list(v: Any) -> bool:
 def failproxy_config(*, listen: list[str], servers: list[dict[str, Any]], workers: int,
                      log_file: str, access_log: bool = True, keepalive: int = 64,
                      self_address: str = "", max_connections: int = 10000,
-                     extra_upstream: dict[str, Any] | None = None) -> dict[str, Any]:
+                     extra_upstream: dict[str, Any] | None = None,
+                     log_buffer: bool = False) -> dict[str, Any]:
+    """`log_buffer`: `[log] buffer = 65536, flush = 1.0`, nginx's `buffer=64k flush=1s`."""
     upstream: dict[str, Any] = {"keepalive": keepalive, **(extra_upstream or {})}
     if self_address:
         upstream["self"] = self_address
@@ -198,7 +200,8 @@ def failproxy_config(*, listen: list[str], servers: list[dict[str, Any]], worker
     return {
         "server": {"listen": listen, "workers": workers, "max_connections": max_connections},
         "upstream": upstream,
-        "log": {"file": log_file, "access": access_log},
+        "log": {"file": log_file, "access": access_log,
+                **({"buffer": 65536, "flush": 1.0} if log_buffer else {})},
     }
 
 
@@ -227,11 +230,11 @@ def start_failproxy(procs: Processes, name: str, cfg: dict[str, Any], *,
 
 
 def start_failproxy_target(procs: Processes, name: str, host: str, port: int, unix_path: str,
-                           *, workers: int, access_log: bool, tree: Path | None = None
-                           ) -> Target:
+                           *, workers: int, access_log: bool, tree: Path | None = None,
+                           log_buffer: bool = False) -> Target:
     cfg = failproxy_config(listen=[f"{host}:{port}"], servers=[{"address": f"unix:{unix_path}"}],
                            workers=workers, log_file=str(procs.workdir / f"{name}.log"),
-                           access_log=access_log)
+                           access_log=access_log, log_buffer=log_buffer)
     proc = start_failproxy(procs, name, cfg, probe=(host, port), tree=tree)
     return Target(name, "", host, port, proc, kind="failproxy")
 

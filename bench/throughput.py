@@ -30,8 +30,8 @@ class Params:
     connections: int = 50
     warmup: float = 0.5
     log_sets: tuple[bool, ...] = (True, False)  # access log on, then off
-    kinds: tuple[str, ...] = ("failproxy1", "failproxy2", "nginx1", "nginx2", "haproxy1",
-                              "floor", "naive")
+    kinds: tuple[str, ...] = ("failproxy1", "failproxy1-buffered", "failproxy2", "nginx1",
+                              "nginx2", "haproxy1", "floor", "naive")
     # Another checkout of failproxy (e.g. the previous main) measured in the same run as
     # "failproxy1-base": before/after figures from one sitting.
     baseline: str | None = None  # a tree holding failproxy/, or a git revision (bench.seed)
@@ -40,6 +40,7 @@ class Params:
 LABELS = {
     "direct": "fast upstream direct (nginx return 200, TCP)",
     "failproxy1": "failproxy, 1 worker",
+    "failproxy1-buffered": "failproxy, 1 worker, access log buffer = 65536, flush = 1.0",
     "failproxy2": "failproxy, 2 workers",
     "nginx1": "nginx, 1 worker, keepalive 64, access log buffer=64k flush=1s",
     "nginx2": "nginx, 2 workers, keepalive 64, access log buffer=64k flush=1s",
@@ -57,6 +58,9 @@ def _starter(kind: str, unix_path: str, log_on: bool, baseline: Path | None
         if kind == "failproxy1-base":
             return servers.start_failproxy_target(procs, name, HOST, port, unix_path,
                                                   workers=1, access_log=log_on, tree=baseline)
+        if kind == "failproxy1-buffered":  # the same log settings as the nginx rows
+            return servers.start_failproxy_target(procs, name, HOST, port, unix_path,
+                                                  workers=1, access_log=log_on, log_buffer=True)
         if kind.startswith("failproxy"):
             return servers.start_failproxy_target(procs, name, HOST, port, unix_path,
                                                   workers=int(kind[-1]), access_log=log_on)
@@ -90,8 +94,8 @@ def run(params: Params, procs: Processes) -> dict[str, Any]:
     for log_on in params.log_sets:
         suffix = "" if log_on else "-nolog"
         for kind in kinds:
-            if kind == "floor" and not log_on:
-                continue  # it has no access log: one row, listed with the log-on set
+            if kind in ("floor", "failproxy1-buffered") and not log_on:
+                continue  # no access log / no log to buffer: one row, with the log-on set
             name = kind + suffix
             try:
                 t = _starter(kind, unix_path, log_on, baseline)(procs, name, free_port())

@@ -131,6 +131,8 @@ class LogConfig:
     format: str = "json"
     access: bool = True
     file: str = ""
+    buffer: int = 0  # bytes gathered before a write (nginx access_log buffer=); 0: each loop turn
+    flush: float = 1.0  # seconds a gathered line waits at most (nginx flush=), with buffer > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,6 +637,8 @@ _ROOT = _Table(
                     format=_choice("json", "console"),
                     access=_bool,
                     file=_file,
+                    buffer=_integer(0),
+                    flush=_seconds,
                 ),
             ),
         ),

@@ -308,6 +308,8 @@ class ClientConnection(Downstream):
         """The active request was answered: start the next pipelined one, idle, or close."""
         if self.active is exchange:
             self.active = None
+        if self.last_parsed is exchange.req:
+            self.last_parsed = None  # an idle connection holds no answered request (memory)
         self.served += 1
         if self.closed:
             return

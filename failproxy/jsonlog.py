@@ -55,11 +55,15 @@ def stamp() -> str:
 
 class Sink:
     """Where rendered lines go. Inside a running loop, lines are gathered and written once per
-    loop iteration; outside one (the master, exit paths) they are written at once."""
+    loop iteration, or (with `buffer` > 0, as nginx's `access_log ... buffer= flush=`) once
+    `buffer` bytes are gathered or the oldest has waited `flush_after` seconds; outside a loop
+    (the master, exit paths) they are written at once."""
 
-    __slots__ = ("_buf", "_fd", "_file", "_pipe", "_scheduled", "path")
+    __slots__ = ("_buf", "_fd", "_file", "_limit", "_pipe", "_scheduled", "_size", "_timer",
+                 "flush_after", "path")
 
-    def __init__(self, file: TextIO | None, path: str) -> None:
+    def __init__(self, file: TextIO | None, path: str, buffer: int = 0,
+                 flush_after: float = 1.0) -> None:
         self.path = path
         self._file = open(path, "ab", buffering=0) if path else None  # noqa: SIM115
         self._fd = self._file.fileno() if self._file else (file or sys.stderr).fileno()
@@ -71,9 +75,23 @@ class Sink:
             self._pipe = True
         self._buf: list[bytes] = []
         self._scheduled = False
+        self._limit = buffer
+        self.flush_after = flush_after
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def configure(self, buffer: int, flush_after: float) -> None:
+        self.flush()
+        self._limit = buffer
+        self.flush_after = flush_after
 
     def write(self, line: bytes) -> None:
         self._buf.append(line)
+        if self._limit:
+            self._size += len(line)
+            if self._size >= self._limit:
+                self.flush()
+                return
         if self._scheduled:
             return
         try:
@@ -82,14 +100,22 @@ class Sink:
             self.flush()
             return
         self._scheduled = True
-        loop.call_soon(self.flush)
+        if self._limit:
+            self._timer = loop.call_later(self.flush_after, self.flush)
+        else:
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
         if not self._buf:
             return
         lines = self._buf
         self._buf = []
+        self._size = 0
         if not self._pipe:
             self._write(b"".join(lines))
             return

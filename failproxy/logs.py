@@ -66,6 +66,7 @@ def configure(cfg: LogConfig | None = None) -> None:
         # Same path: keep the open file. A worker that dropped privileges may not be able to
         # open it again (as nginx workers, it writes to what the master opened).
         _sink = Sink(None, cfg.file)
+    _sink.configure(cfg.buffer, cfg.flush)
     pid = os.getpid()
 
     def add_pid(_l: Any, _n: str, event: MutableMapping[str, Any]) -> Any:

@@ -115,9 +115,13 @@ class GenReq:
         return out
 
     def connection_tokens(self) -> set[bytes]:
-        """Connection options; llhttp (as http_parser and nginx) also reads Proxy-Connection."""
+        """Connection options, as failproxy reads them: the Connection field only. llhttp also
+        counts Proxy-Connection (never standardised); failproxy does not, so an HTTP/1.0
+        request with only `Proxy-Connection: keep-alive` is answered and closed (always
+        allowed, RFC 9112 9.3), and an HTTP/1.1 one with `Proxy-Connection: close` stays open
+        (the field is hop-by-hop: dropped, never forwarded)."""
         return {t.strip().lower() for n, _, v, _ in self.headers
-                if n.lower() in (b"connection", b"proxy-connection") for t in v.split(b",")}
+                if n.lower() == b"connection" for t in v.split(b",")}
 
     def ends_connection(self) -> bool:
         """Does the connection end after this request's answer (RFC 9112 9.3)?"""

@@ -270,6 +270,8 @@ def test_unix_path_limit_counts_bytes_not_characters() -> None:
         ("[server]\nworkers = 2.0", "server.workers: must be an integer >= 0, got 2.0"),
         ("[server]\nworkers = '2'", "server.workers: must be an integer >= 0, got '2'"),
         ("[server]\nbacklog = 0", "server.backlog: must be an integer >= 1, got 0"),
+        ("[log]\nbuffer = -1", "log.buffer: must be an integer >= 0, got -1"),
+        ("[log]\nflush = -0.5", "log.flush: must be a number of seconds >= 0, got -0.5"),
         ("[server]\nmax_body_bytes = -1", "server.max_body_bytes: must be an integer >= 0, got -1"),
         ("[upstream]\ntries = 1.5", "upstream.tries: must be an integer >= 0, got 1.5"),
         ("[upstream]\nkeepalive = -1", "upstream.keepalive: must be an integer >= 0, got -1"),

@@ -1,0 +1,64 @@
+"""The log sink's buffering (jsonlog.Sink, `[log] buffer` / `flush`), on a real file and a
+real event loop: per loop turn by default; with a buffer, written once it fills or once the
+oldest line has waited `flush` seconds, and always before the process forks or exits."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from failproxy import config
+from failproxy.jsonlog import Sink
+
+
+def test_by_default_lines_are_written_once_per_loop_turn(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    sink = Sink(None, str(path))
+
+    async def main() -> tuple[bytes, bytes]:
+        sink.write(b"a\n")
+        sink.write(b"b\n")
+        before = path.read_bytes()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return before, path.read_bytes()
+
+    before, after = asyncio.run(main())
+    assert (before, after) == (b"", b"a\nb\n")
+
+
+def test_a_buffer_waits_until_full_or_flush_seconds(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    sink = Sink(None, str(path), buffer=64, flush_after=0.2)
+
+    async def main() -> list[bytes]:
+        seen = []
+        sink.write(b"x" * 20 + b"\n")
+        await asyncio.sleep(0.05)
+        seen.append(path.read_bytes())  # 21 bytes of 64, 0.05 s of 0.2: still gathered
+        await asyncio.sleep(0.3)
+        seen.append(path.read_bytes())  # the oldest waited 0.2 s: written
+        sink.write(b"y" * 40 + b"\n")
+        sink.write(b"z" * 40 + b"\n")  # 82 >= 64: written at once, in order
+        seen.append(path.read_bytes())
+        sink.write(b"w\n")
+        sink.flush()  # what a worker does before it exits (and the master before fork)
+        seen.append(path.read_bytes())
+        return seen
+
+    seen = asyncio.run(main())
+    first = b"x" * 20 + b"\n"
+    assert seen[0] == b""
+    assert seen[1] == first
+    assert seen[2] == first + b"y" * 40 + b"\n" + b"z" * 40 + b"\n"
+    assert seen[3] == seen[2] + b"w\n"
+
+
+SERVER = '[[upstream.server]]\naddress = "unix:/run/app.sock"\n'
+
+
+def test_the_keys_default_to_per_turn_writes() -> None:
+    cfg = config.loads('[log]\nbuffer = 65536\nflush = 1\n' + SERVER)
+    assert (cfg.log.buffer, cfg.log.flush) == (65536, 1.0)
+    default = config.loads(SERVER).log
+    assert (default.buffer, default.flush) == (0, 1.0)
