@@ -272,7 +272,7 @@ def _targets(sc: dict[str, Any]) -> str:
         add("4. the floor of the stack (uvloop + httptools, no features) in every run",
             f"floor {fl['req_s']:,.0f} req/s, {fl['cpu_us_per_req']:.1f} µs/req; failproxy is "
             f"{fp['median']['req_s'] / fl['req_s']:.2f}× its req/s", True)
-    seed_tp = sc.get("seed", {}).get("throughput") or {}
+    seed_tp = sc.get("seed", {}).get("no_overload") or {}
     t = seed_tp.get("targets", {}) if isinstance(seed_tp, dict) else {}
     if t.get("failproxy") and t.get("nginx-seed") and not t["failproxy"].get("error"):
         f, n = t["failproxy"], t["nginx-seed"]
