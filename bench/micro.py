@@ -90,7 +90,10 @@ async def measure(requests: int, access: bool, profile: bool) -> float:
     server = ctx.peers[0]
     upstream = UpstreamConnection(server, loop)
     upstream_transport = FakeTransport()
-    upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
+    if hasattr(upstream, "connection_made"):  # a tree from before rawtransport.py
+        upstream.connection_made(upstream_transport)
+    else:
+        upstream.transport = upstream_transport
     upstream.idle_since = loop.time()
     server.idle.append(upstream)
 

@@ -28,6 +28,7 @@ Fronts (FRONTS; `--fronts` picks them, DEFAULT_FRONTS run by default):
     nginx-tuned          nginx-seed with `max_fails=0` on the socket (tried on every request)
     failproxy-maxconns   failproxy with `max_conns = 2` (= unicorn's workers) on the socket
     failproxy-maxqueue   failproxy with `max_queue = 1` on the socket
+    failproxy-ring       failproxy from this tree with `overflow = "ring"` (the old policy)
 
 Finally the "no overload" throughput check: wrk (fast action only, 4 connections per host, so
 that the UNIX backlog never fills) through each front vs straight to unicorn's TCP ports, with
@@ -138,6 +139,7 @@ class FrontKind:
     backups: bool = True
     baseline: bool = False  # run from the --baseline source tree
     max_fails0: bool = False  # nginx: max_fails=0 on the socket
+    upstream: dict[str, Any] = field(default_factory=dict)  # extra [upstream] keys
 
 
 FRONTS = {
@@ -152,6 +154,8 @@ FRONTS = {
                              max_fails0=True),
     "failproxy-maxconns": FrontKind("failproxy, max_conns = 2 on the socket", "failproxy",
                                     primary={"max_conns": UNICORN_WORKERS}),
+    "failproxy-ring": FrontKind("failproxy, overflow = \"ring\" (the old policy)", "failproxy",
+                                upstream={"overflow": "ring"}),
     "failproxy-maxqueue": FrontKind("failproxy, max_queue = 1 on the socket", "failproxy",
                                     primary={"max_queue": 1}),
 }
@@ -336,6 +340,7 @@ def _front_config(front: str, name: str, ip: str, front_port: int, uport: int, s
     logfile = workdir / f"{tag}.log"
     # only what the bench must set: listeners, 1 worker (as nginx), the servers, self, the log
     upstream: dict[str, Any] = {"self": own} if fk.backups else {}
+    upstream.update(fk.upstream)
     upstream["server"] = [primary, *backups]
     cfg = {"server": {"listen": [f"{ip}:{front_port}"], "workers": workers},
            "upstream": upstream, "log": {"file": str(logfile)}}

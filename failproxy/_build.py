@@ -34,6 +34,7 @@ COMPILED = (
     "peer",
     "balance",
     "connect",
+    "rawtransport",
     "upstream",
     "request",
     "events",

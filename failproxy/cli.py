@@ -64,7 +64,7 @@ def _check_lines(cfg: config.Config) -> list[str]:
 
 
 def _overflow_line(cfg: config.Config) -> str:
-    """How a busy box's requests are placed (upstream.overflow, upstream.hold_timeout)."""
+    """How a busy box's requests are placed (upstream.overflow, hold_timeout, slow_after)."""
     up = cfg.upstream
     if up.overflow == "ring":
         return 'overflow: ring (upstream.overflow = "ring"): the order above, on connect errors'
@@ -75,8 +75,10 @@ def _overflow_line(cfg: config.Config) -> str:
                 "above, on connect errors")
     hold = (f"held up to upstream.hold_timeout = {up.hold_timeout:g} s, then home"
             if up.hold_timeout > 0 else "home at once (upstream.hold_timeout = 0)")
+    fast = (f"; a box whose answers all came within upstream.slow_after = {up.slow_after:g} s "
+            "waits for its own workers" if up.slow_after > 0 else "")
     return ("overflow: room (upstream.overflow): the UNIX socket while the box has an idle worker "
-            "(learned), else the least-loaded backup with one, else " + hold
+            "(learned), else the least-loaded backup with one, else " + hold + fast
             + '; overflow = "ring" for the order alone')
 
 

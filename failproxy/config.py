@@ -110,6 +110,9 @@ class UpstreamConfig:
     # up to hold_timeout, else home) or "ring" (the listed order, the seed's policy).
     overflow: str = "room"
     hold_timeout: float = 2.0  # room: longest a request waits in failproxy for a free worker
+    # room: a local answer slower than this marks the box slow; while none is (10 s), a request
+    # finding every worker busy with ours waits for one at home instead of crossing hosts.
+    slow_after: float = 0.05
     # Name servers for [[upstream.peers]]; () = the `nameserver` lines of /etc/resolv.conf.
     resolver: tuple[Address, ...] = ()
     resolver_timeout: float = 1.0  # one query to one name server
@@ -606,6 +609,7 @@ _ROOT = _Table(
                         self=_optional_address,
                         overflow=_choice("room", "ring"),
                         hold_timeout=_seconds,
+                        slow_after=_seconds,
                         resolver=_array(_name_server, "name server addresses"),
                         resolver_timeout=_interval,
                     ),

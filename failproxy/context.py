@@ -184,7 +184,8 @@ class WorkerContext:
         peers = [p for p in backups if p is not own]
         room = self.room
         if room is None:
-            self.room = Room(self.loop, local, own, peers, up.hold_timeout, self.share is not None)
+            self.room = Room(self.loop, local, own, peers, up.hold_timeout, self.share is not None,
+                             up.slow_after)
         else:
             room.configure(local, own, peers)  # a new list from DNS: keep what was learned, held
 

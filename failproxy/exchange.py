@@ -16,8 +16,8 @@ which checks the transition against `_TRANSITIONS`.
 
 from __future__ import annotations
 
+import _socket
 import errno
-import socket
 from time import monotonic
 from typing import Final, cast
 
@@ -30,6 +30,7 @@ from failproxy.context import WorkerContext
 from failproxy.events import ExchangeView
 from failproxy.headers import BadRequest, response_head, simple_response
 from failproxy.peer import Peer
+from failproxy.rawtransport import SocketTransport
 from failproxy.request import Request
 from failproxy.upstream import CHUNKED, CLOSE, ResponseSink, UpstreamConnection
 
@@ -238,6 +239,9 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             self._failed("queue_full", None)
             return
         self._take_slot(peer)
+        room = self.ctx.room
+        if room is not None and peer is room.local:
+            room.local_sent(self, now)
         if peer.idle:
             req = self.req
             # A request that could not be re-sent after a stale connection fails must not get
@@ -273,7 +277,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             return
         self._open(peer, sock, t0)
 
-    def _tcp_connected(self, peer: Peer, sock: socket.socket, err: int, t0: float) -> None:
+    def _tcp_connected(self, peer: Peer, sock: _socket.socket, err: int, t0: float) -> None:
         if self.phase == DONE:
             sock.close()
         elif err:
@@ -283,38 +287,22 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         else:
             self._open(peer, sock, t0)
 
-    def _open(self, peer: Peer, sock: socket.socket, t0: float) -> None:
-        self.ctx.loop.create_task(self._wrap(peer, sock, t0))
-
-    async def _wrap(self, peer: Peer, sock: socket.socket, t0: float) -> None:
-        """Give a connected socket a uvloop transport, then send the request on it."""
+    def _open(self, peer: Peer, sock: _socket.socket, t0: float) -> None:
+        """Give the connected socket a transport and send the request on it, in this call: no
+        Task or Future per connection (rawtransport.py says why)."""
         loop = self.ctx.loop
         conn = UpstreamConnection(peer, loop)
         try:
-            if peer.is_unix:
-                await loop.create_unix_connection(lambda: conn, sock=sock)  # type: ignore
-            else:
-                await loop.create_connection(lambda: conn, sock=sock)  # type: ignore
+            conn.transport = SocketTransport(loop, sock, conn)
         except OSError as exc:
             sock.close()
-            if self.phase != DONE:
-                self._end_attempt()
-                self._failed(policy.classify_connect_errno(exc.errno), exc.errno)
-            return
-        except Exception as exc:  # a bug here must not leave the client waiting forever
-            sock.close()
-            self.ctx.events.internal_error(self)
-            if self.phase != DONE:
-                self._end_attempt()
-                self._answer_locally(502, f"internal error: {type(exc).__name__}")
+            self._end_attempt()
+            self._failed(policy.classify_connect_errno(exc.errno), exc.errno)
             return
         now = monotonic()
         seconds = now - t0
         self.connect_ms = seconds * 1000.0
         self.ctx.events.connected(peer, seconds)
-        if self.phase == DONE:
-            conn.close()
-            return
         self._send_request(conn, False, now)
 
     def _send_request(self, conn: UpstreamConnection, reused: bool, now: float) -> None:
@@ -342,6 +330,8 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             slot.release(self.slot_answered)
             room = self.ctx.room
             if room is not None:
+                if slot is room.local and not self.slot_answered:
+                    room.local_ended(self, monotonic())
                 room.release()  # a worker may be free again: a held request may go
         conn = self.conn
         if conn is not None:
@@ -448,6 +438,9 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         if slot is not None:
             slot.answered()  # its worker is done with us: the policy counts it free
             self.slot_answered = True
+            room = self.ctx.room
+            if room is not None and slot is room.local:
+                room.local_answered(self, monotonic())
         req = self.req
         keep = self.client.keep_alive_after(req)
         framing = b""

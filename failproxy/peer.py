@@ -13,6 +13,7 @@ second after a single EAGAIN unless `max_fails=0`.
 
 from __future__ import annotations
 
+import _socket
 import socket
 
 from mypy_extensions import trait
@@ -108,7 +109,7 @@ class Peer:
         # workers when there are several (loadshare.py).
         self.waiting = 0
         self.share: LoadView | None = None
-        self.spare: socket.socket | None = None  # an unconnected UNIX socket, see connect.py
+        self.spare: _socket.socket | None = None  # an unconnected UNIX socket, see connect.py
         self.fails = 0
         self.first_fail = 0.0
         self.down_until = 0.0

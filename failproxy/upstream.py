@@ -36,6 +36,7 @@ from failproxy.headers import (
     without_names,
 )
 from failproxy.peer import Peer, Pooled
+from failproxy.rawtransport import Transport
 from failproxy.timer import Timer
 
 # Response headers that need more than being copied through (other hop-by-hop ones are
@@ -106,7 +107,8 @@ class ResponseSink:
 
 
 class UpstreamConnection(Pooled):
-    """An asyncio protocol (uvloop calls its methods; it needs no base class)."""
+    """The protocol of one upstream connection: a rawtransport.StreamProtocol, its transport a
+    rawtransport.SocketTransport."""
 
     __slots__ = (
         "_body_seen",
@@ -140,7 +142,7 @@ class UpstreamConnection(Pooled):
     def __init__(self, peer: Peer, loop: asyncio.AbstractEventLoop) -> None:
         self.peer = peer
         self.loop = loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: Transport | None = None  # set by whoever connected it
         self.exchange: ResponseSink | None = None
         self.closed = False
         self.requests = 0
@@ -183,9 +185,6 @@ class UpstreamConnection(Pooled):
         self.got_bytes = False
 
     # -- asyncio protocol ---------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

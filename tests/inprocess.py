@@ -88,7 +88,7 @@ class Harness:
         """An idle keep-alive connection in `peer`'s pool, on a fake transport."""
         conn = UpstreamConnection(peer, self.loop)
         transport = FakeTransport()
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.transport = transport
         conn.idle_since = self.loop.time()
         peer.put_idle(conn)
         return conn, transport

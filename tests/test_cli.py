@@ -82,7 +82,9 @@ def test_check_valid_prints_ok_and_the_order(valid: Path) -> None:
         "4. 127.0.1.2:9000 (backup, self: tried last)",
         "overflow: room (upstream.overflow): the UNIX socket while the box has an idle worker "
         "(learned), else the least-loaded backup with one, else held up to "
-        'upstream.hold_timeout = 2 s, then home; overflow = "ring" for the order alone',
+        "upstream.hold_timeout = 2 s, then home; a box whose answers all came within "
+        'upstream.slow_after = 0.05 s waits for its own workers; overflow = "ring" for the order '
+        "alone",
     ]
     assert result.stderr == ""
 

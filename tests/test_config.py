@@ -287,6 +287,8 @@ def test_unix_path_limit_counts_bytes_not_characters() -> None:
             "upstream.connect_timeout: must be a number of seconds",
         ),
         ("[upstream]\nread_timeout = nan", "upstream.read_timeout: must be a number of seconds"),
+        ("[upstream]\nslow_after = -0.01",
+         "upstream.slow_after: must be a number of seconds >= 0, got -0.01"),
         ("[upstream]\nretry_timeout = inf", "upstream.retry_timeout: must be a number of seconds"),
         (
             "[upstream]\nsend_timeout = [1]",
