@@ -44,25 +44,35 @@ def main() -> None:
             url = f"http://{HOST}:{port}/"
             wrk.run(url, script=script, duration=1.0, connections=50)
             data = Path(tmp) / "perf.data"
-            rec = subprocess.Popen(
-                ["perf", "record", "-q", "-F", "1999", "-g", "-o", str(data), "-p", str(worker),
-                 "--", "sleep", str(args.seconds)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rec = record(worker, args.seconds, data)
             time.sleep(0.2)
             res = wrk.run(url, script=script, duration=max(1.0, args.seconds - 1.0),
                           connections=50)
             rec.wait()
             print(f"wrk -t1 -c50: {res.req_s:,.0f} req/s under perf")
-            for sort, top in (("dso", 12), ("dso,sym", args.top)):
-                out = subprocess.run(
-                    ["perf", "report", "-i", str(data), "--no-children", "--stdio",
-                     "--sort", sort, "--percent-limit", "0.4", "-g", "none"],
-                    capture_output=True, text=True, check=True).stdout
-                lines = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("#")]
-                print(f"\n-- by {sort} --")
-                print("\n".join(lines[:top]))
+            report(data, args.top)
         finally:
             procs.close()
+
+
+def record(pid: int, seconds: float, data: Path) -> subprocess.Popen[bytes]:
+    """`perf record -g` on process `pid` for `seconds`, started now (wait() for it)."""
+    return subprocess.Popen(
+        ["perf", "record", "-q", "-F", "1999", "-g", "-o", str(data), "-p", str(pid),
+         "--", "sleep", str(seconds)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def report(data: Path, top: int) -> None:
+    """The shares per shared object, then per symbol."""
+    for sort, n in (("dso", 12), ("dso,sym", top)):
+        out = subprocess.run(
+            ["perf", "report", "-i", str(data), "--no-children", "--stdio",
+             "--sort", sort, "--percent-limit", "0.4", "-g", "none"],
+            capture_output=True, text=True, check=True).stdout
+        lines = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("#")]
+        print(f"\n-- by {sort} --")
+        print("\n".join(lines[:n]))
 
 
 if __name__ == "__main__":
