@@ -53,14 +53,24 @@ def stamp() -> str:
     return TIMESTAMPER.now()
 
 
+_FORKS: Final = [0]  # bumped in each child after a fork (Sink's cached loop is then stale)
+
+
+def _forked() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class Sink:
     """Where rendered lines go. Inside a running loop, lines are gathered and written once per
     loop iteration, or (with `buffer` > 0, as nginx's `access_log ... buffer= flush=`) once
     `buffer` bytes are gathered or the oldest has waited `flush_after` seconds; outside a loop
     (the master, exit paths) they are written at once."""
 
-    __slots__ = ("_buf", "_fd", "_file", "_limit", "_pipe", "_scheduled", "_size", "_timer",
-                 "flush_after", "path")
+    __slots__ = ("_buf", "_fd", "_file", "_forks", "_limit", "_loop", "_pipe", "_scheduled",
+                 "_size", "_timer", "flush_after", "path")
 
     def __init__(self, file: TextIO | None, path: str, buffer: int = 0,
                  flush_after: float = 1.0) -> None:
@@ -79,6 +89,8 @@ class Sink:
         self.flush_after = flush_after
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._forks = 0
 
     def configure(self, buffer: int, flush_after: float) -> None:
         self.flush()
@@ -94,11 +106,17 @@ class Sink:
                 return
         if self._scheduled:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
+        loop = self._loop
+        if loop is None or self._forks != _FORKS[0] or not loop.is_running():
+            # asyncio.get_running_loop() makes a getpid() syscall (its fork check): once per
+            # loop, not once per loop turn; a loop cached before a fork is the parent's
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._loop = loop
+            self._forks = _FORKS[0]
         self._scheduled = True
         if self._limit:
             self._timer = loop.call_later(self.flush_after, self.flush)

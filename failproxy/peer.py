@@ -209,10 +209,11 @@ class Peer:
         return True
 
     def forget_idle(self, conn: Pooled) -> None:
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
+        # Tested first: most connections that end are not idle (unicorn closes each one), and
+        # a remove() that raises ValueError costs ~8k instructions (bench.realsock --mode close).
+        idle = self.idle
+        if conn in idle:
+            idle.remove(conn)
 
     def close_idle(self) -> None:
         while self.idle:

@@ -37,7 +37,7 @@ from failproxy.headers import (
 )
 from failproxy.peer import Peer, Pooled
 from failproxy.rawtransport import Transport
-from failproxy.timer import Timer
+from failproxy.timer import take_timer
 
 # Response headers that need more than being copied through (other hop-by-hop ones are
 # dropped), by name as sent: one table for the whole process (headers.NameTable).
@@ -153,7 +153,7 @@ class UpstreamConnection(Pooled):
         self.tunnel: asyncio.Transport | None = None
         self.reused = False
         self.paused = False
-        self.timer = Timer(loop, self._on_timer)
+        self.timer = take_timer(loop, self._on_timer)
         self._parser = httptools.HttpResponseParser(self)
         self._status = 0
         self._reason = b""
@@ -188,7 +188,7 @@ class UpstreamConnection(Pooled):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.timer.close()
+        self.timer = self.timer.give_back()
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.close()

@@ -62,3 +62,33 @@ def test_the_keys_default_to_per_turn_writes() -> None:
     assert (cfg.log.buffer, cfg.log.flush) == (65536, 1.0)
     default = config.loads(SERVER).log
     assert (default.buffer, default.flush) == (0, 1.0)
+
+
+def test_a_child_forked_inside_a_running_loop_writes_through_its_own_loop(tmp_path: Path) -> None:
+    """The sink caches the loop it schedules its flush on (asyncio.get_running_loop() costs a
+    getpid() syscall); a worker forked from inside the master's running loop must not use the
+    copy of the master's loop it inherits, or its lines would wait for a loop nobody runs."""
+    import os
+
+    path = tmp_path / "log"
+    sink = Sink(None, str(path))
+
+    async def parent() -> int:
+        sink.write(b"parent\n")  # caches this loop
+        await asyncio.sleep(0)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                async def child() -> None:
+                    sink.write(b"child\n")
+                    await asyncio.sleep(0.05)
+
+                asyncio.new_event_loop().run_until_complete(child())
+            finally:
+                os._exit(0)
+        return pid
+
+    pid = asyncio.run(parent())
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert path.read_bytes() == b"parent\nchild\n"

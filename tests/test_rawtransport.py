@@ -152,3 +152,60 @@ def test_pause_reading_holds_the_bytes_until_resume(loop) -> None:
     _turns(loop)
     assert proto.lost == [None]
     theirs.close()
+
+
+def test_a_paused_socket_whose_peer_closed_does_not_spin_the_loop(loop) -> None:
+    """A UNIX socket whose peer closed reports EPOLLHUP whatever the events asked for, and the
+    set is level-triggered: a paused socket must be out of the set, or every loop turn would
+    wake for it. 0.3 s of loop turns with it paused cost almost no CPU; resumed, it ends."""
+    import time
+
+    ours, theirs = _pair()
+    proto = Recorder()
+    tr = SocketTransport(loop, ours, proto)
+    tr.pause_reading()
+    theirs.sendall(b"last words")
+    theirs.close()
+    cpu = time.process_time()
+    loop.run_until_complete(asyncio.sleep(0.3))
+    spent = time.process_time() - cpu
+    assert spent < 0.1, f"the loop spun on a paused socket: {spent:.3f} s of CPU in 0.3 s"
+    assert proto.data == b"" and proto.calls == []
+    tr.resume_reading()
+    _turns(loop)
+    assert proto.data == b"last words" and proto.calls == ["eof", "lost"]
+
+
+def test_a_socket_closed_inside_the_batch_lends_its_number_to_the_next_without_harm(loop) -> None:
+    """One readable batch holds events for two sockets; the first one's data makes the protocol
+    close the second and open a third, which gets the second's fd number. The second's event,
+    still in the batch, must not reach the third as data (its read says EAGAIN) nor end it."""
+    a_ours, a_theirs = _pair()
+    b_ours, b_theirs = _pair()
+    b_fd = b_ours.fileno()
+    made: list[tuple[SocketTransport, Recorder, socket.socket]] = []
+
+    class Closer(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            tb.abort()  # the second socket's fd is free now ...
+            c_ours, c_theirs = _pair()  # ... and the next socket made takes its number
+            rec = Recorder()
+            made.append((SocketTransport(loop, c_ours, rec), rec, c_theirs))
+
+    a_proto, b_proto = Closer(), Recorder()
+    SocketTransport(loop, a_ours, a_proto)
+    tb = SocketTransport(loop, b_ours, b_proto)
+    a_theirs.sendall(b"for a")  # epoll's ready list is in the order the sockets became ready
+    b_theirs.sendall(b"for b")
+    _turns(loop)
+    assert a_proto.data == b"for a"
+    assert b_proto.data == b"", "the second socket was read before the first closed it"
+    (tc, c_proto, c_theirs) = made[0]
+    assert tc._fd == b_fd, "the test needs the number reused"  # noqa: SLF001
+    assert c_proto.data == b"" and c_proto.calls == [], "the old event reached the new socket"
+    c_theirs.sendall(b"for c")
+    _turns(loop)
+    assert c_proto.data == b"for c"
+    for s in (a_theirs, b_theirs, c_theirs):
+        s.close()
