@@ -74,6 +74,29 @@ class Transport(Protocol):
     def abort(self) -> None: ...
 
 
+class _Ended:
+    """The protocol of an ended transport: nothing reaches it (every path checks _closing or
+    _lost first); it stands in so the real one is not kept alive by a reference cycle."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+_ENDED: Final = _Ended()
+
+
 class Poller:
     """The epoll set of one loop's upstream sockets, watched by the loop as one fd."""
 
@@ -281,3 +304,4 @@ class SocketTransport:
         self._watch()
         self._sock.close()  # not watched any more: the fd may go
         self._loop.call_soon(self._protocol.connection_lost, exc)
+        self._protocol = _ENDED  # no cycle with the protocol (its `transport` is this)
