@@ -202,7 +202,7 @@ def test_a_socket_closed_inside_the_batch_lends_its_number_to_the_next_without_h
     assert a_proto.data == b"for a"
     assert b_proto.data == b"", "the second socket was read before the first closed it"
     (tc, c_proto, c_theirs) = made[0]
-    assert tc._fd == b_fd, "the test needs the number reused"  # noqa: SLF001
+    assert tc._fd == b_fd, "the test needs the number reused"
     assert c_proto.data == b"" and c_proto.calls == [], "the old event reached the new socket"
     c_theirs.sendall(b"for c")
     _turns(loop)

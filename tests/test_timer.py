@@ -16,9 +16,9 @@ from failproxy.timer import take_timer
 @pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     lp = uvloop.new_event_loop()
-    timer._SPARE.clear()  # noqa: SLF001 - timers of other tests' loops
+    timer._SPARE.clear()  # timers of other tests' loops
     yield lp
-    timer._SPARE.clear()  # noqa: SLF001
+    timer._SPARE.clear()
     lp.close()
 
 
