@@ -16,6 +16,7 @@ callgrind counts user-space instructions only: the syscalls are the same for bot
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -33,27 +34,23 @@ spec.loader.exec_module(realsock)
 print(uvloop.run(realsock.measure(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "close")))
 """
 
-# The same request, response and config as bench/micro.py's, copied: this file is loaded by
-# path into a process whose `bench` package may be another tree's.
-REQUEST = (
-    b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
-)
-RESPONSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 21 Nov 2026 06:25:06 GMT\r\n"
-    b"Content-Type: text/plain\r\nContent-Length: 3\r\n"
-)
+def _micro() -> Any:
+    """This directory's bench/micro.py, loaded by path (this file runs in a process whose
+    `bench` package may be another tree's): its request, response and config are used here."""
+    spec = importlib.util.spec_from_file_location("_micro", Path(__file__).parent / "micro.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_M = _micro()
+REQUEST: bytes = _M.REQUEST
+# micro's response without its `Connection: keep-alive` and body: each mode adds its own.
+RESPONSE_HEAD: bytes = _M.RESPONSE[: _M.RESPONSE.index(b"Connection:")]
 END = b"\r\n\r\nok\n"
-CONFIG = """
-[server]
-keepalive_requests = 1000000000
-[upstream]
-keepalive_requests = 1000000000
-[log]
-access = true
-file = "/dev/null"
-[[upstream.server]]
-address = "unix:{path}"
-"""
+CONFIG: str = (_M.CONFIG.format(access="true")
+               .replace("unix:/nonexistent/upstream.sock", "unix:{path}"))
 
 
 async def measure(requests: int, conns: int, close: bool) -> float:

@@ -37,7 +37,7 @@ from failproxy.headers import (
     without_names,
 )
 from failproxy.request import Request
-from failproxy.timer import Timer
+from failproxy.timer import take_timer
 from failproxy.upstream import UpstreamConnection
 
 # Reasons to pause reading the client, as bits: reading resumes only when none is left.
@@ -121,7 +121,7 @@ class ClientConnection(Downstream):
         self.tunnel: UpstreamConnection | None = None
         self.upgrade_rest = b""
         self.resume: Request | None = None  # an upgrade request llhttp stopped at, not tunnelled
-        self.timer = Timer(ctx.loop, self._on_timeout)
+        self.timer = take_timer(ctx.loop, self._on_timeout)
         self.timer_kind = HEAD
 
     # -- asyncio protocol -----------------------------------------------------------------------
@@ -137,7 +137,7 @@ class ClientConnection(Downstream):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.timer.close()
+        self.timer = self.timer.give_back()  # for the next connection (timer.py says why)
         self.ctx.connection_closed(self)
         tunnel = self.tunnel
         if tunnel is not None:
