@@ -24,6 +24,7 @@ from pathlib import Path
 # The hot path, compiled by mypyc (plain typed Python, no compiled-only code). Bottom first.
 COMPILED = (
     "reasons",
+    "turnend",
     "jsonlog",
     "timer",
     "headers",

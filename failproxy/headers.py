@@ -11,7 +11,7 @@ from typing import Final
 from failproxy.config import HeadersConfig
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the legacy ones proxies must also drop.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -26,19 +26,21 @@ HOP_BY_HOP = frozenset(
 )
 
 # Transfer codings failproxy knows (RFC 9112 7); any other is 501.
-KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"identity"})
+KNOWN_CODINGS: Final = frozenset(
+    {b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"identity"}
+)
 
 
 # RFC 3986 host [":" port] as a Host value or an absolute-form authority: an IP-literal
 # ("[v6]" or "[vX.future]") or a non-empty reg-name (unreserved, sub-delims, %HH), then an optional
 # port of digits; trailing OWS is llhttp's (it keeps it in the value).
 _SUB = rb"A-Za-z0-9\-._~!$&'()*+,;="
-_HOST_RE = re.compile(
+_HOST_RE: Final = re.compile(
     rb"(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[" + _SUB + rb":]+)\]"
     rb"|(?:[" + _SUB + rb"]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?[ \t]*"
 )
-KNOWN_HOSTS: set[bytes] = set()  # values already checked: most traffic repeats a few Hosts
-_KNOWN_HOSTS_MAX = 256
+KNOWN_HOSTS: Final[set[bytes]] = set()  # values already checked: most traffic repeats a few Hosts
+_KNOWN_HOSTS_MAX: Final = 256
 
 
 def valid_host(value: bytes) -> bool:
@@ -88,7 +90,7 @@ H_DROP: Final = 10  # other hop-by-hop ones, the ones failproxy sets itself, HTT
 H_UNDERSCORE: Final = 11  # dropped, as nginx does: WSGI/Rack would read X_A as X-A
 H_KEEPALIVE: Final = 12  # responses only: `Keep-Alive: timeout=N`
 
-_NAMES_REMEMBERED = 512
+_NAMES_REMEMBERED: Final = 512
 
 
 class NameTable:
@@ -268,7 +270,7 @@ class RequestHeadBuilder:
         return b"".join(parts)
 
 
-STATUS_REASONS: dict[int, bytes] = {
+STATUS_REASONS: Final[dict[int, bytes]] = {
     400: b"Bad Request",
     408: b"Request Timeout",
     413: b"Content Too Large",
@@ -305,7 +307,7 @@ def simple_response(
 
 # RFC 9110 15: the status lines failproxy writes itself. As nginx, a known status code gets its
 # standard reason phrase (whatever the upstream wrote); only another code relays the upstream's.
-STATUS_LINES: dict[int, bytes] = {
+STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason)
     for code, reason in {
         100: b"Continue", 101: b"Switching Protocols", 102: b"Processing", 103: b"Early Hints",
@@ -334,7 +336,7 @@ STATUS_LINES: dict[int, bytes] = {
 }
 # A reason phrase that may be relayed (RFC 9112 4: HTAB, SP, VCHAR, obs-text; llhttp lets
 # other control bytes through).
-_REASON_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_REASON_RE: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 
 
 def valid_status(status: int, reason: bytes) -> bool:

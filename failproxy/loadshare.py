@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import mmap
 
+from failproxy import turnend
+
 COLUMNS = 64  # workers of one generation at once (TTIN past it shares a column: still a count)
 
 
@@ -54,19 +56,20 @@ class LoadShare:
 class LoadView:
     """A worker's side of the table: its own column written, the others summed."""
 
-    __slots__ = ("_cells", "_column", "_dirty", "_fresh", "_loop", "_mine", "_others",
-                 "_scheduled", "_slots")
+    __slots__ = ("_cells", "_column", "_dirty", "_flush_bound", "_fresh", "_mine", "_others",
+                 "_scheduled", "_slots", "_turn")
 
     def __init__(self, share: LoadShare, column: int, loop: asyncio.AbstractEventLoop) -> None:
         self._cells = share.cells
         self._slots = share.slots
         self._column = column
-        self._loop = loop
         self._mine: list[int] = [0] * share.slots  # this worker's counts, as last published
         self._dirty: list[int] = []  # slots whose count changed this turn
         self._others: list[int] = [0] * share.slots  # the siblings' sums, as of `_fresh`
         self._fresh = False
         self._scheduled = False
+        self._turn = turnend.of(loop)
+        self._flush_bound = self._flush  # bound once: deferred every turn
 
     def publish(self, slot: int, count: int) -> None:
         """This worker now has `count` requests awaiting `slot`'s answer."""
@@ -104,7 +107,7 @@ class LoadView:
     def _turn_end(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            self._turn.defer(self._flush_bound)
 
     def _flush(self) -> None:
         self._scheduled = False

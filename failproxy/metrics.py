@@ -14,22 +14,26 @@ that passes to another address is folded first (`Totals.fold_server`), as a reti
 from __future__ import annotations
 
 import asyncio
-import bisect
 import mmap
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from failproxy import turnend
 from failproxy.reasons import REASONS
 
 DURATION_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 )
-CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0)
+# tuple[float, ...], not a fixed-length tuple: mypyc 1.x inverts the is-it-set check of a
+# fixed tuple of floats in `len()` ("value for final name ... was not set"), tests/test_discovery.py
+CONNECT_BUCKETS: Final[tuple[float, ...]] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0
+)
 
-_STATUSES = 600  # slot per status code; anything outside 0..599 is counted under 0
-_N_REASONS = len(REASONS)
+_STATUSES: Final = 600  # slot per status code; anything outside 0..599 is counted under 0
+_N_REASONS: Final = len(REASONS)
 
 
 class _Layout:
@@ -83,8 +87,9 @@ class WorkerMetrics:
     item a few dozen. The master sees a request's counts at the end of the loop iteration that
     answered it. Unattached (the master, tests), every change is written at once."""
 
-    __slots__ = ("_c", "_conn_w", "_d", "_dd", "_dirty", "_dq", "_fo", "_layout", "_loop",
-                 "_mm", "_n", "_q", "_scheduled", "_sfo", "_sreq", "n_servers")
+    __slots__ = ("_c", "_conn_w", "_d", "_dd", "_ddirty", "_dirty", "_dq", "_flush", "_fo",
+                 "_layout", "_mm", "_n", "_q", "_scheduled", "_sfo", "_sreq", "_td", "_tq",
+                 "_turn", "n_servers")
 
     def __init__(self, n_servers: int) -> None:
         layout = _Layout(n_servers)
@@ -101,58 +106,77 @@ class WorkerMetrics:
         self._fo = layout.failovers
         self._c = layout.connect
         self._conn_w = len(CONNECT_BUCKETS) + 1
-        # Changes not yet in shared memory: counter deltas by index, the indexes touched, and
-        # the float sums' deltas.
+        # Only this worker writes its slot, so it keeps the slot's values in lists too (`_tq`,
+        # `_td`) and a flush stores each changed counter without reading shared memory back.
+        # Changes not yet there: deltas by index and the indexes touched, for both kinds.
+        self._tq: list[int] = [0] * layout.n_q
+        self._td: list[float] = [0.0] * layout.n_d
         self._dq: list[int] = [0] * layout.n_q
         self._dd: list[float] = [0.0] * layout.n_d
         self._dirty: list[int] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ddirty: list[int] = []
+        self._turn: turnend.TurnEnd | None = None
+        self._flush = self.flush  # bound once: deferred every turn
         self._scheduled = False
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """From now on, gather changes and write them once per iteration of `loop`."""
-        self._loop = loop
+        self._turn = turnend.of(loop)
 
     def _add(self, index: int, n: int) -> None:
-        loop = self._loop
-        if loop is None:
-            self._q[index] += n
+        turn = self._turn
+        if turn is None:
+            total = self._tq[index] + n
+            self._tq[index] = total
+            self._q[index] = total
             return
         dq = self._dq
         if not dq[index]:
-            self._dirty.append(index)
+            self._dirty.append(index)  # twice if it came back to 0 meanwhile: adds 0 again
         dq[index] += n
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self.flush)
+            turn.defer(self._flush)
 
     def _add_float(self, index: int, value: float) -> None:
-        loop = self._loop
-        if loop is None:
-            self._d[index] += value
+        turn = self._turn
+        if turn is None:
+            total = self._td[index] + value
+            self._td[index] = total
+            self._d[index] = total
             return
-        self._dd[index] += value
+        dd = self._dd
+        if not dd[index]:
+            self._ddirty.append(index)
+        dd[index] += value
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self.flush)
+            turn.defer(self._flush)
 
     def flush(self) -> None:
-        """Write the gathered changes to shared memory."""
+        """Write the gathered changes to shared memory. Two loops of one shape, not a helper:
+        each keeps its lists natively typed (int, float) in the compiled build."""
         self._scheduled = False
         if self._mm is None:
             return
         q = self._q
+        tq = self._tq
         dq = self._dq
         for index in self._dirty:
-            q[index] += dq[index]
+            total = tq[index] + dq[index]
+            tq[index] = total
+            q[index] = total
             dq[index] = 0
         self._dirty.clear()
         d = self._d
+        td = self._td
         dd = self._dd
-        for i in range(len(dd)):
-            if dd[i]:
-                d[i] += dd[i]
-                dd[i] = 0.0
+        for index in self._ddirty:
+            value = td[index] + dd[index]
+            td[index] = value
+            d[index] = value
+            dd[index] = 0.0
+        self._ddirty.clear()
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -177,7 +201,11 @@ class WorkerMetrics:
         self._add(self._layout.exhausted, 1)
 
     def connect_duration(self, server: int, seconds: float) -> None:
-        bucket = bisect.bisect_left(CONNECT_BUCKETS, seconds)
+        bucket = 0  # bisect_left, inline: the module call cost ~1k instructions per connect
+        for bound in CONNECT_BUCKETS:
+            if seconds <= bound:
+                break
+            bucket += 1
         self._add(self._c + server * self._conn_w + bucket, 1)
         self._add_float(1 + server, seconds)
 

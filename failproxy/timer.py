@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Final
 
 
 class Timer:
@@ -47,13 +48,13 @@ class Timer:
         """Its connection ended: keep the timer (and its scheduled handle) for the next one.
         Returns an unarmed stand-in for the ended connection to hold instead."""
         self.deadline = None
-        self._callback = _nothing  # the ended connection is not kept alive by its timer
+        self._callback = _NOTHING  # the ended connection is not kept alive by its timer
         if len(_SPARE) < SPARE_MAX:
             _SPARE.append(self)
         elif self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        return Timer(self._loop, _nothing)
+        return Timer(self._loop, _NOTHING)
 
     def _fire(self) -> None:
         self._handle = None
@@ -72,8 +73,11 @@ def _nothing() -> None:
     pass
 
 
-SPARE_MAX = 64  # timers kept for new connections (a few per concurrent new connection)
-_SPARE: list[Timer] = []
+_NOTHING: Final = _nothing  # a static: a function used as a value is a dict lookup
+
+
+SPARE_MAX: Final = 64  # timers kept for new connections (a few per concurrent new connection)
+_SPARE: Final[list[Timer]] = []
 
 
 def take_timer(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> Timer:

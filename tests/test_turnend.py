@@ -1,0 +1,64 @@
+"""The end of a loop turn (turnend.py), on a real uvloop loop: writers deferred in one turn run
+after the callbacks already queued, in order, once; one failing writer leaves the others run."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import uvloop
+
+from failproxy import turnend
+
+
+def test_writers_deferred_in_a_turn_run_after_its_callbacks_once_each() -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        turn = turnend.of(loop)
+        assert turnend.of(loop) is turn
+        seen: list[str] = []
+        loop.call_soon(seen.append, "queued before")
+        turn.defer(lambda: seen.append("log"))
+        turn.defer(lambda: seen.append("metrics"))
+        seen.append("this turn")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        turn.defer(lambda: seen.append("next turn"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return seen
+
+    assert uvloop.run(main()) == ["this turn", "queued before", "log", "metrics", "next turn"]
+
+
+def test_another_loop_gets_its_own_turn_end() -> None:
+    async def main() -> turnend.TurnEnd:
+        return turnend.of(asyncio.get_running_loop())
+
+    first, second = uvloop.run(main()), uvloop.run(main())
+    assert first is not second and first.loop is not second.loop
+
+
+def test_a_failing_writer_is_reported_and_the_others_still_run() -> None:
+    async def main() -> tuple[list[str], list[dict[str, Any]]]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        seen: list[str] = []
+
+        def broken() -> None:
+            raise RuntimeError("disk full")
+
+        turn = turnend.of(loop)
+        turn.defer(broken)
+        turn.defer(lambda: seen.append("metrics"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        turn.defer(lambda: seen.append("again"))  # the turn end still serves
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return seen, reported
+
+    seen, reported = uvloop.run(main())
+    assert seen == ["metrics", "again"]
+    assert len(reported) == 1 and isinstance(reported[0]["exception"], RuntimeError)
