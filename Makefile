@@ -19,8 +19,8 @@ PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py 
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.
 DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl \
-	dnsmasq-base
-DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl curl dnsmasq
+	dnsmasq-base strace
+DEB_COMMANDS := nginx unicorn wrk haproxy promtool httperf ss openssl curl dnsmasq strace
 
 .PHONY: all build demo test lint typecheck pytest pytest-pure docker-test bench bench-full venv \
 	deb-deps clean fuzz soak

@@ -141,7 +141,7 @@ async def measure(requests: int, conns: int, close: bool) -> float:
 
 def _run(tree: Path, requests: int, conns: int, mode: str, python: str,
          wrap: list[str]) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0")  # same dict probes each run
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "run.py"
         script.write_text(RUNNER)

@@ -163,7 +163,6 @@ class Events:
             return
         req = ex.req
         answered = ex.answered_by
-        connect_ms = ex.connect_ms
         emitter.emit(
             {
                 "event": "request",
@@ -181,7 +180,7 @@ class Events:
                 "upstreams": ex.tried,
                 "tries": ex.attempt,
                 "overflowed": answered is not None and answered is not self._first,
-                "connect_ms": round(connect_ms, 3) if connect_ms is not None else None,
+                "connect_ms": ex.connect_ms,  # whole µs already (round(x, 3) costs ~2.5k)
                 "held_ms": ex.held_ms,
             }
         )

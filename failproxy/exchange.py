@@ -307,7 +307,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             return
         now = monotonic()
         seconds = now - t0
-        self.connect_ms = seconds * 1000.0
+        self.connect_ms = int(seconds * 1_000_000 + 0.5) / 1000  # whole µs, as logged
         self.ctx.events.connected(peer, seconds)
         self._send_request(conn, False, now)
 

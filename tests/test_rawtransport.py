@@ -209,3 +209,113 @@ def test_a_socket_closed_inside_the_batch_lends_its_number_to_the_next_without_h
     assert c_proto.data == b"for c"
     for s in (a_theirs, b_theirs, c_theirs):
         s.close()
+
+
+def _epoll_targets(loop: asyncio.AbstractEventLoop) -> dict[int, int]:
+    """The fds in the loop's epoll set and the events each waits for, as the kernel says
+    (/proc/self/fdinfo of the set's fd)."""
+    from failproxy import rawtransport
+
+    epfd = rawtransport.poller(loop)._ep.fileno()
+    targets: dict[int, int] = {}
+    with open(f"/proc/self/fdinfo/{epfd}") as info:
+        for line in info:
+            if line.startswith("tfd:"):
+                fields = line.split()
+                targets[int(fields[1])] = int(fields[3], 16)
+    return targets
+
+
+def test_a_closed_socket_leaves_the_set_by_its_close_alone(loop) -> None:
+    """close() with nothing buffered makes no EPOLL_CTL_DEL: closing the fd takes it out of the
+    set (the kernel's list says so), and the fd's number is free for the next socket."""
+    ours, theirs = _pair()
+    fd = ours.fileno()
+    proto = Recorder()
+    tr = SocketTransport(loop, ours, proto)
+    assert fd in _epoll_targets(loop)
+    tr.close()
+    assert fd not in _epoll_targets(loop)
+    _turns(loop)
+    assert proto.calls == ["lost"]
+    again, peer = _pair()
+    assert again.fileno() == fd  # the lowest free number: the closed one's
+    rec = Recorder()
+    SocketTransport(loop, again, rec)  # registers without EEXIST
+    peer.sendall(b"hello")
+    _turns(loop)
+    assert rec.data == b"hello"
+    for s in (theirs, peer):
+        s.close()
+
+
+def test_a_half_closed_socket_stops_reading_and_still_writes(loop) -> None:
+    """eof_received returning True keeps the socket open for writing: it leaves reading (so an
+    EOF, readable for ever, cannot spin the level-triggered set) and a write still arrives."""
+    import select
+    import time
+
+    ours, theirs = _pair()
+    fd = ours.fileno()
+    proto = Recorder()
+    proto.keep_open = True
+    tr = SocketTransport(loop, ours, proto)
+    theirs.shutdown(socket.SHUT_WR)
+    _turns(loop)
+    assert proto.calls == ["eof"]
+    assert not _epoll_targets(loop).get(fd, 0) & select.EPOLLIN
+    cpu = time.process_time()
+    loop.run_until_complete(asyncio.sleep(0.2))
+    assert time.process_time() - cpu < 0.07, "the loop spun on a half-closed socket"
+    tr.write(b"answer")
+    assert theirs.recv(100) == b"answer"
+    tr.close()
+    _turns(loop)
+    assert proto.calls == ["eof", "lost"] and fd not in _epoll_targets(loop)
+    theirs.close()
+
+
+CLOSE_SCRIPT = """
+import asyncio, socket, sys, uvloop
+from failproxy.rawtransport import SocketTransport
+class P:
+    def data_received(self, d): pass
+    def eof_received(self): return None
+    def connection_lost(self, e): pass
+    def pause_writing(self): pass
+    def resume_writing(self): pass
+loop = uvloop.new_event_loop()
+pairs = [socket.socketpair() for _ in range(20)]
+for ours, _ in pairs:
+    ours.setblocking(False)
+    SocketTransport(loop, ours, P()).close()
+loop.run_until_complete(asyncio.sleep(0.01))
+print("done", flush=True)
+"""
+
+
+def test_closing_makes_no_epoll_del_syscall(tmp_path) -> None:
+    """The syscall itself, counted by strace in a child: 20 sockets watched and closed make
+    epoll ADDs, and no EPOLL_CTL_DEL (nginx saves the same one)."""
+    import collections
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed (Debian package strace; `make test` installs it)")
+    out = tmp_path / "trace"
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        ["strace", "-f", "-e", "trace=epoll_ctl", "-o", str(out), sys.executable, "-c",
+         CLOSE_SCRIPT], capture_output=True, text=True, timeout=60, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0 and "done" in run.stdout, run.stderr
+    calls = re.findall(r"epoll_ctl\((\d+), (EPOLL_CTL_\w+), (\d+)", out.read_text())
+    adds = collections.Counter(epfd for epfd, op, _ in calls if op == "EPOLL_CTL_ADD")
+    ours = [epfd for epfd, n in adds.items() if n >= 20]  # the poller's set: one ADD a socket
+    assert len(ours) == 1, calls
+    assert [c for c in calls if c[0] == ours[0] and c[1] != "EPOLL_CTL_ADD"] == []
