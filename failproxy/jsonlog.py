@@ -200,6 +200,7 @@ class Emitter:
         if sink is not None:
             sink.write(_DUMPS(fields, default=str, option=_NEWLINE))
             return
+        fields = dict(fields)  # the caller may refill its dict for the next event
         event = fields.pop("event")
         for key in ("level", "timestamp", "pid"):
             del fields[key]

@@ -34,3 +34,39 @@ def test_a_logged_request_says_what_the_client_sent(tmp_path: Path) -> None:
         assert event["client"] == "127.0.0.1" and isinstance(event["pid"], int)
 
     uvloop.run(main())
+
+
+def test_each_request_has_its_own_line_in_the_console_format(tmp_path: Path) -> None:
+    """The JSON path refills one dict per request; the console path (structlog) must still get
+    each request's own values, and leave the next request's line whole."""
+    from failproxy import config, logs
+    from failproxy.context import WorkerContext
+    from failproxy.metrics import WorkerMetrics
+
+    log_path = tmp_path / "log"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        cfg = config.loads('[[upstream.server]]\naddress = "unix:/nonexistent/a.sock"\n'
+                           f'[log]\nformat = "console"\nfile = "{log_path}"\n')
+        logs.configure(cfg.log)
+        h = Harness.__new__(Harness)
+        h.log_path, h.loop = log_path, loop
+        h.ctx = WorkerContext(cfg, WorkerMetrics(1), loop)
+        peer = h.ctx.peers[0]
+        for path in ("/first", "/second"):
+            pooled, _ = h.pooled(peer)
+            client, out = h.client()
+            client.data_received(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            pooled.data_received(RESPONSE)
+            assert out.data().startswith(b"HTTP/1.1 200 OK")
+        logs.flush()
+
+    try:
+        uvloop.run(main())
+    finally:
+        logs.configure(config.loads('[[upstream.server]]\naddress = "unix:/x"\n').log)
+    lines = [line for line in log_path.read_text().splitlines() if "request" in line]
+    assert len(lines) == 2, lines
+    assert "path=/first" in lines[0] and "/second" not in lines[0]
+    assert "path=/second" in lines[1] and "status=200" in lines[1]
