@@ -82,8 +82,8 @@ class Sink:
     `buffer` bytes are gathered or the oldest has waited `flush_after` seconds; outside a loop
     (the master, exit paths) they are written at once."""
 
-    __slots__ = ("_buf", "_fd", "_file", "_flush", "_forks", "_limit", "_loop", "_pipe",
-                 "_scheduled", "_size", "_timer", "_turn", "flush_after", "path")
+    __slots__ = ("_buf", "_fd", "_file", "_flush", "_forks", "_limit", "_pipe", "_scheduled",
+                 "_size", "_timer", "_turn", "flush_after", "path")
 
     def __init__(self, file: TextIO | None, path: str, buffer: int = 0,
                  flush_after: float = 1.0) -> None:
@@ -102,8 +102,7 @@ class Sink:
         self.flush_after = flush_after
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._turn: turnend.TurnEnd | None = None
+        self._turn: turnend.TurnEnd | None = None  # of the loop lines were last written in
         self._flush = self.flush  # bound once: deferred every turn
         self._forks = 0
 
@@ -121,25 +120,22 @@ class Sink:
                 return
         if self._scheduled:
             return
-        loop = self._loop
-        if loop is None or self._forks != _FORKS[0] or not loop.is_running():
+        turn = self._turn
+        if turn is None or self._forks != _FORKS[0] or not turn.loop.is_running():
             # asyncio.get_running_loop() makes a getpid() syscall (its fork check): once per
             # loop, not once per loop turn; a loop cached before a fork is the parent's
             try:
-                loop = asyncio.get_running_loop()
+                turn = turnend.of(asyncio.get_running_loop())
             except RuntimeError:
                 self.flush()
                 return
-            self._loop = loop
-            self._turn = turnend.of(loop)
+            self._turn = turn
             self._forks = _FORKS[0]
         self._scheduled = True
         if self._limit:
-            self._timer = loop.call_later(self.flush_after, self._flush)
-            return
-        turn = self._turn
-        assert turn is not None  # set with _loop
-        turn.defer(self._flush)
+            self._timer = turn.loop.call_later(self.flush_after, self._flush)
+        else:
+            turn.defer(self._flush)
 
     def flush(self) -> None:
         self._scheduled = False

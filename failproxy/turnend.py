@@ -19,12 +19,13 @@ from typing import Final
 class TurnEnd:
     """The end of the current turn of one loop (`of(loop)`)."""
 
-    __slots__ = ("_due", "_scheduled", "loop")
+    __slots__ = ("_due", "_run_bound", "_scheduled", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._due: list[Callable[[], None]] = []
         self._scheduled = False
+        self._run_bound = self._run  # bound once, not once a turn
 
     def defer(self, flush: Callable[[], None]) -> None:
         """Run `flush` after the callbacks already queued for this turn, as `call_soon` would.
@@ -33,7 +34,7 @@ class TurnEnd:
         self._due.append(flush)
         if not self._scheduled:
             self._scheduled = True
-            self.loop.call_soon(self._run)
+            self.loop.call_soon(self._run_bound)
 
     def _run(self) -> None:
         self._scheduled = False
