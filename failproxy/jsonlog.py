@@ -90,12 +90,7 @@ class Sink:
         self.path = path
         self._file = open(path, "ab", buffering=0) if path else None  # noqa: SIM115
         self._fd = self._file.fileno() if self._file else (file or sys.stderr).fileno()
-        # Workers share stderr. An O_APPEND write to a file is atomic whatever its size; to a
-        # pipe (docker logs, systemd) only up to PIPE_BUF bytes, so batches are cut at lines.
-        try:
-            self._pipe = not stat.S_ISREG(os.fstat(self._fd).st_mode)
-        except OSError:
-            self._pipe = True
+        self._pipe = _is_pipe(self._fd)
         self._buf: list[bytes] = []
         self._scheduled = False
         self._limit = buffer
@@ -105,6 +100,28 @@ class Sink:
         self._turn: turnend.TurnEnd | None = None  # of the loop lines were last written in
         self._flush = self.flush  # bound once: deferred every turn
         self._forks = 0
+
+    def reopen(self) -> bool:
+        """Open `path` again and write there from now on (SPEC 6, USR1): logrotate renamed the
+        file, and the descriptor still points at the renamed one. The new file is opened before
+        anything changes, so when the open fails (OSError, raised) the sink keeps writing where
+        it did; then the lines gathered so far are written to the old file, which they belong
+        to, and it is closed. False, and nothing done, when the sink writes to stderr."""
+        if not self.path:
+            return False
+        new = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        self.flush()
+        old = self._file
+        self._file = new
+        self._fd = new.fileno()
+        self._pipe = _is_pipe(self._fd)
+        if old is not None:
+            old.close()
+        return True
+
+    def fileno(self) -> int:
+        """The descriptor lines are written to now."""
+        return self._fd
 
     def configure(self, buffer: int, flush_after: float) -> None:
         self.flush()
@@ -171,6 +188,15 @@ class Sink:
                 # A non-blocking stderr (shared with a parent) that is full: drop rather than spin.
                 return
             data = data[written:]
+
+
+def _is_pipe(fd: int) -> bool:
+    """Workers share stderr. An O_APPEND write to a file is atomic whatever its size; to a pipe
+    (docker logs, systemd) only up to PIPE_BUF bytes, so batches are cut at lines there."""
+    try:
+        return not stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return True
 
 
 class Emitter:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -111,3 +112,29 @@ def get_logger() -> Any:
 def flush() -> None:
     if _sink is not None:
         _sink.flush()
+
+
+def reopen() -> str:
+    """Reopen `log.file` after logrotate renamed it (SPEC 6, USR1); returns its path, or "" when
+    the log goes to stderr (nothing to reopen). structlog's loggers and the hot emitters all
+    hold the one sink, which swaps its descriptor in place, so every later line of this process
+    goes to the new file with nothing re-bound. OSError when the path cannot be opened: the
+    old file is kept, so a failed reopen loses no line."""
+    if _sink is None or not _sink.reopen():
+        return ""
+    return _sink.path
+
+
+def hand_over(uid: int) -> None:
+    """Make the log file writable by `uid`, the workers' `server.user`, as nginx's master does
+    on its USR1: a root master creates (or logrotate's `create` leaves) a root-owned file, and a
+    worker that dropped privileges opens it again by path. Done through the open descriptor,
+    not the path, so a symlink swapped in meanwhile hands nothing else over."""
+    if _sink is None or not _sink.path:
+        return
+    fd = _sink.fileno()
+    st = os.fstat(fd)
+    if st.st_uid != uid:
+        os.fchown(fd, uid, -1)
+    if st.st_mode & 0o600 != 0o600:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o600)

@@ -4,7 +4,14 @@ Structure after gunicorn's arbiter: signal handlers only queue the signal and wa
 (asyncio's own self-pipe), which pops each one and awaits its `handle_<signal>` method, reaps
 exited children with waitpid(WNOHANG), and brings the worker set back to what it should be.
 Signal meanings are unicorn's (SPEC 6), not gunicorn's: TERM/INT quick stop, QUIT graceful stop,
-HUP reload, USR2 re-exec, TTIN/TTOU one worker more/fewer.
+HUP reload, USR2 re-exec, TTIN/TTOU one worker more/fewer, USR1 reopen the log file (here, then
+in every worker).
+
+USR1 is logrotate's `postrotate` signal, sent whenever the pid file names this master, so its
+default action (death) must never apply: it is blocked from the start of `serve` (before the
+pid file exists) until the loop's handler is installed, stays blocked in a forked worker until
+the worker's own handler is, and across the exec of a USR2 upgrade. One arriving meanwhile is
+held, not lost: it is delivered once the handler is there.
 
 The loop is a stdlib asyncio loop, never uvloop (libuv keeps process-wide signal state that a
 forked worker must not share), and the admin endpoint runs on it: one thread, so no fork ever
@@ -57,8 +64,11 @@ OLD_MASTER_ENV = "FAILPROXY_OLD_MASTER"
 READY_FALLBACK = 1.0  # a worker that never calls metrics.ready() counts as serving after this
 KILL_GRACE = 5.0  # SIGKILL a stopping worker this long after its own deadline
 QUICK_STOP = 1.0  # SPEC: TERM ends in-flight requests after at most 1 s
-HANDLED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR2,
-           signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+HANDLED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+           signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+# Held blocked until a handler is installed (module docstring): the one signal sent to a
+# worker by the master itself, and to the master by a pid file that may predate its handlers.
+HELD = frozenset({signal.SIGUSR1})
 
 WorkerMain = Callable[[Config, list[Any], WorkerMetrics, PeerTable, tuple[LoadShare, int]], int]
 
@@ -250,6 +260,7 @@ class Master:
         loop = asyncio.get_running_loop()
         for sig in HANDLED:
             loop.add_signal_handler(sig, self._queue, sig)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # blocked since serve(): now handled
         if self.admin:
             await self.admin.start()
         self.log.info("starting", listen=[a.text for a in listeners.configured(self.cfg)],
@@ -270,6 +281,7 @@ class Master:
                 self._promote()
             self._enforce_deadlines()
             await self._sleep()
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # a late logrotate must not kill us
         for sig in HANDLED:
             loop.remove_signal_handler(sig)
         await self.discovery.stop()
@@ -311,6 +323,36 @@ class Master:
         if not self.stopping and self.num_workers > 1:
             self.num_workers -= 1
             self.log.info("workers_changed", workers=self.num_workers)
+
+    async def handle_usr1(self) -> None:
+        """Reopen log.file (SPEC 6: logrotate renamed it), then have every worker reopen its
+        own: each writes through its own descriptor, so each must. Nothing else changes. The
+        master goes first so that a worker forked from now on inherits the new file, and a
+        retiring worker is told too, since it logs until it exits. A worker that has not yet
+        installed its handler holds the signal until it has (`_fork`). With the log on stderr
+        this does nothing beyond passing the signal on, which the workers ignore likewise."""
+        try:
+            path = logs.reopen()
+        except OSError as exc:
+            self.log.warning("log_reopen_failed", detail=str(exc))
+        else:
+            if path:
+                self._hand_log_over()
+                self.log.info("log_reopened", file=path)
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGUSR1)
+
+    def _hand_log_over(self) -> None:
+        """Workers that drop to `server.user` reopen the new file as that user: a root master
+        gives it to them first (logs.hand_over), as nginx's master does."""
+        user = self.cfg.server.user
+        if not user or os.geteuid() != 0:
+            return
+        try:
+            logs.hand_over(pwd.getpwnam(user).pw_uid)
+        except (KeyError, OSError) as exc:
+            self.log.warning("log_reopen_failed", detail=f"giving the log to {user}: {exc}")
 
     async def handle_hup(self) -> None:
         if self.stopping:
@@ -359,7 +401,7 @@ class Master:
         env[listeners.FD_ENV] = ",".join(map(str, fds))
         env[OLD_MASTER_ENV] = str(self.pid)
         argv = [sys.executable, "-m", "failproxy", "serve", self.config_path]
-        pid = self._fork()
+        pid = self._fork(hold=HELD)  # held across exec, until the new master handles it
         if pid == 0:
             try:
                 for fd in fds:
@@ -426,8 +468,10 @@ class Master:
         return [w for w in self.workers.values()
                 if w.generation == self.generation and not w.retiring]
 
-    def _fork(self) -> int:
-        """fork() with our signals blocked, so none reaches the child before it resets them."""
+    def _fork(self, hold: frozenset[int] = frozenset()) -> int:
+        """fork() with our signals blocked, so none reaches the child before it resets them.
+        The child keeps `hold` blocked: its own code unblocks them once it handles them, and a
+        signal sent meanwhile waits for that instead of taking its default action."""
         logs.flush()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         pid = os.fork()
@@ -435,6 +479,8 @@ class Master:
             signal.set_wakeup_fd(-1)
             for sig in HANDLED:
                 signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask | hold)
+            return 0
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return pid
 
@@ -445,7 +491,7 @@ class Master:
         metrics = WorkerMetrics(discovery.n_slots)
         column = discovery.load.claim()
         try:
-            pid = self._fork()
+            pid = self._fork(hold=HELD)  # until worker_main handles USR1
         except OSError as exc:
             metrics.close()
             discovery.load.release(column)
@@ -642,6 +688,9 @@ def _upstream_status(server: Upstream, dns: str | None, own: bool, totals: Total
 
 def serve(config_path: str) -> int:
     """`failproxy serve CONFIG`: 0 after a clean stop, 1 when the config or a listener is bad."""
+    # Held until the master's loop handles it (module docstring). Not unblocked on the way out:
+    # the process is ending, and a USR1 delivered now would kill it with the wrong status.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
     path = os.path.abspath(config_path)
     try:
         cfg = config_mod.load(path)

@@ -3,6 +3,7 @@
 The master forks workers that inherit its listening sockets (master.py). A worker builds the
 state its connections share (`context.WorkerContext`), serves every listener, and stops on a
 signal: QUIT gracefully (finish in-flight requests, up to `shutdown_timeout`), TERM/INT quickly.
+USR1, which the master passes on after logrotate, reopens the log file.
 """
 
 from __future__ import annotations
@@ -154,6 +155,21 @@ def _sock_address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _reopen_log(worker: Worker) -> None:
+    """USR1: write the log to a new file at `log.file` (SPEC 6, after logrotate renamed it).
+    Requests in flight are not touched: their lines, like every later one, go to the new file;
+    a line gathered before the signal is written to the old one first. When the file cannot be
+    opened (say, a dropped-privileges worker and a directory it cannot write), the old one is
+    kept and the failure logged there."""
+    try:
+        path = logs.reopen()
+    except OSError as exc:
+        worker.log.warning("log_reopen_failed", detail=str(exc), worker_pid=os.getpid())
+        return
+    if path:
+        worker.log.info("log_reopened", file=path, worker_pid=os.getpid())
+
+
 def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetrics,
                 peers: PeerTable | None = None,
                 load: tuple[LoadShare, int] | None = None) -> int:
@@ -189,14 +205,27 @@ def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetr
     loop.add_signal_handler(signal.SIGQUIT, worker.graceful_stop, cfg.server.shutdown_timeout)
     loop.add_signal_handler(signal.SIGTERM, worker.quick_stop)
     loop.add_signal_handler(signal.SIGINT, worker.quick_stop)
-    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_log, worker)
+    for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
         loop.add_signal_handler(sig, lambda: None)  # the master's business, not ours
-    try:
-        loop.run_until_complete(worker.start(listeners))
+
+    async def serve() -> None:
+        # The master forks us with USR1 blocked (master.HELD), so that one it passed on before
+        # the handler above existed waited instead of killing us. Let through only now: uvloop
+        # hears of a signal through its self-pipe, which exists only while the loop runs (one
+        # run, so never paused); one delivered before would be noted and left until the next.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        await worker.start(listeners)
         metrics.ready()
         loop.call_later(1.0, watch_parent)
-        loop.run_until_complete(worker.wait_stopped())
+        await worker.wait_stopped()
+
+    try:
+        loop.run_until_complete(serve())
     finally:
+        # Closing the loop puts USR1 back to its default action (death): one passed on by the
+        # master as this worker exits must not turn a clean exit into a killed one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         metrics.flush()
         logs.flush()
         loop.close()
