@@ -57,6 +57,11 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     pid_file: str = ""
     user: str = ""
+    # SPEC 9: a request's whole body is read before any upstream is chosen (nginx's
+    # proxy_request_buffering): the first request_buffer_bytes in memory, the rest in a temp file.
+    request_buffering: bool = True
+    request_buffer_bytes: int = 65536
+    temp_dir: str = ""  # where request and answer bodies spill; "" = the system's temp dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,12 @@ class UpstreamConfig:
     # Name servers for [[upstream.peers]]; () = the `nameserver` lines of /etc/resolv.conf.
     resolver: tuple[Address, ...] = ()
     resolver_timeout: float = 1.0  # one query to one name server
+    # SPEC 9: answers are read at the upstream's speed (nginx's proxy_buffering): the first
+    # response_buffer_bytes a slow client leaves behind in memory, then a temp file up to
+    # max_temp_file_bytes, then back-pressure.
+    response_buffering: bool = True
+    response_buffer_bytes: int = 32768
+    max_temp_file_bytes: int = 1073741824
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +150,40 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StaticConfig:
+    """SPEC 10: files from the app's public/ directory, served without the app."""
+
+    root: str = ""  # "" = off
+    try_files: tuple[str, ...] = ("$uri", "$uri/index.html", "$uri.html")
+    gzip_static: bool = True
+    error_pages: tuple[tuple[int, str], ...] = ()  # status -> page under root
+    intercept_errors: bool = False
+
+
+DEFAULT_GZIP_TYPES = (
+    "text/html",
+    "text/plain",
+    "text/css",
+    "text/xml",
+    "text/javascript",
+    "application/javascript",
+    "application/json",
+    "application/xml",
+    "image/svg+xml",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CompressConfig:
+    """SPEC 10: gzip of text answers as they stream."""
+
+    gzip: bool = False
+    types: tuple[str, ...] = DEFAULT_GZIP_TYPES
+    min_length: int = 500
+    level: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Address | None = None
 
@@ -150,6 +195,8 @@ class Config:
     headers: HeadersConfig = field(default_factory=HeadersConfig)
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    static: StaticConfig = field(default_factory=StaticConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     path: str = ""  # the file it was loaded from
 
 
@@ -358,6 +405,49 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def _directory(value: Any, at: _At) -> Any:
+    """A directory path ("" = unset); a relative one is read from the config file's directory."""
+    if not isinstance(value, str):
+        return at.error(f"must be a directory path string, got {_show(value)}")
+    if not value:
+        return value
+    path = os.path.join(at.base_dir, value)
+    if not os.path.isdir(path):
+        return at.error(f"no such directory {path!r}")
+    return path
+
+
+def _try_file(value: Any, at: _At) -> Any:
+    if isinstance(value, str) and value.startswith("$uri") and "\0" not in value:
+        return value
+    return at.error(f'must be a path pattern starting with "$uri", got {_show(value)}')
+
+
+def _media_type(value: Any, at: _At) -> Any:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9.+-]+/[A-Za-z0-9.+*-]+", value):
+        return value.lower()
+    return at.error(f"must be a media type such as text/html, got {_show(value)}")
+
+
+def _error_pages(value: Any, at: _At) -> Any:
+    """{ 502 = "/500.html", ... }: TOML keys are strings, so each must be a status 300..599."""
+    if not isinstance(value, dict):
+        return at.error(f"must be a table of status = page, got {_show(value)}")
+    pages: list[tuple[int, str]] = []
+    ok = True
+    for key, page in value.items():
+        where = at.key(key)
+        if not (key.isdigit() and 300 <= int(key) <= 599):
+            where.error("must be an HTTP status 300..599")
+            ok = False
+        elif not isinstance(page, str) or not page.startswith("/"):
+            where.error(f'must be a page under static.root, starting with "/", got {_show(page)}')
+            ok = False
+        else:
+            pages.append((int(key), page))
+    return tuple(sorted(pages)) if ok else _BAD
+
+
 def _optional_address(value: Any, at: _At) -> Any:
     return None if value == "" else _address(value, at)
 
@@ -529,6 +619,17 @@ def _check_root(v: dict[str, Any], _raw: dict[str, Any], at: _At) -> None:
         at.key("admin").key("listen").error(f"{admin.listen.text} is also a server listener")
 
 
+def _level(value: Any, at: _At) -> Any:
+    if type(value) is int and 1 <= value <= 9:
+        return value
+    return at.error(f"must be a gzip level 1..9, got {_show(value)}")
+
+
+def _check_static(v: dict[str, Any], _raw: dict[str, Any], at: _At) -> None:
+    if v.get("error_pages") and not v.get("root", "x"):
+        at.key("error_pages").error("needs static.root: the pages are files under it")
+
+
 _SERVER_ENTRY = _Table(
     Upstream,
     _same_keys(
@@ -582,6 +683,9 @@ _ROOT = _Table(
                     shutdown_timeout=_seconds,
                     pid_file=_file,
                     user=_user,
+                    request_buffering=_bool,
+                    request_buffer_bytes=_integer(0),
+                    temp_dir=_directory,
                 ),
                 defaults={"listen": (parse_address(DEFAULT_LISTEN),)},
                 post=_check_server,
@@ -612,6 +716,9 @@ _ROOT = _Table(
                         slow_after=_seconds,
                         resolver=_array(_name_server, "name server addresses"),
                         resolver_timeout=_interval,
+                        response_buffering=_bool,
+                        response_buffer_bytes=_integer(0),
+                        max_temp_file_bytes=_integer(0),
                     ),
                 },
                 defaults={"servers": (), "peers": ()},
@@ -647,6 +754,32 @@ _ROOT = _Table(
             ),
         ),
         "admin": ("admin", _Table(AdminConfig, _same_keys(listen=_optional_address))),
+        "static": (
+            "static",
+            _Table(
+                StaticConfig,
+                _same_keys(
+                    root=_directory,
+                    try_files=_array(_try_file, "path patterns"),
+                    gzip_static=_bool,
+                    error_pages=_error_pages,
+                    intercept_errors=_bool,
+                ),
+                post=_check_static,
+            ),
+        ),
+        "compress": (
+            "compress",
+            _Table(
+                CompressConfig,
+                _same_keys(
+                    gzip=_bool,
+                    types=_array(_media_type, "media types"),
+                    min_length=_integer(0),
+                    level=_level,
+                ),
+            ),
+        ),
     },
     post=_check_root,
 )

@@ -16,12 +16,19 @@ from typing import Protocol
 
 from failproxy import policy
 from failproxy.balance import Room
-from failproxy.config import Address, Config, Upstream
+from failproxy.compress import Gzipper, header_list, header_value, should_gzip
+from failproxy.config import Address, CompressConfig, Config, Upstream
 from failproxy.events import Events
-from failproxy.headers import RequestHeadBuilder, request_kinds
+from failproxy.headers import (
+    RequestHeadBuilder,
+    page_response,
+    request_kinds,
+    simple_response,
+)
 from failproxy.loadshare import LoadView
 from failproxy.metrics import WorkerMetrics
 from failproxy.peer import Peer, build_peers
+from failproxy.static import StaticFiles
 
 
 class Connection(Protocol):
@@ -69,6 +76,19 @@ class WorkerContext:
         self.max_uri_bytes = server.max_uri_bytes
         self.max_body_bytes = server.max_body_bytes
         self.max_connections = server.max_connections
+        # -- bodies held by failproxy (SPEC 9, spool.py)
+        self.request_buffering = server.request_buffering
+        self.request_buffer_bytes = server.request_buffer_bytes
+        self.temp_dir = server.temp_dir
+        self.response_buffering = up.response_buffering
+        self.response_buffer_bytes = up.response_buffer_bytes
+        self.max_temp_file_bytes = up.max_temp_file_bytes
+        self.metrics = metrics  # spool.TempBytes: counts the bytes in temp files
+        # -- static files, error pages, gzip (SPEC 10): None / empty when off
+        self.static: StaticFiles | None = StaticFiles(cfg.static) if cfg.static.root else None
+        self.error_statuses = frozenset(s for s, _ in cfg.static.error_pages)
+        self.intercept_errors = cfg.static.intercept_errors and bool(self.error_statuses)
+        self.compress: CompressConfig | None = cfg.compress if cfg.compress.gzip else None
         self.head_builder = RequestHeadBuilder(cfg.headers)
         self.rid_header = self.head_builder.request_id_header
         replaced = set()
@@ -188,6 +208,42 @@ class WorkerContext:
                              up.slow_after)
         else:
             room.configure(local, own, peers)  # a new list from DNS: keep what was learned, held
+
+    def error_page(self, status: int, *, close: bool, head: bool) -> bytes | None:
+        """The whole answer made from static.error_pages' page for `status`, or None: no page
+        is configured for it, or it cannot be read (SPEC 10: then the plain-text answer)."""
+        static = self.static
+        if static is None or status not in self.error_statuses:
+            return None
+        page = static.error_page(status)
+        if page is None:
+            return None
+        return page_response(status, page[0], page[1], close=close, head=head)
+
+    def error_response(self, status: int, text: str, *, close: bool, head: bool) -> bytes:
+        """An answer failproxy makes itself: the error page for `status` when there is one, else
+        a short plain-text one."""
+        if self.error_statuses:
+            page = self.error_page(status, close=close, head=head)
+            if page is not None:
+                return page
+        return simple_response(status, text, close=close, head=head)
+
+    def gzipper(self, status: int, head: bool, request_lines: list[bytes],
+                lines: list[bytes], has_length: bool) -> Gzipper | None:
+        """A Gzipper when this answer is compressed on its way to the client (SPEC 10);
+        `has_length`: the answer is framed by its Content-Length (one of `lines`)."""
+        comp = self.compress
+        if comp is None:
+            return None
+        accept = header_list(request_lines, b"accept-encoding")
+        length = None
+        if has_length:
+            value = header_value(lines, b"content-length")
+            length = int(value) if value is not None and value.strip().isdigit() else None
+        if not should_gzip(comp, status, head, accept, lines, length):
+            return None
+        return Gzipper(comp.level)
 
     def new_request_id(self) -> str:
         """32 hex digits, unique without a syscall: a random per-process prefix and a counter

@@ -4,6 +4,12 @@ malformed, and handed to an exchange.
 Requests are parsed strictly (SPEC 8): anything ambiguous is answered here and none of its bytes
 reach an upstream. Requests are answered one at a time and in order; a pipelined request waits
 in `queue` with reading paused, so a client can never make the proxy buffer more than one read.
+
+Nothing goes upstream from inside a parser callback. The request at the front that has no
+exchange yet is `pending`; it starts (and a streamed body's new bytes are sent) only once a read
+has parsed cleanly, so a malformed chunk anywhere in a read keeps the whole read, head included,
+from the upstream. A buffered request (SPEC 9, the default) stays pending until its whole body is
+read: 413, 408 and a bad chunk are then answered without any upstream being contacted.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from failproxy.headers import (
     without_names,
 )
 from failproxy.request import Request
+from failproxy.spool import RequestBody
 from failproxy.timer import take_timer
 from failproxy.upstream import UpstreamConnection
 
@@ -87,6 +94,7 @@ class ClientConnection(Downstream):
         "loop",
         "parser",
         "paused",
+        "pending",
         "queue",
         "req",
         "resume",
@@ -112,6 +120,7 @@ class ClientConnection(Downstream):
         # Pipelined requests waiting their turn: rare and short, so a list (56 bytes per idle
         # connection, where a deque allocates a 600-byte block up front).
         self.queue: list[Request | BadRequest] = []
+        self.pending: Request | None = None  # first in line, no exchange yet (module docstring)
         self.served = 0
         self.paused = 0
         self.write_paused = False
@@ -153,6 +162,7 @@ class ClientConnection(Downstream):
         if active is not None:
             self.active = None
             active.client_gone()
+        self._release_waiting()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -166,13 +176,25 @@ class ClientConnection(Downstream):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            self._parsed()
             self._on_parser_upgrade(data[upgrade.args[0] :])
+            return
         except httptools.HttpParserError as exc:
             error = self.error or _parse_error(exc)
             self._reject(error)
             return
+        self._parsed()
         if self.in_head and self.head_raw > self.ctx.max_header_bytes:
             self._reject(BadRequest(431, "request head too large"))
+
+    def _parsed(self) -> None:
+        """A read parsed cleanly: start the pending request, send a streamed body's new bytes
+        (see the module docstring)."""
+        if self.pending is not None:
+            self._start_pending()
+        active = self.active
+        if active is not None:
+            active.req.flush_body(self.ctx.retry_body_bytes)
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still want its answers (HTTP/1.0 clients, `nc -q`).
@@ -214,6 +236,8 @@ class ClientConnection(Downstream):
             self._fail(BadRequest(414, "request target too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer fields: never forwarded (llhttp refuses framing ones)
         req = self.req
         assert req is not None
         req.head_size += len(name) + len(value) + 4
@@ -260,8 +284,8 @@ class ClientConnection(Downstream):
             self._finish_head(req)
         except BadRequest as exc:
             self._fail(exc)
-        if self.active is None and not self.queue:
-            self._begin(req, req.started)
+        if self.active is None and self.pending is None and not self.queue:
+            self.pending = req
         else:
             self.queue.append(req)
             self._pause(PIPELINE)
@@ -273,19 +297,35 @@ class ClientConnection(Downstream):
         limit = self.ctx.max_body_bytes
         if limit and req.body_bytes > limit:
             self._fail(BadRequest(413, "request body too large"))
-        if req.chunked:
-            body = b"%x\r\n%b\r\n" % (len(body), body)
-        req.add_body(body, self.ctx.retry_body_bytes)
-        if req.sink is None and req.held > BUFFER_LIMIT:
-            self._pause(BUFFER_FULL)
+        held = req.body
+        if held is not None:
+            try:
+                held.add(body)
+            except OSError as exc:
+                self.ctx.events.temp_file_error("request", exc, req)
+                self._fail(BadRequest(503, "request body could not be stored"))
+        else:
+            if req.chunked:
+                body = b"%x\r\n%b\r\n" % (len(body), body)
+            req.add_body(body)
+            if req.sink is None and req.held > BUFFER_LIMIT:
+                self._pause(BUFFER_FULL)
         if self.timer_kind == BODY:
             self.timer.set(monotonic() + self.ctx.body_timeout)
 
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
-        if req.chunked:
-            req.add_body(b"0\r\n\r\n", self.ctx.retry_body_bytes)
+        held = req.body
+        if held is not None:
+            if req.awaiting:
+                req.awaiting = False
+                self.ctx.metrics.body_buffering(-1)
+            if req.chunked:
+                # De-chunked, trailers dropped, as nginx sends a buffered body (SPEC 9).
+                req.head = self._build_head(req, b"Content-Length: %d\r\n" % held.size, b"")
+        elif req.chunked:
+            req.add_body(b"0\r\n\r\n")
         req.complete = True
         self.req = None
         self.in_head = True
@@ -296,6 +336,45 @@ class ClientConnection(Downstream):
             self.active.request_complete()
 
     # -- request flow ---------------------------------------------------------------------------
+
+    def _start_pending(self) -> None:
+        """Begin the pending request, unless it is buffered and its body is still arriving:
+        then read on (telling a client that expects it to go on: 100 Continue)."""
+        req = self.pending
+        assert req is not None
+        if req.body is not None and not req.complete:
+            if not req.awaiting:
+                req.awaiting = True
+                self.ctx.metrics.body_buffering(1)
+                if req.expect_continue and not req.http10:
+                    self.write(CONTINUE)
+                self.timer_kind = BODY
+                self.timer.set(monotonic() + self.ctx.body_timeout)
+                self._resume(BUFFER_FULL)
+            return
+        self.pending = None
+        self._begin(req, req.started)
+
+    def _release_waiting(self) -> None:
+        """The connection is gone: requests that never reached an exchange let their bodies go."""
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            self._drop(pending)
+        for item in self.queue:
+            if isinstance(item, Request):
+                self._drop(item)
+        self.queue = []
+        req = self.req
+        if req is not None:
+            self.req = None
+            self._drop(req)
+
+    def _drop(self, req: Request) -> None:
+        if req.awaiting:
+            req.awaiting = False
+            self.ctx.metrics.body_buffering(-1)
+        req.release()
 
     def _begin(self, req: Request, now: float) -> None:
         """Make `req` the active request and start its walk over the servers."""
@@ -329,7 +408,8 @@ class ClientConnection(Downstream):
             if isinstance(nxt, BadRequest):
                 self._answer_error(nxt)
             else:
-                self._begin(nxt, now)
+                self.pending = nxt
+                self._start_pending()
             return
         if self.req is None:
             if self.ctx.draining:  # told keep-alive before draining began
@@ -420,8 +500,14 @@ class ClientConnection(Downstream):
         req.upgrade = upgrade  # what a 101 may name
         if not req.request_id and ctx.rid_header:
             req.request_id = ctx.new_request_id()
-        req.head = ctx.head_builder.build(
-            method,
+        if req.has_body and ctx.request_buffering:
+            req.body = RequestBody(ctx.request_buffer_bytes, ctx.temp_dir, ctx.metrics)
+        req.head = self._build_head(req, framing, upgrade)
+
+    def _build_head(self, req: Request, framing: bytes, upgrade: bytes) -> bytes:
+        """The head sent upstream, built once per request (a retry re-sends the same bytes)."""
+        return self.ctx.head_builder.build(
+            req.method,
             req.url,
             req.lines,
             req.host,
@@ -461,8 +547,10 @@ class ClientConnection(Downstream):
                     rest = b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n%b" % (length, rest)
             try:
                 self.parser.feed_data(rest)
+                self._parsed()
                 return
             except httptools.HttpParserUpgrade as upgrade:
+                self._parsed()
                 rest = rest[upgrade.args[0] :]
             except httptools.HttpParserError as exc:
                 self._reject(self.error or _parse_error(exc))
@@ -500,6 +588,14 @@ class ClientConnection(Downstream):
         self.paused |= REJECTED
         req = self.req
         self.req = None
+        if req is not None:
+            self._drop(req)  # its body goes; nothing of it reached an upstream unless active
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            if pending is not req:
+                # A good request before the bad one in the same read: it is answered first.
+                self._begin(pending, pending.started)
         if req is not None and self.active is not None and self.active.req is req:
             # The active request's body turned out bad (e.g. a chunked body past the limit):
             # the upstream must never see a complete request.
@@ -588,7 +684,8 @@ class ClientConnection(Downstream):
         one stays open for `grace`: a request the client is sending at this very moment is still
         answered (with `Connection: close`); past the grace it closes, which RFC 9112 9.3.1
         clients survive (they retry an idempotent request on a connection closed while idle)."""
-        if self.active is not None or self.req is not None or self.queue or self.closed:
+        if (self.active is not None or self.req is not None or self.queue or self.closed
+                or self.pending is not None):
             return
         if grace <= 0:
             self.close()

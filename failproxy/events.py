@@ -22,6 +22,7 @@ from failproxy.jsonlog import stamp
 from failproxy.metrics import WorkerMetrics
 from failproxy.peer import Peer
 from failproxy.request import Request
+from failproxy.routes import route_key
 
 
 @trait
@@ -42,6 +43,9 @@ class ExchangeView:
     connect_ms: float | None
     started: float  # monotonic() when the request head began to arrive
     held_ms: float | None  # how long the overflow policy held it (None: not held)
+    upstream_ms: float | None  # the app's own time: first byte sent to last byte read
+    spilled: int  # request and answer bytes that went to temp files
+    static: bool  # served from static.root
 
     def elapsed_ms(self) -> float:
         raise NotImplementedError
@@ -77,7 +81,8 @@ class Events:
             "request_id": None, "method": None, "path": None, "status": None,
             "bytes_sent": None, "duration_ms": None, "client": None, "upstream": None,
             "upstreams": None, "tries": None, "overflowed": None, "connect_ms": None,
-            "held_ms": None,
+            "held_ms": None, "upstream_ms": None, "route": None, "spilled_bytes": 0,
+            "static": False,
         }
 
     # -- the walk ---------------------------------------------------------------------------
@@ -159,6 +164,14 @@ class Events:
 
     # -- the client side --------------------------------------------------------------------
 
+    def temp_file_error(self, side: str, exc: OSError, req: Request) -> None:
+        """A temp file could not be written or read back (SPEC 9): `side` is "request" (the
+        client gets 503) or "response" (back-pressure instead, or the answer is cut)."""
+        self.log.error(
+            "temp_file_error", request_id=req.request_id or None, side=side,
+            errno=policy.errno_name(exc.errno), detail=exc.strerror or str(exc),
+        )
+
     def client_error(self, client_ip: str, status: int, detail: str) -> None:
         self.log.info("client_error", client=client_ip, status=status, detail=detail)
         self.metrics.request(status, 0.0)
@@ -188,6 +201,10 @@ class Events:
         record["overflowed"] = answered is not None and answered is not self._first
         record["connect_ms"] = ex.connect_ms  # whole µs already (round(x, 3) costs ~2.5k)
         record["held_ms"] = ex.held_ms
+        record["upstream_ms"] = ex.upstream_ms
+        record["route"] = route_key(req.method, req.url)
+        record["spilled_bytes"] = ex.spilled
+        record["static"] = ex.static
         emitter.emit(record)
 
     def connection_opened(self) -> None:

@@ -10,6 +10,12 @@ decides (policy.may_retry) whether the request may move on; the `failover` is lo
 the next attempt starts. The first response head that is not itself a reason to move on is
 relayed and the request is committed to it; `finalize` ends the exchange.
 
+Answers are buffered as nginx buffers them (SPEC 9): bytes go to the client as soon as it can
+take them, and what it cannot take yet goes to a spool.AnswerSpool (memory, then a temp file),
+so the upstream is read at its own speed and released as soon as the answer is read whole. The
+exchange then stays in SENDING until the client has taken the rest. With `X-Accel-Buffering: no`
+or `response_buffering = false` a slow client slows the upstream down instead (back-pressure).
+
 The phase of an exchange is explicit (`phase`, one of PHASES) and changes only in `_enter`,
 which checks the transition against `_TRANSITIONS`.
 """
@@ -25,14 +31,17 @@ from mypy_extensions import trait
 
 from failproxy import policy
 from failproxy.balance import Holdable
+from failproxy.compress import Gzipper
 from failproxy.connect import start_connect, when_connected
 from failproxy.context import WorkerContext
 from failproxy.events import ExchangeView
-from failproxy.headers import BadRequest, response_head, simple_response
+from failproxy.headers import BadRequest, http_date, response_head
 from failproxy.peer import Peer
 from failproxy.rawtransport import SocketTransport
 from failproxy.request import Request
-from failproxy.upstream import CHUNKED, CLOSE, ResponseSink, UpstreamConnection
+from failproxy.spool import AnswerSpool, FileSource, Source
+from failproxy.static import StaticFiles
+from failproxy.upstream import CHUNKED, CLOSE, LENGTH, ResponseSink, UpstreamConnection
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
@@ -47,17 +56,19 @@ WAITING: Final = 2  # the request is on a connection; no response head yet
 RELAYING: Final = 3  # a response head went to the client; its body streams
 DONE: Final = 4  # answered, abandoned, or handed over as a tunnel
 HELD: Final = 5  # no known free worker anywhere: waiting in failproxy (balance.Room)
-PHASES: Final = ("new", "connecting", "waiting", "relaying", "done", "held")
+SENDING: Final = 6  # the answer was read whole, the upstream released; the client takes the rest
+PHASES: Final = ("new", "connecting", "waiting", "relaying", "done", "held", "sending")
 
 # Allowed moves: from -> set of to. A failed attempt goes back to CONNECTING (or WAITING, with a
 # pooled connection) on the next peer; only RELAYING is committed.
 _TRANSITIONS: Final[tuple[frozenset[int], ...]] = (
-    frozenset({CONNECTING, WAITING, DONE, HELD}),  # NEW
+    frozenset({CONNECTING, WAITING, DONE, HELD, SENDING}),  # NEW (SENDING: a static file)
     frozenset({CONNECTING, WAITING, DONE}),  # CONNECTING
     frozenset({CONNECTING, WAITING, RELAYING, DONE}),  # WAITING
-    frozenset({DONE}),  # RELAYING
+    frozenset({SENDING, DONE}),  # RELAYING
     frozenset(),  # DONE
     frozenset({CONNECTING, WAITING, DONE}),  # HELD
+    frozenset({DONE}),  # SENDING
 )
 
 
@@ -103,6 +114,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     __slots__ = (
         "answered_by",
         "attempt",
+        "buffer_answer",
         "bytes_sent",
         "chunked_out",
         "client",
@@ -110,9 +122,11 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         "conn",
         "connect_ms",
         "ctx",
+        "gzip",
         "head_request",
         "held_ms",
         "idempotent",
+        "intercepted",
         "keep_alive",
         "order",
         "out",
@@ -121,12 +135,18 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         "pos",
         "reasons",
         "req",
+        "sent_at",
         "slot",
         "slot_answered",
+        "spilled",
+        "spool",
         "stale_retried",
+        "stalled",
         "started",
+        "static",
         "status",
         "tried",
+        "upstream_ms",
     )
 
     def __init__(self, ctx: WorkerContext, client: Downstream, req: Request) -> None:
@@ -159,6 +179,18 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.bytes_sent = 0
         # Response bytes gathered during one read from the upstream, sent in one writev.
         self.out: list[bytes] = []
+        # Answer buffering (module docstring): whether this answer may be spooled, the spool
+        # once the client fell behind, and whether the upstream is paused because it is full.
+        self.buffer_answer = ctx.response_buffering
+        self.spool: Source | None = None  # an AnswerSpool, or a static file (FileSource)
+        self.stalled = False
+        self.sent_at = 0.0  # monotonic() when the request was put on the answering connection
+        self.upstream_ms: float | None = None
+        self.spilled = 0  # request and answer bytes that went to temp files
+        self.static = False
+        self.gzip: Gzipper | None = None  # the answer is compressed on its way (SPEC 10)
+        # static.intercept_errors: the error page that replaces this upstream answer
+        self.intercepted: bytes | None = None
 
     def _enter(self, phase: int) -> None:
         """The one place the phase changes."""
@@ -169,6 +201,9 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
 
     def start(self, now: float) -> None:
         """`now`: monotonic(), read once by the caller (one clock read per request side)."""
+        static = self.ctx.static
+        if static is not None and self._serve_file(static):
+            return
         room = self.ctx.room
         # The overflow policy reasons about the local socket's workers; one marked down
         # (fail_timeout > 0) is skipped by the plain walk below, as nginx would.
@@ -184,6 +219,35 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             self._exhausted(None)
             return
         self._try_peer(peer, now)
+
+    def _serve_file(self, static: StaticFiles) -> bool:
+        """SPEC 10: a GET or HEAD that a file under static.root answers is served from disk, and
+        no upstream is chosen; False: no file answers, the request goes upstream."""
+        req = self.req
+        try:
+            answer = static.lookup(req.method, req.url, req.lines)
+        except OSError:
+            return False  # unreadable: the app may know better, as with no file at all
+        if answer is None:
+            return False
+        self.static = True
+        client = self.client
+        keep = client.keep_alive_after(req)
+        self.keep_alive = keep
+        self.status = answer.status
+        date = b"Date: " + http_date() + b"\r\n"
+        head = response_head(answer.status, b"", [*answer.headers], date, keep_alive=keep,
+                             http10=req.http10, extra=b"")
+        self.bytes_sent = len(head) + answer.length
+        client.write(head)
+        self._enter(SENDING)
+        if answer.fd >= 0:
+            self.spool = FileSource(answer.fd, answer.offset, answer.length)
+            if not client.write_paused:
+                self._drain()  # else when the client takes the head (client_paused)
+            return True
+        self._finalize(keep)
+        return True
 
     def resume(self, peer: Peer, reason: str, now: float) -> None:
         """balance.Holdable: the policy sends a held request on."""
@@ -320,12 +384,25 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         conn.reused = reused
         conn.timer.set(now + ctx.read_timeout)
         ctx.events.upstream_request(conn.peer)
-        self.req.attach(conn, ctx.retry_body_bytes)
+        self.sent_at = now
+        try:
+            self.req.attach(conn, ctx.retry_body_bytes)
+        except OSError as exc:
+            self._body_unreadable(conn, exc)
+            return
         client = self.client
         if client.write_paused:
             conn.pause_reading()
         if client.paused:
             client.request_attached()
+
+    def _body_unreadable(self, conn: UpstreamConnection, exc: OSError) -> None:
+        """A buffered body's temp file failed on read-back: the upstream got part of a request
+        at most (the connection is cut, so it never sees it whole), the client a 503."""
+        self.ctx.events.temp_file_error("request", exc, self.req)
+        self._end_attempt()
+        conn.abort()
+        self._answer_locally(503, "request body could not be read back")
 
     def _end_attempt(self) -> None:
         """The current attempt is over, whatever its outcome: the one place the in-flight slot
@@ -390,7 +467,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     def _answer_locally(self, status: int, text: str) -> None:
         client = self.client
         keep = client.keep_alive_after(self.req)
-        data = simple_response(status, text, close=not keep, head=self.head_request)
+        data = self.ctx.error_response(status, text, close=not keep, head=self.head_request)
         self.status = status
         self.bytes_sent = len(data)
         client.write(data)
@@ -449,8 +526,27 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
                 room.local_answered(self, monotonic())
         req = self.req
         keep = self.client.keep_alive_after(req)
+        ctx = self.ctx
+        if ctx.intercept_errors and status in ctx.error_statuses:
+            # The walk is over and its answer is an error: the configured page replaces it
+            # (static.intercept_errors, nginx's proxy_intercept_errors); its body is read and
+            # dropped so the connection may be pooled.
+            page = ctx.error_page(status, close=not keep, head=self.head_request)
+            if page is not None:
+                self.keep_alive = keep
+                self.status = status
+                self.answered_by = conn.peer
+                self.intercepted = page
+                return
         framing = b""
-        if conn.framing == CHUNKED or conn.framing == CLOSE:
+        gz = None
+        if ctx.compress is not None:
+            gz = ctx.gzipper(status, self.head_request, req.lines, lines,
+                             conn.framing == LENGTH)
+            if gz is not None:
+                self.gzip = gz
+                lines = gz.rewrite_headers(lines)
+        if gz is not None or conn.framing == CHUNKED or conn.framing == CLOSE:
             if req.http10:
                 keep = False
             else:
@@ -462,6 +558,8 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.keep_alive = keep
         self.status = status
         self.answered_by = conn.peer
+        if conn.no_buffering or status == 101:
+            self.buffer_answer = False  # streamed as it comes; a tunnel is never buffered
         extra = conn.peer.header_line if self.ctx.upstream_header else b""
         data = response_head(
             status, reason, lines, framing, keep_alive=keep, http10=req.http10, extra=extra
@@ -470,6 +568,17 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.out.append(data)
 
     def on_response_body(self, data: bytes) -> None:
+        gz = self.gzip
+        if gz is not None:
+            data = gz.compress(data)
+            if not data:
+                return
+        elif self.intercepted is not None:
+            return  # replaced by an error page: read and dropped
+        self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
+        """Queue body bytes for the client, framed as the client's answer is."""
         size = len(data)
         if self.chunked_out:
             line = b"%x\r\n" % size
@@ -482,23 +591,138 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     def flush_out(self) -> None:
         """After each read of a response still under way: relay what it brought, and give the
         next read `read_timeout` (once per read, not per body callback)."""
+        gz = self.gzip
+        if gz is not None:
+            self._gzip_tail(gz.flush_sync())
         out = self.out
         if out:
-            self.client.write_lines(out)
-            out.clear()
+            if self.spool is None and not self.client.write_paused:
+                self.client.write_lines(out)  # the common case: the client keeps up
+                out.clear()
+            else:
+                self._hold_out(out)
         conn = self.conn
         if conn is not None:
             conn.timer.set(monotonic() + self.ctx.read_timeout)
 
+    def _hold_out(self, out: list[bytes]) -> None:
+        """The client is behind: queue `out` after what it has not taken yet (spool), or, for an
+        answer that is not buffered, hand it to the client's transport and let the paused
+        client hold the upstream back (client_paused)."""
+        spool = self.spool
+        if spool is None:
+            if not self.buffer_answer:
+                self.client.write_lines(out)
+                out.clear()
+                conn = self.conn
+                if conn is not None and self.client.write_paused:
+                    conn.pause_reading()
+                return
+            ctx = self.ctx
+            spool = AnswerSpool(
+                ctx.response_buffer_bytes, ctx.max_temp_file_bytes, ctx.temp_dir, ctx.metrics
+            )
+            self.spool = spool
+        elif not isinstance(spool, AnswerSpool):
+            raise AssertionError("an upstream answer while a file is served")
+        try:
+            spool.add(out)
+        except OSError as exc:
+            self.ctx.events.temp_file_error("response", exc, self.req)
+            if spool.lost:
+                out.clear()
+                self._cut_answer()
+                return
+        out.clear()
+        if not self.client.write_paused:
+            self._drain()  # the client caught up meanwhile: it takes from the front at once
+        elif spool.full():
+            self._stall(True)
+
+    def _stall(self, stalled: bool) -> None:
+        """Back-pressure on the upstream while the spool is full (max_temp_file_bytes)."""
+        if stalled == self.stalled:
+            return
+        self.stalled = stalled
+        self._hold_upstream(stalled)
+
+    def _hold_upstream(self, held: bool) -> None:
+        conn = self.conn
+        if conn is not None:
+            if held:
+                conn.pause_reading()
+            else:
+                conn.resume_reading()
+
+    def _drain(self) -> None:
+        """The client can take more: give it what the spool holds, until its buffer is full
+        again; once the spool is empty and the upstream is done, the exchange ends."""
+        spool = self.spool
+        if spool is None:
+            return
+        client = self.client
+        try:
+            while not client.write_paused:
+                data = spool.take()
+                if not data:
+                    break
+                client.write(data)
+        except OSError as exc:
+            self.ctx.events.temp_file_error("response", exc, self.req)
+            self._cut_answer()
+            return
+        if spool.pending:
+            if self.stalled and not spool.full():
+                self._stall(False)
+            return
+        # All taken: the spool goes (its temp file with it), and the next bytes take the
+        # direct path again.
+        self.spilled += spool.spilled
+        spool.close()
+        self.spool = None
+        self._stall(False)
+        if self.phase == SENDING:
+            self._finalize(self.keep_alive)
+
+    def _cut_answer(self) -> None:
+        """The answer cannot reach the client whole: never presented as complete."""
+        conn = self.conn
+        self._end_attempt()
+        if conn is not None:
+            conn.abort()
+        self.keep_alive = False
+        self.client.abort()
+        self._finalize(False)
+
+    def _gzip_tail(self, data: bytes) -> None:
+        """Compressed bytes zlib held back until a flush."""
+        if data:
+            self._emit(data)
+
     def on_response_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
         now = monotonic()
         out = self.out
+        intercepted = self.intercepted
+        if intercepted is not None:
+            out.clear()
+            out.append(intercepted)
+            self.bytes_sent = len(intercepted)
+        gz = self.gzip
+        if gz is not None:
+            self._gzip_tail(gz.finish())
         if self.chunked_out:
             out.append(b"0\r\n\r\n")
             self.bytes_sent += 5
         if out:
-            self.client.write_lines(out)
-            out.clear()
+            if self.spool is None and not self.client.write_paused:
+                self.client.write_lines(out)
+                out.clear()
+            else:
+                self._hold_out(out)
+                if self.phase == DONE:
+                    return
+        if self.sent_at:
+            self.upstream_ms = int((now - self.sent_at) * 1_000_000) / 1000
         peer = conn.peer
         self._end_attempt()
         if peer.down_until or peer.fails:
@@ -513,6 +737,10 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
                 conn.close()
         else:
             conn.close()
+        spool = self.spool
+        if spool is not None and spool.pending:
+            self._enter(SENDING)  # the upstream is free; the client takes the rest (_drain)
+            return
         self._finalize(self.keep_alive, now)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
@@ -589,18 +817,35 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             conn.timer.set(monotonic() + self.ctx.read_timeout)
 
     def upstream_paused(self, paused: bool) -> None:
-        self.client.upstream_paused(paused)
         conn = self.conn
+        sender = self.req.sender
+        if sender is not None:
+            # A buffered body: the client is done; the temp-file part goes on as the
+            # connection's buffer drains.
+            if conn is None:
+                return
+            if paused:
+                conn.timer.set(monotonic() + self.ctx.send_timeout)
+                return
+            try:
+                if sender.pump():
+                    conn.timer.set(monotonic() + self.ctx.read_timeout)
+            except OSError as exc:
+                self._body_unreadable(conn, exc)
+            return
+        self.client.upstream_paused(paused)
         if conn is not None and paused:
             conn.timer.set(monotonic() + self.ctx.send_timeout)
 
     def client_paused(self, paused: bool) -> None:
-        conn = self.conn
-        if conn is not None:
-            if paused:
-                conn.pause_reading()
-            else:
-                conn.resume_reading()
+        """The client's socket buffer filled up or drained. A buffered answer goes on being read
+        into the spool (_hold_out); an unbuffered one holds the upstream back."""
+        if self.spool is not None:
+            if not paused:
+                self._drain()
+            return
+        if not self.buffer_answer:
+            self._hold_upstream(paused)
 
     def client_gone(self) -> None:
         """The client disconnected: whatever is in flight upstream is abandoned."""
@@ -614,7 +859,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self._end_attempt()
         if conn is not None:
             conn.abort()
-        if self.phase != RELAYING:
+        if self.phase != RELAYING and self.phase != SENDING:
             self.status = 499
         self._finalize(False)
 
@@ -630,7 +875,8 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             client.abort()
             self._finalize(False)
             return
-        data = simple_response(error.status, error.detail, close=True, head=self.head_request)
+        data = self.ctx.error_response(error.status, error.detail, close=True,
+                                       head=self.head_request)
         self.status = error.status
         self.bytes_sent = len(data)
         client.write(data)
@@ -645,7 +891,17 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self._enter(DONE)
         if not now:
             now = monotonic()
+        req = self.req
+        body = req.body
+        if body is not None:
+            self.spilled += body.spilled
+        spool = self.spool
+        if spool is not None:
+            self.spilled += spool.spilled
+            self.spool = None
+            spool.close()  # a client that left: its temp file goes now
         self.ctx.events.request(self, now)
+        req.release()
         if not tunnel:
             self.client.exchange_done(self, keep_alive, now)
 

@@ -6,6 +6,8 @@ Pure functions over lists of (name, value) byte pairs, so every rule is tested w
 from __future__ import annotations
 
 import re
+import time
+from email.utils import formatdate
 from typing import Final
 
 from failproxy.config import HeadersConfig
@@ -89,6 +91,7 @@ H_UPGRADE: Final = 9
 H_DROP: Final = 10  # other hop-by-hop ones, the ones failproxy sets itself, HTTP2-Settings
 H_UNDERSCORE: Final = 11  # dropped, as nginx does: WSGI/Rack would read X_A as X-A
 H_KEEPALIVE: Final = 12  # responses only: `Keep-Alive: timeout=N`
+H_ACCEL: Final = 13  # responses only: `X-Accel-Buffering` (read, never relayed: SPEC 9)
 
 _NAMES_REMEMBERED: Final = 512
 
@@ -150,6 +153,7 @@ def response_kinds() -> NameTable:
         b"transfer-encoding": H_TE,
         b"keep-alive": H_KEEPALIVE,
         b"upgrade": H_UPGRADE,
+        b"x-accel-buffering": H_ACCEL,
     }
     return NameTable(kinds, underscore=False)
 
@@ -303,6 +307,46 @@ def simple_response(
         lines.append(request_id)
     lines.append(b"Connection: close\r\n\r\n" if close else b"\r\n")
     return b"".join(lines) if head else b"".join(lines) + payload
+
+
+class _Clock:
+    """The Date of answers failproxy makes itself from files, formatted once a second."""
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = b""
+
+
+_CLOCK: Final = _Clock()
+
+
+def http_date() -> bytes:
+    """The IMF-fixdate of now (RFC 9110 6.6.1)."""
+    now = int(time.time())
+    clock = _CLOCK
+    if clock.second != now:
+        clock.second = now
+        clock.text = formatdate(now, usegmt=True).encode()
+    return clock.text
+
+
+def page_response(
+    status: int, content_type: bytes, body: bytes, *, close: bool, head: bool = False
+) -> bytes:
+    """An answer failproxy makes itself from a page of static.error_pages (SPEC 10): the status
+    kept, the page's type and bytes."""
+    reason = STATUS_REASONS.get(status, b"Error")
+    parts = [
+        b"HTTP/1.1 %d %s\r\n" % (status, reason),
+        b"Content-Type: %s\r\n" % content_type,
+        b"Content-Length: %d\r\n" % len(body),
+        b"Connection: close\r\n\r\n" if close else b"\r\n",
+    ]
+    if not head:
+        parts.append(body)
+    return b"".join(parts)
 
 
 # RFC 9110 15: the status lines failproxy writes itself. As nginx, a known status code gets its

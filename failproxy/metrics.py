@@ -41,6 +41,7 @@ class _Layout:
 
     __slots__ = (
         "active",
+        "buffering",
         "connect",
         "down",
         "duration",
@@ -53,6 +54,7 @@ class _Layout:
         "server_failovers",
         "server_requests",
         "status",
+        "temp_bytes",
     )
 
     def __init__(self, n: int) -> None:
@@ -68,6 +70,8 @@ class _Layout:
         self.exhausted = take(1)
         self.active = take(1)
         self.ready = take(1)
+        self.temp_bytes = take(1)
+        self.buffering = take(1)
         self.server_requests = take(n)
         self.server_failovers = take(n)
         self.fails = take(n)
@@ -215,6 +219,14 @@ class WorkerMetrics:
     def connection_closed(self) -> None:
         self._add(self._layout.active, -1)
 
+    def temp_file_bytes(self, delta: int) -> None:
+        """Gauge: bytes this worker holds in temp files now (request and answer bodies)."""
+        self._add(self._layout.temp_bytes, delta)
+
+    def body_buffering(self, delta: int) -> None:
+        """Gauge: request bodies being read whole before any upstream is contacted."""
+        self._add(self._layout.buffering, delta)
+
     def server_state(self, server: int, up: bool, fails: int) -> None:
         """Gauges: written at once (rare)."""
         layout = self._layout
@@ -262,6 +274,8 @@ class Totals:
     connect_sum: dict[str, float] = field(default_factory=dict)
     # Gauges: only live workers contribute.
     active: int = 0
+    temp_bytes: int = 0
+    buffering: int = 0
     fails: Counter[str] = field(default_factory=Counter)
     down: Counter[str] = field(default_factory=Counter)  # how many workers hold it down
 
@@ -270,7 +284,8 @@ class Totals:
             Counter(self.status), list(self.duration), self.duration_sum, self.exhausted,
             Counter(self.server_requests), Counter(self.server_failovers), Counter(self.failovers),
             {k: list(v) for k, v in self.connect.items()}, dict(self.connect_sum),
-            self.active, Counter(self.fails), Counter(self.down),
+            self.active, self.temp_bytes, self.buffering, Counter(self.fails),
+            Counter(self.down),
         )
 
     def add(self, metrics: WorkerMetrics, addresses: Sequence[str | None], *, gauges: bool,
@@ -333,6 +348,8 @@ class Totals:
                 self.down[address] += q[layout.down + i]
         if gauges:
             self.active += q[layout.active]
+            self.temp_bytes += q[layout.temp_bytes]
+            self.buffering += q[layout.buffering]
 
 
 def _server_cells(layout: _Layout, n: int, server: int) -> tuple[list[int], list[int]]:
@@ -424,6 +441,12 @@ def render(totals: Totals, servers: Iterable[str], workers: int) -> str:
                        totals.connect_sum.get(address, 0.0), upstream=address)
     page.family("failproxy_connections_active", "gauge", "Open client connections.")
     page.sample("failproxy_connections_active", totals.active)
+    page.family("failproxy_temp_file_bytes", "gauge",
+                "Request and answer body bytes held in temp files now.")
+    page.sample("failproxy_temp_file_bytes", totals.temp_bytes)
+    page.family("failproxy_request_bodies_buffering", "gauge",
+                "Request bodies being read whole before an upstream is contacted.")
+    page.sample("failproxy_request_bodies_buffering", totals.buffering)
     page.family("failproxy_upstream_up", "gauge",
                 "1 unless some worker currently holds the server down (fail_timeout).")
     for address in servers:

@@ -1,17 +1,28 @@
 """One parsed request and its body, held so that it can be sent (again) to an upstream.
 
 The client connection fills it from the parser's callbacks; the exchange sends it. It never
-sees either of them: a request knows only the upstream connection its body streams to.
+sees either of them: a request knows only the upstream connection its body goes to.
+
+A body is held one of two ways. Buffered (`server.request_buffering`, the default): read whole
+into a spool.RequestBody before any upstream is chosen, then sent with `Content-Length` and
+replayable whatever its size. Streamed: framed as it goes upstream (`chunks`), the sent part let
+go past `retry_body_bytes`. Either way nothing is written upstream from inside a parser
+callback: the client connection calls `flush_body` once a read has parsed cleanly, so a bad
+chunk in a read keeps every byte of that read from the upstream.
 """
 
 from __future__ import annotations
 
+from failproxy.spool import RequestBody, Sender
 from failproxy.upstream import UpstreamConnection
 
 
 class Request:
     __slots__ = (
+        "awaiting",
+        "body",
         "body_bytes",
+        "buffered",
         "chunked",
         "chunks",
         "complete",
@@ -30,6 +41,7 @@ class Request:
         "method",
         "replayable",
         "request_id",
+        "sender",
         "sent",
         "sink",
         "started",
@@ -71,20 +83,39 @@ class Request:
         self.complete = False
         self.has_body = False
         self.sink: UpstreamConnection | None = None
+        # Buffered mode: the whole body, read before any upstream is contacted; `sender` sends
+        # it to the current upstream connection; `awaiting`: its body is being read (the
+        # client was told 100 Continue if it asked).
+        self.buffered = False
+        self.awaiting = False
+        self.body: RequestBody | None = None
+        self.sender: Sender | None = None
 
-    def add_body(self, data: bytes, retry_limit: int) -> None:
+    def add_body(self, data: bytes) -> None:
+        """Streaming mode: hold `data` until `flush_body` (see the module docstring)."""
         self.chunks.append(data)
         self.held += len(data)
-        sink = self.sink
-        if sink is not None:
-            sink.write(data)
-            self.sent = len(self.chunks)
-            if self.held > retry_limit:
-                self._drop_sent()
 
-    def attach(self, sink: UpstreamConnection, retry_limit: int) -> None:
-        """Send the head and every held body byte to a new upstream; stream the rest to it."""
+    def flush_body(self, retry_limit: int) -> None:
+        """Streaming mode: send what was held since the last flush to the attached upstream."""
+        sink = self.sink
+        if sink is None or self.sent == len(self.chunks) or self.body is not None:
+            return
+        sink.writelines(self.chunks[self.sent :])
+        self.sent = len(self.chunks)
+        if self.held > retry_limit:
+            self._drop_sent()
+
+    def attach(self, sink: UpstreamConnection, retry_limit: int) -> bool:
+        """Send the head and every held body byte to a new upstream; stream the rest to it.
+        True when the request went out whole (buffered mode: False while the temp-file part
+        waits for the connection's buffer to drain, `Sender.pump`). Raises OSError when a
+        buffered body's temp file cannot be read."""
         self.sink = sink
+        body = self.body
+        if body is not None:
+            sender = self.sender = Sender(body, sink)
+            return sender.start(self.head)
         if self.chunks:
             sink.writelines([self.head, *self.chunks])
             self.sent = len(self.chunks)
@@ -92,10 +123,22 @@ class Request:
                 self._drop_sent()
         else:
             sink.write(self.head)
+        return self.complete
 
     def detach(self) -> None:
         self.sink = None
+        self.sender = None
         self.sent = 0
+
+    def release(self) -> None:
+        """The request is over (answered, or its client left): its held body goes (a temp file
+        is closed, so its disk space is freed at once)."""
+        body = self.body
+        if body is not None:
+            self.body = None
+            body.close()
+        self.chunks = []
+        self.held = 0
 
     def _drop_sent(self) -> None:
         """Past `retry_body_bytes` the sent part of the body is let go: no replay after this."""

@@ -22,6 +22,7 @@ import httptools
 from mypy_extensions import trait
 
 from failproxy.headers import (
+    H_ACCEL,
     H_CONNECTION,
     H_KEEPALIVE,
     H_LENGTH,
@@ -142,10 +143,12 @@ class UpstreamConnection(Pooled):
         "keep_alive",
         "keepalive_hint",
         "loop",
+        "no_buffering",
         "paused",
         "peer",
         "requests",
         "reused",
+        "send_paused",
         "timer",
         "transport",
         "tunnel",
@@ -165,6 +168,8 @@ class UpstreamConnection(Pooled):
         self.tunnel: asyncio.Transport | None = None
         self.reused = False
         self.paused = False
+        self.send_paused = False  # our write buffer to it is full (spool.Sink)
+        self.no_buffering = False  # the answer said `X-Accel-Buffering: no`
         self.timer = take_timer(loop, self._on_timer)
         self._parser = _ResponseParser(self)
         self._status = 0
@@ -195,6 +200,7 @@ class UpstreamConnection(Pooled):
         self.framing = 0
         self.keep_alive = True
         self.got_bytes = False
+        self.no_buffering = False
 
     # -- asyncio protocol ---------------------------------------------------------------------
 
@@ -263,6 +269,7 @@ class UpstreamConnection(Pooled):
         exchange.flush_out()
 
     def pause_writing(self) -> None:
+        self.send_paused = True
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.pause_reading()  # the client sends faster than the upstream takes
@@ -272,6 +279,7 @@ class UpstreamConnection(Pooled):
             exchange.upstream_paused(True)
 
     def resume_writing(self) -> None:
+        self.send_paused = False
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.resume_reading()
@@ -303,6 +311,9 @@ class UpstreamConnection(Pooled):
             self._keepalive_hint(value)
         elif kind == H_UPGRADE:
             self._upgrade = value
+        elif kind == H_ACCEL:
+            # nginx's X-Accel-Buffering: "no" streams this answer unbuffered; never relayed
+            self.no_buffering = value.strip().lower() == b"no"
         # other hop-by-hop headers are dropped
 
     def on_headers_complete(self) -> None:

@@ -44,6 +44,9 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}"
+                                for k, x in v.items()) + " }"
     raise TypeError(f"no TOML for {v!r}")
 
 
@@ -212,6 +215,7 @@ class Proxy:
                  server: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None,
                  headers: dict[str, Any] | None = None,
                  log: dict[str, Any] | None = None, admin: dict[str, Any] | None = None,
+                 static: dict[str, Any] | None = None, compress: dict[str, Any] | None = None,
                  port: int | None = None, peers: Iterable[dict[str, Any]] = (),
                  command_prefix: Iterable[str] = (),
                  socket_factory: Callable[[], socket.socket] | None = None) -> None:
@@ -232,7 +236,7 @@ class Proxy:
         self.servers = [_server_entry(s) for s in servers]
         self.config_text = render_config(
             {"server": srv, "upstream": upstream or {}, "headers": headers or {}, "log": lg,
-             "admin": admin or {}},
+             "admin": admin or {}, "static": static or {}, "compress": compress or {}},
             self.servers, peers)
         self.config_path.write_text(self.config_text)
         self.log = LogReader(self.log_path)

@@ -313,16 +313,34 @@ def test_put_reset_replayed_with_its_body(proxy, backend) -> None:
 
 
 def test_put_body_over_retry_body_bytes_not_replayed(proxy, backend) -> None:
-    """A body larger than retry_body_bytes was not kept: after a reset it cannot be sent again."""
+    """Streaming mode: a body larger than retry_body_bytes was not kept, so after a reset it
+    cannot be sent again."""
     primary = backend("app", unix=True, handler=lambda r: RESET)
     nxt = backend("peer")
     p = proxy([primary, {"address": nxt.address, "backup": True}],
-              upstream={"retry_body_bytes": 1000})
+              upstream={"retry_body_bytes": 1000}, server={"request_buffering": False})
     resp = p.request("PUT", "/bigput", body=b"v" * 200000)
     assert resp.status == 502
     time.sleep(0.2)
     assert nxt.requests == []
     assert p.log.find("failover", path="/bigput") == []
+
+
+def test_buffered_put_body_is_replayed_whatever_its_size(proxy, backend, tmp_path) -> None:
+    """SPEC 9: a body held whole (request_buffering, the default) is replayed on a retry whatever
+    its size: past request_buffer_bytes it comes back from the temp file, byte for byte."""
+    primary = backend("app", unix=True, handler=lambda r: RESET)
+    nxt = backend("peer")
+    p = proxy([primary, {"address": nxt.address, "backup": True}],
+              upstream={"retry_body_bytes": 1000},
+              server={"request_buffer_bytes": 4096, "temp_dir": str(tmp_path)})
+    body = bytes(range(256)) * 800  # 200 KiB: most of it in the temp file
+    resp = p.request("PUT", "/bigput", body=body)
+    assert resp.status == 200
+    got = nxt.wait_requests(1)[0]
+    assert got.complete and got.body == body
+    line = p.log.wait_for_event("request", path="/bigput")
+    assert line["spilled_bytes"] == len(body) - 4096
 
 
 # ---- exhaustion ----------------------------------------------------------------------------------

@@ -32,15 +32,19 @@ run app
 
 
 class Unicorn:
-    def __init__(self, d: Path) -> None:
+    """Real unicorn in `d`: `workers` workers on a UNIX socket (backlog 5) and a TCP port
+    (backlog 1024), running the Rack app `app`."""
+
+    def __init__(self, d: Path, workers: int = 2, app: str = CONFIG_RU) -> None:
         self.dir = d
+        self.workers = workers
         self.sock = str(d / "app.sock")
         self.port = free_port()
         self.unix_address = f"unix:{self.sock}"
         self.tcp_address = f"127.0.0.1:{self.port}"
-        (d / "config.ru").write_text(CONFIG_RU)
+        (d / "config.ru").write_text(app)
         (d / "unicorn.conf.rb").write_text(
-            "worker_processes 2\n"
+            f"worker_processes {workers}\n"
             f'listen "{self.sock}", :backlog => 5\n'
             f'listen "127.0.0.1:{self.port}", :backlog => 1024\n'
             f'pid "{d / "unicorn.pid"}"\n'
@@ -61,7 +65,7 @@ class Unicorn:
             if self.proc.poll() is not None:
                 raise AssertionError(f"unicorn exited {self.proc.returncode}:\n{self.log()}")
             text = self.log()
-            if "worker=0 ready" in text and "worker=1 ready" in text:
+            if all(f"worker={i} ready" in text for i in range(self.workers)):
                 return
             time.sleep(0.1)
         raise AssertionError(f"unicorn not ready in {timeout}s:\n{self.log()}")
