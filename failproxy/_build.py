@@ -37,6 +37,7 @@ COMPILED = (
     "connect",
     "rawtransport",
     "upstream",
+    "routes",
     "request",
     "events",
     "context",

@@ -99,6 +99,7 @@ class ClientConnection(Downstream):
         "req",
         "resume",
         "served",
+        "streamed",
         "timer",
         "timer_kind",
         "tls",
@@ -121,6 +122,7 @@ class ClientConnection(Downstream):
         # connection, where a deque allocates a 600-byte block up front).
         self.queue: list[Request | BadRequest] = []
         self.pending: Request | None = None  # first in line, no exchange yet (module docstring)
+        self.streamed = False  # this read added streamed body bytes, sent once it parsed whole
         self.served = 0
         self.paused = 0
         self.write_paused = False
@@ -192,9 +194,11 @@ class ClientConnection(Downstream):
         (see the module docstring)."""
         if self.pending is not None:
             self._start_pending()
-        active = self.active
-        if active is not None:
-            active.req.flush_body(self.ctx.retry_body_bytes)
+        if self.streamed:
+            self.streamed = False
+            active = self.active
+            if active is not None:
+                active.req.flush_body(self.ctx.retry_body_bytes)
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still want its answers (HTTP/1.0 clients, `nc -q`).
@@ -308,6 +312,7 @@ class ClientConnection(Downstream):
             if req.chunked:
                 body = b"%x\r\n%b\r\n" % (len(body), body)
             req.add_body(body)
+            self.streamed = True
             if req.sink is None and req.held > BUFFER_LIMIT:
                 self._pause(BUFFER_FULL)
         if self.timer_kind == BODY:
@@ -326,6 +331,7 @@ class ClientConnection(Downstream):
                 req.head = self._build_head(req, b"Content-Length: %d\r\n" % held.size, b"")
         elif req.chunked:
             req.add_body(b"0\r\n\r\n")
+            self.streamed = True
         req.complete = True
         self.req = None
         self.in_head = True

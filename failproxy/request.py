@@ -137,8 +137,9 @@ class Request:
         if body is not None:
             self.body = None
             body.close()
-        self.chunks = []
-        self.held = 0
+        if self.held:
+            self.chunks = []
+            self.held = 0
 
     def _drop_sent(self) -> None:
         """Past `retry_body_bytes` the sent part of the body is let go: no replay after this."""
