@@ -51,6 +51,7 @@ class ServerConfig:
     keepalive_requests: int = 1000
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    send_timeout: float = 60.0  # longest a client may take none of its answer (nginx send_timeout)
     max_header_bytes: int = 16384
     max_uri_bytes: int = 8192
     max_body_bytes: int = 104857600
@@ -677,6 +678,7 @@ _ROOT = _Table(
                     keepalive_requests=_integer(1),
                     header_timeout=_seconds,
                     body_timeout=_seconds,
+                    send_timeout=_seconds,
                     max_header_bytes=_integer(1),
                     max_uri_bytes=_integer(1),
                     max_body_bytes=_integer(0),

@@ -70,6 +70,7 @@ class WorkerContext:
         # -- the client side
         self.header_timeout = server.header_timeout
         self.body_timeout = server.body_timeout
+        self.client_send_timeout = server.send_timeout
         self.keepalive_timeout = server.keepalive_timeout
         self.keepalive_requests = server.keepalive_requests
         self.max_header_bytes = server.max_header_bytes

@@ -73,6 +73,7 @@ IDLE: Final = 0
 HEAD: Final = 1
 BODY: Final = 2
 NONE: Final = 3
+WRITE: Final = 4  # the client takes none of its answer (server.send_timeout, nginx's send_timeout)
 
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -209,6 +210,11 @@ class ClientConnection(Downstream):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.timer_kind == NONE:
+            # A client that stops taking its answer may not hold it (and a temp file) forever:
+            # the deadline restarts whenever it takes some (resume_writing).
+            self.timer_kind = WRITE
+            self.timer.set(monotonic() + self.ctx.client_send_timeout)
         if self.tunnel is not None:
             self.tunnel.pause_reading()
         elif self.active is not None:
@@ -216,6 +222,9 @@ class ClientConnection(Downstream):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.timer_kind == WRITE:
+            self.timer_kind = NONE
+            self.timer.clear()
         if self.tunnel is not None:
             self.tunnel.resume_reading()
         elif self.active is not None:
@@ -630,6 +639,8 @@ class ClientConnection(Downstream):
                 self._reject(BadRequest(408, "request head not received in time"))
         elif kind == BODY:
             self._reject(BadRequest(408, "request body stalled"))
+        elif kind == WRITE:
+            self.abort()  # as nginx: the answer cannot be finished; the exchange ends as 'gone'
 
     # -- flow control and output ------------------------------------------------------------
 

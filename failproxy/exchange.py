@@ -645,6 +645,14 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             return
         self.stalled = stalled
         self._hold_upstream(stalled)
+        conn = self.conn
+        if conn is not None:
+            # The upstream waits for us, not we for it: no read_timeout while it is held back
+            # (the client's side is bounded by server.send_timeout).
+            if stalled:
+                conn.timer.clear()
+            else:
+                conn.timer.set(monotonic() + self.ctx.read_timeout)
 
     def _hold_upstream(self, held: bool) -> None:
         conn = self.conn

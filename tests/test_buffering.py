@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from backends import HTTPBackend, Reply
-from support import build_request, free_port, proc_status, reset_peak_rss
+from support import IncompleteResponse, build_request, free_port, proc_status, reset_peak_rss
 from test_unicorn import UNICORN, Unicorn
 
 pytestmark = pytest.mark.timeout(90)
@@ -405,3 +405,24 @@ def test_large_upload_memory_stays_bounded(proxy: Any, backend: Any, tmp_path: P
     grown_kib = proc_status(worker)["VmHWM"] - base
     assert grown_kib < 16 * 1024, f"peak RSS grew {grown_kib} KiB for a 48 MiB upload"
 
+
+
+def test_a_client_that_takes_nothing_is_closed_after_send_timeout(
+    proxy: Any, backend: Any, tmp_path: Path
+) -> None:
+    """server.send_timeout (nginx's send_timeout): a client that stops taking its answer does
+    not hold it, nor its temp file, forever; the upstream was released long before."""
+    spill = _spill_dir(tmp_path)
+    body = os.urandom(8 << 20)
+    app = backend("app", unix=True, handler=lambda r: Reply(200, body=body))
+    fp = proxy([app], server={"temp_dir": str(spill), "send_timeout": 1.0})
+    worker = _worker_pid(fp)
+    with fp.connect(timeout=30, rcvbuf=4096) as c:
+        c.send(build_request("GET", "/big"))
+        assert c.read_head().status == 200
+        _wait(lambda: bool(_temp_fds(worker, spill)), 10, "the answer spilled")
+        ev = fp.log.wait_for_event("request", path="/big", timeout=15)
+        assert ev["upstream_ms"] is not None and ev["spilled_bytes"] > 0
+        _wait(lambda: not _temp_fds(worker, spill), 5, "the temp file dropped")
+        with pytest.raises((IncompleteResponse, OSError)):  # reset or closed: either ends it
+            c._read_exact(len(body), time.monotonic() + 10, "the body")

@@ -764,3 +764,70 @@ def test_example_config_if_present_is_valid() -> None:
         load(str(example))
     except ConfigError as e:  # pragma: no cover - the report is the point
         pytest.fail(f"{example} (from {cwd}):\n" + "\n".join(e.problems))
+
+
+# ---- SPEC 9 and 10: buffering, [static], [compress] -------------------------------------------
+
+def test_buffering_static_and_compress_defaults() -> None:
+    cfg = config.loads(MINIMAL)
+    assert cfg.server.request_buffering and cfg.server.request_buffer_bytes == 65536
+    assert cfg.server.temp_dir == ""
+    assert cfg.upstream.response_buffering and cfg.upstream.response_buffer_bytes == 32768
+    assert cfg.upstream.max_temp_file_bytes == 1 << 30
+    assert cfg.static.root == "" and cfg.static.gzip_static and not cfg.static.intercept_errors
+    assert cfg.static.try_files == ("$uri", "$uri/index.html", "$uri.html")
+    assert cfg.compress.gzip is False and cfg.compress.min_length == 500
+    assert cfg.compress.level == 1 and "text/html" in cfg.compress.types
+
+
+def test_static_and_compress_keys_are_read(tmp_path: Path) -> None:
+    public = tmp_path / "public"
+    public.mkdir()
+    cfg = config.loads(MINIMAL + f"""
+[server]
+temp_dir = "{tmp_path}"
+request_buffering = false
+[static]
+root = "public"
+try_files = ["$uri/index.html", "$uri"]
+error_pages = {{ 502 = "/500.html", 504 = "/504.html" }}
+intercept_errors = true
+[compress]
+gzip = true
+types = ["Text/HTML"]
+level = 6
+""", str(tmp_path / "failproxy.toml"))
+    assert cfg.static.root == str(public), "relative to the config file's directory"
+    assert cfg.static.error_pages == ((502, "/500.html"), (504, "/504.html"))
+    assert cfg.server.temp_dir == str(tmp_path) and not cfg.server.request_buffering
+    assert cfg.compress.types == ("text/html",) and cfg.compress.level == 6
+
+
+def test_bad_static_and_compress_keys_are_named() -> None:
+    found = problems_of(MINIMAL + """
+[server]
+temp_dir = "/nonexistent/spill"
+request_buffer_bytes = -1
+[upstream]
+max_temp_file_bytes = "1G"
+[static]
+root = "/nonexistent/public"
+try_files = ["/index.html"]
+error_pages = { 99 = "/x.html", 500 = "500.html" }
+gzip_statc = true
+[compress]
+level = 0
+types = ["html"]
+""")
+    text = "\n".join(found)
+    for key in ("server.temp_dir: no such directory", "server.request_buffer_bytes:",
+                "upstream.max_temp_file_bytes:", "static.root: no such directory",
+                "static.try_files[0]:", "static.error_pages.99:", "static.error_pages.500:",
+                "static.gzip_statc: unknown key (did you mean gzip_static?)",
+                "compress.level:", "compress.types[0]:"):
+        assert key in text, f"{key!r} not in:\n{text}"
+
+
+def test_error_pages_need_a_root() -> None:
+    found = problems_of(MINIMAL + '[static]\nerror_pages = { 502 = "/500.html" }\n')
+    assert any(p.startswith("static.error_pages: needs static.root") for p in found), found
