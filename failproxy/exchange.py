@@ -879,8 +879,8 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             conn.abort()
         client = self.client
         self.ctx.events.client_error(self.client_ip, error.status, error.detail)
-        if self.phase == RELAYING:
-            client.abort()
+        if self.phase == RELAYING or self.phase == SENDING:
+            client.abort()  # an answer is under way: no second one (its temp file goes)
             self._finalize(False)
             return
         data = self.ctx.error_response(error.status, error.detail, close=True,

@@ -67,6 +67,9 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return self.closing
 
+    def can_write_eof(self) -> bool:
+        return False  # close() then closes at once (no lingering read on a fake)
+
 
 class Harness:
     """A worker context (from TOML), with the log written to a file that tests read back."""

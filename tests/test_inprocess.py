@@ -155,3 +155,88 @@ def test_phase_transitions_are_checked(tmp_path: Path) -> None:
             active._enter(exchange.RELAYING)
 
     run(main)
+
+
+def test_a_slow_clients_answer_is_spooled_and_the_upstream_released(tmp_path: Path) -> None:
+    """SPEC 9: while the client takes nothing, the answer goes on being read into the spool; the
+    connection is pooled again the moment the answer is read whole (phase SENDING), and the
+    client then gets every byte, in order, once it takes them."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        h = Harness(f'[server]\ntemp_dir = "{tmp_path}"\n[upstream]\n'
+                    'response_buffer_bytes = 1000\n'
+                    '[[upstream.server]]\naddress = "unix:/nonexistent/up.sock"\n',
+                    tmp_path / "log", loop)
+        peer = h.ctx.peers[0]
+        pooled, upstream_out = h.pooled(peer)
+        client, out = h.client()
+        client.data_received(request("/big"))
+        assert upstream_out.take().startswith(b"GET /big ")
+        body = bytes(range(256)) * 40
+        pooled.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+                             + body[:100])
+        client.pause_writing()  # the client's socket buffer is full
+        for i in range(100, len(body), 1000):
+            pooled.data_received(body[i:i + 1000])
+            assert pooled.transport is not None and not pooled.paused, "the upstream was held"
+        active = client.active
+        assert active is not None and active.phase == exchange.SENDING
+        assert peer.idle == [pooled] and peer.inflight == 0, "released when read whole"
+        assert h.events("request") == [], "not answered yet"
+        client.resume_writing()
+        data = out.data()
+        assert data.endswith(body) and data.count(b"HTTP/1.1 200 OK") == 1
+        (event,) = h.events("request")
+        assert event["spilled_bytes"] > 0 and event["upstream_ms"] is not None
+        assert client.active is None
+
+    run(main)
+
+
+def test_head_and_bad_chunk_in_one_read_reach_no_upstream_when_streaming(tmp_path: Path) -> None:
+    """request_buffering = false: the head and a good chunk arrive with a bad one in one read;
+    the pooled upstream connection is handed nothing at all."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        h = Harness('[server]\nrequest_buffering = false\n'
+                    '[[upstream.server]]\naddress = "unix:/nonexistent/up.sock"\n',
+                    tmp_path / "log", loop)
+        pooled, upstream_out = h.pooled(h.ctx.peers[0])
+        client, out = h.client()
+        client.data_received(request("/up", "POST", "Transfer-Encoding: chunked\r\n")
+                             + b"5\r\nhello\r\n5 \r\nworld\r\n0\r\n\r\n")
+        assert upstream_out.data() == b""
+        assert out.data().startswith(b"HTTP/1.1 400 ")
+        assert h.ctx.peers[0].idle == [pooled]
+
+    run(main)
+
+
+def test_a_bad_chunk_after_the_answer_was_read_cuts_the_client(tmp_path: Path) -> None:
+    """Streaming: the upstream answered (and was released) while the client's body still came;
+    a bad chunk then must not put a second answer (a 400) after the spooled first one: the
+    client connection is cut."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        h = Harness(f'[server]\nrequest_buffering = false\ntemp_dir = "{tmp_path}"\n'
+                    '[[upstream.server]]\naddress = "unix:/nonexistent/up.sock"\n',
+                    tmp_path / "log", loop)
+        pooled, upstream_out = h.pooled(h.ctx.peers[0])
+        client, out = h.client()
+        client.data_received(request("/up", "POST", "Transfer-Encoding: chunked\r\n")
+                             + b"5\r\nhello\r\n")
+        assert upstream_out.data().startswith(b"POST /up ")  # streamed: the head went out
+        client.pause_writing()
+        pooled.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes")
+        active = client.active
+        assert active is not None and active.phase == exchange.SENDING
+        client.data_received(b"zz\r\n")
+        transport = client.transport
+        assert transport is not None and transport.aborted  # type: ignore[attr-defined]
+        assert b"400" not in out.data()
+        assert active.phase == exchange.DONE
+
+    run(main)
