@@ -15,6 +15,7 @@ import zlib
 from typing import Final
 
 from failproxy.config import CompressConfig
+from failproxy.spool import Source
 
 # RFC 9110 12.4.2 qvalue: "0" ["." 0*3DIGIT] / "1" ["." 0*3("0")]. Anything else is not a weight
 # we can trust, so the element that carries it is ignored (it neither grants nor refuses).
@@ -185,3 +186,48 @@ class Gzipper:
     def finish(self) -> bytes:
         """The last deflate block and the gzip trailer (CRC32, length). Call once, at the end."""
         return self._z.flush(zlib.Z_FINISH)
+
+
+class GzipSource(Source):
+    """A static file compressed as the client takes it ([compress] applies to files under
+    static.root as to the app's answers, as nginx's gzip does): each piece read from `inner` is
+    compressed and sync-flushed, and framed chunked (`chunked`) or, for an HTTP/1.0 client,
+    sent bare with the connection closing after it."""
+
+    __slots__ = ("chunked", "done", "gz", "inner", "produced", "spilled")
+
+    def __init__(self, inner: Source, gz: Gzipper, chunked: bool) -> None:
+        self.inner = inner
+        self.gz = gz
+        self.chunked = chunked
+        self.done = False
+        self.spilled = 0
+        self.produced = 0
+
+    @property
+    def pending(self) -> int:
+        return 0 if self.done else self.inner.pending + 1  # + the gzip trailer still to come
+
+    def full(self) -> bool:
+        return False
+
+    def take(self) -> bytes:
+        while not self.done:
+            data = self.inner.take()
+            if data:
+                out = self.gz.compress(data) + self.gz.flush_sync()
+            else:
+                out = self.gz.finish()
+                self.done = True
+            if self.chunked:
+                framed = b"%x\r\n%b\r\n" % (len(out), out) if out else b""
+                if self.done:
+                    framed += b"0\r\n\r\n"
+                out = framed
+            if out:
+                self.produced += len(out)
+                return out
+        return b""
+
+    def close(self) -> None:
+        self.inner.close()

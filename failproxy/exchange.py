@@ -31,7 +31,7 @@ from mypy_extensions import trait
 
 from failproxy import policy
 from failproxy.balance import Holdable
-from failproxy.compress import Gzipper
+from failproxy.compress import Gzipper, GzipSource
 from failproxy.connect import start_connect, when_connected
 from failproxy.context import WorkerContext
 from failproxy.events import ExchangeView
@@ -233,16 +233,30 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.static = True
         client = self.client
         keep = client.keep_alive_after(req)
+        headers = answer.headers
+        framing = b"Date: " + http_date() + b"\r\n"
+        length = answer.length
+        source: Source | None = None
+        if answer.fd >= 0:
+            source = FileSource(answer.fd, answer.offset, length)
+            gz = self.ctx.gzipper(answer.status, False, req.lines, headers, True)
+            if gz is not None:
+                headers = gz.rewrite_headers(headers)
+                if req.http10:
+                    keep = False  # the compressed length is known at the end: close marks it
+                else:
+                    framing += b"Transfer-Encoding: chunked\r\n"
+                source = GzipSource(source, gz, not req.http10)
+                length = 0  # counted as it goes (Source.produced)
         self.keep_alive = keep
         self.status = answer.status
-        date = b"Date: " + http_date() + b"\r\n"
-        head = response_head(answer.status, b"", [*answer.headers], date, keep_alive=keep,
+        head = response_head(answer.status, b"", headers, framing, keep_alive=keep,
                              http10=req.http10, extra=b"")
-        self.bytes_sent = len(head) + answer.length
+        self.bytes_sent = len(head) + length
         client.write(head)
         self._enter(SENDING)
-        if answer.fd >= 0:
-            self.spool = FileSource(answer.fd, answer.offset, answer.length)
+        if source is not None:
+            self.spool = source
             if not client.write_paused:
                 self._drain()  # else when the client takes the head (client_paused)
             return True
@@ -686,6 +700,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         # All taken: the spool goes (its temp file with it), and the next bytes take the
         # direct path again.
         self.spilled += spool.spilled
+        self.bytes_sent += spool.produced
         spool.close()
         self.spool = None
         self._stall(False)

@@ -182,6 +182,8 @@ class Source:
     __slots__ = ()
 
     spilled: int  # bytes that went through a temp file (logged as spilled_bytes)
+    # bytes handed out that the exchange could not count up front (a compressed file's)
+    produced: int = 0
 
     @property
     def pending(self) -> int:

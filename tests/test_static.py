@@ -196,3 +196,24 @@ def test_small_and_binary_answers_are_not_compressed(proxy: Any, backend: Any) -
     assert _get(fp, "/small", ("Accept-Encoding", "gzip")).header("content-encoding") is None
     assert _get(fp, "/png", ("Accept-Encoding", "gzip")).header("content-encoding") is None
     assert _get(fp, "/text", ("Accept-Encoding", "gzip")).header("content-encoding") == "gzip"
+
+
+def test_compress_applies_to_static_files_too(proxy: Any, app: HTTPBackend, public: Path) -> None:
+    """[compress] gzip compresses a text file from root that has no .gz beside it, as nginx's
+    gzip does; one with a .gz is served pre-compressed (gzip_static) as before."""
+    text = b"<p>compressible</p>\n" * 500
+    (public / "page.html").write_bytes(text)
+    fp = proxy([app], static={"root": str(public)}, compress={"gzip": True})
+    with fp.connect() as c:
+        c.send(build_request("GET", "/page.html", headers=[("Accept-Encoding", "gzip")])
+               + build_request("GET", "/ten.txt"))
+        r = c.read_response()
+        assert r.header("content-encoding") == "gzip" and r.chunked
+        assert gzip.decompress(r.body) == text and len(r.body) < len(text) // 5
+        assert r.header("content-length") is None and r.header("etag", "").startswith("W/")
+        assert c.read_response().body == b"0123456789", "the connection stays in step"
+    ev = fp.log.wait_for_event("request", path="/page.html")
+    assert ev["static"] is True and ev["bytes_sent"] > len(r.body)
+    plain = _get(fp, "/page.html")
+    assert plain.body == text and plain.header("content-encoding") is None
+    assert app.connections == 0
