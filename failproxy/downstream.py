@@ -61,6 +61,8 @@ UPGRADE: Final = 8
 REJECTED: Final = 16
 # Unsent request-body bytes held (no upstream attached yet) before reading pauses.
 BUFFER_LIMIT: Final = 65536
+# The write buffer of a client that fell behind its answer (slow_client), and its low mark.
+SLOW_CLIENT_HIGH: Final = 16384
 
 # How long a connection failproxy closes keeps reading (and dropping) what its client still
 # sends, after failproxy's FIN (lingering close, as nginx): see ClientConnection.close.
@@ -100,6 +102,7 @@ class ClientConnection(Downstream):
         "req",
         "resume",
         "served",
+        "slow",
         "streamed",
         "timer",
         "timer_kind",
@@ -124,6 +127,7 @@ class ClientConnection(Downstream):
         self.queue: list[Request | BadRequest] = []
         self.pending: Request | None = None  # first in line, no exchange yet (module docstring)
         self.streamed = False  # this read added streamed body bytes, sent once it parsed whole
+        self.slow = False  # its answers fell behind once: smaller transport buffer (slow_client)
         self.served = 0
         self.paused = 0
         self.write_paused = False
@@ -661,6 +665,14 @@ class ClientConnection(Downstream):
             self._pause(UPSTREAM_FULL)
         else:
             self._resume(UPSTREAM_FULL)
+
+    def slow_client(self) -> None:
+        """exchange.Downstream: a slow client's transport holds 16 KiB before it says full
+        (uvloop's default is 64 KiB): what it cannot take yet waits in the spool's file, not in
+        this process's memory. Once per connection; a fast one never gets here."""
+        if not self.slow and self.transport is not None:
+            self.slow = True
+            self.transport.set_write_buffer_limits(high=SLOW_CLIENT_HIGH)
 
     def request_attached(self) -> None:
         """The active request now streams to an upstream: held body bytes are on their way."""

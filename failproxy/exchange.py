@@ -107,6 +107,11 @@ class Downstream:
     def request_attached(self) -> None:
         raise NotImplementedError
 
+    def slow_client(self) -> None:
+        """The client fell behind its answer: keep its transport's buffer small (the spool
+        holds the rest, in a file)."""
+        raise NotImplementedError
+
 
 class Exchange(ResponseSink, ExchangeView, Holdable):
     """The life of one request from the moment it is first in line until it is answered."""
@@ -637,6 +642,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
                 ctx.response_buffer_bytes, ctx.max_temp_file_bytes, ctx.temp_dir, ctx.metrics
             )
             self.spool = spool
+            self.client.slow_client()
         elif not isinstance(spool, AnswerSpool):
             raise AssertionError("an upstream answer while a file is served")
         try:

@@ -27,6 +27,10 @@ from typing import Final, Protocol
 # One piece read back from a temp file: what one socket write takes well, and what one
 # pread costs little (under glibc's mmap threshold).
 PIECE: Final = 65536
+# What a slow client is handed from a temp file at a time: its transport buffer holds at most
+# this beyond its high-water mark (exchange: SLOW_CLIENT_HIGH), so 1,000 idle readers cost
+# about 32 KiB each, not 128.
+CLIENT_PIECE: Final = 16384
 
 
 class TempBytes(Protocol):
@@ -294,10 +298,15 @@ class AnswerSpool(Source):
             self.front += pieces
             self.front_size += size
             return
+        # Memory is full: what it holds goes to the file first, so a client that stopped
+        # reading holds no body bytes in memory while its answer sits in the file.
+        moved = self.front if not spill else []
         before = file.size if file is not None else 0
         try:
             if file is None:
                 file = self.file = TempFile(self.temp_dir, self.counter)
+            for piece in moved:
+                file.write(piece)
             for piece in pieces:
                 file.write(piece)
         except OSError:
@@ -316,6 +325,10 @@ class AnswerSpool(Source):
             self.tail += pieces
             self.tail_size += size
             raise
+        if moved:
+            self.spilled += self.front_size
+            self.front = []
+            self.front_size = 0
         self.spilled += size
 
     def take(self) -> bytes:
@@ -326,7 +339,7 @@ class AnswerSpool(Source):
             return data
         file = self.file
         if file is not None and file.size > self.file_read:
-            data = file.read(self.file_read)
+            data = file.read(self.file_read, CLIENT_PIECE)
             self.file_read += len(data)
             if self.file_read >= file.size and not self.failed:
                 file.truncate()  # drained: reuse it from the start

@@ -31,6 +31,7 @@ class FakeTransport:
         self.aborted = False
         self.reading = True
         self.peer = peer
+        self.high_water: int | None = None
 
     def write(self, data: bytes) -> None:
         assert not self.closing, "write after close"
@@ -66,6 +67,9 @@ class FakeTransport:
 
     def is_closing(self) -> bool:
         return self.closing
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high_water = high
 
     def can_write_eof(self) -> bool:
         return False  # close() then closes at once (no lingering read on a fake)

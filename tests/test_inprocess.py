@@ -183,6 +183,8 @@ def test_a_slow_clients_answer_is_spooled_and_the_upstream_released(tmp_path: Pa
         active = client.active
         assert active is not None and active.phase == exchange.SENDING
         assert peer.idle == [pooled] and peer.inflight == 0, "released when read whole"
+        assert out.high_water == 16384, "a slow client's transport buffer is kept small"
+        assert active.spool is not None and active.spool.front_size == 0, "all in the file"
         assert h.events("request") == [], "not answered yet"
         client.resume_writing()
         data = out.data()
