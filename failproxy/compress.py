@@ -208,6 +208,10 @@ class GzipSource(Source):
     def pending(self) -> int:
         return 0 if self.done else self.inner.pending + 1  # + the gzip trailer still to come
 
+    @property
+    def unsent(self) -> int:
+        return 0  # its bytes are counted as they are handed out (produced)
+
     def full(self) -> bool:
         return False
 

@@ -110,6 +110,7 @@ class ClientConnection(Downstream):
         "transport",
         "tunnel",
         "upgrade_rest",
+        "write_mark",
         "write_paused",
     )
 
@@ -128,6 +129,7 @@ class ClientConnection(Downstream):
         self.pending: Request | None = None  # first in line, no exchange yet (module docstring)
         self.streamed = False  # this read added streamed body bytes, sent once it parsed whole
         self.slow = False  # its answers fell behind once: smaller transport buffer (slow_client)
+        self.write_mark = 0  # bytes its transport held when the send deadline was set
         self.served = 0
         self.paused = 0
         self.write_paused = False
@@ -215,10 +217,10 @@ class ClientConnection(Downstream):
     def pause_writing(self) -> None:
         self.write_paused = True
         if self.timer_kind == NONE:
-            # A client that stops taking its answer may not hold it (and a temp file) forever:
-            # the deadline restarts whenever it takes some (resume_writing).
+            # A client that stops taking its answer may not hold it (and a temp file) forever.
+            # As nginx's send_timeout, it is the time without progress: see _on_timeout.
             self.timer_kind = WRITE
-            self.timer.set(monotonic() + self.ctx.client_send_timeout)
+            self._arm_write_timer()
         if self.tunnel is not None:
             self.tunnel.pause_reading()
         elif self.active is not None:
@@ -644,7 +646,18 @@ class ClientConnection(Downstream):
         elif kind == BODY:
             self._reject(BadRequest(408, "request body stalled"))
         elif kind == WRITE:
-            self.abort()  # as nginx: the answer cannot be finished; the exchange ends as 'gone'
+            transport = self.transport
+            if transport is not None and transport.get_write_buffer_size() < self.write_mark:
+                # It took some since the deadline was set (under TCP memory pressure a buffer
+                # can stay above its low mark for long while bytes keep flowing): wait on.
+                self._arm_write_timer()
+            else:
+                self.abort()  # as nginx: the answer cannot be finished; it ends as 'gone'
+
+    def _arm_write_timer(self) -> None:
+        transport = self.transport
+        self.write_mark = transport.get_write_buffer_size() if transport is not None else 0
+        self.timer.set(monotonic() + self.ctx.client_send_timeout)
 
     # -- flow control and output ------------------------------------------------------------
 

@@ -927,6 +927,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         spool = self.spool
         if spool is not None:
             self.spilled += spool.spilled
+            self.bytes_sent += spool.produced - spool.unsent  # what the client never got
             self.spool = None
             spool.close()  # a client that left: its temp file goes now
         self.ctx.events.request(self, now)

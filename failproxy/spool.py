@@ -193,6 +193,11 @@ class Source:
     def pending(self) -> int:
         raise NotImplementedError
 
+    @property
+    def unsent(self) -> int:
+        """Bytes the exchange already counted as sent (bytes_sent) that the client never got."""
+        return self.pending
+
     def full(self) -> bool:
         raise NotImplementedError
 

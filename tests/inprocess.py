@@ -32,6 +32,7 @@ class FakeTransport:
         self.reading = True
         self.peer = peer
         self.high_water: int | None = None
+        self.buffered = 0
 
     def write(self, data: bytes) -> None:
         assert not self.closing, "write after close"
@@ -70,6 +71,9 @@ class FakeTransport:
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self.high_water = high
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered  # what a test says the kernel has not taken yet
 
     def can_write_eof(self) -> bool:
         return False  # close() then closes at once (no lingering read on a fake)

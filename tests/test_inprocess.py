@@ -242,3 +242,40 @@ def test_a_bad_chunk_after_the_answer_was_read_cuts_the_client(tmp_path: Path) -
         assert active.phase == exchange.DONE
 
     run(main)
+
+
+def test_send_timeout_counts_time_without_progress(tmp_path: Path) -> None:
+    """server.send_timeout, as nginx's: a client whose transport buffer stays full but shrinks
+    (it takes bytes, slowly) is kept; one that takes nothing for send_timeout is cut, and its
+    spooled answer's temp file goes with it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        h = Harness(f'[server]\nsend_timeout = 0.5\ntemp_dir = "{tmp_path}"\n'
+                    '[[upstream.server]]\naddress = "unix:/nonexistent/up.sock"\n',
+                    tmp_path / "log", loop)
+        pooled, _ = h.pooled(h.ctx.peers[0])
+        client, out = h.client()
+        client.data_received(request("/big"))
+        body = b"x" * 200_000
+        pooled.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        out.buffered = 100_000
+        client.pause_writing()
+        pooled.data_received(body)
+        active = client.active
+        assert active is not None and active.phase == exchange.SENDING
+        for _ in range(15):  # slow but steady, for three times send_timeout
+            await asyncio.sleep(0.1)
+            out.buffered -= 1000
+            assert not out.aborted, "cut while the client was taking bytes"
+        for _ in range(200):  # now it takes nothing: cut within send_timeout (and a turn)
+            if out.aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert out.aborted
+        client.connection_lost(None)
+        (event,) = h.events("request")
+        assert event["path"] == "/big" and event["bytes_sent"] < len(body)
+        assert active.spool is None and active.phase == exchange.DONE
+
+    run(main)
