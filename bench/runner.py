@@ -1,12 +1,15 @@
 """`python -m bench MODE`: run the scenarios, write raw JSON, regenerate bench/RESULTS.md.
 
 Modes:
-    quick       every scenario, short loads (1 round; under 5 minutes on 2 cores)
+    quick       every scenario, short loads (1 round; under 5 minutes on 2 cores, plus about 3
+                for slowclients)
     full        every scenario, 3 interleaved rounds of 10 s loads, 10 000 idle connections;
-                seed: issue 7's protocol, 6 mixes x 5 paired rounds x 60 s (about 2 hours)
-    smoke       a few seconds: direct and failproxy throughput only (used by the test suite);
+                seed: issue 7's protocol, 6 mixes x 5 paired rounds x 60 s (about 2 hours);
+                slowclients: N = 0, 50, 500 x 60 s, a 1 GiB upload (about 11 minutes)
+    smoke       about 20 s: direct and failproxy throughput, and slowclients in miniature
+                (N = 5, 1.5 s, 10 idle readers, an 8 MiB upload); used by the test suite;
                 writes JSON only, never RESULTS.md
-    throughput | failover | memory | seed
+    throughput | failover | memory | seed | micro | slowclients
                 one scenario (quick sizes; add --full for full sizes)
 
 Raw results go to bench/out/<timestamp>-<mode>.json (git-ignored). The latest result of each
@@ -29,12 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import failover, memory, microrun, report, seed, throughput
+from bench import failover, memory, microrun, report, seed, slowclients, throughput
 from bench.procs import Processes
 from bench.system import ensure_packages, log, machine_facts, raise_nofile
 
 BENCH_DIR = Path(__file__).resolve().parent
-SCENARIOS = ("throughput", "failover", "memory", "seed", "micro")
+SCENARIOS = ("throughput", "failover", "memory", "seed", "micro", "slowclients")
 
 
 def settings(size: str) -> dict[str, Any]:
@@ -42,7 +45,11 @@ def settings(size: str) -> dict[str, Any]:
     if size == "smoke":
         return {"throughput": throughput.Params(rounds=1, duration=1.0, connections=10,
                                                 warmup=0.2, log_sets=(True,),
-                                                kinds=("failproxy1",))}
+                                                kinds=("failproxy1",)),
+                # N = 5 only (no baseline run), 10 idle readers, an 8 MiB upload
+                "slowclients": slowclients.Params(ns=(5,), duration=1.5, rate=50.0,
+                                                  settle=0.5, mem_readers=10, mem_hold=0.5,
+                                                  mem_waves=1, upload_mib=8)}
     if size == "quick":
         return {
             "throughput": throughput.Params(rounds=1, duration=3.0),
@@ -51,6 +58,8 @@ def settings(size: str) -> dict[str, Any]:
             "seed": seed.Params(rounds=1, duration=10.0, throughput_duration=3.0,
                                 mixes=seed.QUICK_MIXES),
             "micro": microrun.Params(rounds=1, requests=30_000, baseline=seed.BASELINE_DEFAULT),
+            # issue 18, quick: N = 0 and 50, 20 s each; a 256 MiB upload (full: 1 GiB)
+            "slowclients": slowclients.Params(ns=(0, 50), duration=20.0, upload_mib=256),
         }
     return {
         "throughput": throughput.Params(rounds=3, duration=10.0, warmup=1.0),
@@ -59,6 +68,7 @@ def settings(size: str) -> dict[str, Any]:
         # issue 7's protocol: >= 5 paired rounds of >= 60 s per mix (about 2 hours)
         "seed": seed.Params(rounds=5, duration=60.0, throughput_duration=10.0),
         "micro": microrun.Params(rounds=5, requests=100_000, baseline=seed.BASELINE_DEFAULT),
+        "slowclients": slowclients.Params(ns=(0, 50, 500), duration=60.0, upload_mib=1024),
     }
 
 
@@ -68,6 +78,7 @@ RUNNERS: dict[str, Callable[[Any, Processes], dict[str, Any]]] = {
     "memory": memory.run,
     "seed": seed.run,
     "micro": microrun.run,
+    "slowclients": slowclients.run,
 }
 
 
@@ -90,25 +101,34 @@ def main(argv: list[str] | None = None) -> int:
                        + ",".join(seed.DEFAULT_FRONTS) + "; all: " + ", ".join(seed.FRONTS)
                        + ")")
     group.add_argument("--rounds", type=int, help="seed: paired rounds (full: 5, quick: 1); "
-                       "throughput: interleaved rounds (full: 3, quick: 1)")
+                       "throughput: interleaved rounds (full: 3, quick: 1); slowclients: "
+                       "rounds (1)")
     group.add_argument("--duration", type=float, help="seconds of arrivals per run "
-                       "(full: 60, quick: 10)")
+                       "(seed full: 60, quick: 10; slowclients full: 60, quick: 20)")
     group.add_argument("--throughput-duration", type=float, help="seconds per wrk run of the "
                        "no-overload check (full: 10, quick: 3; 0 = skip it)")
     group.add_argument("--baseline", help="failproxy-old's source: a tree holding failproxy/, "
                        f"or a git revision of this repository (default {seed.BASELINE_DEFAULT}); "
                        "given, the throughput scenario measures it too (failproxy1-base)")
+    group = parser.add_argument_group("slowclients scenario")
+    group.add_argument("--ns", help="comma-separated numbers of slow uploaders (and as many "
+                       "slow readers) per run, 0 = the baseline (quick: 0,50; full: 0,50,500)")
+    group.add_argument("--mem-readers", type=int, help="idle readers of 8 MiB in the memory "
+                       "part (1000; 0 skips it)")
+    group.add_argument("--upload-mib", type=int, help="size of the large upload in MiB "
+                       "(quick: 256, full: 1024; 0 skips it)")
     args = parser.parse_args(argv)
 
     raw_argv = sys.argv[1:] if argv is None else argv
     command = "python -m bench " + " ".join(shlex.quote(a) for a in raw_argv)
     if args.mode in ("quick", "full", "smoke"):
-        size, names = args.mode, (("throughput",) if args.mode == "smoke" else SCENARIOS)
+        size, names = args.mode, (("throughput", "slowclients") if args.mode == "smoke"
+                                  else SCENARIOS)
     else:
         size, names = ("full" if args.full else "quick"), (args.mode,)
     write_report = not args.no_report and args.mode != "smoke"
 
-    ensure_packages(["nginx", "wrk"] if args.mode == "smoke" else None)
+    ensure_packages(["nginx", "wrk", "unicorn"] if args.mode == "smoke" else None)
     nofile = raise_nofile(65536)
     started = time.monotonic()
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -131,6 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         params["throughput"] = dataclasses.replace(params["throughput"], baseline=args.baseline)
     if args.rounds is not None and "throughput" in params:  # a noisy box: more rounds, one median
         params["throughput"] = dataclasses.replace(params["throughput"], rounds=args.rounds)
+    if "slowclients" in params:
+        changes: dict[str, Any] = {}
+        if args.ns:
+            try:
+                changes["ns"] = tuple(int(x) for x in args.ns.split(",") if x.strip())
+            except ValueError:
+                parser.error(f"--ns {args.ns}: comma-separated whole numbers please")
+        for key, value in (("rounds", args.rounds), ("duration", args.duration),
+                           ("mem_readers", args.mem_readers), ("upload_mib", args.upload_mib)):
+            if value is not None:
+                changes[key] = value
+        params["slowclients"] = dataclasses.replace(params["slowclients"], **changes)
     if args.baseline is not None and "micro" in params:
         params["micro"] = dataclasses.replace(params["micro"], baseline=args.baseline)
     failures = 0
@@ -167,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         if seed_result and not report.failed(seed_result):
             if report.plot_seed(seed_result, BENCH_DIR / report.PLOT_NAME):
                 log(f"plotted {BENCH_DIR / report.PLOT_NAME}")
+            else:
+                log("!! matplotlib is not installed: no plot")
+        slow_result = doc["scenarios"].get("slowclients")
+        if slow_result and not report.failed(slow_result):
+            if report.plot_slowclients(slow_result, BENCH_DIR / report.SLOW_PLOT_NAME):
+                log(f"plotted {BENCH_DIR / report.SLOW_PLOT_NAME}")
             else:
                 log("!! matplotlib is not installed: no plot")
         merged = report.merge(BENCH_DIR / "results.json", doc)
