@@ -382,10 +382,11 @@ class ClientConnection(Downstream):
         if pending is not None:
             self.pending = None
             self._drop(pending)
-        for item in self.queue:
-            if isinstance(item, Request):
-                self._drop(item)
-        self.queue = []
+        if self.queue:
+            for item in self.queue:
+                if isinstance(item, Request):
+                    self._drop(item)
+            self.queue = []
         req = self.req
         if req is not None:
             self.req = None
@@ -523,6 +524,8 @@ class ClientConnection(Downstream):
             req.request_id = ctx.new_request_id()
         if req.has_body and ctx.request_buffering:
             req.body = RequestBody(ctx.request_buffer_bytes, ctx.temp_dir, ctx.metrics)
+            if req.chunked:
+                return  # its head, with Content-Length, is built once the body is whole
         req.head = self._build_head(req, framing, upgrade)
 
     def _build_head(self, req: Request, framing: bytes, upgrade: bytes) -> bytes:
