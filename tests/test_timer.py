@@ -35,7 +35,9 @@ def test_a_deadline_moved_later_fires_once_at_the_later_time(loop) -> None:
     _run(loop, 0.1)
     assert fired == [], "fired at the first deadline after it moved"
     _run(loop, 0.15)
-    assert len(fired) == 1 and fired[0] - start >= 0.15
+    # uvloop's clock counts whole milliseconds: 8739.973 - 8739.823 is 0.1499999... as floats,
+    # so the check is made in the clock's own unit (fired no earlier than the later deadline).
+    assert len(fired) == 1 and round((fired[0] - start) * 1000) >= 150
 
 
 def test_a_timer_given_back_serves_the_next_connection_and_never_fires_for_the_old(loop) -> None:
