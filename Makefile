@@ -15,7 +15,7 @@ HAVE_CC := $(shell command -v cc >/dev/null 2>&1 && echo yes)
 # The tests that also run on the pure-Python build (what users without a compiler get).
 PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py tests/test_layers.py \
 	tests/test_room.py tests/test_rawtransport.py tests/test_timer.py tests/test_turnend.py \
-	tests/test_accesslog.py tests/test_buffering.py
+	tests/test_accesslog.py tests/test_buffering.py tests/test_capacity.py tests/test_learning.py
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.
 DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl \

@@ -125,7 +125,9 @@ async def _run(fronts: Sequence[Front], schedule: Sequence[Arrival], slow_ms: in
     # time.perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds
     result = LoadResult(planned=len(schedule), digest=digest(schedule))
     tasks: set[asyncio.Task[None]] = set()
-    slow_path = f"/slow?ms={slow_ms}"
+    # Route-shaped, as a real app's: slow actions on their own paths (`GET /reports/:id`),
+    # fast ones on others (`GET /items/:id`), an identifier per request.
+    slow_query = f"?ms={slow_ms}"
     t0 = time.perf_counter() + 0.05
     for a in schedule:
         due = t0 + a.at
@@ -135,8 +137,8 @@ async def _run(fronts: Sequence[Front], schedule: Sequence[Arrival], slow_ms: in
         if len(tasks) >= max_in_flight:
             result.skipped += 1
             continue
-        task = asyncio.create_task(_one(fronts[a.front], a, slow_path if a.slow else "/fast",
-                                        due, timeout, result))
+        path = f"/reports/{a.index}{slow_query}" if a.slow else f"/items/{a.index}"
+        task = asyncio.create_task(_one(fronts[a.front], a, path, due, timeout, result))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         result.sent += 1

@@ -117,6 +117,10 @@ MIXES = {m.name: m for m in (
     Mix("capacity", "capacity", 150, 100, (0.44, 0.44, 0.44),
         "every box offered 110 % of its workers: the cluster is 10 % short, no failover can "
         "help; it must not make fast requests slower or send the cluster's traffic cross-host"),
+    Mix("capacity1s", "capacity", 75, 1000, (0.1, 0.1, 0.1),
+        "at capacity, route-shaped (issue 20): every front gets skew1s-10's busy-front mix at "
+        "25 req/s, 125 % of its workers; fast requests must keep their latency while slow "
+        "ones wait"),
     Mix("nooverload", "nooverload", 300, 100, (0.0, 0.0, 0.0),
         "fast requests only (~3 % of the workers' time): nothing should leave its box"),
     Mix("light", "light", 150, 100, (0.2, 0.2, 0.2),
@@ -125,7 +129,8 @@ MIXES = {m.name: m for m in (
     Mix("smoke", "smoke", 150, 100, (0.6, 0.0, 0.0),
         "(tests) skew100 in miniature, for the smoke test"),
 )}
-DEFAULT_MIXES = ("skew100", "skew1s-10", "skew1s-30", "skew2of3", "capacity", "nooverload")
+DEFAULT_MIXES = ("skew100", "skew1s-10", "skew1s-30", "skew2of3", "capacity", "capacity1s",
+                 "nooverload")
 QUICK_MIXES = ("skew100", "skew1s-10")
 
 

@@ -33,6 +33,7 @@ COMPILED = (
     "queue_depth",
     "loadshare",
     "peer",
+    "capacity",
     "balance",
     "connect",
     "rawtransport",

@@ -1,13 +1,17 @@
-"""Where a request goes: the overflow policy `room` (the default, SPEC 4.3).
+"""Where a request goes: the overflow policy `room` (the default, SPEC 4.3 and 4.4).
 
 The local app server is a pull-model preforking server: each of its W workers takes one
 connection at a time, so a connection queued in its UNIX listener means every worker is busy.
 A request goes to the local UNIX socket while the box has an idle worker as far as failproxy can
-tell; otherwise to a peer with a known free worker, least loaded first; otherwise it is *held*
-in failproxy (FIFO, bounded by `hold_timeout`) until one of those frees up, and past the bound it
-queues at home, on the box's own TCP port, never cross-host (at capacity, moving queues between
-boxes only adds hops). Chosen by simulation of the seed cluster against nginx's seed config,
-today's ring and late binding (see bench/RESULTS.md and the README's "How failover decides").
+tell; otherwise to a peer with room (fewer of ours awaiting it than its learned concurrency,
+capacity.py), least loaded first; otherwise it is *held* in failproxy until one of those frees
+up. Requests of slow routes (routes.py) are held apart from fast ones and go only after every
+held fast one: a fast request never waits behind a slow one in failproxy, and a slow one never
+queues in an app server's accept queue (FIFO and blind), so the next free worker goes to a
+fast request. A fast request is held at most `hold_timeout`, then goes where its expected wait
+is least (never stranded by a peer's underestimated capacity); a slow one waits its turn, or
+with `routes.shed_after` is answered 503. Chosen by simulation of the seed cluster against
+nginx's seed config (bench/sim: policy M; bench/RESULTS.md, the README's "How failover decides").
 
 What failproxy knows, cheaply and only locally:
 - its requests awaiting an answer per destination (connected, no response head yet), summed
@@ -34,10 +38,12 @@ import asyncio
 import math
 import time
 from collections import deque
-from typing import Final
+from random import randrange
+from typing import Final, Protocol
 
 from mypy_extensions import trait
 
+from failproxy.capacity import Capacity
 from failproxy.peer import Peer
 from failproxy.queue_depth import QueueProbe
 
@@ -52,9 +58,16 @@ PROBE_POLL: Final = 0.001  # ... this often (an idle worker may wake late on a l
 PROBE_RETRY: Final = 0.1  # nothing learned (the others ended first): the next probe after this
 BACKOFF_MAX: Final = 64.0
 RECENT_DECAY: Final = 1.0  # seconds: "sent lately", the load measure that breaks in-flight ties
-RETRY_TICK: Final = 0.005  # several workers: another's completion may free a slot; look this often
+RETRY_TICK: Final = 0.005  # while anything is held: work we do not see may end; look this often
 SLOW_MEMORY: Final = 10.0  # seconds a slow local answer keeps the box from queueing at home
 FAST_EVIDENCE: Final = 32  # fast local answers in a row before the box is trusted to be fast
+
+
+def _sample2(n: int) -> tuple[int, int]:
+    """Two distinct indexes below `n` (n >= 2), drawn at random."""
+    a = randrange(n)
+    b = randrange(n - 1)
+    return a, (b + 1 if b >= a else b)
 
 
 @trait
@@ -66,6 +79,23 @@ class Holdable:
     def resume(self, peer: Peer, reason: str, now: float) -> None:
         """Go to `peer` now; `reason` names why it is not the local socket ("" if it is)."""
         raise NotImplementedError
+
+    def shed(self, now: float) -> None:
+        """A slow-route request held past `routes.shed_after`: answer 503 with Retry-After."""
+        raise NotImplementedError
+
+
+class HeldGauge(Protocol):
+    """Told how many requests are held (metrics.WorkerMetrics implements it)."""
+
+    def held_requests(self, delta: int) -> None: ...
+
+
+class _NoGauge:
+    __slots__ = ()
+
+    def held_requests(self, delta: int) -> None:
+        pass
 
 
 class Room:
@@ -80,13 +110,15 @@ class Room:
         hold_timeout: float,
         shared: bool,
         slow_after: float = 0.05,
+        shed_after: float = 0.0,
+        gauge: HeldGauge | None = None,
     ) -> None:
         self._loop = loop
         self.local = local  # the UNIX socket
         self.own = own  # this box's own TCP port (`upstream.self`), if known
         self.peers = peers  # the other backups, in ring order
         self.hold_timeout = hold_timeout
-        self._shared = shared  # several worker processes: look at held requests on a tick
+        del shared  # (ticks run whenever anything is held, one worker or several)
         self._probe = QueueProbe(local.sockaddr if isinstance(local.sockaddr, str) else "")
         self.workers = 1  # W, learned
         self._probe_at = 0.0
@@ -98,7 +130,13 @@ class Room:
         self._queued = -1  # the accept queue read this loop turn (-1: not read), plus connects
         self._recent = [0.0] * len(peers)
         self._recent_at = [0.0] * len(peers)
-        self.held: deque[tuple[float, Holdable]] = deque()  # (deadline, request), FIFO
+        self.held: deque[tuple[float, Holdable]] = deque()  # fast routes: (deadline, request)
+        self.held_slow: deque[tuple[float, Holdable]] = deque()  # slow routes, after them
+        self.shed_after = shed_after
+        self._gauge: HeldGauge = gauge if gauge is not None else _NoGauge()
+        # Learned per destination address (kept across a new peer list from DNS).
+        self.capacity: dict[str, Capacity] = {}
+        self.local_capacity = Capacity(1.0)  # its concurrency is `workers`; its service time
         self._timer: asyncio.TimerHandle | None = None
         self.slow_after = slow_after  # a local answer slower than this makes the box slow
         self._local_sent: dict[object, float] = {}  # this worker's local attempts: when sent
@@ -122,9 +160,18 @@ class Room:
         """Requests of this failproxy (every worker) awaiting `peer`'s answer."""
         return peer.waiting + peer.others()
 
-    def choose(self, now: float) -> tuple[Peer | None, str]:
+    def capacity_of(self, peer: Peer) -> Capacity:
+        """What is learned of `peer`; a new one starts at this box's worker count (a guess the
+        first answers correct, up or down)."""
+        cap = self.capacity.get(peer.address)
+        if cap is None:
+            cap = self.capacity[peer.address] = Capacity(float(self.workers))
+        return cap
+
+    def choose(self, now: float, slow: bool = False) -> tuple[Peer | None, str]:
         """A destination with a free worker as far as failproxy can tell, and why it is not the
-        local socket ("" when it is); None when there is none anywhere."""
+        local socket ("" when it is); None when there is none anywhere. `slow`: a slow-route
+        request, which never waits for a worker in an accept queue and never probes."""
         local = self.local
         n = self.busy(local)
         own = self.own
@@ -136,12 +183,20 @@ class Room:
         if n == workers - 1:
             # On a fast box a queued connection is most likely a worker lagging on its way back
             # to accept(): no need to read the queue (12-28 us) to send the request home.
-            if self._fast_box(now) or self._queue(now) == 0:
+            if (not slow and self._fast_box(now)) or self._queue(now) == 0:
                 return self._local()
             reason = "queued"  # someone else's request holds a worker: maybe a slow one
         else:
             reason = "workers_busy"
-            if now >= self._probe_at and not self._probing and self._queue(now) == 0:
+            if slow:
+                return self._best_peer(now, (), True), reason
+            if (
+                now >= self._probe_at
+                and not self._probing
+                and self._fast_run > 0
+                and not self._long_in_service(now)
+                and self._queue(now) == 0
+            ):
                 self._probing = True  # more workers than W? one request finds out
                 self._probe_until = now + PROBE_VERIFY
                 self._probe_spin_until = now + PROBE_SPIN
@@ -150,7 +205,7 @@ class Room:
                 return self._local()
             if self._fast_box(now):
                 return self._local()  # every worker busy with our fast requests: wait for one
-        return self._best_peer(now, ()), reason
+        return self._best_peer(now, (), slow), reason
 
     # -- fast or slow: is queueing at home cheap? ---------------------------------------------
 
@@ -171,6 +226,15 @@ class Room:
                 return False
             break
         return True
+
+    def _long_in_service(self, now: float) -> bool:
+        """One of ours has been in service at home longer than slow_after: a probe there would
+        most likely wait behind it (a box busy for seconds has no worker to find). A probe also
+        needs the last local answer to have been fast (`_fast_run`): a probe that finds no
+        worker waits for one, and on a box whose answers take seconds that wait is the cost."""
+        for sent in self._local_sent.values():  # the oldest first (insertion order)
+            return now - sent > self.slow_after
+        return False
 
     def _slowed(self, now: float) -> None:
         self._slow_at = now
@@ -201,22 +265,96 @@ class Room:
             self._queued += 1  # this turn's reading, less stale: our connect queues or is taken
         return self.local, ""
 
-    def _best_peer(self, now: float, tried: list[str] | tuple[str, ...]) -> Peer | None:
-        """Fewest awaiting answers, then fewest sent lately, then ring order; at most W busy."""
-        workers = self.workers
+    def _best_peer(self, now: float, tried: list[str] | tuple[str, ...],
+                   slow: bool = False) -> Peer | None:
+        """A peer with room: fewer of ours awaiting it than its learned concurrency (for this
+        route class); the least loaded for its size first, then the one sent to least lately,
+        then ring order."""
         best: Peer | None = None
-        best_busy = 0
+        best_load = 0.0
         best_recent = 0.0
+        peers = self.peers
+        if len(peers) > 2:
+            return self._two_choices(now, tried, slow)
+        for i, peer in enumerate(peers):
+            if peer.address in tried or peer.is_down(now):
+                continue
+            busy = self.busy(peer)
+            limit = self.capacity_of(peer).limit(slow, now)
+            if busy >= limit:
+                continue
+            load = busy / limit
+            recent = self._recent_now(i, now)
+            if best is None or load < best_load or (load == best_load and recent < best_recent):
+                best, best_load, best_recent = peer, load, recent
+        return best
+
+    def _two_choices(self, now: float, tried: list[str] | tuple[str, ...],
+                     slow: bool) -> Peer | None:
+        """Among three or more peers with room, the less loaded of two drawn at random (power
+        of two choices): what this failproxy knows of a peer is only its own share of the
+        peer's load, and failproxies that all took the least loaded by that measure would herd
+        onto the same peer. The earlier in ring order wins a tie."""
+        room: list[tuple[float, int, Peer]] = []
         for i, peer in enumerate(self.peers):
             if peer.address in tried or peer.is_down(now):
                 continue
             busy = self.busy(peer)
-            if busy >= workers:
+            limit = self.capacity_of(peer).limit(slow, now)
+            if busy < limit:
+                room.append((busy / limit, i, peer))
+        if len(room) <= 1:
+            return room[0][2] if room else None
+        a, b = _sample2(len(room))
+        first, second = room[a], room[b]
+        return first[2] if (first[0], first[1]) <= (second[0], second[1]) else second[2]
+
+    def least_wait(self, now: float) -> Peer:
+        """Where a request that found no room anywhere waits least, as learned: home or a peer,
+        by (ours beyond its concurrency + 1) x service time / concurrency; home on ties."""
+        home = self._home()
+        cap = self.local_capacity
+        cap.concurrency = float(self.workers)
+        n = self.busy(self.local)
+        own = self.own
+        if own is not None:
+            n += self.busy(own)
+        best = home
+        best_wait = cap.expected_wait(n)
+        for peer in self.peers:
+            if peer.is_down(now):
                 continue
-            recent = self._recent_now(i, now)
-            if best is None or busy < best_busy or (busy == best_busy and recent < best_recent):
-                best, best_busy, best_recent = peer, busy, recent
+            wait = self.capacity_of(peer).expected_wait(self.busy(peer))
+            if wait < best_wait:
+                best, best_wait = peer, wait
         return best
+
+    def answered(self, peer: Peer, in_flight: int, ms: float, route_ms: float, slow: bool,
+                 now: float) -> None:
+        """An answer from `peer` took `ms`; `in_flight`: ours awaiting it when it was sent."""
+        if peer is self.local or peer is self.own:
+            cap = self.local_capacity
+            if cap.service_ms:
+                cap.service_ms += (ms - cap.service_ms) * 0.1
+            else:
+                cap.service_ms = ms
+            return
+        self.capacity_of(peer).answered(in_flight, ms, route_ms, slow, now)
+
+    def learned(self) -> dict[str, dict[str, float | int]]:
+        """Per destination address: its learned concurrency and service time (/status)."""
+        out: dict[str, dict[str, float | int]] = {}
+        local = {"concurrency": self.workers,
+                 "service_ms": round(self.local_capacity.service_ms, 3)}
+        out[self.local.address] = local
+        if self.own is not None:
+            out[self.own.address] = local
+        for peer in self.peers:
+            cap = self.capacity.get(peer.address)
+            if cap is not None:
+                out[peer.address] = {"concurrency": int(cap.concurrency),
+                                     "service_ms": round(cap.service_ms, 3)}
+        return out
 
     def _recent_now(self, i: int, now: float) -> float:
         value = self._recent[i] * math.exp((self._recent_at[i] - now) / RECENT_DECAY)
@@ -306,65 +444,101 @@ class Room:
 
     # -- holding ----------------------------------------------------------------------------------
 
-    def route(self, request: Holdable, now: float) -> tuple[Peer | None, str]:
-        """Where a new request goes; (None, "") when it is held (resumed later)."""
+    def route(self, request: Holdable, now: float, slow: bool = False) -> tuple[Peer | None, str]:
+        """Where a new request goes; (None, "") when it is held (resumed later). A new request
+        never overtakes a held one of its class, and a slow one never a held fast one."""
+        if slow:
+            if self.held or self.held_slow:
+                self._hold(request, now, True)
+                return None, ""
+            peer, reason = self.choose(now, True)
+            if peer is not None:
+                return peer, reason
+            self._hold(request, now, True)  # never into an accept queue: it waits here
+            return None, ""
         if self.held:
-            self._hold(request, now)  # FIFO: a new request never overtakes a held one
+            self._hold(request, now, False)
             return None, ""
         peer, reason = self.choose(now)
         if peer is not None:
             return peer, reason
         if self.hold_timeout > 0:
-            self._hold(request, now)
+            self._hold(request, now, False)
             return None, ""
-        return self._home(), reason
+        return self.least_wait(now), reason
 
     def _home(self) -> Peer:
         """Where a request with no known free worker anywhere queues: the box's own workers."""
         return self.own if self.own is not None else self.local
 
-    def _hold(self, request: Holdable, now: float) -> None:
-        self.held.append((now + self.hold_timeout, request))
+    def _hold(self, request: Holdable, now: float, slow: bool) -> None:
+        if slow:
+            deadline = now + self.shed_after if self.shed_after > 0 else math.inf
+            self.held_slow.append((deadline, request))
+        else:
+            self.held.append((now + self.hold_timeout, request))
+        self._gauge.held_requests(1)
         self._arm(now)
 
     def unhold(self, request: Holdable) -> None:
         """A held request whose client went away."""
-        for entry in self.held:
-            if entry[1] is request:
-                self.held.remove(entry)
-                return
+        for queue in (self.held, self.held_slow):
+            for entry in queue:
+                if entry[1] is request:
+                    queue.remove(entry)
+                    self._gauge.held_requests(-1)
+                    return
 
     def release(self) -> None:
-        """One of this worker's requests ended: a held one may go where a worker is free."""
+        """One of this worker's requests ended: a held one may go where a worker is free, the
+        fast ones first; a slow one only when no fast one waits."""
         held = self.held
-        if not held:
+        held_slow = self.held_slow
+        if not held and not held_slow:
             return
         now = monotonic()
+        gauge = self._gauge
         while held:
             peer, reason = self.choose(now)
             if peer is None:
                 break
+            gauge.held_requests(-1)
             held.popleft()[1].resume(peer, "held" if reason else "", now)
+        while held_slow and not held:
+            peer, reason = self.choose(now, True)
+            if peer is None:
+                break
+            gauge.held_requests(-1)
+            held_slow.popleft()[1].resume(peer, "held" if reason else "", now)
         self._arm(now)
 
     def _arm(self, now: float) -> None:
-        """One timer while anything is held: the first hold's deadline, or a short tick when
-        another worker's completion may free a slot."""
+        """One timer while anything is held: a short tick, since work we do not see (another
+        worker's, another box's on our TCP port) may end and free a worker, or the first hold's
+        deadline if that is sooner."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self.held:
+        if not self.held and not self.held_slow:
             return
-        at = self.held[0][0]
-        if self._shared:
-            at = min(at, now + RETRY_TICK)
+        at = now + RETRY_TICK
+        if self.held and self.held[0][0] < at:
+            at = self.held[0][0]
+        if self.held_slow and self.held_slow[0][0] < at:
+            at = self.held_slow[0][0]
         self._timer = self._loop.call_at(at, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
         now = monotonic()
         held = self.held
+        gauge = self._gauge
         while held and held[0][0] <= now:
-            held.popleft()[1].resume(self._home(), "hold_timeout", now)
+            gauge.held_requests(-1)
+            held.popleft()[1].resume(self.least_wait(now), "hold_timeout", now)
+        held_slow = self.held_slow
+        while held_slow and held_slow[0][0] <= now:
+            gauge.held_requests(-1)
+            held_slow.popleft()[1].shed(now)
         self.release()
         self._arm(now)

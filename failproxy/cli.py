@@ -73,13 +73,28 @@ def _overflow_line(cfg: config.Config) -> str:
             or (len(up.servers) == 1 and not up.peers)):
         return ("overflow: ring (the room policy needs one unix: primary and backups): the order "
                 "above, on connect errors")
-    hold = (f"held up to upstream.hold_timeout = {up.hold_timeout:g} s, then home"
-            if up.hold_timeout > 0 else "home at once (upstream.hold_timeout = 0)")
+    hold = (f"held up to upstream.hold_timeout = {up.hold_timeout:g} s, then where its "
+            "expected wait is least" if up.hold_timeout > 0
+            else "where its expected wait is least (upstream.hold_timeout = 0)")
     fast = (f"; a box whose answers all came within upstream.slow_after = {up.slow_after:g} s "
             "waits for its own workers" if up.slow_after > 0 else "")
     return ("overflow: room (upstream.overflow): the UNIX socket while the box has an idle worker "
-            "(learned), else the least-loaded backup with one, else " + hold + fast
-            + '; overflow = "ring" for the order alone')
+            "(learned), else the least-loaded backup with room (its concurrency learned), else "
+            + hold + fast + '; overflow = "ring" for the order alone')
+
+
+def _routes_line(cfg: config.Config) -> str:
+    """Which routes the room policy treats as slow ([routes])."""
+    rc = cfg.routes
+    learned = (f"learned slower than routes.slow_ms = {rc.slow_ms:g} ms" if rc.learn
+               else "not learned (routes.learn = false)")
+    slow = ", ".join(rc.slow) or "none"
+    fast = ", ".join(rc.fast) or "none"
+    shed = (f"answered 503 after routes.shed_after = {rc.shed_after:g} s held" if rc.shed_after
+            else "never shed (routes.shed_after = 0)")
+    return (f"routes: slow when {learned} or under routes.slow = {slow}; always fast under "
+            f"routes.fast = {fast}; a slow-route request waits in failproxy after fast ones, "
+            f"{shed}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in _check_lines(cfg):
             print(line)
         print(_overflow_line(cfg))
+        print(_routes_line(cfg))
         return 0
     from failproxy import master  # forks workers and pulls in the event loop: only for serve
 

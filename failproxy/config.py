@@ -185,6 +185,18 @@ class CompressConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutesConfig:
+    """SPEC 4.4: which routes are slow, learned from their app time or listed."""
+
+    learn: bool = True  # false: every route is fast unless a prefix says otherwise
+    slow_ms: float = 200.0  # a route learned slower than this is slow
+    slow: tuple[str, ...] = ()  # path prefixes always slow
+    fast: tuple[str, ...] = ()  # path prefixes always fast
+    max_routes: int = 10000  # route keys remembered per worker
+    shed_after: float = 0.0  # > 0: a slow-route request held this long at capacity gets 503
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Address | None = None
 
@@ -198,6 +210,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     static: StaticConfig = field(default_factory=StaticConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    routes: RoutesConfig = field(default_factory=RoutesConfig)
     path: str = ""  # the file it was loaded from
 
 
@@ -463,6 +476,18 @@ def _array(item: Check, what: str) -> Check:
         return _BAD if any(v is _BAD for v in items) else tuple(items)
 
     return check
+
+
+def _path_prefix(value: Any, at: _At) -> Any:
+    if isinstance(value, str) and value.startswith("/") and value.isprintable() and value.isascii():
+        return value
+    return at.error(f"must be a path prefix starting with /, got {_show(value)}")
+
+
+def _milliseconds(value: Any, at: _At) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9:
+        return float(value)
+    return at.error(f"must be a number of milliseconds > 0, got {_show(value)}")
 
 
 def _retry_reason(value: Any, at: _At) -> Any:
@@ -779,6 +804,20 @@ _ROOT = _Table(
                     types=_array(_media_type, "media types"),
                     min_length=_integer(0),
                     level=_level,
+                ),
+            ),
+        ),
+        "routes": (
+            "routes",
+            _Table(
+                RoutesConfig,
+                _same_keys(
+                    learn=_bool,
+                    slow_ms=_milliseconds,
+                    slow=_array(_path_prefix, "path prefixes"),
+                    fast=_array(_path_prefix, "path prefixes"),
+                    max_routes=_integer(1),
+                    shed_after=_seconds,
                 ),
             ),
         ),

@@ -12,7 +12,7 @@ import asyncio
 import os
 import socket
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from failproxy import policy
 from failproxy.balance import Room
@@ -28,6 +28,7 @@ from failproxy.headers import (
 from failproxy.loadshare import LoadView
 from failproxy.metrics import WorkerMetrics
 from failproxy.peer import Peer, build_peers
+from failproxy.routes import RouteTable
 from failproxy.static import StaticFiles
 
 
@@ -101,6 +102,9 @@ class WorkerContext:
             self.rid_header, cfg.headers.x_forwarded_for, frozenset(replaced)
         )
         self.upstream_header = cfg.headers.upstream_header
+        # -- route learning (SPEC 4.4): which requests are slow
+        rc = cfg.routes
+        self.routes = RouteTable(rc.learn, rc.slow_ms, rc.slow, rc.fast, rc.max_routes)
         # -- the walk
         self.share = share
         self.peers: list[Peer] = build_peers(up)
@@ -206,11 +210,22 @@ class WorkerContext:
         room = self.room
         if room is None:
             self.room = Room(self.loop, local, own, peers, up.hold_timeout, self.share is not None,
-                             up.slow_after)
+                             up.slow_after, self.cfg.routes.shed_after, self.metrics)
         else:
             room.configure(local, own, peers)  # a new list from DNS: keep what was learned, held
 
-    def error_page(self, status: int, *, close: bool, head: bool) -> bytes | None:
+    def learned(self) -> dict[str, Any]:
+        """What this worker has learned, as /status shows it: per upstream address its
+        `concurrency` and `service_ms` (those the overflow policy has figures for), and the
+        slowest routes."""
+        upstreams: dict[str, dict[str, Any]] = {}
+        room = self.room
+        if room is not None:
+            upstreams = room.learned()
+        return {"upstreams": upstreams, "routes": self.routes.slowest()}
+
+    def error_page(self, status: int, *, close: bool, head: bool,
+                   extra: bytes = b"") -> bytes | None:
         """The whole answer made from static.error_pages' page for `status`, or None: no page
         is configured for it, or it cannot be read (SPEC 10: then the plain-text answer)."""
         static = self.static
@@ -219,16 +234,17 @@ class WorkerContext:
         page = static.error_page(status)
         if page is None:
             return None
-        return page_response(status, page[0], page[1], close=close, head=head)
+        return page_response(status, page[0], page[1], close=close, head=head, extra=extra)
 
-    def error_response(self, status: int, text: str, *, close: bool, head: bool) -> bytes:
+    def error_response(self, status: int, text: str, *, close: bool, head: bool,
+                       extra: bytes = b"") -> bytes:
         """An answer failproxy makes itself: the error page for `status` when there is one, else
-        a short plain-text one."""
+        a short plain-text one. `extra`: whole header lines to add (e.g. Retry-After)."""
         if self.error_statuses:
-            page = self.error_page(status, close=close, head=head)
+            page = self.error_page(status, close=close, head=head, extra=extra)
             if page is not None:
                 return page
-        return simple_response(status, text, close=close, head=head)
+        return simple_response(status, text, close=close, head=head, extra=extra)
 
     def gzipper(self, status: int, head: bool, request_lines: list[bytes],
                 lines: list[bytes], has_length: bool) -> Gzipper | None:

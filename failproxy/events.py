@@ -22,7 +22,6 @@ from failproxy.jsonlog import stamp
 from failproxy.metrics import WorkerMetrics
 from failproxy.peer import Peer
 from failproxy.request import Request
-from failproxy.routes import route_key
 
 
 @trait
@@ -46,6 +45,8 @@ class ExchangeView:
     upstream_ms: float | None  # the app's own time: first byte sent to last byte read
     spilled: int  # request and answer bytes that went to temp files
     static: bool  # served from static.root
+    route: str  # SPEC 4.4's route key
+    slow: bool  # a slow route, as the overflow policy saw it
 
     def elapsed_ms(self) -> float:
         raise NotImplementedError
@@ -111,7 +112,21 @@ class Events:
                 "errno": policy.errno_name(err),
                 "attempt": ex.attempt,
                 "elapsed_ms": ex.elapsed_ms(),
+                "route": ex.route,
+                "route_class": "slow" if ex.slow else "fast",
             }
+        )
+
+    def shed(self, ex: ExchangeView) -> None:
+        """A slow-route request held past routes.shed_after: answered 503 (SPEC 4.4)."""
+        req = ex.req
+        self.log.warning(
+            "shed",
+            request_id=req.request_id or None,
+            method=req.method.decode("latin-1"),
+            path=req.url.decode("latin-1"),
+            route=ex.route,
+            held_ms=ex.held_ms,
         )
 
     def skipped(self, ex: ExchangeView, peer: Peer, now: float) -> None:
@@ -202,7 +217,7 @@ class Events:
         record["connect_ms"] = ex.connect_ms  # whole µs already (round(x, 3) costs ~2.5k)
         record["held_ms"] = ex.held_ms
         record["upstream_ms"] = ex.upstream_ms
-        record["route"] = route_key(req.method, req.url)
+        record["route"] = ex.route
         record["spilled_bytes"] = ex.spilled
         record["static"] = ex.static
         emitter.emit(record)

@@ -39,6 +39,7 @@ from failproxy.headers import BadRequest, http_date, response_head
 from failproxy.peer import Peer
 from failproxy.rawtransport import SocketTransport
 from failproxy.request import Request
+from failproxy.routes import route_key
 from failproxy.spool import AnswerSpool, FileSource, Source
 from failproxy.static import StaticFiles
 from failproxy.upstream import CHUNKED, CLOSE, LENGTH, ResponseSink, UpstreamConnection
@@ -140,9 +141,12 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         "pos",
         "reasons",
         "req",
+        "route",
         "sent_at",
+        "sent_load",
         "slot",
         "slot_answered",
+        "slow",
         "spilled",
         "spool",
         "stale_retried",
@@ -161,6 +165,9 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.req = req
         self.started = req.started  # monotonic(), when the request head began to arrive
         self.phase = NEW
+        self.route = route_key(req.method, req.url)  # SPEC 4.4: logged, and learned from
+        self.slow = False  # a slow route, as the overflow policy sees it (set in start)
+        self.sent_load = 0  # ours awaiting the answering peer when it was sent (capacity.py)
         # The server order this walk goes through, as it was when the request came: a new peer
         # list from DNS (context.apply_peers) applies to the next request, not mid-walk.
         self.order = ctx.order
@@ -213,7 +220,9 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         # The overflow policy reasons about the local socket's workers; one marked down
         # (fail_timeout > 0) is skipped by the plain walk below, as nginx would.
         if room is not None and self.order[0] is room.local and not room.local.is_down(now):
-            peer, reason = room.route(self, now)
+            slow = self.ctx.routes.is_slow(self.route, self.req.url)
+            self.slow = slow
+            peer, reason = room.route(self, now, slow)
             if peer is None:
                 self._enter(HELD)  # resumed by the policy (resume), or its client goes
                 return
@@ -273,6 +282,16 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.held_ms = int((now - self.started) * 1_000_000) / 1000
         self._go(peer, reason, now)
 
+    def shed(self, now: float) -> None:
+        """balance.Holdable: a slow-route request held past routes.shed_after at capacity gets
+        503 and a Retry-After of that many seconds (at least 1); no upstream saw it."""
+        ctx = self.ctx
+        self.held_ms = int((now - self.started) * 1_000_000) / 1000
+        ctx.events.shed(self)
+        wait = max(1, int(ctx.cfg.routes.shed_after + 0.999))
+        self._answer_locally(503, "slow route shed at capacity; retry later",
+                             b"Retry-After: %d\r\n" % wait)
+
     def _go(self, peer: Peer, reason: str, now: float) -> None:
         """The first attempt, where the overflow policy chose: when that is not the local socket
         the skip is a failover (logged before the attempt, as every failover is)."""
@@ -329,8 +348,11 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             return
         self._take_slot(peer)
         room = self.ctx.room
-        if room is not None and peer is room.local:
-            room.local_sent(self, now)
+        if room is not None:
+            if peer is room.local:
+                room.local_sent(self, now)
+            else:
+                self.sent_load = room.busy(peer)  # what its answer teaches (capacity.py)
         if peer.idle:
             req = self.req
             # A request that could not be re-sent after a stale connection fails must not get
@@ -483,10 +505,11 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.ctx.events.exhausted(self, status)
         self._answer_locally(status, "no upstream server could take the request")
 
-    def _answer_locally(self, status: int, text: str) -> None:
+    def _answer_locally(self, status: int, text: str, extra: bytes = b"") -> None:
         client = self.client
         keep = client.keep_alive_after(self.req)
-        data = self.ctx.error_response(status, text, close=not keep, head=self.head_request)
+        data = self.ctx.error_response(status, text, close=not keep, head=self.head_request,
+                                       extra=extra)
         self.status = status
         self.bytes_sent = len(data)
         client.write(data)
@@ -750,9 +773,11 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
                 self._hold_out(out)
                 if self.phase == DONE:
                     return
-        if self.sent_at:
-            self.upstream_ms = int((now - self.sent_at) * 1_000_000) / 1000
         peer = conn.peer
+        if self.sent_at:
+            ms = int((now - self.sent_at) * 1_000_000) / 1000
+            self.upstream_ms = ms
+            self._learn(peer, ms, now)
         self._end_attempt()
         if peer.down_until or peer.fails:
             self._peer_ok(peer)
@@ -771,6 +796,15 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             self._enter(SENDING)  # the upstream is free; the client takes the rest (_drain)
             return
         self._finalize(self.keep_alive, now)
+
+    def _learn(self, peer: Peer, ms: float, now: float) -> None:
+        """SPEC 4.3/4.4: an answer teaches its route's app time, and its destination's service
+        time and concurrency (read against what the route was known to take before it)."""
+        routes = self.ctx.routes
+        room = self.ctx.room
+        if room is not None:
+            room.answered(peer, self.sent_load, ms, routes.expected_ms(self.route), self.slow, now)
+        routes.answered(self.route, ms, now)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream closed or reset the connection before the response was complete."""
@@ -894,6 +928,10 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
 
     def abort_request(self, error: BadRequest) -> None:
         """The body broke a rule mid-stream: the upstream must never get a complete request."""
+        if self.phase == HELD:
+            room = self.ctx.room
+            if room is not None:
+                room.unhold(self)  # or the policy would send an answered request on later
         conn = self.conn
         self._end_attempt()
         if conn is not None:

@@ -291,7 +291,8 @@ STATUS_REASONS: Final[dict[int, bytes]] = {
 
 
 def simple_response(
-    status: int, body: str, *, close: bool, request_id: bytes = b"", head: bool = False
+    status: int, body: str, *, close: bool, request_id: bytes = b"", head: bool = False,
+    extra: bytes = b"",
 ) -> bytes:
     """A short plain-text response made by the proxy itself (errors, 502/504). `head`: it
     answers a HEAD request: the same head, no body (RFC 9110 9.3.2), or a client keeping the
@@ -305,6 +306,8 @@ def simple_response(
     ]
     if request_id:
         lines.append(request_id)
+    if extra:
+        lines.append(extra)  # whole header lines, e.g. Retry-After
     lines.append(b"Connection: close\r\n\r\n" if close else b"\r\n")
     return b"".join(lines) if head else b"".join(lines) + payload
 
@@ -333,7 +336,8 @@ def http_date() -> bytes:
 
 
 def page_response(
-    status: int, content_type: bytes, body: bytes, *, close: bool, head: bool = False
+    status: int, content_type: bytes, body: bytes, *, close: bool, head: bool = False,
+    extra: bytes = b"",
 ) -> bytes:
     """An answer failproxy makes itself from a page of static.error_pages (SPEC 10): the status
     kept, the page's type and bytes."""
@@ -342,6 +346,7 @@ def page_response(
         b"HTTP/1.1 %d %s\r\n" % (status, reason),
         b"Content-Type: %s\r\n" % content_type,
         b"Content-Length: %d\r\n" % len(body),
+        extra,
         b"Connection: close\r\n\r\n" if close else b"\r\n",
     ]
     if not head:

@@ -69,6 +69,7 @@ HANDLED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.
 # Held blocked until a handler is installed (module docstring): the one signal sent to a
 # worker by the master itself, and to the master by a pid file that may predate its handlers.
 HELD = frozenset({signal.SIGUSR1})
+MAX_ROUTES_SHOWN = 50  # /status lists at most this many routes (SPEC 7)
 
 WorkerMain = Callable[[Config, list[Any], WorkerMetrics, PeerTable, tuple[LoadShare, int]], int]
 
@@ -647,6 +648,9 @@ class Master:
         live = sorted(self.workers.values(), key=lambda w: w.started)
         choice = self.discovery.self_choice
         own = choice.address
+        # Every worker not yet reaped, as the gauges count them: a reaped one's board is gone.
+        boards = [b for b in (w.metrics.read_learned() for w in live) if b is not None]
+        learned, routes = merge_learned(boards)
         return {
             "version": failproxy.__version__,
             "pid": self.pid,
@@ -654,8 +658,9 @@ class Master:
             "retiring": [w.pid for w in live if w.retiring],
             "generation": self.generation,
             "uptime": round(time.time() - self.started_at, 3),
-            "upstreams": [_upstream_status(s, dns, s.address == own, totals)
+            "upstreams": [_upstream_status(s, dns, s.address == own, totals, learned)
                           for s, dns in self.discovery.servers()],
+            "routes": routes,
             "self": {"address": own.text if own else None, "reason": choice.reason,
                      "detected": choice.detected},
             "peers": self.discovery.describe(),
@@ -666,11 +671,13 @@ class Master:
         return render(self.totals(), servers, sum(not w.retiring for w in self.workers.values()))
 
 
-def _upstream_status(server: Upstream, dns: str | None, own: bool, totals: Totals
-                     ) -> dict[str, Any]:
+def _upstream_status(server: Upstream, dns: str | None, own: bool, totals: Totals,
+                     learned: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One server in /status: SPEC 7's fields; `dns` (the name it came from) only for a peer
-    from DNS, and `self: true` only on the address taken as this box's own."""
+    from DNS, and `self: true` only on the address taken as this box's own. `learned`: from
+    `merge_learned`; null figures where no worker has one."""
     text = server.address.text
+    figures = learned.get(text, {})
     out: dict[str, Any] = {
         "address": text,
         "backup": server.backup,
@@ -678,12 +685,62 @@ def _upstream_status(server: Upstream, dns: str | None, own: bool, totals: Total
         "fails": totals.fails[text],
         "requests": totals.server_requests[text],
         "failovers": totals.server_failovers[text],
+        "concurrency": figures.get("concurrency"),
+        "service_ms": figures.get("service_ms"),
     }
     if dns is not None:
         out["dns"] = dns
     if own:
         out["self"] = True
     return out
+
+
+def merge_learned(boards: Sequence[dict[str, Any]]
+                  ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """What the workers learned (their boards, WorkerContext.learned()), merged for /status.
+
+    Per upstream address: `concurrency`, the largest any worker learned (each worker learns the
+    same server, and the largest is the least it is known to serve at once); `service_ms`, the
+    mean over the workers that have a figure. Per route: `count` summed, `ms` weighted by
+    count, `class` that of the worker that saw the route most (slow on a tie, the safer
+    guess); slowest first, at most MAX_ROUTES_SHOWN."""
+    concurrency: dict[str, int] = {}
+    service: dict[str, list[float]] = {}
+    # route -> [count, sum of ms * count, sum of ms, workers, largest count, slow]
+    merged: dict[str, list[Any]] = {}
+    for board in boards:
+        for address, figures in (board.get("upstreams") or {}).items():
+            c = figures.get("concurrency")
+            if c is not None:
+                concurrency[address] = max(int(c), concurrency.get(address, int(c)))
+            ms = figures.get("service_ms")
+            if ms is not None:
+                service.setdefault(address, []).append(float(ms))
+        for entry in board.get("routes") or []:
+            count, ms, slow = int(entry["count"]), float(entry["ms"]), entry["class"] == "slow"
+            row = merged.setdefault(entry["route"], [0, 0.0, 0.0, 0, -1, False])
+            row[0] += count
+            row[1] += ms * count
+            row[2] += ms
+            row[3] += 1
+            if count > row[4]:
+                row[4], row[5] = count, slow
+            elif count == row[4]:
+                row[5] = row[5] or slow
+    learned: dict[str, dict[str, Any]] = {}
+    for address in concurrency.keys() | service.keys():
+        times = service.get(address)
+        learned[address] = {
+            "concurrency": concurrency.get(address),
+            "service_ms": round(sum(times) / len(times), 3) if times else None,
+        }
+    routes = [
+        {"route": route, "class": "slow" if slow else "fast",
+         "ms": round(weighted / count if count else plain / workers, 3), "count": count}
+        for route, (count, weighted, plain, workers, _, slow) in merged.items()
+    ]
+    routes.sort(key=lambda r: (-r["ms"], r["route"]))
+    return learned, routes[:MAX_ROUTES_SHOWN]
 
 
 def serve(config_path: str) -> int:

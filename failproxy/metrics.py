@@ -9,6 +9,11 @@ that change the server list. Server indexes on the hot path are positions in
 `config.upstream.servers`, then the slots reserved for peers from DNS (`max_peers` per
 `[[upstream.peers]]`, discovery.py); reasons are positions in `reasons.REASONS`. A DNS slot
 that passes to another address is folded first (`Totals.fold_server`), as a retired worker is.
+
+Each worker also has a board, a second shared mmap: what it has learned (WorkerContext.learned)
+as one JSON blob that a timer rewrites once a second and the master reads for /status. A
+sequence number makes it a seqlock: odd while the blob is being written, so a reader that sees
+it odd, or changed across its copy, drops the copy (`publish_learned`, `read_learned`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import mmap
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
+
+import orjson
 
 from failproxy import turnend
 from failproxy.reasons import REASONS
@@ -34,6 +41,9 @@ CONNECT_BUCKETS: Final[tuple[float, ...]] = (
 
 _STATUSES: Final = 600  # slot per status code; anything outside 0..599 is counted under 0
 _N_REASONS: Final = len(REASONS)
+BOARD_BYTES: Final = 64 * 1024  # one worker's board: sequence, length, then the JSON blob
+_BOARD_HEAD: Final = 16  # two int64: the sequence (odd while writing) and the blob's length
+_READ_TRIES: Final = 4  # a write takes microseconds; a writer stopped mid-write is not awaited
 
 
 class _Layout:
@@ -48,6 +58,7 @@ class _Layout:
         "exhausted",
         "failovers",
         "fails",
+        "held",
         "n_d",
         "n_q",
         "ready",
@@ -72,6 +83,7 @@ class _Layout:
         self.ready = take(1)
         self.temp_bytes = take(1)
         self.buffering = take(1)
+        self.held = take(1)
         self.server_requests = take(n)
         self.server_failovers = take(n)
         self.fails = take(n)
@@ -91,9 +103,9 @@ class WorkerMetrics:
     item a few dozen. The master sees a request's counts at the end of the loop iteration that
     answered it. Unattached (the master, tests), every change is written at once."""
 
-    __slots__ = ("_c", "_conn_w", "_d", "_dd", "_ddirty", "_dirty", "_dq", "_flush", "_fo",
-                 "_layout", "_mm", "_n", "_q", "_scheduled", "_sfo", "_sreq", "_td", "_tq",
-                 "_turn", "n_servers")
+    __slots__ = ("_bb", "_board", "_bq", "_c", "_conn_w", "_d", "_dd", "_ddirty", "_dirty",
+                 "_dq", "_flush", "_fo", "_layout", "_learned", "_learned_seq", "_mm", "_n", "_q",
+                 "_scheduled", "_sfo", "_sreq", "_td", "_tq", "_turn", "n_servers")
 
     def __init__(self, n_servers: int) -> None:
         layout = _Layout(n_servers)
@@ -122,6 +134,14 @@ class WorkerMetrics:
         self._turn: turnend.TurnEnd | None = None
         self._flush = self.flush  # bound once: deferred every turn
         self._scheduled = False
+        # The board (module docstring): its own mmap, so the counters' layout stays as it is.
+        self._board: mmap.mmap | None = mmap.mmap(-1, BOARD_BYTES)
+        board = memoryview(self._board)
+        self._bq = board[:_BOARD_HEAD].cast("q")  # [0] sequence, [1] blob length
+        self._bb = board[_BOARD_HEAD:]
+        board.release()
+        self._learned: dict[str, Any] | None = None  # the reader's last whole blob, parsed
+        self._learned_seq = 0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """From now on, gather changes and write them once per iteration of `loop`."""
@@ -227,6 +247,10 @@ class WorkerMetrics:
         """Gauge: request bodies being read whole before any upstream is contacted."""
         self._add(self._layout.buffering, delta)
 
+    def held_requests(self, delta: int) -> None:
+        """Gauge: requests held in this worker waiting for a free app worker (overflow)."""
+        self._add(self._layout.held, delta)
+
     def server_state(self, server: int, up: bool, fails: int) -> None:
         """Gauges: written at once (rare)."""
         layout = self._layout
@@ -242,6 +266,52 @@ class WorkerMetrics:
     def is_ready(self) -> bool:
         return self._mm is not None and self._q[self._layout.ready] == 1
 
+    # -- the board: what the worker learned, for /status -------------------------------------
+
+    def publish_learned(self, data: dict[str, Any]) -> None:
+        """Write `data` (WorkerContext.learned()) to the board, as JSON; what does not fit is
+        dropped (`_fit`). Called by a timer once a second, never on the request path. The
+        sequence is odd from before the first byte changes until after the last one has."""
+        if self._board is None:
+            return
+        blob = _fit(data, BOARD_BYTES - _BOARD_HEAD)
+        bq = self._bq
+        seq = bq[0]
+        bq[0] = seq + 1
+        bq[1] = len(blob)
+        self._bb[: len(blob)] = blob
+        bq[0] = seq + 2
+
+    def read_learned(self) -> dict[str, Any] | None:
+        """The worker's last whole blob, parsed; None before its first. A copy made while the
+        worker writes (sequence odd, or not the same after the copy) is never parsed: the blob
+        read before is returned instead. The JSON check is a last guard (a CPU that reorders
+        stores; on x86 they stay in order)."""
+        if self._board is None:
+            return None
+        bq = self._bq
+        for _ in range(_READ_TRIES):
+            seq = bq[0]
+            if seq == self._learned_seq:
+                break  # unchanged since the last read: no copy, no parse
+            if seq & 1:
+                continue
+            length = bq[1]
+            if not 0 < length <= BOARD_BYTES - _BOARD_HEAD:
+                continue
+            blob = bytes(self._bb[:length])
+            if bq[0] != seq:
+                continue
+            try:
+                data = orjson.loads(blob)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(data, dict):
+                self._learned = data
+                self._learned_seq = seq
+            break
+        return self._learned
+
     def close(self) -> None:
         """Unmap the slot (the master after folding it; a worker for its siblings' slots)."""
         if self._mm is None:
@@ -251,9 +321,37 @@ class WorkerMetrics:
         self._d.release()
         self._mm.close()
         self._mm = None
+        if self._board is not None:
+            self._bq.release()
+            self._bb.release()
+            self._board.close()
+            self._board = None
 
     def snapshot(self) -> tuple[list[int], list[float]]:
         return self._q.tolist(), self._d.tolist()  # type: ignore[return-value]
+
+
+def _fit(data: dict[str, Any], limit: int) -> bytes:
+    """`data` as JSON of at most `limit` bytes. Too long, entries are dropped from the end of
+    `routes` (the fastest: the list is slowest first), then of `upstreams`; `{}` as a last
+    resort. Each round drops about the excess at once, so one or two encodings do."""
+    blob = orjson.dumps(data)
+    if len(blob) <= limit:
+        return blob
+    routes = list(data.get("routes") or [])
+    upstreams = list(dict(data.get("upstreams") or {}).items())
+    while len(blob) > limit:
+        excess = len(blob) - limit
+        if routes:
+            while routes and excess > 0:
+                excess -= len(orjson.dumps(routes.pop())) + 1  # and its comma
+        elif upstreams:
+            while upstreams and excess > 0:
+                excess -= len(orjson.dumps(dict([upstreams.pop()]))) - 1  # braces less comma
+        else:
+            return b"{}"
+        blob = orjson.dumps({**data, "upstreams": dict(upstreams), "routes": routes})
+    return blob
 
 
 Snapshot = tuple[list[int], list[float]]  # one worker's int64 and float64 cells
@@ -276,6 +374,7 @@ class Totals:
     active: int = 0
     temp_bytes: int = 0
     buffering: int = 0
+    held: int = 0
     fails: Counter[str] = field(default_factory=Counter)
     down: Counter[str] = field(default_factory=Counter)  # how many workers hold it down
 
@@ -284,7 +383,7 @@ class Totals:
             Counter(self.status), list(self.duration), self.duration_sum, self.exhausted,
             Counter(self.server_requests), Counter(self.server_failovers), Counter(self.failovers),
             {k: list(v) for k, v in self.connect.items()}, dict(self.connect_sum),
-            self.active, self.temp_bytes, self.buffering, Counter(self.fails),
+            self.active, self.temp_bytes, self.buffering, self.held, Counter(self.fails),
             Counter(self.down),
         )
 
@@ -350,6 +449,7 @@ class Totals:
             self.active += q[layout.active]
             self.temp_bytes += q[layout.temp_bytes]
             self.buffering += q[layout.buffering]
+            self.held += q[layout.held]
 
 
 def _server_cells(layout: _Layout, n: int, server: int) -> tuple[list[int], list[int]]:
@@ -447,6 +547,9 @@ def render(totals: Totals, servers: Iterable[str], workers: int) -> str:
     page.family("failproxy_request_bodies_buffering", "gauge",
                 "Request bodies being read whole before an upstream is contacted.")
     page.sample("failproxy_request_bodies_buffering", totals.buffering)
+    page.family("failproxy_held_requests", "gauge",
+                "Requests held in failproxy waiting for a free worker (overflow policy).")
+    page.sample("failproxy_held_requests", totals.held)
     page.family("failproxy_upstream_up", "gauge",
                 "1 unless some worker currently holds the server down (fail_timeout).")
     for address in servers:
@@ -460,5 +563,5 @@ def render(totals: Totals, servers: Iterable[str], workers: int) -> str:
     return "\n".join(page.lines) + "\n"
 
 
-__all__ = ["CONNECT_BUCKETS", "CONTENT_TYPE", "DURATION_BUCKETS", "REASONS", "Snapshot",
-           "Totals", "WorkerMetrics", "render"]
+__all__ = ["BOARD_BYTES", "CONNECT_BUCKETS", "CONTENT_TYPE", "DURATION_BUCKETS", "REASONS",
+           "Snapshot", "Totals", "WorkerMetrics", "render"]

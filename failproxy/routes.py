@@ -9,6 +9,7 @@ request: a bounded cache keyed by method and raw target makes a repeated request
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Final
 
@@ -41,3 +42,93 @@ def route_key(method: bytes, target: bytes) -> str:
         targets.clear()
     targets[target] = route
     return route
+
+
+TAU: Final = 15.0  # seconds: a route's learned time follows a change within a minute (4 TAU: 98 %)
+
+
+class Learned:
+    """What one worker knows of one route: its app time (an average that starts at the first
+    answer's time) and how many answers taught it."""
+
+    __slots__ = ("at", "count", "ms")
+
+    def __init__(self, ms: float, at: float) -> None:
+        self.ms = ms
+        self.count = 1
+        self.at = at
+
+
+class RouteTable:
+    """Which routes are slow (SPEC 4.4): learned from `upstream_ms`, or listed by prefix.
+
+    The average weighs a new answer by the larger of 1/count (so the first answers set it
+    quickly) and 1 - exp(-dt/TAU) (so a route asked once a minute follows its last answers, and
+    a busy one averages over TAU seconds). At most `max_routes` keys; the least recently
+    answered goes first (a dict keeps insertion order: an answered route is moved to its end).
+    """
+
+    __slots__ = ("_fast", "_slow", "learn", "max_routes", "routes", "slow_ms")
+
+    def __init__(self, learn: bool, slow_ms: float, slow: tuple[str, ...],
+                 fast: tuple[str, ...], max_routes: int) -> None:
+        self.learn = learn
+        self.slow_ms = slow_ms
+        self._slow = tuple(p.encode("latin-1") for p in slow)
+        self._fast = tuple(p.encode("latin-1") for p in fast)
+        self.max_routes = max_routes
+        self.routes: dict[str, Learned] = {}
+
+    def is_slow(self, route: str, target: bytes) -> bool:
+        """Slow when the path starts with a `slow` prefix, or its route is learned above
+        `slow_ms` and no `fast` prefix says otherwise; unknown routes are fast."""
+        if self._slow and target.startswith(self._slow):
+            return True
+        if self._fast and target.startswith(self._fast):
+            return False
+        if not self.learn:
+            return False
+        learned = self.routes.get(route)
+        return learned is not None and learned.ms > self.slow_ms
+
+    def expected_ms(self, route: str) -> float:
+        """The route's learned app time; 0.0 when it has none yet."""
+        learned = self.routes.get(route)
+        return learned.ms if learned is not None else 0.0
+
+    def answered(self, route: str, ms: float, now: float) -> None:
+        """An answer of `route` took `ms` of the app's time."""
+        if not self.learn:
+            return
+        routes = self.routes
+        learned = routes.pop(route, None)
+        if learned is None:
+            if len(routes) >= self.max_routes:
+                del routes[next(iter(routes))]  # the least recently answered
+            routes[route] = Learned(ms, now)
+            return
+        count = learned.count + 1
+        weight = 1.0 / count
+        dt = now - learned.at
+        if dt > 0.0:
+            decay = 1.0 - math.exp(-dt / TAU)
+            if decay > weight:
+                weight = decay
+        learned.ms += (ms - learned.ms) * weight
+        learned.count = count
+        learned.at = now
+        routes[route] = learned
+
+    def slowest(self, limit: int = 50) -> list[dict[str, object]]:
+        """The slowest routes, as /status lists them."""
+        ranked = sorted(self.routes.items(), key=lambda item: -item[1].ms)[:limit]
+        return [
+            {"route": route, "class": "slow" if self.is_slow(route, _path(route)) else "fast",
+             "ms": round(learned.ms, 3), "count": learned.count}
+            for route, learned in ranked
+        ]
+
+
+def _path(route: str) -> bytes:
+    """The path of a route key (`GET /users/:id` -> b"/users/:id"), for the prefix rules."""
+    return route.partition(" ")[2].encode("latin-1")

@@ -3,7 +3,9 @@
 The master forks workers that inherit its listening sockets (master.py). A worker builds the
 state its connections share (`context.WorkerContext`), serves every listener, and stops on a
 signal: QUIT gracefully (finish in-flight requests, up to `shutdown_timeout`), TERM/INT quickly.
-USR1, which the master passes on after logrotate, reopens the log file.
+USR1, which the master passes on after logrotate, reopens the log file. While it serves, a
+timer puts what it has learned on its board once a second, for the master's /status
+(metrics.WorkerMetrics.publish_learned).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ QUICK_STOP_GRACE = 1.0  # TERM/INT: in-flight requests get at most this long (SP
 # QUIT/reload: an idle keep-alive connection stays open this long (at most shutdown_timeout) so
 # that a request its client is sending as the worker starts draining is answered, not dropped.
 IDLE_GRACE = 1.5
+PUBLISH_EVERY = 1.0  # seconds between two publications of what the worker learned (/status)
 
 
 class Worker:
@@ -43,6 +46,7 @@ class Worker:
     ) -> None:
         self.cfg = cfg
         self.loop = loop
+        self.metrics = metrics
         self.ctx = WorkerContext(cfg, metrics, loop, share)
         self.ctx.hooks = self
         self.log: Any = logs.get_logger().bind()
@@ -50,6 +54,30 @@ class Worker:
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._stopped: asyncio.Future[None] = loop.create_future()
         self._forced = False
+        self._publisher: asyncio.TimerHandle | None = None
+        self._publish_failed = False
+
+    # -- what it learned, for /status ---------------------------------------------------------
+
+    def start_publishing(self) -> None:
+        """Publish now, then every PUBLISH_EVERY seconds: a timer of its own, so the request
+        path pays nothing and the master reads figures at most a second old."""
+        self._publish()
+
+    def stop_publishing(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            self._publisher = None
+
+    def _publish(self) -> None:
+        self._publisher = self.loop.call_later(PUBLISH_EVERY, self._publish)
+        try:
+            self.metrics.publish_learned(self.ctx.learned())
+        except Exception as exc:  # /status must never cost a request; said once, not each second
+            if not self._publish_failed:
+                self._publish_failed = True
+                self.log.warning("learned_publish_failed", detail=repr(exc),
+                                 worker_pid=os.getpid())
 
     # -- listening -----------------------------------------------------------------------------
 
@@ -217,8 +245,10 @@ def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetr
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
         await worker.start(listeners)
         metrics.ready()
+        worker.start_publishing()
         loop.call_later(1.0, watch_parent)
         await worker.wait_stopped()
+        worker.stop_publishing()
 
     try:
         loop.run_until_complete(serve())
@@ -226,6 +256,7 @@ def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetr
         # Closing the loop puts USR1 back to its default action (death): one passed on by the
         # master as this worker exits must not turn a clean exit into a killed one.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        worker.stop_publishing()
         metrics.flush()
         logs.flush()
         loop.close()

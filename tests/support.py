@@ -215,8 +215,10 @@ class Proxy:
                  server: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None,
                  headers: dict[str, Any] | None = None,
                  log: dict[str, Any] | None = None, admin: dict[str, Any] | None = None,
-                 static: dict[str, Any] | None = None, compress: dict[str, Any] | None = None,
-                 port: int | None = None, peers: Iterable[dict[str, Any]] = (),
+                 static: dict[str, Any] | None = None,
+                 compress: dict[str, Any] | None = None,
+                 routes: dict[str, Any] | None = None, port: int | None = None,
+                 peers: Iterable[dict[str, Any]] = (),
                  command_prefix: Iterable[str] = (),
                  socket_factory: Callable[[], socket.socket] | None = None) -> None:
         self.workdir = workdir
@@ -236,7 +238,8 @@ class Proxy:
         self.servers = [_server_entry(s) for s in servers]
         self.config_text = render_config(
             {"server": srv, "upstream": upstream or {}, "headers": headers or {}, "log": lg,
-             "admin": admin or {}, "static": static or {}, "compress": compress or {}},
+             "admin": admin or {}, "static": static or {}, "compress": compress or {},
+             "routes": routes or {}},
             self.servers, peers)
         self.config_path.write_text(self.config_text)
         self.log = LogReader(self.log_path)

@@ -14,6 +14,7 @@ from test_master import admin_get, get, rewrite, start_proxy, status, stopped, w
 from test_metrics import SPEC_METRICS, promtool_check, sample
 
 import failproxy
+from failproxy.master import MAX_ROUTES_SHOWN, merge_learned
 
 
 def failovers(proxy: Any, src: str, dst: str, reason: str) -> float:
@@ -38,12 +39,15 @@ def test_healthz_status_and_metrics(tmp_path: Path, backend: Any, sockdir: Path)
         st = status(proxy)
         assert st["version"] == failproxy.__version__ and st["pid"] == proxy.pid
         assert len(st["workers"]) == 2 and st["uptime"] > 0
-        assert st["upstreams"] == [
+        learned = ("concurrency", "service_ms")  # checked in test_status_shows_what_...
+        assert [{k: v for k, v in u.items() if k not in learned} for u in st["upstreams"]] == [
             {"address": missing, "backup": False, "state": "up", "fails": 0, "requests": 0,
              "failovers": 3},
             {"address": app.address, "backup": True, "state": "up", "fails": 0, "requests": 3,
              "failovers": 0},
         ]
+        assert all(key in u for u in st["upstreams"] for key in learned)
+        assert isinstance(st["routes"], list)
         code, body = admin_get(proxy, "/metrics")
         assert code == 200
         text = body.decode()
@@ -108,6 +112,78 @@ def test_status_reports_a_server_held_down(tmp_path: Path, sockdir: Path, backen
     finally:
         proxy.stop()
 
+
+def test_status_shows_what_the_workers_learned(tmp_path: Path, backend: Any) -> None:
+    """SPEC 7: `concurrency` and `service_ms` on every upstream, `routes` merged over the
+    workers (each publishes once a second: polled, never slept on)."""
+    app = backend("app", unix=True)
+    spare = backend("spare")
+    proxy = start_proxy(tmp_path, [app, {"address": spare.address, "backup": True}],
+                        server={"workers": 2})
+    try:
+        st = status(proxy)
+        assert isinstance(st["routes"], list)
+        for upstream in st["upstreams"]:
+            assert "concurrency" in upstream and "service_ms" in upstream
+        code, body = admin_get(proxy, "/metrics")
+        assert code == 200
+        promtool_check(body.decode())
+        assert sample(body.decode(), "failproxy_held_requests") == 0  # idle
+
+        answered = 0
+        for i in range(1, 7):
+            code, backend_name, _ = get(proxy.port, f"/items/{i}?page=2")
+            assert (code, backend_name) == (200, "app")
+            answered += 1
+
+        def learned_route() -> dict[str, Any] | None:
+            routes = status(proxy)["routes"]
+            return next((r for r in routes if r["route"] == "GET /items/:id"
+                         and r["count"] >= answered), None)
+
+        route = wait_until(learned_route, 10, "GET /items/:id learned from every answer")
+        assert route["class"] in ("slow", "fast") and route["ms"] >= 0
+        st = status(proxy)
+        assert len(st["routes"]) <= MAX_ROUTES_SHOWN
+        assert [r["ms"] for r in st["routes"]] == sorted((r["ms"] for r in st["routes"]),
+                                                         reverse=True)
+        # The primary (a UNIX socket with a backup: the room policy) has learned figures.
+        primary = wait_until(lambda: next(u for u in status(proxy)["upstreams"]
+                                          if u["address"] == app.address
+                                          and u["concurrency"] is not None), 10)
+        assert isinstance(primary["concurrency"], int) and primary["concurrency"] >= 1
+        assert primary["service_ms"] is None or primary["service_ms"] >= 0
+        _, body = admin_get(proxy, "/metrics")
+        assert sample(body.decode(), "failproxy_held_requests") == 0  # nothing held now
+    finally:
+        proxy.stop()
+
+
+def test_merge_learned_over_workers() -> None:
+    boards: list[dict[str, Any]] = [
+        {"upstreams": {"a": {"concurrency": 2, "service_ms": 10.0},
+                       "b": {"concurrency": 5, "service_ms": 1.0}},
+         "routes": [{"route": "GET /slow", "class": "slow", "ms": 300.0, "count": 3},
+                    {"route": "GET /tie", "class": "fast", "ms": 5.0, "count": 2},
+                    {"route": "GET /x", "class": "fast", "ms": 1.0, "count": 1}]},
+        {"upstreams": {"a": {"concurrency": 4, "service_ms": 20.0}},
+         "routes": [{"route": "GET /slow", "class": "fast", "ms": 100.0, "count": 1},
+                    {"route": "GET /tie", "class": "slow", "ms": 7.0, "count": 2}]},
+        {},  # a worker that published nothing useful yet
+    ]
+    learned, routes = merge_learned(boards)
+    assert learned == {"a": {"concurrency": 4, "service_ms": 15.0},
+                       "b": {"concurrency": 5, "service_ms": 1.0}}
+    assert routes == [
+        {"route": "GET /slow", "class": "slow", "ms": 250.0, "count": 4},  # most count: slow
+        {"route": "GET /tie", "class": "slow", "ms": 6.0, "count": 4},  # a tie: slow
+        {"route": "GET /x", "class": "fast", "ms": 1.0, "count": 1},
+    ]
+    many = [{"routes": [{"route": f"GET /r{i}", "class": "fast", "ms": float(i), "count": 1}
+                        for i in range(80)]}]
+    _, top = merge_learned(many)
+    assert [r["route"] for r in top] == [f"GET /r{i}" for i in range(79, 29, -1)]
+    assert merge_learned([]) == ({}, [])
 
 
 def test_hup_moves_the_admin_endpoint(tmp_path: Path, backend: Any) -> None:

@@ -81,10 +81,13 @@ def test_check_valid_prints_ok_and_the_order(valid: Path) -> None:
         "3. 127.0.1.1:9000 (backup)",
         "4. 127.0.1.2:9000 (backup, self: tried last)",
         "overflow: room (upstream.overflow): the UNIX socket while the box has an idle worker "
-        "(learned), else the least-loaded backup with one, else held up to "
-        "upstream.hold_timeout = 2 s, then home; a box whose answers all came within "
-        'upstream.slow_after = 0.05 s waits for its own workers; overflow = "ring" for the order '
-        "alone",
+        "(learned), else the least-loaded backup with room (its concurrency learned), else held "
+        "up to upstream.hold_timeout = 2 s, then where its expected wait is least; a box whose "
+        "answers all came within upstream.slow_after = 0.05 s waits for its own workers; "
+        'overflow = "ring" for the order alone',
+        "routes: slow when learned slower than routes.slow_ms = 200 ms or under routes.slow = "
+        "none; always fast under routes.fast = none; a slow-route request waits in failproxy "
+        "after fast ones, never shed (routes.shed_after = 0)",
     ]
     assert result.stderr == ""
 

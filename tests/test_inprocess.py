@@ -279,3 +279,39 @@ def test_send_timeout_counts_time_without_progress(tmp_path: Path) -> None:
         assert active.spool is None and active.phase == exchange.DONE
 
     run(main)
+
+
+def test_a_held_request_whose_body_breaks_leaves_the_hold_queue(tmp_path: Path) -> None:
+    """Streaming, a request held by the overflow policy (no free worker anywhere) whose body
+    then breaks a rule: it is answered 400 and taken out of the hold queue, so a worker freeing
+    up later does not send an answered request on."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        h = Harness('[server]\nrequest_buffering = false\n'
+                    '[upstream]\nself = "127.0.0.1:9002"\n'
+                    '[[upstream.server]]\naddress = "unix:/nonexistent/up.sock"\n'
+                    '[[upstream.server]]\naddress = "127.0.0.1:9001"\nbackup = true\n'
+                    '[[upstream.server]]\naddress = "127.0.0.1:9002"\nbackup = true\n',
+                    tmp_path / "log", loop)
+        room = h.ctx.room
+        assert room is not None
+        local, peer, _own = h.ctx.peers
+        room._probe_at = loop.time() + 60
+        local.acquire()  # its one worker is busy with ours
+        room.capacity_of(peer).concurrency = 1.0
+        peer.acquire()  # and so is the peer's
+        client, out = h.client()
+        client.data_received(request("/up", "POST", "Transfer-Encoding: chunked\r\n")
+                             + b"5\r\nhello\r\n")
+        active = client.active
+        assert active is not None and active.phase == exchange.HELD
+        assert [r for _, r in room.held] == [active]
+        client.data_received(b"5 \r\nworld\r\n")
+        assert out.data().startswith(b"HTTP/1.1 400 ")
+        assert not room.held and active.phase == exchange.DONE
+        local.release(False)
+        room.release()  # a worker is free: nothing is sent on
+        assert local.inflight == 0
+
+    run(main)

@@ -7,16 +7,17 @@ import shutil
 import subprocess
 import timeit
 
+import orjson
 import pytest
 
-from failproxy.metrics import DURATION_BUCKETS, Totals, WorkerMetrics, render
+from failproxy.metrics import BOARD_BYTES, DURATION_BUCKETS, Totals, WorkerMetrics, render
 from failproxy.policy import REASON_INDEX
 
 SPEC_METRICS = (
     "failproxy_requests_total", "failproxy_upstream_requests_total", "failproxy_failovers_total",
     "failproxy_upstream_exhausted_total", "failproxy_request_duration_seconds",
     "failproxy_upstream_connect_duration_seconds", "failproxy_connections_active",
-    "failproxy_upstream_up",
+    "failproxy_upstream_up", "failproxy_held_requests",
 )
 ADDRS = ["unix:/tmp/app.sock", "10.0.0.2:8080", "10.0.0.3:8080"]
 
@@ -170,3 +171,108 @@ def test_a_workers_counts_reach_shared_memory_once_per_loop_iteration() -> None:
         m.close()
 
     asyncio.run(main())
+
+
+def test_held_requests_is_a_gauge_of_live_workers_only() -> None:
+    live, gone = WorkerMetrics(1), WorkerMetrics(1)
+    live.held_requests(+1)
+    live.held_requests(+1)
+    live.held_requests(-1)
+    gone.held_requests(+3)  # reaped while holding: its held requests went with it
+    retired = Totals()
+    retired.add(gone, ["a"], gauges=False)
+    totals = retired.copy()
+    totals.add(live, ["a"], gauges=True)
+    assert totals.held == 1
+    text = render(totals, ["a"], workers=1)
+    promtool_check(text)
+    assert "# HELP failproxy_held_requests Requests held in failproxy waiting for a free " \
+           "worker (overflow policy).\n# TYPE failproxy_held_requests gauge" in text
+    assert sample(text, "failproxy_held_requests") == 1
+    assert sample(render(Totals(), [], workers=0), "failproxy_held_requests") == 0
+    live.close()
+    gone.close()
+
+
+def learned_data(n_routes: int, route_len: int = 10) -> dict[str, object]:
+    return {
+        "upstreams": {"unix:/app.sock": {"concurrency": 4, "service_ms": 12.5}},
+        "routes": [{"route": f"GET /r{i:0{route_len}d}", "class": "slow" if i < 3 else "fast",
+                    "ms": 500.0 - i, "count": i + 1} for i in range(n_routes)],
+    }
+
+
+def test_board_round_trip_through_a_forked_worker() -> None:
+    m = WorkerMetrics(1)
+    assert m.read_learned() is None  # nothing published yet
+    data = learned_data(5)
+    pid = os.fork()
+    if pid == 0:
+        m.publish_learned(data)
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert m.read_learned() == data
+    assert m.read_learned() == data  # unchanged: the same answer again
+    m.publish_learned(learned_data(2))
+    assert m.read_learned() == learned_data(2)
+    m.close()
+    assert m.read_learned() is None
+    m.publish_learned(data)  # closed: nothing to write to, no error
+
+
+def test_a_board_too_large_keeps_the_slowest_routes_as_valid_json() -> None:
+    m = WorkerMetrics(1)
+    data = learned_data(2000, route_len=60)
+    assert len(orjson.dumps(data)) > BOARD_BYTES
+    m.publish_learned(data)
+    got = m.read_learned()
+    assert got is not None
+    assert got["upstreams"] == data["upstreams"]
+    kept = got["routes"]
+    assert 0 < len(kept) < 2000
+    assert kept == data["routes"][: len(kept)]  # dropped from the end: the fastest
+    assert len(orjson.dumps(got)) <= BOARD_BYTES - 16
+    # nearly everything that fits is kept: one more route would not have
+    assert len(orjson.dumps({**got, "routes": data["routes"][: len(kept) + 1]})) > BOARD_BYTES - 16
+    m.close()
+
+
+def test_a_board_read_during_a_write_gives_the_previous_blob_or_none() -> None:
+    m = WorkerMetrics(1)
+    first = learned_data(1)
+
+    def half_written() -> None:
+        """A writer stopped mid-write: sequence odd, length and bytes of something else."""
+        m._bq[0] += 1
+        m._bq[1] = 40
+        m._bb[:40] = b'{"upstreams": {"x": {"concurr' + b"\xff" * 11
+
+    half_written()
+    assert m.read_learned() is None  # never read a whole one yet
+    m._bq[0] += 1  # (the writer finishes, here with a blob that is not whole JSON)
+    assert m.read_learned() is None  # never garbage, never an exception
+    m.publish_learned(first)
+    assert m.read_learned() == first
+    half_written()
+    assert m.read_learned() == first
+    m.close()
+
+
+def test_a_reader_racing_a_writer_never_sees_a_torn_board() -> None:
+    """A forked writer publishes two blobs of different sizes in a tight loop; every read in
+    the parent meanwhile is one of them (or None before the first)."""
+    m = WorkerMetrics(1)
+    blobs = [learned_data(3), learned_data(300, route_len=40)]
+    pid = os.fork()
+    if pid == 0:
+        for i in range(20000):
+            m.publish_learned(blobs[i % 2])
+        os._exit(0)
+    while True:
+        done = os.waitpid(pid, os.WNOHANG)[0] == pid
+        got = m.read_learned()
+        assert got is None or got in blobs
+        if done:
+            break
+    assert m.read_learned() == blobs[1]  # the last one written
+    m.close()

@@ -59,10 +59,14 @@ class Held(Holdable):
     def __init__(self) -> None:
         self.sent_to: Peer | None = None
         self.reason = ""
+        self.shed_at: float | None = None
 
     def resume(self, peer: Peer, reason: str, now: float) -> None:
         self.sent_to, self.reason = peer, reason
         peer.acquire()
+
+    def shed(self, now: float) -> None:
+        self.shed_at = now
 
 
 @pytest.fixture
@@ -96,6 +100,9 @@ def test_nothing_in_flight_goes_local_and_w_is_learned(box: Any) -> None:
     local = peers[0]
     assert room.choose(time.monotonic()) == (local, ""), "presumed idle: nothing of ours there"
     busy(local, 1)
+    peer, reason = room.choose(time.monotonic())
+    assert reason == "workers_busy", "no local answer yet: no probe (it may wait for seconds)"
+    _answer_fast(room, 1, time.monotonic())
     # W starts at 1; the queue is empty: a probe goes local, and W = 2 is learned once a
     # worker took it (here: nothing queued, 2 awaiting answers -> 2 in service, read on two
     # loop turns in a row)
@@ -224,6 +231,143 @@ def test_held_requests_go_in_order_where_a_worker_frees_up_or_home(box: Any) -> 
     loop.run_until_complete(asyncio.sleep(0.3))  # past hold_timeout
     assert (third.sent_to, third.reason) == (own, "hold_timeout"), "home, never cross-host"
     assert not room.held
+
+
+PURE_ONLY = pytest.mark.skipif(
+    failproxy.BUILD.startswith("compiled"),
+    reason="a test double cannot subclass a compiled trait; `make test` runs this file on the "
+    "pure-Python build too")
+
+
+@PURE_ONLY
+def test_a_fast_request_is_never_held_behind_a_slow_one(box: Any) -> None:
+    """SPEC 4.4: slow-route requests wait apart, after every held fast one; a new fast request
+    overtakes held slow ones, a new slow one never overtakes anything held."""
+    room, _listener, peers = box
+    local, p1, p2, _own = peers
+    room.workers = 1
+    room._probe_at = time.monotonic() + 60
+    busy(local, 1)
+    busy(p1, 2)
+    busy(p2, 2)  # every peer at its learned concurrency
+    room.capacity_of(p1).concurrency = 2.0
+    room.capacity_of(p2).concurrency = 2.0
+    now = time.monotonic()
+    slow1, slow2, fast1, fast2 = Held(), Held(), Held(), Held()
+    assert room.route(slow1, now, slow=True) == (None, "")
+    assert room.route(fast1, now) == (None, ""), "no room: held, but not behind slow1"
+    assert room.route(slow2, now, slow=True) == (None, "")
+    assert [r for _, r in room.held] == [fast1] and [r for _, r in room.held_slow] == [slow1, slow2]
+    p1.release(False)  # one worker frees up at p1: the fast request takes it
+    room.release()
+    assert (fast1.sent_to, fast1.reason) == (p1, "held") and slow1.sent_to is None
+    p2.release(False)  # then one at p2: nothing fast waits, the first slow one goes
+    room.release()
+    assert slow1.sent_to is p2 and slow2.sent_to is None
+    assert room.route(fast2, now) == (None, "")
+    local.release(False)  # the local worker frees: fast2, held after slow2, still goes first
+    room._turn_over()
+    room.release()
+    assert fast2.sent_to is local and slow2.sent_to is None
+    room.unhold(slow2)
+    assert not room.held_slow
+
+
+@PURE_ONLY
+def test_a_slow_request_never_waits_in_an_accept_queue(box: Any) -> None:
+    """Every worker busy (even on a fast box, where a fast request would queue at home, and
+    with a probe due): a slow-route request waits in failproxy, so the next free worker goes
+    to whatever fast request comes; it goes home as soon as a worker is free there."""
+    room, _listener, peers = box
+    local, p1, p2, _own = peers
+    room.workers = 1
+    now = time.monotonic()
+    _answer_fast(room, balance.FAST_EVIDENCE, now - balance.SLOW_MEMORY - 1)
+    busy(local, 1)
+    for p in (p1, p2):
+        room.capacity_of(p).concurrency = 1.0
+        busy(p, 1)
+    assert room.choose(now)[0] is local, "a fast request: probes for a second worker"
+    room._probing = False
+    room._probe_at = now + 60
+    assert room.choose(now)[0] is local, "a fast request on a fast box waits at home"
+    slow = Held()
+    assert room.route(slow, now, slow=True) == (None, "")
+    local.release(False)
+    room._turn_over()
+    room.release()
+    assert slow.sent_to is local and slow.reason == ""
+
+
+@PURE_ONLY
+def test_past_hold_timeout_a_fast_request_goes_where_its_expected_wait_is_least(box: Any) -> None:
+    """No request waits for a slot that cannot come: held past hold_timeout it goes where
+    (ours beyond the concurrency + 1) x service time / concurrency is least, a peer that serves
+    many at once rather than a busy home."""
+    room, _listener, peers = box
+    local, p1, p2, own = peers
+    room.workers = 1
+    room._probe_at = time.monotonic() + 60
+    room.local_capacity.service_ms = 2000.0  # home: one worker, busy for seconds
+    busy(local, 1)
+    big = room.capacity_of(p2)
+    big.concurrency, big.service_ms = 40.0, 5.0
+    room.capacity_of(p1).concurrency, room.capacity_of(p1).service_ms = 1.0, 5.0
+    busy(p1, 1)
+    busy(p2, 45)  # beyond what it was learned to take: held
+    held = Held()
+    now = time.monotonic()
+    assert room.route(held, now) == (None, "")
+    room._loop.run_until_complete(asyncio.sleep(0.3))  # past hold_timeout (0.2)
+    assert (held.sent_to, held.reason) == (p2, "hold_timeout"), "6 x 5 ms / 40 beats 2 s at home"
+    assert own not in (held.sent_to,)
+
+
+@PURE_ONLY
+def test_with_shed_after_a_slow_request_held_that_long_is_shed(tmp_path: Path) -> None:
+    listener = Listener(tmp_path / "app.sock")
+    cfg = config.loads(
+        f'[upstream]\nself = "127.0.0.1:9003"\n'
+        f'[[upstream.server]]\naddress = "unix:{listener.path}"\n'
+        '[[upstream.server]]\naddress = "127.0.0.1:9003"\nbackup = true\n')
+    peers = build_peers(cfg.upstream)
+    loop = asyncio.new_event_loop()
+    counted: list[int] = []
+
+    class Gauge:
+        def held_requests(self, delta: int) -> None:
+            counted.append(delta)
+
+    room = Room(loop, peers[0], peers[1], [], 2.0, shared=False, shed_after=0.1, gauge=Gauge())
+    try:
+        room._probe_at = time.monotonic() + 60
+        busy(peers[0], 1)
+        slow, other = Held(), Held()
+        now = time.monotonic()
+        assert room.route(slow, now, slow=True) == (None, "")
+        assert room.route(other, now, slow=True) == (None, "")
+        room.unhold(other)  # its client left
+        assert sum(counted) == 1
+        loop.run_until_complete(asyncio.sleep(0.25))
+        assert slow.shed_at is not None and slow.sent_to is None
+        assert other.shed_at is None
+        assert sum(counted) == 0 and len(counted) == 4, counted
+    finally:
+        listener.close()
+        loop.close()
+
+
+def test_learned_figures_per_destination(box: Any) -> None:
+    room, _listener, peers = box
+    local, p1, p2, own = peers
+    room.workers = 2
+    now = time.monotonic()
+    room.answered(local, 1, 4.0, 4.0, False, now)
+    room.answered(p1, 2, 6.0, 4.0, False, now)  # 2 in flight, the limit (2) in use: 3
+    learned = room.learned()
+    assert learned[local.address] == learned[own.address] == {"concurrency": 2, "service_ms": 4.0}
+    assert learned[p1.address] == {"concurrency": 3, "service_ms": 6.0}
+    assert p2.address not in learned, "nothing learned of it yet"
 
 
 def test_after_a_local_failure_a_peer_with_room_else_home(box: Any) -> None:
@@ -376,3 +520,29 @@ def test_fast_requests_four_at_a_time_on_two_workers_stay_home(proxy, cluster) -
     waits at home."""
     n, where = _closed_loop(proxy, cluster, 4)
     assert n and n - where[cluster[0].unix_address] <= 0.02 * n, where
+
+
+def test_among_three_or_more_peers_with_room_the_less_loaded_of_two_random_ones(
+        tmp_path: Path) -> None:
+    """Power of two choices: never the most loaded of three, each of the others sometimes."""
+    listener = Listener(tmp_path / "app.sock")
+    servers = "".join(f'[[upstream.server]]\naddress = "127.0.0.1:{9001 + i}"\nbackup = true\n'
+                      for i in range(3))
+    cfg = config.loads(f'[[upstream.server]]\naddress = "unix:{listener.path}"\n' + servers)
+    peers = build_peers(cfg.upstream)
+    loop = asyncio.new_event_loop()
+    try:
+        local, a, b, c = peers
+        room = Room(loop, local, None, [a, b, c], 0.2, shared=False)
+        room.workers = 1
+        room._probe_at = time.monotonic() + 60
+        busy(local, 1)
+        for p, n in ((a, 0), (b, 1), (c, 2)):
+            room.capacity_of(p).concurrency = 4.0
+            busy(p, n)
+        picked = Counter(room.choose(time.monotonic())[0] for _ in range(300))
+        assert set(picked) == {a, b}, picked  # c only ever meets a lighter one
+        assert picked[a] > picked[b], picked  # a wins whenever it is drawn
+    finally:
+        listener.close()
+        loop.close()

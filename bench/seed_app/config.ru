@@ -1,4 +1,6 @@
-# The seed experiment's Rack app: a fast action and a sleep-based slow action.
+# The seed experiment's Rack app: a fast action and a sleep-based slow action. The slow action
+# lives on its own paths (/reports/ID?ms=N, as a real app's reports differ from its items);
+# /slow?ms=N is the same action under its old name.
 # Every response names the host that served it (X-Served-By), so the client can count
 # the requests a front sent to another host.
 HOST = ENV.fetch("BENCH_HOST", "?")
@@ -10,7 +12,8 @@ HEADERS = {
 }.freeze
 
 run(lambda do |env|
-  if env["PATH_INFO"] == "/slow"
+  path = env["PATH_INFO"]
+  if path == "/slow" || path.start_with?("/reports/")
     ms = env["QUERY_STRING"].to_s[/ms=(\d+)/, 1]
     sleep((ms ? ms.to_i : 100) / 1000.0)
   end
