@@ -46,6 +46,7 @@ from mypy_extensions import trait
 from failproxy.capacity import Capacity
 from failproxy.peer import Peer
 from failproxy.queue_depth import QueueProbe
+from failproxy.routes import KNOWN_FAST, UNKNOWN
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
@@ -140,6 +141,12 @@ class Room:
         self._timer: asyncio.TimerHandle | None = None
         self.slow_after = slow_after  # a local answer slower than this makes the box slow
         self._local_sent: dict[object, float] = {}  # this worker's local attempts: when sent
+        # ... those of a route not known to be fast (learned slow, or not learned yet): nothing
+        # waits behind them at home (_fast_box)
+        self._local_unsure: set[object] = set()
+        # ... when each is expected to end (its route's learned time after it was sent; never,
+        # for a route not learned yet): a probe waits behind them if it finds no worker
+        self._local_ends: dict[object, float] = {}
         self._fast_run = 0  # local answers in a row that came within slow_after
         self._slow_at = -1e9  # when a local answer last took longer than slow_after
 
@@ -188,13 +195,10 @@ class Room:
             reason = "queued"  # someone else's request holds a worker: maybe a slow one
         else:
             reason = "workers_busy"
-            if slow:
-                return self._best_peer(now, (), True), reason
             if (
                 now >= self._probe_at
                 and not self._probing
-                and self._fast_run > 0
-                and not self._long_in_service(now)
+                and self._may_probe(now, slow)
                 and self._queue(now) == 0
             ):
                 self._probing = True  # more workers than W? one request finds out
@@ -203,21 +207,37 @@ class Room:
                 self._seen = 0
                 self._loop.call_soon(self._verify)  # after its connect (synchronous on UNIX)
                 return self._local()
-            if self._fast_box(now):
+            if not slow and self._fast_box(now):
                 return self._local()  # every worker busy with our fast requests: wait for one
         return self._best_peer(now, (), slow), reason
+
+    def _may_probe(self, now: float, slow: bool) -> bool:
+        """May this request be the probe for a worker beyond W? A probe that finds none waits
+        in the accept queue for the first of ours in service there to end, so only a fast-route
+        request probes (a slow-route one never waits in an accept queue), and only when each of
+        ours in service there is near its expected end (within slow_after of it, before or
+        after): its route's time is known and most of it is over, and it is not overdue (then
+        nobody knows when it ends). Behind a request of a route not learned yet (which may take
+        seconds) it never probes; behind a slow one only near its end, so a box whose traffic
+        is mostly slow still learns its second worker."""
+        if slow:
+            return False
+        margin = self.slow_after  # near its end: within this of it, before or after
+        return all(abs(end - now) <= margin for end in self._local_ends.values())
 
     # -- fast or slow: is queueing at home cheap? ---------------------------------------------
 
     def _fast_box(self, now: float) -> bool:
-        """Every local answer lately came within `slow_after`, and none of ours in service
-        has been there longer: a request queued at home waits a fraction of that, less than
-        a hop costs (on a box serving only fast requests, sending half of them to peers that
-        are as busy only added TCP hops: 0.76x the throughput of queueing at home)."""
+        """Every local answer lately came within `slow_after`, none of ours in service has
+        been there longer, and each of those is of a route known to be fast: a request queued
+        at home waits a fraction of that, less than a hop costs (on a box serving only fast
+        requests, sending half of them to peers that are as busy only added TCP hops: 0.76x the
+        throughput of queueing at home)."""
         if (
             self.slow_after <= 0
             or self._fast_run < FAST_EVIDENCE
             or now - self._slow_at < SLOW_MEMORY
+            or self._local_unsure
         ):
             return False
         for sent in self._local_sent.values():  # the oldest first (insertion order)
@@ -227,28 +247,26 @@ class Room:
             break
         return True
 
-    def _long_in_service(self, now: float) -> bool:
-        """One of ours has been in service at home longer than slow_after: a probe there would
-        most likely wait behind it (a box busy for seconds has no worker to find). A probe also
-        needs the last local answer to have been fast (`_fast_run`): a probe that finds no
-        worker waits for one, and on a box whose answers take seconds that wait is the cost."""
-        for sent in self._local_sent.values():  # the oldest first (insertion order)
-            return now - sent > self.slow_after
-        return False
-
     def _slowed(self, now: float) -> None:
         self._slow_at = now
         self._fast_run = 0
 
-    def local_sent(self, key: object, now: float) -> None:
-        """An attempt of this worker took a slot on the local socket."""
+    def local_sent(self, key: object, now: float, kind: int = KNOWN_FAST,
+                   route_ms: float = 0.0) -> None:
+        """An attempt of this worker took a slot on the local socket; `kind`: what is known of
+        its route (routes.KNOWN_FAST, KNOWN_SLOW or UNKNOWN), `route_ms` its learned time."""
         self._local_sent[key] = now
+        self._local_ends[key] = math.inf if kind == UNKNOWN else now + route_ms / 1000.0
+        if kind != KNOWN_FAST:
+            self._local_unsure.add(key)
 
     def local_answered(self, key: object, now: float) -> None:
         """That attempt's response head arrived (its worker is done with it)."""
         sent = self._local_sent.pop(key, -1.0)
         if sent < 0:
             return
+        self._local_unsure.discard(key)
+        self._local_ends.pop(key, None)
         if now - sent > self.slow_after:
             self._slowed(now)
         else:
@@ -257,6 +275,8 @@ class Room:
     def local_ended(self, key: object, now: float) -> None:
         """That attempt ended with no response head (failed, or its client left)."""
         sent = self._local_sent.pop(key, -1.0)
+        self._local_unsure.discard(key)
+        self._local_ends.pop(key, None)
         if sent >= 0 and now - sent > self.slow_after:
             self._slowed(now)
 

@@ -1,31 +1,42 @@
-"""`failproxy demo`: the seed's 3-host cluster on loopback, the same skewed load twice.
+"""`failproxy demo`: the seed's 3-host cluster on loopback, the same skewed load in each phase.
 
 Three hosts on 127.0.1.1-3. Each runs a pre-fork demo app server (`failproxy.demoapp`: 2 workers,
-pull model like unicorn, a UNIX socket with backlog 5 and a TCP port with backlog 1024) and two
-failproxies in front of it, one per phase:
+pull model like unicorn, a UNIX socket with backlog 5 and a TCP port with backlog 1024) and one
+front proxy per phase in front of it:
 
-1. "UNIX socket only": the proxy knows only its box's UNIX socket, no backups. That is a box
-   without failproxy's failover: once the backlog is full the connect fails (EAGAIN) and the
+1. "UNIX socket only": a failproxy that knows only its box's UNIX socket, no backups. That is a
+   box without failproxy's failover: once the backlog is full the connect fails (EAGAIN) and the
    client gets 502.
-2. "failproxy": the defaults (`overflow = "room"`), the three app TCP ports as backups and
-   `self` set to the box's own.
+2. "nginx, the seed's config" (only when `nginx` is installed): one nginx per host with the
+   seed's upstream block, `server unix:... fail_timeout=0;` then the three app TCP ports as
+   `backup`, the box's own last, `proxy_next_upstream error timeout`.
+3. "failproxy": the defaults (`overflow = "room"`, route learning), the three app TCP ports as
+   backups and `self` set to the box's own, and an admin listener.
 
-A client sends the same seeded schedule of requests in both phases, round-robin over the three
-proxies as round-robin DNS would, with the slow actions clustered on host1. Phase 2's failover
-decisions are printed as the proxies log them; the run ends with the two phases side by side:
-errors, fast- and slow-request latency (from each request's scheduled send time), where host1's
-requests were answered (from its proxy's `request` events), and how much failproxy changed the
-fast-request p99. Every process and socket is cleaned up, also on Ctrl-C.
+The load is route-shaped: the slow actions are `GET /reports/<id>` (the app sleeps SLOW_MS),
+clustered on host1; the fast ones `GET /items/<id>` and a small `POST /echo`. A client sends the
+same seeded schedule in every phase, round-robin over the three proxies as round-robin DNS
+would. Failovers are printed as the proxies log them; the run ends with the phases side by side
+(errors, fast- and slow-request latency from each request's scheduled send time, where host1's
+requests were answered, from its proxy's log, and how much failproxy changed the fast-request
+p99), then what host1's failproxy learned (its admin `GET /status`: each route's class and app
+time, each upstream's concurrency and service time). Every process and socket is cleaned up,
+also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import grp
 import http.client
+import itertools
 import json
 import os
+import pwd
 import random
+import re
 import shutil
 import signal
 import socket
@@ -42,13 +53,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from failproxy import demoapp
+from failproxy import config, demoapp
 
 HOST_IPS = ("127.0.1.1", "127.0.1.2", "127.0.1.3")
 APP_WORKERS = 2
-SLOW_MS = 300
-SLOW_SHARE = (0.8, 0.0, 0.0)  # share of each front host's traffic that is /slow: all on host1
-ECHO_SHARE = 0.1  # share of the rest that is a small POST /echo (the rest is GET /fast)
+SLOW_MS = 300  # what the app takes for GET /reports/<id>: above routes.slow_ms (200) by default
+SLOW_SHARE = (0.8, 0.0, 0.0)  # share of each front host's traffic that is slow: all on host1
+ECHO_SHARE = 0.1  # share of the rest that is a small POST /echo (the rest is GET /items/<id>)
+SLOW_ROUTE = "GET /reports/:id"  # the route keys failproxy learns them under (SPEC 4.4)
+FAST_ROUTES = "GET /items/:id, POST /echo"
 SEED = 7
 DEFAULT_REQUESTS = 600
 DEFAULT_RATE = 40.0  # requests per second when --duration is not given
@@ -56,25 +69,48 @@ CLIENT_THREADS = 64
 REQUEST_TIMEOUT = 10.0
 START_TIMEOUT = 15.0
 SETTLE = 0.3  # after a phase: the proxies' last log lines land
+STATUS_WAIT = 1.2  # after a phase: a failproxy worker publishes what it learned once a second
 LIVE_LINES_PER_SECOND = 25
-NONE = "none (502/504)"  # a `request` event with no upstream: failproxy answered it itself
+NONE = "none (502/504)"  # a request no upstream answered: the proxy answered it itself
+NGINX_FALLBACKS = ("/usr/sbin/nginx",)  # where Debian puts it, off a non-root user's PATH
+NGINX_MISSING = ("nginx is not installed: the comparison with nginx (the seed's config) is "
+                 "skipped; to get it: apt-get install nginx-light (Debian/Ubuntu)")
 
 
 @dataclass(frozen=True)
 class Phase:
     key: str
     title: str  # the column heading
-    failover: bool  # backups and the overflow policy, or the UNIX socket alone
+    kind: str  # "failproxy" or "nginx": which program fronts each host
+    failover: bool  # backups (and failproxy's overflow policy), or the UNIX socket alone
     describe: str
+    heading: str = ""  # the phase's name where it starts; "" = its title
+
+    @property
+    def name(self) -> str:
+        return self.heading or self.title
 
 
-PHASES = (
-    Phase("socket", "UNIX socket only", False,
-          "each proxy has only its box's UNIX socket, no backups (a box without failproxy's "
-          "failover): a full backlog answers 502"),
-    Phase("failproxy", "failproxy", True,
-          'failproxy\'s defaults: overflow = "room", backups = the 3 app TCP ports, self = the '
-          "box's own"),
+SOCKET_ONLY = Phase(
+    "socket", "UNIX socket only", "failproxy", False,
+    "each proxy has only its box's UNIX socket, no backups (a box without failproxy's "
+    "failover): a full backlog answers 502")
+NGINX = Phase(
+    "nginx", "nginx", "nginx", True,
+    "one nginx per host: server unix:... fail_timeout=0, then the 3 app TCP ports as backup "
+    "(the box's own last), proxy_next_upstream error timeout; nginx takes its backups "
+    "round-robin", heading="nginx, the seed's config")
+FAILPROXY = Phase(
+    "failproxy", "failproxy", "failproxy", True,
+    'failproxy\'s defaults: overflow = "room", route learning, backups = the 3 app TCP ports, '
+    "self = the box's own")
+PHASES = (SOCKET_ONLY, NGINX, FAILPROXY)  # in the order they run; nginx's only when installed
+
+NGINX_HELP = (
+    "  nginx logs each failed connect in its error log (overloaded = EAGAIN: the UNIX backlog\n"
+    "    was full) and each request's servers in its access log, read here when it is answered;\n"
+    "    skipped_down = the UNIX socket not tried at all: after a failure nginx skips a server\n"
+    "    for the rest of that second, even with fail_timeout=0"
 )
 
 REASONS_HELP = (
@@ -105,9 +141,15 @@ class Front:
     host: Host
     phase: Phase
     proxy_port: int
-    log_path: str
+    log_path: str  # failproxy's JSON log, or nginx's access log
     cfg_path: str
-    err_path: str
+    err_path: str  # the process's stderr
+    admin_port: int = 0  # failproxy's admin listener; 0 = none
+    error_log: str = ""  # nginx's error log
+
+    @property
+    def kind(self) -> str:
+        return self.phase.kind
 
     @property
     def name(self) -> str:
@@ -120,6 +162,19 @@ class Front:
     @property
     def proxy_addr(self) -> str:
         return f"{self.host.ip}:{self.proxy_port}"
+
+    @property
+    def admin_addr(self) -> str:
+        return f"{self.host.ip}:{self.admin_port}" if self.admin_port else ""
+
+    @property
+    def tmp_dir(self) -> str:
+        """nginx's temp files (request bodies, buffered answers)."""
+        return self.cfg_path.rsplit(".", 1)[0] + ".tmp"
+
+    @property
+    def pid_path(self) -> str:
+        return self.cfg_path.rsplit(".", 1)[0] + ".pid"
 
 
 @dataclass
@@ -150,6 +205,9 @@ class LogStats:
     held_ms: dict[str, list[float]] = field(default_factory=dict)  # front -> held_ms values
     logged_requests: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    # nginx: failed attempts read from the error log, waiting for their request's access log
+    # line: (front, method, uri) -> reasons, oldest first
+    pending: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,6 +216,8 @@ class PhaseRun:
     results: list[Result]
     stats: LogStats
     wall: float
+    status: dict[str, Any] | None = None  # host1's failproxy's GET /status after the phase
+    status_from: str = ""  # where it was read, or why not
 
 
 class _Interrupted(Exception):
@@ -196,8 +256,97 @@ def _config_text(front: Front, hosts: Sequence[Host]) -> str:
     if front.phase.failover:
         for peer in hosts:
             lines += ["", "[[upstream.server]]", f'address = "{peer.app_tcp}"', "backup = true"]
-    lines += ["", "[log]", 'format = "json"', "access = true", f'file = "{front.log_path}"', ""]
+    lines += ["", "[log]", 'format = "json"', "access = true", f'file = "{front.log_path}"']
+    if front.admin_port:
+        lines += ["", "[admin]", f'listen = "{front.admin_addr}"']
+    lines.append("")
     return "\n".join(lines)
+
+
+# One JSON object per request: what LogTailer reads (`$upstream_addr`: every server tried).
+NGINX_LOG_FORMAT = (
+    "log_format demo escape=json '{\"event\":\"request\",\"status\":$status,"
+    "\"method\":\"$request_method\",\"uri\":\"$request_uri\",\"upstream\":\"$upstream_addr\","
+    "\"upstream_status\":\"$upstream_status\",\"request_time\":$request_time}';"
+)
+
+
+def ring(hosts: Sequence[Host], host: Host) -> list[Host]:
+    """The backups in the order a box tries them: the ring starting just after itself, so its
+    own TCP port goes last (failproxy's order with `upstream.self`)."""
+    i = next(k for k, h in enumerate(hosts) if h is host or h.name == host.name)
+    return [*hosts[i + 1:], *hosts[:i + 1]]
+
+
+def find_nginx() -> str | None:
+    """nginx's path: on PATH, or where Debian puts it; None when it is not installed."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    for path in NGINX_FALLBACKS:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def select_phases(nginx: str | None) -> tuple[list[Phase], str]:
+    """The phases to run, and a line to print when the nginx one is skipped ("" when not)."""
+    if nginx is None:
+        return [p for p in PHASES if p.kind != "nginx"], NGINX_MISSING
+    return list(PHASES), ""
+
+
+def _nginx_user() -> str:
+    """As root, nginx's workers would run as nobody, who cannot reach the sockets in the
+    demo's temp dir: keep them as the user that runs the demo."""
+    if os.geteuid() != 0:
+        return ""
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    group = grp.getgrgid(os.getegid()).gr_name
+    return f"user {user} {group};\n"
+
+
+def nginx_config_text(front: Front, hosts: Sequence[Host]) -> str:
+    """One host's nginx with the seed's upstream block. `daemon`, `master_process`,
+    `worker_processes`, `error_log` and `pid` are given on the command line
+    (`nginx_command`): here they would be duplicates."""
+    host = front.host
+    tmp = front.tmp_dir
+    servers = [f"    server unix:{host.sock_path} fail_timeout=0;"]
+    if front.phase.failover:
+        servers += [f"    server {peer.app_tcp} backup;" for peer in ring(hosts, host)]
+    return "\n".join([
+        f"# failproxy demo: {host.name}, phase {front.phase.key} (the seed's config)",
+        _nginx_user() + "events { worker_connections 1024; }",
+        "http {",
+        "  " + NGINX_LOG_FORMAT,
+        f"  access_log {front.log_path} demo;",
+        f"  client_body_temp_path {tmp}/body;",
+        f"  proxy_temp_path {tmp}/proxy;",
+        f"  fastcgi_temp_path {tmp}/fastcgi;",
+        f"  uwsgi_temp_path {tmp}/uwsgi;",
+        f"  scgi_temp_path {tmp}/scgi;",
+        "  upstream app {",
+        *servers,
+        "  }",
+        "  server {",
+        f"    listen {front.proxy_addr};",
+        "    location / {",
+        "      proxy_pass http://app;",
+        "      proxy_http_version 1.1;",
+        "      proxy_next_upstream error timeout;",
+        "    }",
+        "  }",
+        "}",
+        "",
+    ])
+
+
+def nginx_command(nginx: str, front: Front, prefix: str) -> list[str]:
+    """nginx in the foreground as the current user, every path under the demo's temp dir."""
+    return [nginx, "-p", prefix.rstrip("/") + "/", "-c", front.cfg_path, "-g",
+            "daemon off; master_process on; worker_processes 1; "
+            f"error_log {front.error_log}; pid {front.pid_path};"]
 
 
 def _child_env() -> dict[str, str]:
@@ -225,11 +374,17 @@ def _wait_tcp(ip: str, port: int, proc: subprocess.Popen[bytes], what: str, err_
 
 
 def _tail(path: str, n: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:]).rstrip() or "(no output)"
-    except OSError:
-        return "(no output)"
+    """The last lines of each of the `os.pathsep`-separated files."""
+    texts = []
+    for one in path.split(os.pathsep):
+        try:
+            with open(one, errors="replace") as f:
+                text = "".join(f.readlines()[-n:]).rstrip()
+        except OSError:
+            continue
+        if text:
+            texts.append(text)
+    return "\n".join(texts) or "(no output)"
 
 
 def proxy_command(cfg_path: str) -> list[str]:
@@ -238,10 +393,12 @@ def proxy_command(cfg_path: str) -> list[str]:
 
 
 class Cluster:
-    """The processes of the demo: one app server per host and one failproxy per host and phase,
-    all started up front; `close()` ends every one of them and removes the temp dir."""
+    """The processes of the demo: one app server per host and one front proxy per host and
+    phase, all started up front; `close()` ends every one of them and removes the temp dir."""
 
-    def __init__(self) -> None:
+    def __init__(self, phases: Sequence[Phase] = PHASES, nginx: str | None = None) -> None:
+        self.phases = list(phases)
+        self.nginx = nginx
         self.tmp = tempfile.mkdtemp(prefix="failproxy-demo-")
         self.procs: list[subprocess.Popen[bytes]] = []
         self.hosts: list[Host] = []
@@ -249,35 +406,54 @@ class Cluster:
 
     def start(self) -> None:
         env = _child_env()
+        failproxies = sum(1 for p in self.phases if p.kind == "failproxy")
         for i, ip in enumerate(HOST_IPS, 1):
-            ports = _free_ports(ip, 1 + len(PHASES))
+            ports = _free_ports(ip, 1 + len(self.phases) + failproxies)
+            admin_ports = ports[1 + len(self.phases):]
             name = f"host{i}"
             host = Host(name=name, ip=ip, app_port=ports[0],
                         sock_path=os.path.join(self.tmp, f"{name}.sock"),
                         app_err_path=os.path.join(self.tmp, f"{name}.app.stderr"))
             self.hosts.append(host)
-            for phase, port in zip(PHASES, ports[1:], strict=True):
+            for phase, port in zip(self.phases, ports[1:1 + len(self.phases)], strict=True):
                 base = os.path.join(self.tmp, f"{name}.{phase.key}")
-                self.fronts.setdefault(phase.key, []).append(Front(
-                    host=host, phase=phase, proxy_port=port, log_path=base + ".log",
-                    cfg_path=base + ".toml", err_path=base + ".stderr"))
+                if phase.kind == "nginx":
+                    front = Front(host=host, phase=phase, proxy_port=port,
+                                  log_path=base + ".access.log", cfg_path=base + ".conf",
+                                  err_path=base + ".stderr", error_log=base + ".error.log")
+                else:
+                    front = Front(host=host, phase=phase, proxy_port=port,
+                                  log_path=base + ".log", cfg_path=base + ".toml",
+                                  err_path=base + ".stderr", admin_port=admin_ports.pop(0))
+                self.fronts.setdefault(phase.key, []).append(front)
         deadline = time.monotonic() + START_TIMEOUT
         apps = []
         for h in self.hosts:
             cmd = [sys.executable, "-m", "failproxy.demoapp", "--name", h.name, "--unix",
-                   h.sock_path, "--tcp", h.app_tcp, "--workers", str(APP_WORKERS)]
+                   h.sock_path, "--tcp", h.app_tcp, "--workers", str(APP_WORKERS),
+                   "--slow-ms", str(SLOW_MS)]
             apps.append(self._spawn(cmd, env, h.app_err_path))
         for h, proc in zip(self.hosts, apps, strict=True):
             _wait_tcp(h.ip, h.app_port, proc, f"{h.name} demo app", h.app_err_path, deadline)
         started = []
         for fronts in self.fronts.values():
             for f in fronts:
-                Path(f.cfg_path).write_text(_config_text(f, self.hosts))
                 Path(f.log_path).touch()
-                started.append((f, self._spawn(proxy_command(f.cfg_path), env, f.err_path)))
-        for f, proc in started:
-            _wait_tcp(f.ip, f.proxy_port, proc, f"{f.name} failproxy ({f.phase.title})",
-                      f.err_path, deadline)
+                if f.kind == "nginx":
+                    assert self.nginx is not None, "an nginx phase without nginx"
+                    Path(f.cfg_path).write_text(nginx_config_text(f, self.hosts))
+                    Path(f.error_log).touch()
+                    os.makedirs(f.tmp_dir, exist_ok=True)
+                    cmd = nginx_command(self.nginx, f, self.tmp)
+                    errs = f.err_path + os.pathsep + f.error_log
+                else:
+                    Path(f.cfg_path).write_text(_config_text(f, self.hosts))
+                    cmd = proxy_command(f.cfg_path)
+                    errs = f.err_path
+                started.append((f, self._spawn(cmd, env, f.err_path), errs))
+        for f, proc, errs in started:
+            _wait_tcp(f.ip, f.proxy_port, proc, f"{f.name} {f.kind} ({f.phase.title})",
+                      errs, deadline)
 
     def _spawn(self, cmd: list[str], env: dict[str, str], err_path: str) -> subprocess.Popen[bytes]:
         with open(err_path, "wb") as err:
@@ -314,8 +490,49 @@ def _labels(hosts: Sequence[Host]) -> dict[str, str]:
     return labels
 
 
+# An nginx error log line about one failed attempt, e.g. `2024/05/01 12:00:00 [error] 7#7: *9
+# connect() to unix:/tmp/d/host1.sock failed (11: Resource temporarily unavailable) while
+# connecting to upstream, client: 127.0.0.1, server: , request: "GET /items/3 HTTP/1.1",
+# upstream: "http://unix:/tmp/d/host1.sock:/items/3", host: "127.0.1.1:40000"`
+_NGINX_LEVEL = re.compile(r"\[(\w+)\] \d+#\d+: (?:\*\d+ )?(.*?)(?:, client: |$)")
+_NGINX_REQUEST = re.compile(r'request: "(\S+) (\S+)')
+_NGINX_UPSTREAM = re.compile(r'upstream: "http://(unix:.*?|[^/"]+)(?::/|/|")')
+_NGINX_CONNECT = re.compile(r"connect\(\) (?:to (\S+) )?failed \((\d+): ")
+_REASON_BY_ERRNO = {errno.EAGAIN: "overloaded", errno.ECONNREFUSED: "refused",
+                    errno.ENOENT: "missing"}
+
+
+def nginx_attempt(line: str) -> tuple[str, str, str, str, str] | None:
+    """(reason, errno name, address, method, uri) of a failed attempt in an nginx error log
+    line, with failproxy's reason names (SPEC 4.1); None for any other line."""
+    m = _NGINX_LEVEL.search(line)
+    if m is None:
+        return None
+    message = m.group(2)
+    request = _NGINX_REQUEST.search(line)
+    method, uri = request.groups() if request else ("", "")
+    upstream = _NGINX_UPSTREAM.search(line)
+    address = upstream.group(1) if upstream else ""
+    name = ""
+    connect = _NGINX_CONNECT.search(message)
+    if connect is not None:
+        address = connect.group(1) or address
+        code = int(connect.group(2))
+        name = errno.errorcode.get(code, str(code))
+        reason = _REASON_BY_ERRNO.get(code, "unreachable")
+    elif "upstream timed out" in message:
+        reason = "connect_timeout" if "while connecting" in message else "timeout"
+    elif "while reading response header" in message and (
+            "prematurely closed" in message or "reset by peer" in message):
+        reason = "reset"
+    else:
+        return None
+    return reason, name, address, method, uri
+
+
 class LogTailer(threading.Thread):
-    """Follows one phase's proxy logs (JSON); prints failovers live and counts what they say."""
+    """Follows one phase's proxy logs (failproxy's JSON log, or nginx's access log as JSON and
+    its error log); prints failovers live and counts what they say."""
 
     def __init__(self, fronts: Sequence[Front], out: TextIO, quiet: bool, t0: float) -> None:
         super().__init__(name="log-tailer", daemon=True)
@@ -326,8 +543,8 @@ class LogTailer(threading.Thread):
         self.stats = LogStats()
         self.labels = _labels([f.host for f in fronts])
         self._stop_event = threading.Event()
-        self._files: dict[str, Any] = {}
-        self._partial: dict[str, bytes] = {}
+        self._files: dict[str, Any] = {}  # path -> open file
+        self._partial: dict[str, bytes] = {}  # path -> an unfinished last line
         self._second = -1
         self._printed = 0
         self._suppressed = 0
@@ -350,30 +567,97 @@ class LogTailer(threading.Thread):
             f.close()
         self._files.clear()
 
+    def _lines(self, path: str) -> list[bytes]:
+        """The whole lines added to `path` since the last call."""
+        f = self._files.get(path)
+        if f is None:
+            try:
+                f = self._files[path] = open(path, "rb")  # noqa: SIM115
+            except OSError:
+                return []
+        data = self._partial.pop(path, b"") + f.read()
+        if not data:
+            return []
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self._partial[path] = rest
+        return lines
+
     def poll(self) -> None:
         for front in self.fronts:
-            f = self._files.get(front.name)
-            if f is None:
-                try:
-                    f = self._files[front.name] = open(front.log_path, "rb")  # noqa: SIM115
-                except OSError:
-                    continue
-            data = self._partial.pop(front.name, b"") + f.read()
-            if not data:
-                continue
-            *lines, rest = data.split(b"\n")
-            if rest:
-                self._partial[front.name] = rest
-            for line in lines:
-                self._event(front.name, line)
+            if front.kind == "nginx":
+                # The access log first: a request's failed attempts are in the error log before
+                # its access log line is written, so reading the error log after it finds them.
+                access = self._lines(front.log_path)
+                for line in self._lines(front.error_log):
+                    self._nginx_error(front.name, line)
+                for line in access:
+                    self._event(front, line)
+            else:
+                for line in self._lines(front.log_path):
+                    self._event(front, line)
 
-    def _event(self, host: str, line: bytes) -> None:
+    def _nginx_error(self, host: str, line: bytes) -> None:
+        text = line.decode(errors="replace")
+        attempt = nginx_attempt(text)
+        if attempt is not None:
+            reason, name, _address, method, uri = attempt
+            label = f"{reason} {name}" if name else reason
+            self.stats.pending.setdefault((host, method, uri), []).append(label)
+        elif re.search(r"\[(error|crit|alert|emerg)\]", text):
+            self.stats.errors.append(f"{host}: {text}")
+
+    def _nginx_request(self, front: Front, ev: dict[str, Any]) -> None:
+        """One nginx access log line: who answered, and the failovers it took to get there."""
+        st = self.stats
+        host = front.name
+        st.logged_requests[host] += 1
+        tried = [a.strip() for a in str(ev.get("upstream") or "").split(",") if a.strip()]
+        status = ev.get("status")
+        answered = bool(tried) and status not in (502, 504)
+        st.answered[(host, self.label(tried[-1]) if answered else NONE)] += 1
+        method, uri = str(ev.get("method", "")), str(ev.get("uri", ""))
+        primary = f"unix:{front.host.sock_path}"
+        if answered and tried[0] != primary:
+            # Not tried: nginx took it for down (a failure earlier in the same second).
+            st.failovers["skipped_down"] += 1
+            st.routes[(self.label(primary), self.label(tried[0]))] += 1
+            self._live(f"{host} nginx  {method} {uri}  {self.label(primary)} -> "
+                       f"{self.label(tried[0])}  [skipped_down]")
+        # Its own failed attempts, oldest first; another request of the same method and URI
+        # (POST /echo) may have some in the list too.
+        key = (host, method, uri)
+        waiting = st.pending.get(key, [])
+        failed = len(tried) - (1 if answered else 0)
+        reasons, rest = waiting[:failed], waiting[failed:]
+        if rest:
+            st.pending[key] = rest
+        else:
+            st.pending.pop(key, None)
+        for i, (src, dst) in enumerate(itertools.pairwise(tried)):
+            label = reasons[i] if i < len(reasons) else "failed"
+            reason = label.split(" ")[0]
+            st.failovers[reason] += 1
+            st.routes[(self.label(src), self.label(dst))] += 1
+            detail = label[len(reason):]
+            self._live(f"{host} nginx  {method} {uri}  {self.label(src)} -> "
+                       f"{self.label(dst)}  [{reason}{detail}]")
+        if not answered:
+            st.exhausted += 1
+            self._live(f"{host} nginx  {method} {uri}  every server failed "
+                       f"{[r.split(' ')[0] for r in reasons]} -> {status}")
+
+    def _event(self, front: Front, line: bytes) -> None:
         try:
             ev = json.loads(line)
         except ValueError:
             return
         if not isinstance(ev, dict):
             return
+        if front.kind == "nginx":
+            self._nginx_request(front, ev)
+            return
+        host = front.name
         name = ev.get("event")
         st = self.stats
         if name == "failover":
@@ -427,8 +711,11 @@ class LogTailer(threading.Thread):
 
 
 def _plan(n: int, seed: int = SEED) -> list[tuple[int, str, str]]:
-    """(front index, kind, path) per request: round-robin fronts, slow ones clustered on host1."""
+    """(front index, kind, path) per request: round-robin fronts, slow ones clustered on host1.
+    The slow actions are `/reports/<id>`, the fast ones `/items/<id>` and `/echo`: route keys
+    `GET /reports/:id`, `GET /items/:id` and `POST /echo` to a proxy that learns routes."""
     rnd = random.Random(seed)
+    ids = random.Random(seed + 1)  # its own stream: the kinds are what the seed always gave
     plan = []
     for i in range(n):
         front = i % len(HOST_IPS)
@@ -439,7 +726,8 @@ def _plan(n: int, seed: int = SEED) -> list[tuple[int, str, str]]:
             kind = "echo"
         else:
             kind = "fast"
-        path = {"slow": f"/slow?ms={SLOW_MS}", "fast": "/fast", "echo": "/echo"}[kind]
+        record = ids.randrange(1, 100_000)
+        path = {"slow": f"/reports/{record}", "fast": f"/items/{record}", "echo": "/echo"}[kind]
         plan.append((front, kind, path))
     return plan
 
@@ -524,7 +812,9 @@ def _latencies(results: Sequence[Result], fast: bool, front: str | None = None) 
 def phase_line(run: PhaseRun) -> str:
     ok = sum(1 for r in run.results if not r.error)
     return (f"  {run.phase.title}: {len(run.results)} requests in {run.wall:.1f} s, {ok} ok, "
-            f"{len(run.results) - ok} errors")
+            f"{len(run.results) - ok} errors; fast p99 "
+            f"{_ms(_latencies(run.results, True), 0.99)} ms, slow p99 "
+            f"{_ms(_latencies(run.results, False), 0.99)} ms")
 
 
 def _ratio_line(before: float | None, after: float | None, titles: tuple[str, str]) -> str:
@@ -541,7 +831,8 @@ def _ratio_line(before: float | None, after: float | None, titles: tuple[str, st
 
 
 def comparison(hosts: Sequence[Host], runs: Sequence[PhaseRun]) -> str:
-    """The side-by-side table of the phases, and the lines that read it."""
+    """The side-by-side table of the phases, and the lines that read it: failproxy's fast p99
+    against each other phase's."""
     first = hosts[0].name
     titles = [run.phase.title for run in runs]
     rows: list[list[object]] = [["", *titles]]
@@ -579,19 +870,26 @@ def comparison(hosts: Sequence[Host], runs: Sequence[PhaseRun]) -> str:
         row(f"  {reason}", [run.stats.failovers[reason] for run in runs])
 
     shares = ", ".join(f"{h.name} {s:.0%}" for h, s in zip(hosts, SLOW_SHARE, strict=True))
+    logs = ("its proxy's `request` events" if all(run.phase.kind != "nginx" for run in runs)
+            else "its proxy's `request` events or nginx's access log ($upstream_addr)")
     lines = [f"\ncomparison: the same {len(runs[0].results)} requests (seed {SEED}) in each phase, "
-             f"/slow?ms={SLOW_MS} share {shares}",
-             "  fast = /fast and /echo; latency in ms from the scheduled send time, over answered "
-             "requests;",
-             f"  {first}'s requests by who answered them, from its proxy's `request` events\n",
+             f"slow = {SLOW_ROUTE} ({SLOW_MS} ms in the app), share {shares}",
+             f"  fast = {FAST_ROUTES}; latency in ms from the scheduled send time, over "
+             "answered requests;",
+             f"  {first}'s requests by who answered them, from {logs}\n",
              _table(rows), ""]
 
     def p99(run: PhaseRun) -> float | None:
         values = _latencies(run.results, True)
         return round(_pct(values, 0.99), 1) if values else None
 
-    if len(runs) == 2:
-        lines.append(_ratio_line(p99(runs[0]), p99(runs[1]), (titles[0], titles[1])))
+    ours = [run for run in runs if run.phase.key == FAILPROXY.key]
+    if ours and len(runs) > 1:
+        after = ours[0]
+        for before in runs:
+            if before is not after:
+                lines.append(_ratio_line(p99(before), p99(after),
+                                         (before.phase.title, after.phase.title)))
         few = min(len(_latencies(run.results, True)) for run in runs)
         if 0 < few < 100:
             lines.append(f"  (only {few} fast requests answered in a phase: a p99 of so few is "
@@ -612,6 +910,98 @@ def comparison(hosts: Sequence[Host], runs: Sequence[PhaseRun]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- route learning
+
+
+def fetch_status(front: Front, timeout: float = 3.0) -> dict[str, Any]:
+    """`GET /status` from a failproxy's admin listener, parsed; raises OSError, ValueError or
+    http.client.HTTPException."""
+    conn = http.client.HTTPConnection(front.ip, front.admin_port, timeout=timeout)
+    try:
+        conn.request("GET", "/status")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}")
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    finally:
+        conn.close()
+
+
+def read_learned(front: Front, answered: int) -> tuple[dict[str, Any] | None, str]:
+    """host1's /status once its workers have published what they learned of the phase (once a
+    second: until its routes count `answered` answers, or two more tries); (status or None,
+    where it was read or why not)."""
+    where = f"http://{front.admin_addr}/status"
+    time.sleep(max(0.0, STATUS_WAIT - SETTLE))
+    status: dict[str, Any] | None = None
+    problem = ""
+    for attempt in range(3):
+        if attempt:
+            time.sleep(1.0)
+        try:
+            status = fetch_status(front)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            problem = f"{where}: {exc or type(exc).__name__}"
+            continue
+        counted = sum(int(r.get("count") or 0) for r in status.get("routes") or []
+                      if isinstance(r, dict))
+        if counted >= answered:
+            break
+    if status is None:
+        return None, problem
+    return status, where
+
+
+def _num(value: object) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line for line in text.splitlines())
+
+
+def learned_section(status: dict[str, Any] | None, labels: dict[str, str], host: str,
+                    where: str) -> str:
+    """What a failproxy learned, from its /status: each route's class, learned app time and
+    count, and each upstream's learned concurrency and service time."""
+    if status is None:
+        return f"\nwhat {host}'s failproxy learned: not read ({where})"
+    slow_ms = config.RoutesConfig().slow_ms
+    lines = [f"\nwhat {host}'s failproxy learned (GET /status on its admin listener, {where}):",
+             f"  routes, from the app's own time per answer (slow: above routes.slow_ms = "
+             f"{slow_ms:g} ms):"]
+    routes = [r for r in status.get("routes") or [] if isinstance(r, dict)]
+    if routes:
+        rows: list[list[object]] = [["route", "class", "learned ms", "answers"]]
+        rows += [[r.get("route", "?"), r.get("class", "?"), _num(r.get("ms")),
+                  r.get("count", "-")] for r in routes]
+        lines.append(_indent(_table(rows)))
+        by_class = {c: [str(r.get("route")) for r in routes if r.get("class") == c]
+                    for c in ("slow", "fast")}
+        lines.append(f"  learned slow: {', '.join(by_class['slow']) or 'none'}; fast: "
+                     f"{', '.join(by_class['fast']) or 'none'} (slow-route requests are the "
+                     "ones that overflow and wait first)")
+    else:
+        lines.append("    none learned")
+    upstreams = [u for u in status.get("upstreams") or [] if isinstance(u, dict)]
+    if upstreams:
+        lines.append("  upstreams, from their answers (concurrency: requests it serves at once "
+                     "without slowing; service ms: its learned answer time):")
+        rows = [["upstream", "concurrency", "service ms", "requests"]]
+        for u in upstreams:
+            address = str(u.get("address"))
+            concurrency = u.get("concurrency")
+            rows.append([labels.get(address, address),
+                         concurrency if concurrency is not None else "-",
+                         _num(u.get("service_ms")), u.get("requests", "-")])
+        lines.append(_indent(_table(rows)))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -619,8 +1009,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="failproxy demo",
         description="A 3-host cluster on loopback (127.0.1.1-3): demo app servers, driven by "
-                    "the same skewed load twice, through the UNIX socket alone and through "
-                    "failproxy; prints failovers live and the two side by side.")
+                    "the same skewed load through the UNIX socket alone, nginx with the "
+                    "seed's config (when installed) and failproxy; prints failovers live, the "
+                    "phases side by side, and the routes failproxy learned.")
     p.add_argument("--requests", type=int, default=DEFAULT_REQUESTS,
                    help=f"requests to send in each phase (default {DEFAULT_REQUESTS})")
     p.add_argument("--duration", type=float, default=None,
@@ -643,12 +1034,14 @@ def _on_term(_sig: int, _frame: FrameType | None) -> None:
     raise _Interrupted
 
 
-def _run_phase(i: int, fronts: Sequence[Front], args: argparse.Namespace,
+def _run_phase(i: int, of: int, fronts: Sequence[Front], args: argparse.Namespace,
                out: TextIO) -> PhaseRun:
     phase = fronts[0].phase
-    print(f"\nphase {i} of {len(PHASES)}: {phase.title}: {phase.describe}", file=out, flush=True)
+    print(f"\nphase {i} of {of}: {phase.name}: {phase.describe}", file=out, flush=True)
     if not args.quiet:
-        if phase.failover:
+        if phase.kind == "nginx":
+            print(NGINX_HELP, file=out, flush=True)
+        elif phase.failover:
             print(REASONS_HELP, file=out, flush=True)
         print("failovers and 502s as the proxies log them:", file=out, flush=True)
     t0 = time.monotonic()
@@ -662,6 +1055,11 @@ def _run_phase(i: int, fronts: Sequence[Front], args: argparse.Namespace,
         tailer.stop()
     run = PhaseRun(phase, results, tailer.stats, wall)
     print(phase_line(run), file=out, flush=True)
+    if phase.key == FAILPROXY.key and fronts[0].admin_port:
+        first = fronts[0].name
+        answered = sum(c for (front, dest), c in tailer.stats.answered.items()
+                       if front == first and dest != NONE)
+        run.status, run.status_from = read_learned(fronts[0], answered)
     return run
 
 
@@ -671,32 +1069,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help or bad usage: return the status, as cli.main does
         return exc.code if isinstance(exc.code, int) else 2
     out = sys.stdout
-    cluster = Cluster()
+    nginx = find_nginx()
+    phases, skipped = select_phases(nginx)
+    cluster = Cluster(phases, nginx)
     old_term = signal.getsignal(signal.SIGTERM)
     in_main = threading.current_thread() is threading.main_thread()
     if in_main:
         signal.signal(signal.SIGTERM, _on_term)
     try:
+        if skipped:
+            print(skipped, file=out, flush=True)
         print(f"failproxy demo: starting 3 hosts on 127.0.1.1-3 (demo app: {APP_WORKERS} "
               f"workers, UNIX backlog {demoapp.UNIX_BACKLOG}, TCP backlog "
-              f"{demoapp.TCP_BACKLOG}), each with one failproxy per phase ...",
-              file=out, flush=True)
+              f"{demoapp.TCP_BACKLOG}), each with one front proxy per phase "
+              f"({', '.join(p.name for p in phases)}) ...", file=out, flush=True)
         cluster.start()
         hosts = cluster.hosts
         if not args.quiet:
             for h in hosts:
-                proxies = "  ".join(f"{f.phase.key} proxy {f.proxy_addr}"
-                                    for p in PHASES for f in cluster.fronts[p.key]
-                                    if f.host is h)
+                proxies = "  ".join(
+                    f"{f.phase.key} {f.proxy_addr}"
+                    + (f" (admin {f.admin_addr})" if f.admin_port and f.phase.failover else "")
+                    for p in phases for f in cluster.fronts[p.key] if f.host is h)
                 print(f"  {h.name}: app tcp {h.app_tcp}  {proxies}", file=out, flush=True)
         shares = ", ".join(f"{h.name} {share:.0%}" for h, share in zip(hosts, SLOW_SHARE,
                                                                          strict=True))
         print(f"each phase sends the same {args.requests} requests over {args.duration:.1f} s, "
-              f"round-robin over the 3 proxies; share of /slow?ms={SLOW_MS}: {shares}",
-              file=out, flush=True)
-        runs = [_run_phase(i, cluster.fronts[phase.key], args, out)
-                for i, phase in enumerate(PHASES, 1)]
+              f"round-robin over the 3 proxies; slow = {SLOW_ROUTE} ({SLOW_MS} ms), its share: "
+              f"{shares}; fast = {FAST_ROUTES}", file=out, flush=True)
+        runs = [_run_phase(i, len(phases), cluster.fronts[phase.key], args, out)
+                for i, phase in enumerate(phases, 1)]
         print(comparison(hosts, runs), file=out, flush=True)
+        for run in runs:
+            if run.phase.key == FAILPROXY.key:
+                print(learned_section(run.status, _labels(hosts), hosts[0].name,
+                                      run.status_from), file=out, flush=True)
         return 0
     except (KeyboardInterrupt, _Interrupted):
         print("\ninterrupted; cleaning up", file=sys.stderr, flush=True)

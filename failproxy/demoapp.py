@@ -10,7 +10,9 @@ asyncio server would accept eagerly and never fill its backlog, which is why thi
 
     python -m failproxy.demoapp --name host1 --unix /tmp/h1.sock --tcp 127.0.1.1:9001 --workers 2
 
-Paths: `/fast` (tiny body), `/slow?ms=N` (sleeps N ms), `/echo` (answers the request body).
+Paths: `/fast` and `/items/<id>` (tiny body), `/slow?ms=N` (sleeps N ms, default 100),
+`/reports/<id>` (sleeps `--slow-ms`, default 300, or `?ms=N`: a slow action on a route of its
+own, as a proxy's route learning sees it), `/echo` (answers the request body).
 Every response carries `X-Served-By: NAME/PID` and `X-Served-Via: unix|tcp`.
 Master: TERM/INT/QUIT kill the workers, remove the socket file and exit 0; a worker that dies is
 replaced. Workers exit when the master is gone. Standard library only.
@@ -35,6 +37,7 @@ MAX_HEAD = 65536
 MAX_BODY = 64 * 1024 * 1024
 IO_TIMEOUT = 30.0
 MAX_SLOW_MS = 60_000
+REPORT_MS = 300  # what /reports/<id> sleeps unless --slow-ms or ?ms= says otherwise
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             413: "Content Too Large"}
@@ -148,7 +151,17 @@ def _respond(conn: socket.socket, status: int, body: bytes, served_by: str, via:
     conn.sendall(head if head_only else head + body)
 
 
-def _handle(conn: socket.socket, served_by: str, via: str) -> None:
+def _sleep_ms(query: str, default: int) -> int | None:
+    """The `ms` of a slow action (its query's `ms`, else `default`), clamped; None when bad."""
+    try:
+        ms = int(parse_qs(query).get("ms", [str(default)])[0])
+    except ValueError:
+        return None
+    return max(0, min(ms, MAX_SLOW_MS))
+
+
+def _handle(conn: socket.socket, served_by: str, via: str,
+            report_ms: int = REPORT_MS) -> None:
     reader = _Reader(conn)
     try:
         method, target, _headers, body = _read_request(reader)
@@ -159,15 +172,15 @@ def _handle(conn: socket.socket, served_by: str, via: str) -> None:
         return
     url = urlsplit(target)
     head_only = method == "HEAD"
-    if url.path == "/fast" or url.path == "/":
+    path = url.path
+    if path in ("/fast", "/") or (path.startswith("/items/") and len(path) > len("/items/")):
         _respond(conn, 200, b"fast\n", served_by, via, head_only)
-    elif url.path == "/slow":
-        try:
-            ms = int(parse_qs(url.query).get("ms", ["100"])[0])
-        except ValueError:
+    elif path == "/slow" or (path.startswith("/reports/") and len(path) > len("/reports/")):
+        ms = _sleep_ms(url.query, 100 if path == "/slow" else report_ms)
+        if ms is None:
             _respond(conn, 400, b"ms must be an integer\n", served_by, via)
             return
-        time.sleep(max(0, min(ms, MAX_SLOW_MS)) / 1000.0)
+        time.sleep(ms / 1000.0)
         _respond(conn, 200, f"slow {ms} ms\n".encode(), served_by, via, head_only)
     elif url.path == "/echo":
         _respond(conn, 200, body, served_by, via, head_only)
@@ -175,7 +188,8 @@ def _handle(conn: socket.socket, served_by: str, via: str) -> None:
         _respond(conn, 404, b"not found\n", served_by, via, head_only)
 
 
-def _worker(name: str, listeners: Sequence[tuple[socket.socket, str]], master_pid: int) -> None:
+def _worker(name: str, listeners: Sequence[tuple[socket.socket, str]], master_pid: int,
+            report_ms: int = REPORT_MS) -> None:
     quitting = False
 
     def on_quit(_sig: int, _frame: object) -> None:
@@ -201,7 +215,7 @@ def _worker(name: str, listeners: Sequence[tuple[socket.socket, str]], master_pi
                 continue  # another worker took it
             try:
                 conn.settimeout(IO_TIMEOUT)
-                _handle(conn, served_by, via)
+                _handle(conn, served_by, via, report_ms)
             except OSError:
                 pass
             finally:
@@ -242,12 +256,13 @@ def bind(unix_path: str | None, tcp: tuple[str, int] | None) -> list[tuple[socke
     return out
 
 
-def _spawn(name: str, listeners: Sequence[tuple[socket.socket, str]], master_pid: int) -> int:
+def _spawn(name: str, listeners: Sequence[tuple[socket.socket, str]], master_pid: int,
+           report_ms: int = REPORT_MS) -> int:
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            _worker(name, listeners, master_pid)
+            _worker(name, listeners, master_pid, report_ms)
         except BaseException:
             code = 1
         finally:
@@ -255,7 +270,8 @@ def _spawn(name: str, listeners: Sequence[tuple[socket.socket, str]], master_pid
     return pid
 
 
-def serve(name: str, unix_path: str | None, tcp: tuple[str, int] | None, workers: int) -> int:
+def serve(name: str, unix_path: str | None, tcp: tuple[str, int] | None, workers: int,
+          report_ms: int = REPORT_MS) -> int:
     listeners = bind(unix_path, tcp)
     master_pid = os.getpid()
 
@@ -267,7 +283,7 @@ def serve(name: str, unix_path: str | None, tcp: tuple[str, int] | None, workers
     pids: set[int] = set()
     try:
         for _ in range(workers):
-            pids.add(_spawn(name, listeners, master_pid))
+            pids.add(_spawn(name, listeners, master_pid, report_ms))
         while True:
             try:
                 pid, _status = os.waitpid(-1, 0)
@@ -277,7 +293,7 @@ def serve(name: str, unix_path: str | None, tcp: tuple[str, int] | None, workers
             if pid in pids:
                 pids.discard(pid)
                 time.sleep(0.05)  # a worker crashing at once must not fork-bomb
-                pids.add(_spawn(name, listeners, master_pid))
+                pids.add(_spawn(name, listeners, master_pid, report_ms))
     except _Stop:
         pass
     finally:
@@ -305,12 +321,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tcp", metavar="HOST:PORT", type=_parse_tcp,
                         help="TCP address (backlog 1024)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--slow-ms", type=int, default=REPORT_MS,
+                        help=f"what /reports/<id> sleeps, in ms (default {REPORT_MS})")
     args = parser.parse_args(argv)
     if not args.unix and not args.tcp:
         parser.error("give --unix, --tcp or both")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    return serve(args.name, args.unix, args.tcp, args.workers)
+    if not 0 <= args.slow_ms <= MAX_SLOW_MS:
+        parser.error(f"--slow-ms must be between 0 and {MAX_SLOW_MS}")
+    return serve(args.name, args.unix, args.tcp, args.workers, args.slow_ms)
 
 
 if __name__ == "__main__":

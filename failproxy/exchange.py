@@ -350,7 +350,9 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         room = self.ctx.room
         if room is not None:
             if peer is room.local:
-                room.local_sent(self, now)
+                routes = self.ctx.routes
+                room.local_sent(self, now, routes.kind(self.route, self.req.url),
+                                routes.expected_ms(self.route))
             else:
                 self.sent_load = room.busy(peer)  # what its answer teaches (capacity.py)
         if peer.idle:

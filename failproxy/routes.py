@@ -44,6 +44,10 @@ def route_key(method: bytes, target: bytes) -> str:
     return route
 
 
+# What is known of a route (RouteTable.kind).
+KNOWN_FAST: Final = 0
+KNOWN_SLOW: Final = 1
+UNKNOWN: Final = 2
 TAU: Final = 15.0  # seconds: a route's learned time follows a change within a minute (4 TAU: 98 %)
 
 
@@ -90,6 +94,21 @@ class RouteTable:
             return False
         learned = self.routes.get(route)
         return learned is not None and learned.ms > self.slow_ms
+
+    def kind(self, route: str, target: bytes) -> int:
+        """What is known of a route: KNOWN_FAST (under a `fast` prefix, or learned below
+        `slow_ms`), KNOWN_SLOW (under a `slow` prefix, or learned above), or UNKNOWN (not
+        learned yet: treated as fast, but not known to be)."""
+        if self._slow and target.startswith(self._slow):
+            return KNOWN_SLOW
+        if self._fast and target.startswith(self._fast):
+            return KNOWN_FAST
+        if not self.learn:
+            return KNOWN_FAST  # every route not listed slow is fast, by the operator's word
+        learned = self.routes.get(route)
+        if learned is None:
+            return UNKNOWN
+        return KNOWN_FAST if learned.ms <= self.slow_ms else KNOWN_SLOW
 
     def expected_ms(self, route: str) -> float:
         """The route's learned app time; 0.0 when it has none yet."""

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from failproxy import capacity
+from failproxy import capacity, routes
 from failproxy.capacity import Capacity
 from failproxy.routes import RouteTable
 
@@ -146,6 +146,18 @@ def test_the_learned_time_starts_at_the_first_answer_and_follows_change_within_a
         now += dt
         t.answered("GET /x", ms, now)
     assert lo <= t.expected_ms("GET /x") <= hi
+
+
+def test_what_is_known_of_a_route_needs_learning_or_a_prefix() -> None:
+    t = table(fast=("/health",), slow=("/reports/",))
+    assert t.kind("GET /items/:id", b"/items/1") == routes.UNKNOWN, "fast, but not known to be"
+    t.answered("GET /items/:id", 5.0, 0.0)
+    t.answered("GET /big", 500.0, 0.0)
+    assert t.kind("GET /items/:id", b"/items/2") == routes.KNOWN_FAST
+    assert t.kind("GET /big", b"/big") == routes.KNOWN_SLOW
+    assert t.kind("GET /health", b"/health") == routes.KNOWN_FAST
+    assert t.kind("GET /r", b"/reports/") == routes.KNOWN_SLOW
+    assert table(learn=False).kind("GET /x", b"/x") == routes.KNOWN_FAST, "learn = false"
 
 
 def test_prefixes_override_learning_and_learn_false_keeps_every_route_fast() -> None:

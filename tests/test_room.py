@@ -10,19 +10,22 @@ listed order.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import free_port
 from test_unicorn import UNICORN, Unicorn
 
 import failproxy
-from failproxy import balance, config
+from failproxy import balance, config, routes
 from failproxy.balance import Holdable, Room
 from failproxy.peer import Peer, build_peers
 
@@ -100,9 +103,12 @@ def test_nothing_in_flight_goes_local_and_w_is_learned(box: Any) -> None:
     local = peers[0]
     assert room.choose(time.monotonic()) == (local, ""), "presumed idle: nothing of ours there"
     busy(local, 1)
+    unsure = object()
+    room.local_sent(unsure, time.monotonic(), routes.UNKNOWN)
     peer, reason = room.choose(time.monotonic())
-    assert reason == "workers_busy", "no local answer yet: no probe (it may wait for seconds)"
-    _answer_fast(room, 1, time.monotonic())
+    assert reason == "workers_busy", "a route not learned yet in service: no probe behind it"
+    assert room.choose(time.monotonic(), slow=True)[1] == "workers_busy", "not even a slow one"
+    room.local_ended(unsure, time.monotonic())
     # W starts at 1; the queue is empty: a probe goes local, and W = 2 is learned once a
     # worker took it (here: nothing queued, 2 awaiting answers -> 2 in service, read on two
     # loop turns in a row)
@@ -123,6 +129,24 @@ def test_nothing_in_flight_goes_local_and_w_is_learned(box: Any) -> None:
     # both workers busy by our count, and the next probe backed off: a peer
     peer, reason = room.choose(time.monotonic())
     assert reason == "workers_busy" and peer is peers[1]
+
+
+def test_a_probe_goes_only_behind_requests_about_to_end(box: Any) -> None:
+    """A probe that finds no worker waits behind ours in service. Behind a request of a route
+    learned slow a fast request probes only near that request's expected end; a slow-route
+    request never probes (it would wait in the accept queue)."""
+    room, _listener, peers = box
+    local = peers[0]
+    busy(local, 1)
+    report = object()
+    now = time.monotonic()
+    room.local_sent(report, now, routes.KNOWN_SLOW, 1000.0)  # learned: 1 s
+    assert room.choose(now)[1] == "workers_busy", "fast: no probe a second before its end"
+    assert room.choose(now + 0.5)[1] == "workers_busy"
+    assert room.choose(now + 0.99, slow=True)[1] == "workers_busy", "slow: never a probe"
+    assert room.choose(now + 1.2)[1] == "workers_busy", "overdue: nobody knows its end"
+    assert room.choose(now + 0.99) == (local, ""), "fast: near its end, the probe"
+    assert room._probing
 
 
 def test_a_queued_connection_means_every_worker_is_busy(box: Any) -> None:
@@ -201,9 +225,16 @@ def test_a_fast_box_queues_at_home_a_slow_one_sends_to_peers(box: Any) -> None:
     room.local_sent(slow, later)
     room.local_ended(slow, later + 2 * room.slow_after)  # no answer, its client left: slow too
     assert room.choose(later + 1)[1] == "queued"
+    again = later + 2 * balance.SLOW_MEMORY
+    _answer_fast(room, balance.FAST_EVIDENCE, again)
+    assert room.choose(again) == (local, ""), "fast again"
+    unsure = object()
+    room.local_sent(unsure, again, routes.UNKNOWN)  # a route not learned yet, just sent
+    assert room.choose(again)[1] == "queued", "not known fast: nothing waits behind it at home"
+    room.local_answered(unsure, again)
     room.slow_after = 0.0
-    _answer_fast(room, balance.FAST_EVIDENCE, later + balance.SLOW_MEMORY + 1)
-    assert room.choose(later + 2 * balance.SLOW_MEMORY)[1] == "queued", "slow_after = 0: off"
+    _answer_fast(room, balance.FAST_EVIDENCE, again + 1)
+    assert room.choose(again + 1)[1] == "queued", "slow_after = 0: off"
 
 
 @pytest.mark.skipif(failproxy.BUILD.startswith("compiled"),
@@ -397,6 +428,30 @@ def _get(port: int, path: str, out: list[tuple[str, float, bytes]]) -> None:
     out.append((path, time.monotonic() - t0, data))
 
 
+# The cluster's app: /slow takes 2 s and leaves a file in the box's directory when it starts
+# (a test waits for the file, not for a guessed delay); anything else answers at once.
+CLUSTER_APP = """\
+app = lambda do |env|
+  if env["PATH_INFO"] == "/slow"
+    File.write("slow-#{Process.pid}-#{rand(1 << 40)}", "")
+    sleep 2
+  end
+  [200, {"Content-Type" => "text/plain"}, ["pid=#{Process.pid} path=#{env['PATH_INFO']}\\n"]]
+end
+run app
+"""
+
+
+def _slow_started(box: Unicorn) -> int:
+    return len(list(box.dir.glob("slow-*")))
+
+
+def _status(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
+        data: dict[str, Any] = json.load(r)
+    return data
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[Unicorn]]:
     if UNICORN is None:
@@ -406,7 +461,7 @@ def cluster(tmp_path: Path) -> Iterator[list[Unicorn]]:
         for name in ("h1", "h2", "h3"):
             d = tmp_path / name
             d.mkdir()
-            boxes.append(Unicorn(d))
+            boxes.append(Unicorn(d, app=CLUSTER_APP))
         for b in boxes:
             b.wait_ready()
         yield boxes
@@ -417,34 +472,53 @@ def cluster(tmp_path: Path) -> Iterator[list[Unicorn]]:
 
 def test_busy_box_sends_fast_requests_to_peers_with_room_shared_evenly(proxy, cluster) -> None:
     h1, h2, h3 = cluster
+    admin = free_port()
     fp = proxy([h1.unix_address, {"address": h2.tcp_address, "backup": True},
                 {"address": h3.tcp_address, "backup": True},
                 {"address": h1.tcp_address, "backup": True}],
-               upstream={"self": h1.tcp_address, "read_timeout": 30.0})
+               upstream={"self": h1.tcp_address, "read_timeout": 30.0},
+               admin={"listen": f"127.0.0.1:{admin}"})
     # idle: the local socket, as listed
     out: list[Any] = []
     _get(fp.port, "/fast", out)
     assert fp.log.wait_for_event("request", path="/fast")["upstream"] == h1.unix_address
-    # h1's two workers take a 0.5 s request each (the second one teaches failproxy W = 2)
+    # fast requests two at a time teach failproxy W = 2 (a probe goes home only behind
+    # requests of a route known to be fast)
+    deadline = time.monotonic() + 20
+    warm = 0
+    while _status(admin)["upstreams"][0]["concurrency"] != 2:
+        assert time.monotonic() < deadline, _status(admin)["upstreams"][0]
+        pair = [threading.Thread(target=_get, args=(fp.port, f"/fast?w={warm + k}", []))
+                for k in range(2)]
+        for t in pair:
+            t.start()
+        for t in pair:
+            t.join(10)
+        warm += 2
+    # h1's two workers take a 2 s request each
+    mark = fp.log.mark()
     slow = [threading.Thread(target=_get, args=(fp.port, "/slow", out)) for _ in range(2)]
     for t in slow:
         t.start()
-    time.sleep(0.2)
+    while _slow_started(h1) < 2:
+        assert time.monotonic() < deadline + 10, "the slow requests never reached h1"
+        time.sleep(0.01)
     fast = [threading.Thread(target=_get, args=(fp.port, f"/fast?n={i}", out)) for i in range(12)]
     for t in fast:
         t.start()
         time.sleep(0.01)
     for t in slow + fast:
         t.join(30)
-    reqs = {r["path"]: r for r in fp.log.wait_for_events("request", 15, timeout=10)}
+    reqs = {r["path"]: r for r in fp.log.wait_for_events("request", 14, timeout=10, since=mark)}
     assert [r["upstream"] for r in fp.log.find("request", path="/slow")] == [h1.unix_address] * 2
     fast_reqs = [reqs[f"/fast?n={i}"] for i in range(12)]
     where = Counter(r["upstream"] for r in fast_reqs)
     away = where[h2.tcp_address] + where[h3.tcp_address]
-    # at most one fast request was a probe for a third worker (it waited behind a slow one)
-    assert away >= 11, where
-    waited = [d for p, d, _ in out if p.startswith("/fast?") and d > 0.3]
-    assert len(waited) <= 1, waited
+    # none was a probe for a third worker: the requests in service there are of a route not
+    # known to be fast (a probe would have waited behind one of them)
+    assert away == 12, where
+    waited = [d for p, d, _ in out if p.startswith("/fast?n=") and d > 1.0]
+    assert not waited, waited
     # the two equal peers share it
     assert max(where[h2.tcp_address], where[h3.tcp_address]) <= 1.5 * min(
         where[h2.tcp_address], where[h3.tcp_address]), where
