@@ -102,7 +102,7 @@ fuzz: $(BUILD_STAMP)
 soak: $(BUILD_STAMP) deb-deps
 	$(BIN)/python -m bench.soak --requests 10000 --out bench/out/soak.json
 
-demo: $(BUILD_STAMP)
+demo: $(BUILD_STAMP) deb-deps
 	$(BIN)/failproxy demo
 
 bench: $(BENCH_STAMP) $(BUILD_STAMP) deb-deps

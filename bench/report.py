@@ -68,7 +68,8 @@ def _slim_seed(result: dict[str, Any]) -> None:
 
 def write(path: Path, merged: dict[str, Any]) -> None:
     sc = merged["scenarios"]
-    parts = [_header(merged), _targets(sc), _seed_targets(sc), _slow_targets(sc),
+    parts = [_header(merged), _targets(sc), _overflow_targets(sc), _seed_targets(sc),
+             _slow_targets(sc),
              "Why the throughput targets are missed, and what was done about it: "
              "[PROFILE.md](PROFILE.md).\n"]
     renderers = {"throughput": _throughput, "failover": _failover, "memory": _memory,
@@ -518,6 +519,97 @@ def _left(f: dict[str, Any]) -> str:
     return f"{f['left_box_share']:.1%} ({f['left_box']:,} of {f['ok']:,})"
 
 
+def _share_over(f: dict[str, Any], key: str, limit_ms: float) -> float | None:
+    lat = f.get(key)
+    if not lat:
+        return None
+    return sum(1 for x in lat if x > limit_ms) / len(lat)
+
+
+def overflow_goals(sc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 20's figures from the seed scenario (route-shaped mixes): skewed fast p99 ≤ 0.2x
+    nginx-seed with 0 errors and an even split; at capacity ≤ 5 % of fast requests over 1 s;
+    peers unlike the busy box: every request answered, split ≤ 2x; no overload: no regression
+    against the code before it (failproxy-old)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(target: str, mix: str, new: str, old: str, ref: str, ok: bool | None) -> None:
+        rows.append({"mix": mix, "target": target, "new": new, "old": old, "ref": ref, "ok": ok})
+
+    seed = sc.get("seed", {})
+    mixes = seed.get("mixes", {}) if not failed(seed) and seed else {}
+    for name, m in mixes.items():
+        fr, pr = m["fronts"], m["paired"]
+        new, old, ref = fr.get(SEED_NEW, {}), fr.get(SEED_OLD, {}), fr.get(SEED_REF, {})
+        pn, po = pr.get(SEED_NEW, {}), pr.get(SEED_OLD, {})
+        peers = m.get("equal_peers")
+        if name == "bigpeers":
+            add("every request answered (0 errors)", name, _errs(new), _errs(old), _errs(ref),
+                None if "error_count" not in new else new["error_count"] == 0)
+            if peers:
+                sk, (a, b) = peers["skewed"], peers["peers"]
+                tn, xn = _peer_split(new, sk, a, b)
+                add(f"{sk}'s overflow: max/min over {a}, {b} ≤ 2×", name, tn,
+                    _peer_split(old, sk, a, b)[0], _peer_split(ref, sk, a, b)[0],
+                    None if xn is None else xn <= 2.0)
+            s = pn.get("fast_p99")
+            add("fast-action p99 × nginx-seed (paired)", name, _spread(s),
+                _spread(po.get("fast_p99")), "1", None)
+        elif m["kind"] == "skew":
+            s = pn.get("fast_p99")
+            add("fast-action p99 ≤ 0.2× nginx-seed (paired median)", name, _spread(s),
+                _spread(po.get("fast_p99")), "1", None if not s else s["median"] <= 0.2)
+            add("0 errors", name, _errs(new), _errs(old), _errs(ref),
+                None if "error_count" not in new else new["error_count"] == 0)
+            if peers:
+                sk, (a, b) = peers["skewed"], peers["peers"]
+                tn, xn = _peer_split(new, sk, a, b)
+                add(f"{sk}'s overflow: max/min over {a}, {b} ≤ 1.5×", name, tn,
+                    _peer_split(old, sk, a, b)[0], _peer_split(ref, sk, a, b)[0],
+                    None if xn is None else xn <= 1.5)
+        elif m["kind"] == "capacity":
+            xn, xo = (_share_over(f, "latencies_fast_ms", 1000.0) for f in (new, old))
+            xr = _share_over(ref, "latencies_fast_ms", 1000.0)
+            add("fast requests over 1 s ≤ 5 %", name, _pct(xn), _pct(xo), _pct(xr),
+                None if xn is None else xn <= 0.05)
+            ok = (None if "error_count" not in new or "error_count" not in ref
+                  else new["error_count"] <= ref["error_count"])
+            add("errors ≤ nginx-seed's", name, _errs(new), _errs(old), _errs(ref), ok)
+            s = pn.get("fast_p99")
+            add("fast-action p99 × nginx-seed (paired)", name, _spread(s),
+                _spread(po.get("fast_p99")), "1", None)
+    tput = (seed.get("no_overload") or {}) if mixes else {}
+    if tput:
+        t = tput.get("targets", {})
+        pair = tput.get("failproxy_vs_old_req_s")
+        n, o = t.get(SEED_NEW, {}), t.get(SEED_OLD, {})
+        add("no overload: req/s ≥ the code before issue 20 (paired wrk rounds; × unicorn "
+            "direct beside it)", "wrk, fast only",
+            (f"{fmt(n.get('req_s'), 0)} req/s = {_spread(pair)} old, "
+             f"{_x(n.get('ratio_direct'))} direct") if pair else "–",
+            f"{fmt(o.get('req_s'), 0)} req/s, {_x(o.get('ratio_direct'))} direct", "–",
+            None if not pair else pair["median"] >= 1.0)
+    return rows
+
+
+def _overflow_targets(sc: dict[str, Any]) -> str:
+    seed = sc.get("seed")
+    if not seed or failed(seed) or "mixes" not in seed:
+        return ""
+    rows = [[f"`{g['mix']}`" if " " not in g["mix"] else g["mix"], g["target"], g["new"],
+             g["old"], g["ref"], "–" if g["ok"] is None else ("yes" if g["ok"] else "**no**")]
+            for g in overflow_goals(sc)]
+    if not rows:
+        return ""
+    return ("## Targets (issue 20: overflow v2, route-shaped mixes)\n\n"
+            "From the same `seed` run as the issue 7 table below: slow actions on their own "
+            "paths (`GET /reports/ID`), fast ones on others (`GET /items/ID`), so route "
+            "learning can tell them apart. failproxy-old is the code before issue 20. "
+            f"{_proto_note(seed['params'])}\n\n"
+            + _table(["mix", "target", "failproxy", "failproxy-old", "nginx-seed", "met?"],
+                     rows))
+
+
 def _seed_targets(sc: dict[str, Any]) -> str:
     seed = sc.get("seed")
     if not seed or failed(seed) or "mixes" not in seed:
@@ -702,6 +794,10 @@ def _seed_console(r: dict[str, Any], scenarios: dict[str, Any]) -> list[str]:
         ok = "–" if g["ok"] is None else ("yes" if g["ok"] else "NO")
         lines.append(f"seed goal {g['goal']} [{g['mix']}] {g['target']}: {g['new']} "
                      f"(old {g['old']}) met: {ok}")
+    for g in overflow_goals(scenarios):
+        ok = "–" if g["ok"] is None else ("yes" if g["ok"] else "NO")
+        lines.append(f"issue 20 [{g['mix']}] {g['target']}: {g['new']} (old {g['old']}, "
+                     f"nginx-seed {g['ref']}) met: {ok}")
     return lines
 
 

@@ -76,19 +76,26 @@ class Mix:
     slow_ms: int
     shares: tuple[float, float, float]  # slow share of each front's requests
     why: str
+    # unicorn workers per host; hosts unlike each other (issue 20: peers with more room than
+    # the busy box) restart the unicorns for the mix
+    workers: tuple[int, int, int] = (UNICORN_WORKERS,) * 3
 
     def offered(self) -> list[float]:
         """Work offered to each host, as a share of its workers' time (slow + fast)."""
         per_host = self.rate / len(HOSTS)
         return [per_host * (s * self.slow_ms + (1 - s) * FAST_MS_ESTIMATE) / 1000
-                / UNICORN_WORKERS for s in self.shares]
+                / w for s, w in zip(self.shares, self.workers, strict=True)]
 
     def offered_slow(self) -> list[float]:
         per_host = self.rate / len(HOSTS)
-        return [per_host * s * self.slow_ms / 1000 / UNICORN_WORKERS for s in self.shares]
+        return [per_host * s * self.slow_ms / 1000 / w
+                for s, w in zip(self.shares, self.workers, strict=True)]
 
     def cluster_load(self) -> float:
-        return sum(self.offered()) / len(HOSTS)
+        per_host = self.rate / len(HOSTS)
+        work = sum(per_host * (s * self.slow_ms + (1 - s) * FAST_MS_ESTIMATE) / 1000
+                   for s in self.shares)
+        return work / sum(self.workers)
 
     def equal_peers(self) -> tuple[int, tuple[int, int]] | None:
         """(skewed host, its two peers) when one host is skewed and its peers are alike."""
@@ -121,6 +128,11 @@ MIXES = {m.name: m for m in (
         "at capacity, route-shaped (issue 20): every front gets skew1s-10's busy-front mix at "
         "25 req/s, 125 % of its workers; fast requests must keep their latency while slow "
         "ones wait"),
+    Mix("bigpeers", "skew", 90, 1000, (0.1, 0.0, 0.0),
+        "peers unlike the busy box (issue 20): host1 has 1 worker and 3 slow/s of 1 s (300 % "
+        "of it), hosts 2-3 have 8 workers each and light fast traffic; every request must be "
+        "answered, the overflow split evenly, none stranded waiting for host1's worker",
+        workers=(1, 8, 8)),
     Mix("nooverload", "nooverload", 300, 100, (0.0, 0.0, 0.0),
         "fast requests only (~3 % of the workers' time): nothing should leave its box"),
     Mix("light", "light", 150, 100, (0.2, 0.2, 0.2),
@@ -232,7 +244,8 @@ def describe(p: Params) -> list[str]:
         loads = ", ".join(f"{x:.0%}" for x in mix.offered())
         lines.append(f"  mix {name:<11} {mix.rate:g} req/s, slow {mix.slow_ms} ms, shares "
                      f"{'/'.join(f'{s:.0%}' for s in mix.shares)}: offered per host {loads} "
-                     f"of {UNICORN_WORKERS} workers (cluster {mix.cluster_load():.0%})")
+                     f"of {'/'.join(map(str, mix.workers))} workers (cluster "
+                     f"{mix.cluster_load():.0%})")
     est = estimate_seconds(p)
     lines.append(f"  {len(p.mixes)} mixes x {len(p.fronts)} fronts x {p.rounds} rounds x "
                  f"{p.duration:g} s: estimated {est / 60:.0f} min ({est / 3600:.1f} h)")
@@ -247,27 +260,29 @@ def schedule(mix: Mix, rnd: int, duration: float) -> list[openloop.Arrival]:
 
 # ---------------------------------------------------------------- processes
 
-def start_unicorns(procs: Processes, port: int) -> tuple[dict[str, str], list[Proc]]:
+def start_unicorns(procs: Processes, port: int,
+                   workers: tuple[int, int, int] = (UNICORN_WORKERS,) * 3,
+                   ) -> tuple[dict[str, str], list[Proc]]:
     """One unicorn per host; returns (host name -> UNIX socket path, the unicorn processes)."""
     exe = which("unicorn")
     assert exe is not None
     socks = {}
-    started: list[tuple[Proc, str]] = []
-    for name, ip in HOSTS:
+    started: list[tuple[Proc, str, int]] = []
+    for (name, ip), n in zip(HOSTS, workers, strict=True):
         sock = str(procs.workdir / f"{name}.sock")
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(procs.workdir),
                "BENCH_HOST": name, "BENCH_UNIX": sock, "BENCH_TCP": f"{ip}:{port}",
-               "BENCH_DIR": str(procs.workdir), "BENCH_WORKERS": str(UNICORN_WORKERS),
+               "BENCH_DIR": str(procs.workdir), "BENCH_WORKERS": str(n),
                "BENCH_UNIX_BACKLOG": str(UNIX_BACKLOG), "BENCH_TCP_BACKLOG": "1024"}
         proc = procs.start(f"unicorn-{name}", [exe, "-E", "production", "-c",
                                                 str(APP_DIR / "unicorn.conf.rb"),
                                                 str(APP_DIR / "config.ru")], env=env)
-        started.append((proc, ip))
+        started.append((proc, ip, n))
         socks[name] = sock
-    for proc, ip in started:
+    for proc, ip, n in started:
         wait_http(proc, ip, port, "/fast", timeout=30)
-        announce(proc, f"unicorn {UNICORN_WORKERS} workers on {ip}:{port} and a UNIX socket")
-    return socks, [p for p, _ in started]
+        announce(proc, f"unicorn {n} workers on {ip}:{port} and a UNIX socket")
+    return socks, [p for p, _, _ in started]
 
 
 def baseline_tree(spec: str, workdir: Path) -> tuple[Path, dict[str, str]]:
@@ -494,7 +509,9 @@ def run(params: Params, procs: Processes) -> dict[str, Any]:
         assert again == d, f"schedule of {m} round {k} is not reproducible"
 
     uport = free_port(*ips)
-    socks, unicorns = start_unicorns(procs, uport)
+    default_workers = (UNICORN_WORKERS,) * 3
+    socks, unicorns = start_unicorns(procs, uport, default_workers)
+    running = default_workers
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {f: [] for f in live}
                                                         for m in params.mixes}
     lat: dict[str, dict[str, dict[str, list[float]]]] = {
@@ -504,6 +521,11 @@ def run(params: Params, procs: Processes) -> dict[str, Any]:
         order = live[k % len(live):] + live[:k % len(live)] if live else []
         for m in params.mixes:
             mix = MIXES[m]
+            if mix.workers != running:  # hosts unlike each other: unicorns for this mix
+                for proc in unicorns:
+                    procs.stop(proc)
+                socks, unicorns = start_unicorns(procs, uport, mix.workers)
+                running = mix.workers
             for front in order:
                 row, res = _one_run(procs, mix, k, plans[(m, k)], front, uport, socks,
                                     envs[front], params)
@@ -515,6 +537,10 @@ def run(params: Params, procs: Processes) -> dict[str, Any]:
                                 round(o.latency_ms, 3))
         log(f"  round {k + 1}/{params.rounds} done, {time.monotonic() - t_start:.0f} s so far")
 
+    if running != default_workers and params.throughput_duration > 0:
+        for proc in unicorns:
+            procs.stop(proc)
+        socks, unicorns = start_unicorns(procs, uport, default_workers)
     tput = (_throughput(params, procs, uport, live, envs, socks, unicorns)
             if params.throughput_duration > 0 else None)
     mixes_out = {}

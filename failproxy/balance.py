@@ -332,22 +332,69 @@ class Room:
     def least_wait(self, now: float) -> Peer:
         """Where a request that found no room anywhere waits least, as learned: home or a peer,
         by (ours beyond its concurrency + 1) x service time / concurrency; home on ties."""
-        home = self._home()
-        cap = self.local_capacity
-        cap.concurrency = float(self.workers)
+        return self._least_wait(now)[0]
+
+    def _local_busy(self) -> int:
         n = self.busy(self.local)
         own = self.own
         if own is not None:
             n += self.busy(own)
+        return n
+
+    def _least_wait(self, now: float) -> tuple[Peer, float]:
+        home = self._home()
+        cap = self.local_capacity
+        cap.concurrency = float(self.workers)
         best = home
-        best_wait = cap.expected_wait(n)
+        best_wait = cap.expected_wait(self._local_busy())
         for peer in self.peers:
             if peer.is_down(now):
                 continue
             wait = self.capacity_of(peer).expected_wait(self.busy(peer))
             if wait < best_wait:
                 best, best_wait = peer, wait
-        return best
+        return best, best_wait
+
+    def _freeing_rate(self, now: float) -> float:
+        """Workers that free up per second for our held requests, as learned: each destination's
+        requests of ours in service (up to its concurrency) over its service time; 0.0 when a
+        destination with ours in service has no service time learned (no estimate then)."""
+        rate = 0.0
+        local_ms = self.local_capacity.service_ms
+        n = min(self._local_busy(), self.workers)
+        if n:
+            if not local_ms:
+                return 0.0
+            rate += n * 1000.0 / local_ms
+        for peer in self.peers:
+            busy = self.busy(peer)
+            if not busy or peer.is_down(now):
+                continue
+            cap = self.capacity_of(peer)
+            if not cap.service_ms:
+                return 0.0
+            rate += min(busy, int(cap.concurrency)) * 1000.0 / cap.service_ms
+        return rate
+
+    def _send_on_the_longest_waits(self, now: float) -> None:
+        """SPEC 4.3: a held fast-route request goes on when its expected wait elsewhere is
+        shorter than holding on. The k-th held one expects to wait about k / (workers freeing
+        per second); sent beyond a destination's concurrency it expects (ours beyond it + 1) x
+        service time / concurrency. Taken from the back of the queue (the longest expected
+        holds), one at a time, each sent request counted where it went."""
+        held = self.held
+        if len(held) < 2:
+            return
+        rate = self._freeing_rate(now)
+        if rate <= 0.0:
+            return
+        gauge = self._gauge
+        while len(held) >= 2:
+            dest, wait = self._least_wait(now)
+            if len(held) / rate <= wait:
+                return
+            gauge.held_requests(-1)
+            held.pop()[1].resume(dest, "least_wait", now)
 
     def answered(self, peer: Peer, in_flight: int, ms: float, route_ms: float, slow: bool,
                  now: float) -> None:
@@ -556,6 +603,7 @@ class Room:
         while held and held[0][0] <= now:
             gauge.held_requests(-1)
             held.popleft()[1].resume(self.least_wait(now), "hold_timeout", now)
+        self._send_on_the_longest_waits(now)
         held_slow = self.held_slow
         while held_slow and held_slow[0][0] <= now:
             gauge.held_requests(-1)

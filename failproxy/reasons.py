@@ -21,7 +21,8 @@ REASONS: tuple[str, ...] = (
     "workers_busy",  # as many requests of ours awaiting it as it has workers (learned)
     "queued",  # its accept queue holds a connection: every worker is busy
     "held",  # no known free worker anywhere: held in failproxy, then sent where one freed up
-    "hold_timeout",  # held past upstream.hold_timeout: sent home (the own TCP port)
+    "hold_timeout",  # held past upstream.hold_timeout: sent where its expected wait is least
+    "least_wait",  # held, but its expected wait elsewhere was shorter than holding on: sent there
 )
 REASON_INDEX = {reason: i for i, reason in enumerate(REASONS)}
 

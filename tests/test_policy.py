@@ -163,6 +163,7 @@ def test_reasons_are_the_spec_table_in_order() -> None:
         "queued",
         "held",
         "hold_timeout",
+        "least_wait",
     )
     assert [policy.REASON_INDEX[r] for r in REASONS] == list(range(len(REASONS)))
     assert set(REASONS[:7]) == CONNECT_REASONS

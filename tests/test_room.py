@@ -355,6 +355,36 @@ def test_past_hold_timeout_a_fast_request_goes_where_its_expected_wait_is_least(
 
 
 @PURE_ONLY
+def test_a_held_request_goes_on_when_its_expected_wait_elsewhere_is_shorter(box: Any) -> None:
+    """Holding on is worth it while the k-th held request expects its turn (k / workers
+    freeing per second) sooner than it would be served beyond a destination's learned
+    concurrency; past that the last held go there (`least_wait`), before hold_timeout."""
+    room, _listener, peers = box
+    local, p1, p2, _own = peers
+    room.workers = 1
+    room._probe_at = time.monotonic() + 60
+    room.local_capacity.service_ms = 1000.0  # home: one worker, a second per answer
+    busy(local, 1)
+    fast = room.capacity_of(p1)
+    fast.concurrency, fast.service_ms = 4.0, 10.0  # 400 answers/s when full
+    busy(p1, 4)
+    slow = room.capacity_of(p2)
+    slow.concurrency, slow.service_ms = 1.0, 1000.0
+    busy(p2, 1)
+    now = time.monotonic()
+    held = [Held() for _ in range(4)]
+    for h in held:
+        assert room.route(h, now) == (None, "")
+    # 401 workers free per second: the 4th waits ~10 ms held; beyond p1's 4 it would wait
+    # 1 x 10 ms / 4 = 2.5 ms: it goes; then the 3rd (7.5 ms vs 5 ms) goes too; the 2nd
+    # (5 ms vs 7.5 ms) stays
+    room._send_on_the_longest_waits(now)
+    assert [(h.sent_to, h.reason) for h in held[2:]] == [(p1, "least_wait")] * 2
+    assert held[0].sent_to is None and held[1].sent_to is None
+    assert [r for _, r in room.held] == held[:2]
+
+
+@PURE_ONLY
 def test_with_shed_after_a_slow_request_held_that_long_is_shed(tmp_path: Path) -> None:
     listener = Listener(tmp_path / "app.sock")
     cfg = config.loads(
@@ -495,14 +525,15 @@ def test_busy_box_sends_fast_requests_to_peers_with_room_shared_evenly(proxy, cl
         for t in pair:
             t.join(10)
         warm += 2
-    # h1's two workers take a 2 s request each
+    # h1's two workers take a 2 s request each, one after the other (two in one loop turn:
+    # the second would see the first's connect in the accept queue and go to a peer)
     mark = fp.log.mark()
     slow = [threading.Thread(target=_get, args=(fp.port, "/slow", out)) for _ in range(2)]
-    for t in slow:
+    for n, t in enumerate(slow, 1):
         t.start()
-    while _slow_started(h1) < 2:
-        assert time.monotonic() < deadline + 10, "the slow requests never reached h1"
-        time.sleep(0.01)
+        while _slow_started(h1) < n:
+            assert time.monotonic() < deadline + 10, "the slow requests never reached h1"
+            time.sleep(0.01)
     fast = [threading.Thread(target=_get, args=(fp.port, f"/fast?n={i}", out)) for i in range(12)]
     for t in fast:
         t.start()
