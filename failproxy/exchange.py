@@ -123,6 +123,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         "buffer_answer",
         "bytes_sent",
         "chunked_out",
+        "clean",
         "client",
         "client_ip",
         "conn",
@@ -168,6 +169,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.route = route_key(req.method, req.url)  # SPEC 4.4: logged, and learned from
         self.slow = False  # a slow route, as the overflow policy sees it (set in start)
         self.sent_load = 0  # ours awaiting the answering peer when it was sent (capacity.py)
+        self.clean = True  # sent where a worker was free, as far as known: its answer teaches
         # The server order this walk goes through, as it was when the request came: a new peer
         # list from DNS (context.apply_peers) applies to the next request, not mid-walk.
         self.order = ctx.order
@@ -297,6 +299,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         the skip is a failover (logged before the attempt, as every failover is)."""
         room = self.ctx.room
         assert room is not None
+        self.clean = room.clean  # where it may have waited for a worker, it teaches no route time
         local = room.local
         if reason and peer is not local:
             self.attempt += 1
@@ -800,13 +803,15 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self._finalize(self.keep_alive, now)
 
     def _learn(self, peer: Peer, ms: float, now: float) -> None:
-        """SPEC 4.3/4.4: an answer teaches its route's app time, and its destination's service
-        time and concurrency (read against what the route was known to take before it)."""
+        """SPEC 4.3/4.4: an answer teaches its destination's service time and concurrency (read
+        against what the route was known to take before it), and, when it was sent where a
+        worker was free (`clean`), its route's app time."""
         routes = self.ctx.routes
         room = self.ctx.room
         if room is not None:
             room.answered(peer, self.sent_load, ms, routes.expected_ms(self.route), self.slow, now)
-        routes.answered(self.route, ms, now)
+        if self.clean:
+            routes.answered(self.route, ms, now)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream closed or reset the connection before the response was complete."""

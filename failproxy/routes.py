@@ -51,16 +51,22 @@ UNKNOWN: Final = 2
 TAU: Final = 15.0  # seconds: a route's learned time follows a change within a minute (4 TAU: 98 %)
 
 
+OUTLIER: Final = 3.0  # an answer this many times its route's time (+ OUTLIER_MS) waited
+OUTLIER_MS: Final = 2.0
+OUTLIERS_IN_A_ROW: Final = 8  # ... unless this many come in a row: the route got slower
+
+
 class Learned:
     """What one worker knows of one route: its app time (an average that starts at the first
-    answer's time) and how many answers taught it."""
+    answer's time), how many answers taught it, and how many in a row it did not learn from."""
 
-    __slots__ = ("at", "count", "ms")
+    __slots__ = ("at", "count", "ms", "outliers")
 
     def __init__(self, ms: float, at: float) -> None:
         self.ms = ms
         self.count = 1
         self.at = at
+        self.outliers = 0
 
 
 class RouteTable:
@@ -68,8 +74,10 @@ class RouteTable:
 
     The average weighs a new answer by the larger of 1/count (so the first answers set it
     quickly) and 1 - exp(-dt/TAU) (so a route asked once a minute follows its last answers, and
-    a busy one averages over TAU seconds). At most `max_routes` keys; the least recently
-    answered goes first (a dict keeps insertion order: an answered route is moved to its end).
+    a busy one averages over TAU seconds). An answer more than OUTLIER times the learned time
+    is left out unless OUTLIERS_IN_A_ROW come in a row (the time it waited for a worker is not
+    the route's). At most `max_routes` keys; the least recently answered goes first (a dict
+    keeps insertion order: an answered route is moved to its end).
     """
 
     __slots__ = ("_fast", "_slow", "learn", "max_routes", "routes", "slow_ms")
@@ -126,6 +134,17 @@ class RouteTable:
                 del routes[next(iter(routes))]  # the least recently answered
             routes[route] = Learned(ms, now)
             return
+        if ms > OUTLIER * learned.ms + OUTLIER_MS:
+            # Most likely time spent waiting for a worker (an accept queue behind someone else's
+            # work), not the route's own: at capacity, fast routes whose answers queued were
+            # learned slow and held behind the slow ones. A route that really got slower
+            # answers so every time, and is learned after OUTLIERS_IN_A_ROW.
+            learned.outliers += 1
+            if learned.outliers < OUTLIERS_IN_A_ROW:
+                routes[route] = learned
+                return
+        else:
+            learned.outliers = 0
         count = learned.count + 1
         weight = 1.0 / count
         dt = now - learned.at

@@ -160,6 +160,24 @@ def test_what_is_known_of_a_route_needs_learning_or_a_prefix() -> None:
     assert table(learn=False).kind("GET /x", b"/x") == routes.KNOWN_FAST, "learn = false"
 
 
+def test_an_answer_that_waited_for_a_worker_is_not_the_routes_time() -> None:
+    """At capacity a fast route's answers sometimes come a second late (they queued behind
+    slow work): those do not teach its time, unless OUTLIERS_IN_A_ROW come in a row (then the
+    route itself got slower, and is followed)."""
+    t = table()
+    now = 0.0
+    t.answered("GET /items/:id", 2.0, now)
+    for i in range(200):  # every other answer queued for a second
+        now += 0.01
+        t.answered("GET /items/:id", 1000.0 if i % 2 else 2.0, now)
+    assert t.expected_ms("GET /items/:id") == pytest.approx(2.0)
+    assert not t.is_slow("GET /items/:id", b"/items/1")
+    for _ in range(routes.OUTLIERS_IN_A_ROW + 30):  # a deploy made it slow for good
+        now += 1.0
+        t.answered("GET /items/:id", 900.0, now)
+    assert t.is_slow("GET /items/:id", b"/items/1")
+
+
 def test_prefixes_override_learning_and_learn_false_keeps_every_route_fast() -> None:
     t = table(slow=("/exports/",), fast=("/reports/cheap",))
     assert t.is_slow("GET /exports/:id", b"/exports/9"), "listed slow, never learned"

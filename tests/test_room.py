@@ -131,21 +131,20 @@ def test_nothing_in_flight_goes_local_and_w_is_learned(box: Any) -> None:
     assert reason == "workers_busy" and peer is peers[1]
 
 
-def test_a_probe_goes_only_behind_requests_about_to_end(box: Any) -> None:
-    """A probe that finds no worker waits behind ours in service. Behind a request of a route
-    learned slow a fast request probes only near that request's expected end; a slow-route
-    request never probes (it would wait in the accept queue)."""
+def test_a_probe_goes_only_behind_requests_whose_time_is_known(box: Any) -> None:
+    """A probe that finds no worker waits behind ours in service: a fast request probes
+    behind a request of a route learned slow (it waits at most what is left of it), not
+    behind one overdue (in service for twice its time and slow_after more) or of a route not
+    learned yet; a slow-route request never probes (it would wait in the accept queue)."""
     room, _listener, peers = box
     local = peers[0]
     busy(local, 1)
     report = object()
     now = time.monotonic()
     room.local_sent(report, now, routes.KNOWN_SLOW, 1000.0)  # learned: 1 s
-    assert room.choose(now)[1] == "workers_busy", "fast: no probe a second before its end"
-    assert room.choose(now + 0.5)[1] == "workers_busy"
-    assert room.choose(now + 0.99, slow=True)[1] == "workers_busy", "slow: never a probe"
-    assert room.choose(now + 1.2)[1] == "workers_busy", "overdue: nobody knows its end"
-    assert room.choose(now + 0.99) == (local, ""), "fast: near its end, the probe"
+    assert room.choose(now + 2.1)[1] == "workers_busy", "overdue: nobody knows its end"
+    assert room.choose(now + 0.5, slow=True)[1] == "workers_busy", "slow: never a probe"
+    assert room.choose(now + 0.5) == (local, ""), "fast: behind a known slow one, the probe"
     assert room._probing
 
 
@@ -651,3 +650,20 @@ def test_among_three_or_more_peers_with_room_the_less_loaded_of_two_random_ones(
     finally:
         listener.close()
         loop.close()
+
+
+def test_only_a_request_sent_where_a_worker_was_free_teaches_its_route(box: Any) -> None:
+    """Time spent waiting for a worker is not the route's: a probe, a fast box's wait at home
+    or a send beyond every destination's room is marked unclean, and its answer teaches the
+    destination's capacity but not the route's time."""
+    room, _listener, peers = box
+    local, _p1, _p2, _own = peers
+    now = time.monotonic()
+    assert room.choose(now) == (local, "") and room.clean, "nothing of ours there: free"
+    busy(local, 1)
+    assert room.choose(now) == (local, "") and not room.clean, "the probe for a second worker"
+    room._probing = False
+    room._probe_at = now + 60
+    assert room.choose(now)[0] is not local and room.clean, "a peer with room"
+    room.least_wait(now)
+    assert not room.clean, "beyond every destination's room"
