@@ -236,9 +236,13 @@ def test_a_fast_box_queues_at_home_a_slow_one_sends_to_peers(box: Any) -> None:
     assert room.choose(again + 1)[1] == "queued", "slow_after = 0: off"
 
 
-@pytest.mark.skipif(failproxy.BUILD.startswith("compiled"),
-                    reason="a test double cannot subclass a compiled trait; `make test` runs this "
-                    "file on the pure-Python build too")
+PURE_ONLY = pytest.mark.skipif(
+    failproxy.BUILD.startswith("compiled"),
+    reason="a test double cannot subclass a compiled trait; `make test` runs this file on the "
+    "pure-Python build too")
+
+
+@PURE_ONLY
 def test_held_requests_go_in_order_where_a_worker_frees_up_or_home(box: Any) -> None:
     room, _listener, peers = box
     local, p1, p2, own = peers
@@ -259,14 +263,10 @@ def test_held_requests_go_in_order_where_a_worker_frees_up_or_home(box: Any) -> 
     assert room.route(third, now) == (None, "")
     loop = room._loop
     loop.run_until_complete(asyncio.sleep(0.3))  # past hold_timeout
-    assert (third.sent_to, third.reason) == (own, "hold_timeout"), "home, never cross-host"
+    # past hold_timeout: where its expected wait is least; nothing is learned of any service
+    # time yet, so every wait ties, and home wins a tie
+    assert (third.sent_to, third.reason) == (own, "hold_timeout")
     assert not room.held
-
-
-PURE_ONLY = pytest.mark.skipif(
-    failproxy.BUILD.startswith("compiled"),
-    reason="a test double cannot subclass a compiled trait; `make test` runs this file on the "
-    "pure-Python build too")
 
 
 @PURE_ONLY
