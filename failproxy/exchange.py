@@ -810,8 +810,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         room = self.ctx.room
         if room is not None:
             room.answered(peer, self.sent_load, ms, routes.expected_ms(self.route), self.slow, now)
-        if self.clean:
-            routes.answered(self.route, ms, now)
+        routes.answered(self.route, ms, now, self.clean)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream closed or reset the connection before the response was complete."""

@@ -58,13 +58,16 @@ OUTLIERS_IN_A_ROW: Final = 8  # ... unless this many come in a row: the route go
 
 class Learned:
     """What one worker knows of one route: its app time (an average that starts at the first
-    answer's time), how many answers taught it, and how many in a row it did not learn from."""
+    answer's time), how many answers it saw (`count`, what /status shows: an operator counts
+    requests, not samples), how many of them taught the average, and how many in a row it did
+    not learn from."""
 
-    __slots__ = ("at", "count", "ms", "outliers")
+    __slots__ = ("at", "count", "ms", "outliers", "taught")
 
     def __init__(self, ms: float, at: float) -> None:
         self.ms = ms
         self.count = 1
+        self.taught = 1
         self.at = at
         self.outliers = 0
 
@@ -123,16 +126,23 @@ class RouteTable:
         learned = self.routes.get(route)
         return learned.ms if learned is not None else 0.0
 
-    def answered(self, route: str, ms: float, now: float) -> None:
-        """An answer of `route` took `ms` of the app's time."""
+    def answered(self, route: str, ms: float, now: float, clean: bool = True) -> None:
+        """An answer of `route` took `ms`. Only a `clean` one (sent where a worker was free)
+        may teach the route's time; every answer of a route already known is counted."""
         if not self.learn:
             return
         routes = self.routes
         learned = routes.pop(route, None)
         if learned is None:
+            if not clean:
+                return  # a first time that may include a wait for a worker would mislead
             if len(routes) >= self.max_routes:
                 del routes[next(iter(routes))]  # the least recently answered
             routes[route] = Learned(ms, now)
+            return
+        learned.count += 1
+        if not clean:
+            routes[route] = learned
             return
         if ms > OUTLIER * learned.ms + OUTLIER_MS:
             # Most likely time spent waiting for a worker (an accept queue behind someone else's
@@ -145,15 +155,15 @@ class RouteTable:
                 return
         else:
             learned.outliers = 0
-        count = learned.count + 1
-        weight = 1.0 / count
+        taught = learned.taught + 1
+        weight = 1.0 / taught
         dt = now - learned.at
         if dt > 0.0:
             decay = 1.0 - math.exp(-dt / TAU)
             if decay > weight:
                 weight = decay
         learned.ms += (ms - learned.ms) * weight
-        learned.count = count
+        learned.taught = taught
         learned.at = now
         routes[route] = learned
 

@@ -211,3 +211,18 @@ def test_slowest_lists_routes_by_learned_time_with_class_and_count() -> None:
         {"route": "GET /always", "class": "slow", "ms": 1.0, "count": 1},
     ]
     assert len(t.slowest(limit=1)) == 1
+
+
+def test_count_is_every_answer_but_only_clean_ones_teach_the_time() -> None:
+    """/status's `count` is what an operator counts (answers), not the samples the average
+    took: an outlier or an answer that may have waited for a worker (not `clean`) is counted
+    and teaches nothing; a route first answered unclean is not learned from that answer."""
+    t = table()
+    t.answered("GET /items/:id", 900.0, 0.0, clean=False)
+    assert t.routes == {}, "a first answer that may have queued is not the route's time"
+    t.answered("GET /items/:id", 2.0, 0.1)
+    t.answered("GET /items/:id", 2.0, 0.2)
+    t.answered("GET /items/:id", 500.0, 0.3)  # an outlier
+    t.answered("GET /items/:id", 700.0, 0.4, clean=False)
+    assert t.expected_ms("GET /items/:id") == pytest.approx(2.0)
+    assert t.slowest() == [{"route": "GET /items/:id", "class": "fast", "ms": 2.0, "count": 4}]
