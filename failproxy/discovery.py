@@ -156,18 +156,13 @@ class Discovery:
                 if self.log is not None:
                     self.log.exception("internal_error", dns=entry.conf.dns)
 
-    def _name_servers(self) -> list[tuple[str, int]]:
-        configured = self.cfg.upstream.resolver
-        if configured:
-            return [(a.host, a.port) for a in configured]
-        return dnsclient.system_name_servers()
-
     async def _resolve(self, entry: _Entry) -> bool:
         """One lookup; True when it gave a list (changed or not). A failure keeps the last."""
         conf = entry.conf
         try:
-            found = await dnsclient.resolve(conf.dns, self._name_servers(),
-                                            self.cfg.upstream.resolver_timeout)
+            found = await dnsclient.resolve(
+                conf.dns, [(a.host, a.port) for a in self.cfg.upstream.resolver],
+                self.cfg.upstream.resolver_timeout)
         except dnsclient.DNSError as exc:
             entry.error = str(exc)
             entry.failures += 1

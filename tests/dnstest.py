@@ -8,6 +8,9 @@
   makes a socket inside it from a thread of this process (setns(2) changes only the calling
   thread's namespace, and a socket stays in the namespace it was made in), so the test process
   can be a client of a proxy, or a backend, living in that namespace.
+- `ForgingDNS`: a name server of the test's own that sends forged answers (another question,
+  another owner name, another ID, another source address) before the genuine one, or instead
+  of it: what an attacker racing the real server would send.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
 
 CLONE_NEWNET = 0x40000000
 DNSMASQ = shutil.which("dnsmasq") or next(
@@ -104,6 +113,118 @@ class Dnsmasq:
         if self.proc is not None and self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None
+
+
+FORGERIES = ("question", "owner", "id", "source")
+
+
+class ForgingDNS:
+    """A UDP name server on `host` answering `records` (name -> IPv4 addresses) that, while
+    `forge` names a forgery, sends that forgery before each genuine A answer (`then_genuine`)
+    or instead of it. Every forgery points at `forged`:
+
+    - `question`: the query's ID and a record of the name asked, but another question;
+    - `owner`: the query's ID and question, but the A record is owned by another name;
+    - `id`: the genuine question and record, but another ID;
+    - `source`: the query's ID, question and owner name, sent from `spoof_host` instead of the
+      address the query went to (the one check an off-path attacker who guessed the ID faces).
+
+    Genuine answers: the name's A records, no AAAA record (NODATA), NXDOMAIN for other names.
+    """
+
+    EVIL = "evil.test."
+
+    def __init__(self, host: str, spoof_host: str, forged: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.spoof = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.spoof.bind((spoof_host, 0))
+        self.forged = forged
+        self.records: dict[str, list[str]] = {}
+        self.forge: str | None = None
+        self.then_genuine = False
+        self.sent: Counter[str] = Counter()  # forgeries sent, by kind
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        host, port = self.sock.getsockname()
+        return f"{host}:{port}"
+
+    @property
+    def server(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()
+        return (host, port)
+
+    def set(self, forge: str | None, then_genuine: bool = False,
+            records: dict[str, list[str]] | None = None) -> None:
+        with self._cond:
+            self.forge, self.then_genuine = forge, then_genuine
+            if records is not None:
+                self.records = {n.rstrip(".") + ".": a for n, a in records.items()}
+
+    def wait_sent(self, kind: str, n: int, timeout: float = 5.0) -> None:
+        """Until `n` forgeries of `kind` were sent in all."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.sent[kind] >= n, timeout):
+                raise AssertionError(f"{self.sent[kind]} {kind} forgeries sent, not {n}")
+
+    def _serve(self) -> None:
+        while True:
+            data, peer = self.sock.recvfrom(65535)
+            if self._stopping:
+                return
+            try:
+                query = dns.message.from_wire(data)
+            except Exception:  # not a DNS query: no answer, as a server would do
+                continue
+            with self._cond:
+                forge, then_genuine = self.forge, self.then_genuine
+                records = dict(self.records)
+            (question,) = query.question
+            name = question.name.to_text()
+            is_a = question.rdtype == dns.rdatatype.A
+            if forge is not None and is_a:
+                self._send_forgery(forge, query, name, peer)
+                with self._cond:
+                    self.sent[forge] += 1
+                    self._cond.notify_all()
+                if not then_genuine:
+                    continue
+            genuine = dns.message.make_response(query)
+            if name not in records:
+                genuine.set_rcode(dns.rcode.NXDOMAIN)
+            elif is_a:
+                genuine.answer.append(dns.rrset.from_text(name, 0, "IN", "A", *records[name]))
+            self.sock.sendto(genuine.to_wire(), peer)
+
+    def _send_forgery(self, kind: str, query: dns.message.Message, name: str,
+                      peer: tuple[str, int]) -> None:
+        sock = self.sock
+        if kind == "question":
+            forged = dns.message.make_response(dns.message.make_query(self.EVIL, "A"))
+            forged.id = query.id
+            owner = name  # the record is the name asked for: only the question gives it away
+        else:
+            forged = dns.message.make_response(query)
+            owner = self.EVIL if kind == "owner" else name
+            if kind == "id":
+                forged.id = (query.id + 1) % 65536
+            elif kind == "source":
+                sock = self.spoof
+        forged.answer.append(dns.rrset.from_text(owner, 0, "IN", "A", self.forged))
+        sock.sendto(forged.to_wire(), peer)
+
+    def stop(self) -> None:
+        self._stopping = True
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wake:
+            wake.sendto(b"", self.server)
+        self._thread.join(5)
+        self.sock.close()
+        self.spoof.close()
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -1,8 +1,9 @@
-"""Backups from DNS (`[[upstream.peers]]`), with a real dnsmasq whose records change mid-test,
-a real `failproxy serve`, and real backends on their own 127.x addresses (all of 127.0.0.0/8
-is bindable on Linux, so each "host" has an address of its own and every peer the same port,
-as DNS peers have). Self detection needs addresses that are on one box's interfaces and not on
-the others': those tests make two network namespaces joined by a veth pair.
+"""Backups from DNS (`[[upstream.peers]]`), with a real dnsmasq whose records change mid-test
+(or a name server of the test's own that forges answers), a real `failproxy serve`, and real
+backends on their own 127.x addresses (all of 127.0.0.0/8 is bindable on Linux, so each "host"
+has an address of its own and every peer the same port, as DNS peers have). Self detection
+needs addresses that are on one box's interfaces and not on the others': those tests make two
+network namespaces joined by a veth pair.
 
 What each test proves is in its docstring. Every wait is for a logged event, never a sleep.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 from backends import HTTPBackend, Reply
-from dnstest import DNSMASQ, Dnsmasq, Netns, can_make_netns, veth_pair
+from dnstest import DNSMASQ, FORGERIES, Dnsmasq, ForgingDNS, Netns, can_make_netns, veth_pair
 from support import REPO, Proxy, free_port
 
 pytestmark = pytest.mark.skipif(
@@ -219,6 +220,52 @@ def test_dns_down_or_empty_keeps_the_last_list(
     _applied(p, mark, added=[b3.address])
     r = p.request("GET", "/dns-back")
     assert r.status == 200 and r.header("X-Backend") == "b3"
+
+
+def test_forged_answers_never_become_peers(
+    proxy: Callable[..., Proxy], sockdir: Path, net: str,
+    same_port_backends: Callable[..., HTTPBackend],
+) -> None:
+    """Issue 19: a forged DNS answer was taken for the peer list. A name server that answers
+    with a forgery (another question, a record owned by another name, another ID, from another
+    address) instead of the genuine answer gets `resolve_failed` and the last list kept, for
+    every kind; one that sends the forgery before the genuine answer changes the list to the
+    genuine one only. The forged address never reaches `peers_changed` or a worker."""
+    port = same_port_backends.port  # type: ignore[attr-defined]
+    name = "forged.cluster.test"
+    forged = f"{net}66:{port}"  # nothing listens there
+    server = ForgingDNS(net + "53", net + "54", forged=net + "66")
+    try:
+        server.set(None, records={name: [net + "2"]})
+        b2 = same_port_backends(2, "b2")
+        p = proxy([{"address": f"unix:{sockdir / 'app.sock'}"}],
+                  peers=[{"dns": name, "port": port, "resolve_interval": INTERVAL}],
+                  upstream={"resolver": [server.address], "resolver_timeout": 0.3})
+        _applied(p, 0, added=[b2.address])
+
+        for kind in FORGERIES:
+            mark = p.log.mark()
+            server.set(kind, then_genuine=kind == "owner")
+            # The second failure since the switch came from a lookup begun after it.
+            failed = p.log.wait_for_events("resolve_failed", 2, since=mark)[-1]
+            assert server.sent[kind] >= 1
+            assert failed["dns"] == name and failed["kept"] == [b2.address], kind
+            assert not p.log.find("peers_changed", since=mark), kind
+            r = p.request("GET", f"/forged-{kind}")
+            assert r.status == 200 and r.header("X-Backend") == "b2"
+
+        b3 = same_port_backends(3, "b3")
+        mark = p.log.mark()
+        server.set("question", then_genuine=True, records={name: [net + "3"]})
+        changed = p.log.wait_for_event("peers_changed", since=mark, timeout=5.0)
+        assert changed["added"] == [b3.address] and changed["removed"] == [b2.address]
+        _applied(p, mark, added=[b3.address])
+        r = p.request("GET", "/genuine")
+        assert r.status == 200 and r.header("X-Backend") == "b3"
+        for ev in p.log.find("peers_changed") + p.log.find("peers_applied"):
+            assert forged not in [*ev.get("peers", ()), *ev["added"]], ev
+    finally:
+        server.stop()
 
 
 def test_a_new_worker_starts_with_the_current_list(

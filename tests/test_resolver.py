@@ -1,19 +1,22 @@
 """The DNS-peer parts that stand alone: the `[[upstream.peers]]` and resolver keys, this box's
-interface addresses from the kernel, and the stub resolver: its wire format, and its transport
-against a real dnsmasq (many records: TCP after a truncated UDP answer; a dead and a silent
-name server before a live one)."""
+interface addresses from the kernel, and the lookups (dnspython's stub resolver as dnsclient.py
+sets it up) over real sockets: against a real dnsmasq (many records: TCP after a truncated UDP
+answer, on the stdlib loop the master runs and on uvloop, without a thread; a dead and a silent
+name server before a live one), and against a server of the test's own that forges answers."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import struct
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
-from dnstest import DNSMASQ, Dnsmasq
+import uvloop
+from dnstest import DNSMASQ, FORGERIES, Dnsmasq, ForgingDNS
 from support import free_port
 
 from failproxy import dnsclient, netaddrs
@@ -100,29 +103,16 @@ def test_own_addresses_leave_loopback_out() -> None:
     assert set(own) <= set(everything)
 
 
-# -- the stub resolver ----------------------------------------------------------------------------
+# -- the lookups ----------------------------------------------------------------------------------
+
+T = TypeVar("T")
 
 
-def _name(*labels: bytes) -> bytes:
-    return b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
-
-
-def test_parse_response_follows_compression_and_keeps_the_type_asked() -> None:
-    qid = 0x1234
-    question = _name(b"www", b"example", b"test") + struct.pack("!HH", 1, 1)
-    cname = b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, 6) + _name(b"app")[:-1] + b"\xc0\x10"
-    a1 = b"\xc0\x2b" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton("10.0.0.7")
-    aaaa = b"\xc0\x2b" + struct.pack("!HHIH", 28, 1, 60, 16) + socket.inet_pton(
-        socket.AF_INET6, "fd00::1")
-    msg = struct.pack("!HHHHHH", qid, 0x8180, 1, 3, 0, 0) + question + cname + a1 + aaaa
-    got = dnsclient.parse_response(msg, qid, dnsclient.TYPE_A)
-    assert got is not None and got.rcode == 0 and got.addresses == ["10.0.0.7"]
-    assert dnsclient.parse_response(msg, qid + 1, dnsclient.TYPE_A) is None  # not ours
-    with pytest.raises(dnsclient.DNSError, match="malformed"):
-        dnsclient.parse_response(msg[:-3], qid, dnsclient.TYPE_A)
-    query = dnsclient.build_query(7, "a.test", dnsclient.TYPE_AAAA)
-    assert query[12:] == _name(b"a", b"test") + struct.pack("!HH", 28, 1) + (
-        b"\0" + struct.pack("!HHIH", 41, 1232, 0, 0))
+def run(coro: Coroutine[Any, Any, T], loop: str = "asyncio") -> T:
+    """`coro` on a new loop: the stdlib one (the master's) or uvloop's."""
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 @pytest.fixture
@@ -135,31 +125,92 @@ def dnsmasq(tmp_path: Path) -> Iterator[Dnsmasq]:
     server.stop()
 
 
-def test_resolve_many_records_over_tcp_after_truncation(dnsmasq: Dnsmasq) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_resolve_many_records_over_tcp_after_truncation(dnsmasq: Dnsmasq, loop: str) -> None:
     many = [f"10.1.{i // 250}.{i % 250 + 1}" for i in range(150)]  # > 1232 bytes over UDP
     dnsmasq.set_records([(ip, "many.test") for ip in many] + [("fd00::9", "many.test")])
-    got = asyncio.run(dnsclient.resolve("many.test", [(dnsmasq.host, dnsmasq.port)], 2.0))
+
+    async def lookup() -> tuple[list[str], int, int]:
+        before = threading.active_count()
+        got = await dnsclient.resolve("many.test", [(dnsmasq.host, dnsmasq.port)], 2.0)
+        return got, before, threading.active_count()
+
+    got, threads_before, threads_after = run(lookup(), loop)
     # 150 A records (16 bytes each) cannot fit the 1232 bytes offered over UDP: getting all
     # of them means the truncated answer was asked again over TCP.
     assert got == [*sorted(many, key=lambda ip: tuple(map(int, ip.split(".")))), "fd00::9"]
+    # The master forks: no resolver thread (an executor's getaddrinfo) may have been started.
+    assert threads_after == threads_before
 
 
 def test_resolve_moves_past_a_dead_and_a_silent_name_server(dnsmasq: Dnsmasq) -> None:
+    """A server that is gone and one that never answers each cost one `timeout`, then the next
+    server answers; with no live server the lookup fails after one timeout per server, naming
+    each; NXDOMAIN is an answer, not a reason to ask the next."""
     dnsmasq.set_records([("10.0.0.5", "one.test")])
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
     silent.bind(("127.0.0.54", 0))
-    dead = ("127.0.0.55", free_port("127.0.0.55"))  # nothing bound: ICMP refusal
+    dead = ("127.0.0.55", free_port("127.0.0.55"))  # nothing bound
     try:
         servers = [dead, silent.getsockname(), (dnsmasq.host, dnsmasq.port)]
         t0 = time.monotonic()
-        got = asyncio.run(dnsclient.resolve("one.test", servers, 0.3))
-        assert got == ["10.0.0.5"]
+        assert run(dnsclient.resolve("one.test", servers, 0.3)) == ["10.0.0.5"]
         assert time.monotonic() - t0 < 2.0
+        t0 = time.monotonic()
         with pytest.raises(dnsclient.DNSError) as info:
-            asyncio.run(dnsclient.resolve("one.test", servers[:2], 0.3))
-        assert "timed out after 0.3 s" in str(info.value)
-        assert "refused" in str(info.value).lower()
+            run(dnsclient.resolve("one.test", servers[:2], 0.3))
+        # One timeout per server (and a 0.1 s backoff), not dnspython's default 5 s lifetime.
+        assert time.monotonic() - t0 < 1.5
+        detail = str(info.value)
+        assert detail.startswith("one.test: ") and "timed out" in detail
+        for host, port in servers[:2]:
+            assert f"{host}@{port}" in detail
         with pytest.raises(dnsclient.NoAddresses, match="NXDOMAIN"):
-            asyncio.run(dnsclient.resolve("none.test", servers[2:], 0.3))
+            run(dnsclient.resolve("none.test", servers[2:], 0.3))
     finally:
         silent.close()
+
+
+def test_system_name_servers_from_resolv_conf(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# comment\nsearch corp.example\nnameserver 10.0.0.2\nnameserver fd00::53\n")
+    assert dnsclient.system_name_servers(str(conf)) == ["10.0.0.2", "fd00::53"]
+    resolver = dnsclient.make_resolver([], 0.5, str(conf))
+    assert resolver.search == [] and resolver.lifetime == 1.0  # the search line is not used
+    conf.write_text("search corp.example\n")
+    assert dnsclient.system_name_servers(str(conf)) == ["127.0.0.1"]  # none listed: as libc
+    assert dnsclient.system_name_servers(str(tmp_path / "missing")) == ["127.0.0.1"]
+
+
+@pytest.fixture
+def forging() -> Iterator[ForgingDNS]:
+    server = ForgingDNS("127.0.0.56", "127.0.0.57", forged="127.0.0.66")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("kind", ["question", "id", "source"])
+def test_a_forged_answer_is_ignored_and_the_genuine_one_taken(forging: ForgingDNS,
+                                                              kind: str) -> None:
+    """A forgery that arrives first, with another question, another ID or from another address,
+    is not taken for the answer: the genuine answer behind it is."""
+    forging.set(kind, then_genuine=True, records={"app.test": ["127.0.0.7", "127.0.0.8"]})
+    got = run(dnsclient.resolve("app.test", [forging.server], 1.0))
+    assert got == ["127.0.0.7", "127.0.0.8"]
+    assert forging.sent[kind] >= 1  # a forgery was sent, before the genuine answer
+
+
+@pytest.mark.parametrize("kind", FORGERIES)
+def test_a_forged_answer_alone_gives_no_address(forging: ForgingDNS, kind: str) -> None:
+    """With only forgeries coming back the lookup fails (the caller keeps its last list); a
+    record owned by another name is not taken even in an answer to our very question."""
+    forging.set(kind, then_genuine=kind == "owner", records={"app.test": ["127.0.0.7"]})
+    with pytest.raises(dnsclient.DNSError) as info:
+        run(dnsclient.resolve("app.test", [forging.server], 0.3))
+    assert "127.0.0.66" not in str(info.value)
+    if kind == "owner":
+        assert isinstance(info.value, dnsclient.NoAddresses)
+        assert str(info.value) == "app.test: no A or AAAA records"
+    else:
+        assert "timed out" in str(info.value)
+    assert forging.sent[kind] >= 1
