@@ -127,7 +127,7 @@ class WorkerContext:
         self.first: Peer | None = self.order[0] if self.order else None
         self.events = Events(
             metrics,
-            access=cfg.log.access and cfg.log.level in ("debug", "info"),
+            access=cfg.log.access,  # not log.level: the access log is no level (logs.py)
             first=self.first,
         )
         self.draining = False

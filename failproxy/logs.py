@@ -3,6 +3,11 @@
 Events below the configured level cost one no-op method call: structlog's filtering bound
 logger replaces them with `return None`. An emitted JSON event costs a few microseconds; the
 lines of one event-loop iteration leave in a single write().
+
+The access log (`request` events) is not a level: `log.access` alone turns it on or off, so an
+operator who quiets the log to `warning` keeps one line per request, as nginx's `error_log
+warn` leaves its `access_log` alone. A logged exception keeps its traceback in JSON too, as one
+string in `exception` (structlog's format_exc_info; the console renderer prints it its way).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def _orjson_dumps(event: MutableMapping[str, Any], **_kw: Any) -> bytes:
 
 def configure(cfg: LogConfig | None = None) -> None:
     """(Re)configure structlog for this process; call again after fork so `pid` is right."""
-    global _sink, _fast_json, _pid, _level
+    global _sink, _fast_json, _pid, _level, _access_logger
     cfg = cfg or LogConfig()
     if _sink is not None:
         _sink.flush()
@@ -83,6 +88,8 @@ def configure(cfg: LogConfig | None = None) -> None:
         colors = not cfg.file and sys.stderr.isatty()
         processors.append(structlog.dev.ConsoleRenderer(colors=colors))
     else:
+        # Without it orjson's default=str turns exc_info into the exception's message alone.
+        processors.append(structlog.processors.format_exc_info)
         processors.append(structlog.processors.JSONRenderer(serializer=_orjson_dumps))
     sink = _sink
     structlog.configure(
@@ -91,15 +98,27 @@ def configure(cfg: LogConfig | None = None) -> None:
         logger_factory=lambda *_a: _BytesLogger(sink),
         cache_logger_on_first_use=False,
     )
+    # The access log's own logger (module docstring): the same chain, never filtered by level.
+    _access_logger = structlog.wrap_logger(
+        _BytesLogger(sink), processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+    )
 
 
 _fast_json = False
 _pid = 0
 _level = logging.INFO
+_access_logger: Any = None
+ACCESS_EVENT = "request"  # the access log's event (SPEC 5): on or off by `log.access` only
 
 
 def emitter(event: str, level: str) -> Emitter:
-    """The emitter of one hot event (`request`, `failover`) for the current configuration."""
+    """The emitter of one hot event (`request`, `failover`) for the current configuration.
+    `request` is emitted whatever `log.level` says (module docstring); the caller checks
+    `log.access`."""
+    if event == ACCESS_EVENT and _access_logger is not None:
+        return Emitter(True, _pid, _sink if _fast_json else None,
+                       getattr(_access_logger.bind(), level))
     method = getattr(structlog.get_logger().bind(), level)
     return Emitter(_LEVELS[level] >= _level, _pid, _sink if _fast_json else None, method)
 
