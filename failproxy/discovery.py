@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,10 @@ from failproxy import dnsclient, netaddrs
 from failproxy.config import Address, Config, PeersConfig, Upstream, parse_address
 from failproxy.loadshare import LoadShare
 from failproxy.peertable import PeerTable, peer_upstream
+
+# Failed lookups per name since this master started, for /metrics (failproxy_dns_failures_total):
+# kept here, not in a Discovery, which a reload replaces.
+FAILURES: Counter[str] = Counter()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,7 @@ class Discovery:
         except dnsclient.DNSError as exc:
             entry.error = str(exc)
             entry.failures += 1
+            FAILURES[conf.dns] += 1
             if self.log is not None:
                 self.log.warning("resolve_failed", dns=conf.dns, port=conf.port, detail=str(exc),
                                  kept=list(entry.used), failures=entry.failures)

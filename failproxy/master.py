@@ -2,7 +2,7 @@
 
 Structure after gunicorn's arbiter: signal handlers only queue the signal and wake the main loop
 (asyncio's own self-pipe), which pops each one and awaits its `handle_<signal>` method, reaps
-exited children with waitpid(WNOHANG), and brings the worker set back to what it should be.
+exited children with wait4(WNOHANG), and brings the worker set back to what it should be.
 Signal meanings are unicorn's (SPEC 6), not gunicorn's: TERM/INT quick stop, QUIT graceful stop,
 HUP reload, USR2 re-exec, TTIN/TTOU one worker more/fewer, USR1 reopen the log file (here, then
 in every worker).
@@ -31,6 +31,11 @@ USR2, unicorn's way: the master renames pid_file to `<pid_file>.oldbin` and fork
 its own pid in FAILPROXY_OLD_MASTER. When all of the new master's workers are ready it sends
 QUIT to the old master (what unicorn's documented `before_fork` hook does), which drains and
 exits. If the new master dies first, the old one restores the pid file and keeps serving.
+
+In ps and top the processes say what they are, as nginx's and unicorn's do (setproctitle):
+`failproxy master CONFIG`, `failproxy master (old) CONFIG` while a USR2 successor starts, and
+`failproxy worker[N] CONFIG`, N the smallest number no other worker of the generation holds,
+so a replaced worker takes its predecessor's.
 """
 
 from __future__ import annotations
@@ -49,9 +54,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from setproctitle import setproctitle
+
 import failproxy
 from failproxy import config as config_mod
-from failproxy import listeners, logs, tls
+from failproxy import discovery as discovery_mod
+from failproxy import listeners, logs, scrape, tls
 from failproxy.admin import AdminServer
 from failproxy.config import Config, ConfigError, Upstream
 from failproxy.discovery import Discovery
@@ -91,6 +99,7 @@ class WorkerProcess:
     addresses: Sequence[str | None]
     discovery: Discovery
     column: int  # its column in discovery.load (loadshare.py)
+    number: int = 0  # N of its title, `failproxy worker[N]`
     started: float = field(default_factory=time.monotonic)
     base: Snapshot | None = None  # counts already folded into Master.retired (fold_server)
     retiring: bool = False
@@ -233,6 +242,12 @@ class Master:
         self.reexec_pid: int | None = None
         self.next_spawn_at = 0.0
         self.backoff = 0.0
+        self.reaped_cpu = 0.0  # CPU seconds of the workers reaped so far (process_cpu_seconds)
+        self.queues = scrape.QueueReader()
+        self._title()
+
+    def _title(self, state: str = "") -> None:
+        setproctitle(f"failproxy master{state} {self.config_path}")
 
     def _discovery(self, cfg: Config, previous: Discovery | None) -> Discovery:
         discovery = Discovery(cfg, self.log, previous)
@@ -413,6 +428,7 @@ class Master:
             finally:
                 os._exit(127)
         self.reexec_pid = pid
+        self._title(" (old)")
         self.log.info("reexec", new_master=pid, fds=fds)
 
     # -- reload helpers --------------------------------------------------------------------------
@@ -491,6 +507,8 @@ class Master:
         discovery = self.discovery
         metrics = WorkerMetrics(discovery.n_slots)
         column = discovery.load.claim()
+        taken = {w.number for w in self._current()}
+        number = next(n for n in range(len(taken) + 1) if n not in taken)
         try:
             pid = self._fork(hold=HELD)  # until worker_main handles USR1
         except OSError as exc:
@@ -500,11 +518,13 @@ class Master:
             self.next_spawn_at = time.monotonic() + 1.0
             return
         if pid == 0:
+            setproctitle(f"failproxy worker[{number}] {self.config_path}")
             self._worker_child(cfg, socks, metrics, discovery.table, (discovery.load, column))
         worker = WorkerProcess(pid, self.generation, cfg, metrics, discovery.owners, discovery,
-                               column)
+                               column, number)
         self.workers[pid] = worker
-        self.log.info("worker_started", worker_pid=pid, generation=self.generation)
+        self.log.info("worker_started", worker_pid=pid, generation=self.generation,
+                      worker=number)
 
     def _worker_child(self, cfg: Config, socks: list[Any], metrics: WorkerMetrics,
                       peers: PeerTable, load: tuple[LoadShare, int]) -> NoReturn:
@@ -518,8 +538,14 @@ class Master:
             code = self.worker_main(cfg, socks, metrics, peers, load)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
+        except BaseException as exc:
+            # In the log, with its traceback (logs.py), where an operator looks first; stderr
+            # keeps it when the log cannot take it. The log's `pid` is still the master's here
+            # (logs.configure runs in worker_main), hence worker_pid.
+            try:
+                logs.get_logger().error("worker_failed", worker_pid=os.getpid(), exc_info=exc)
+            except BaseException:
+                traceback.print_exc()
         finally:
             with contextlib.suppress(BaseException):
                 logs.flush()
@@ -579,7 +605,7 @@ class Master:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -591,6 +617,7 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            self.reaped_cpu += usage.ru_utime + usage.ru_stime
             self.retired.add(worker.metrics, worker.addresses, gauges=False, base=worker.base)
             worker.metrics.close()
             worker.discovery.load.release(worker.column)  # its requests in flight went with it
@@ -609,6 +636,7 @@ class Master:
 
     def _reexec_died(self, code: int) -> None:
         self.reexec_pid = None
+        self._title()
         self.log.error("reexec_failed", exit_code=code)
         if self.stopping is None and self.pid_path.endswith(".oldbin"):
             original = self.pid_path.removesuffix(".oldbin")
@@ -668,7 +696,34 @@ class Master:
 
     def metrics_text(self) -> str:
         servers = [s.address.text for s, _ in self.discovery.servers()]
-        return render(self.totals(), servers, sum(not w.retiring for w in self.workers.values()))
+        page = render(self.totals(), servers, sum(not w.retiring for w in self.workers.values()))
+        return page + scrape.render(self.scrape(servers))
+
+    def scrape(self, servers: Sequence[str]) -> scrape.Scrape:
+        """What /metrics adds to the workers' counters (scrape.py): read now, for the group."""
+        live = sorted(self.workers.values(), key=lambda w: w.started)
+        process = scrape.process_figures([self.pid, *(w.pid for w in live)], self.reaped_cpu)
+        free: dict[str, int] = {}
+        primaries = [s for s in self.cfg.upstream.servers if not s.backup]
+        if primaries and primaries[0].address.is_unix:
+            local = primaries[0].address.text
+            boards = [b for b in (w.metrics.read_learned() for w in live) if b is not None]
+            workers = merge_learned(boards)[0].get(local, {}).get("concurrency")
+            if workers is not None:  # the room policy runs and has learned it
+                tables = {id(w.discovery): (w.discovery.load, w.discovery.owners) for w in live}
+                own = self.discovery.self_choice.address
+                busy = scrape.in_flight(tables.values(), local)
+                if own is not None:
+                    busy += scrape.in_flight(tables.values(), own.text)
+                free[local] = max(0, int(workers) - busy)
+        return scrape.Scrape(
+            version=failproxy.__version__,
+            compiled=failproxy.BUILD.startswith("compiled"),
+            process=process,
+            queues=self.queues.depths(servers),
+            free_workers=free,
+            dns_failures=dict(discovery_mod.FAILURES),
+        )
 
 
 def _upstream_status(server: Upstream, dns: str | None, own: bool, totals: Totals,

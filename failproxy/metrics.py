@@ -550,8 +550,13 @@ def render(totals: Totals, servers: Iterable[str], workers: int) -> str:
     page.family("failproxy_held_requests", "gauge",
                 "Requests held in failproxy waiting for a free worker (overflow policy).")
     page.sample("failproxy_held_requests", totals.held)
+    # With fail_timeout = 0 (the default, and SPEC 1's policy for the local socket) a server is
+    # never held down, so this stays 1 whatever its state: its failures are in
+    # failproxy_failovers_total{from=...} and its accept queue in failproxy_accept_queue_depth.
     page.family("failproxy_upstream_up", "gauge",
-                "1 unless some worker currently holds the server down (fail_timeout).")
+                "0 while some worker holds the server down after max_fails failures within "
+                "fail_timeout; always 1 with fail_timeout = 0, which never marks it down "
+                "(see failproxy_failovers_total).")
     for address in servers:
         page.sample("failproxy_upstream_up", 0 if totals.down[address] else 1, upstream=address)
     page.family("failproxy_upstream_fails", "gauge",

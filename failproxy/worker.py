@@ -17,6 +17,7 @@ import socket
 from typing import Any
 
 import uvloop
+from setproctitle import getproctitle, setproctitle
 
 from failproxy import logs
 from failproxy.config import Config
@@ -134,6 +135,7 @@ class Worker:
         ctx.draining = True
         ctx.idle_grace = min(idle_grace, timeout)
         ctx.events.worker_stopping()
+        _title_stopping()
         self._close_listening()
         for conn in list(ctx.connections):
             conn.drain(ctx.idle_grace)
@@ -166,6 +168,14 @@ class Worker:
         for peer in self.ctx.peers:
             peer.close_idle()
         await asyncio.sleep(0)
+
+
+def _title_stopping() -> None:
+    """`ps` tells a draining worker from a serving one (nginx: "worker process is shutting
+    down"). Only a title the master gave: a worker run in a test process leaves it alone."""
+    title = getproctitle()
+    if title.startswith("failproxy worker[") and not title.endswith(" (stopping)"):
+        setproctitle(title + " (stopping)")
 
 
 def _factory(ctx: WorkerContext, tls: bool) -> Any:
@@ -225,9 +235,9 @@ def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetr
 
     def on_loop_error(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        worker.log.error(
-            "internal_error", detail=context.get("message"), exception=repr(exc) if exc else None
-        )
+        # exc_info: `exception` then holds the whole traceback, not only the exception's repr.
+        worker.log.error("internal_error", detail=context.get("message"),
+                         exc_info=exc if isinstance(exc, BaseException) else None)
 
     loop.set_exception_handler(on_loop_error)
     loop.add_signal_handler(signal.SIGQUIT, worker.graceful_stop, cfg.server.shutdown_timeout)
