@@ -64,6 +64,42 @@ RETRY_TICK: Final = 0.005  # while anything is held: work we do not see may end;
 SLOW_MEMORY: Final = 10.0  # seconds a slow local answer keeps the box from queueing at home
 FAST_EVIDENCE: Final = 32  # fast local answers in a row before the box is trusted to be fast
 
+# The local socket's verdict (home_verdict), from what failproxy knows of the box.
+HOME: Final = 0  # a worker is free as far as known: send it home
+HOME_WAIT: Final = 1  # every worker busy with fast work on a fast box: wait for one at home
+PROBE: Final = 2  # past W with an empty queue: home, as the probe for a worker beyond W
+AWAY_QUEUED: Final = 3  # the last worker is taken by someone else's request: elsewhere
+AWAY_BUSY: Final = 4  # every worker busy: elsewhere (a peer with room, or held)
+READ_QUEUE: Final = 5  # the verdict needs the accept queue's depth: read it, ask again
+UNREAD: Final = -1  # `queued` when the accept queue was not read (12-28 us: only on demand)
+
+
+def home_verdict(busy: int, workers: int, slow: bool, fast_box: bool, may_probe: bool,
+                 queued: int) -> int:
+    """Whether a request goes to the local socket, as a pure function of what is known (no
+    I/O, no clock: table-tested): `busy` of ours awaiting the box (both its sockets),
+    `workers` (W, learned), a slow-route request, a fast box (_fast_box: a queued request
+    waits less than a hop costs), a probe allowed now (_may_probe and its back-off), and the
+    accept queue's depth (UNREAD until a verdict needs it: READ_QUEUE, as h11 asks its caller
+    for more data instead of reading)."""
+    if busy == 0 or busy < workers - 1:
+        return HOME
+    fast = fast_box and not slow
+    if busy == workers - 1:
+        # On a fast box a queued connection is most likely a worker lagging on its way back
+        # to accept(): no need to read the queue to send the request home.
+        if fast:
+            return HOME
+        if queued == UNREAD:
+            return READ_QUEUE
+        return HOME if queued == 0 else AWAY_QUEUED
+    if may_probe and not slow:
+        if queued == UNREAD:
+            return READ_QUEUE
+        if queued == 0:
+            return PROBE  # more workers than W? one request finds out
+    return HOME_WAIT if fast else AWAY_BUSY
+
 
 def _sample2(n: int) -> tuple[int, int]:
     """Two distinct indexes below `n` (n >= 2), drawn at random."""
@@ -195,31 +231,31 @@ class Room:
         workers = self.workers
         self.clean = True  # unless a path below sends it where it may wait for a worker
         if n == 0 or n < workers - 1:
+            return self._local()  # the common case, before anything else is looked at
+        fast = not slow and self._fast_box(now)
+        may_probe = (
+            n >= workers  # (at W - 1 the verdict never probes: not worth _may_probe's loop)
+            and now >= self._probe_at
+            and not self._probing
+            and self._may_probe(now, slow)
+        )
+        verdict = home_verdict(n, workers, slow, fast, may_probe, UNREAD)
+        if verdict == READ_QUEUE:
+            verdict = home_verdict(n, workers, slow, fast, may_probe, self._queue(now))
+        if verdict == HOME:
             return self._local()
-        if n == workers - 1:
-            # On a fast box a queued connection is most likely a worker lagging on its way back
-            # to accept(): no need to read the queue (12-28 us) to send the request home.
-            if (not slow and self._fast_box(now)) or self._queue(now) == 0:
-                return self._local()
-            reason = "queued"  # someone else's request holds a worker: maybe a slow one
-        else:
-            reason = "workers_busy"
-            if (
-                now >= self._probe_at
-                and not self._probing
-                and self._may_probe(now, slow)
-                and self._queue(now) == 0
-            ):
-                self._probing = True  # more workers than W? one request finds out
-                self._probe_until = now + PROBE_VERIFY
-                self._probe_spin_until = now + PROBE_SPIN
-                self._seen = 0
-                self._loop.call_soon(self._verify)  # after its connect (synchronous on UNIX)
-                self.clean = False
-                return self._local()
-            if not slow and self._fast_box(now):
-                self.clean = False
-                return self._local()  # every worker busy with our fast requests: wait for one
+        if verdict == PROBE:
+            self._probing = True
+            self._probe_until = now + PROBE_VERIFY
+            self._probe_spin_until = now + PROBE_SPIN
+            self._seen = 0
+            self._loop.call_soon(self._verify)  # after its connect (synchronous on UNIX)
+            self.clean = False
+            return self._local()
+        if verdict == HOME_WAIT:
+            self.clean = False
+            return self._local()  # every worker busy with our fast requests: wait for one
+        reason = "queued" if verdict == AWAY_QUEUED else "workers_busy"
         return self._best_peer(now, (), slow), reason
 
     def _may_probe(self, now: float, slow: bool) -> bool:

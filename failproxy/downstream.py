@@ -145,7 +145,7 @@ class ClientConnection(Downstream):
         self.tunnel: UpstreamConnection | None = None
         self.upgrade_rest = b""
         self.resume: Request | None = None  # an upgrade request llhttp stopped at, not tunnelled
-        self.timer = take_timer(ctx.loop, self._on_timeout)
+        self.timer = take_timer(ctx.loop, self._on_timer)
         self.timer_kind = HEAD
 
     # -- asyncio protocol -----------------------------------------------------------------------
@@ -170,7 +170,10 @@ class ClientConnection(Downstream):
         active = self.active
         if active is not None:
             self.active = None
-            active.client_gone()
+            try:
+                active.client_gone()
+            except Exception as bug:
+                active.internal_error(bug, "client gone")
         self._release_waiting()
 
     def data_received(self, data: bytes) -> None:
@@ -183,18 +186,26 @@ class ClientConnection(Downstream):
         if self.in_head:
             self.head_raw += len(data)
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                self._parsed()
+                self._on_parser_upgrade(data[upgrade.args[0] :])
+                return
+            except httptools.HttpParserError as exc:
+                error = self.error
+                if error is None:
+                    cause = exc.__context__  # a callback's own error rides as the context
+                    if cause is not None and not isinstance(cause, BadRequest):
+                        raise cause from None  # a bug, not bad input: the catch-all below
+                    error = _parse_error(exc)
+                self._reject(error)
+                return
             self._parsed()
-            self._on_parser_upgrade(data[upgrade.args[0] :])
-            return
-        except httptools.HttpParserError as exc:
-            error = self.error or _parse_error(exc)
-            self._reject(error)
-            return
-        self._parsed()
-        if self.in_head and self.head_raw > self.ctx.max_header_bytes:
-            self._reject(BadRequest(431, "request head too large"))
+            if self.in_head and self.head_raw > self.ctx.max_header_bytes:
+                self._reject(BadRequest(431, "request head too large"))
+        except Exception as exc:
+            self.internal_error(exc, "client read")
 
     def _parsed(self) -> None:
         """A read parsed cleanly: start the pending request, send a streamed body's new bytes
@@ -234,7 +245,10 @@ class ClientConnection(Downstream):
         if self.tunnel is not None:
             self.tunnel.resume_reading()
         elif self.active is not None:
-            self.active.client_paused(False)
+            try:
+                self.active.client_paused(False)  # a spooled answer drains from here
+            except Exception as exc:
+                self.internal_error(exc, "client drained")
 
     # -- httptools callbacks ------------------------------------------------------------------
 
@@ -632,10 +646,36 @@ class ClientConnection(Downstream):
         else:
             self.queue.append(error)
 
+    def internal_error(self, exc: BaseException, where: str) -> None:
+        """The catch-all for this connection's handlers (reads, timers, a freed write buffer):
+        a bug costs the request it met (Exchange.internal_error: 500, or the connection cut
+        once an answer has begun) and this connection, never the worker. A bug outside any
+        request gets a 500 when nothing is being answered. Whatever state is left, the
+        connection ends: it is not to be trusted any more."""
+        active = self.active
+        try:
+            if active is not None and not active.done:
+                active.internal_error(exc, where)
+            else:
+                self.ctx.events.internal_error(None, exc, where)
+                if not self.closed and not self.queue and self.pending is None:
+                    self.write(simple_response(500, "internal error", close=True))
+                    self.close()
+        except Exception as again:  # the handling met the bug too: cut, and say so
+            self.ctx.events.internal_error(None, again, where)
+        if not self.closed:
+            self.abort()
+
     def _answer_error(self, error: BadRequest) -> None:
         self.ctx.events.client_error(self.client_ip, error.status, error.detail)
         self.write(simple_response(error.status, error.detail, close=True))
         self.close()
+
+    def _on_timer(self) -> None:
+        try:
+            self._on_timeout()
+        except Exception as exc:
+            self.internal_error(exc, "client timer")
 
     def _on_timeout(self) -> None:
         kind = self.timer_kind

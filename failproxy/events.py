@@ -160,8 +160,10 @@ class Events:
             detail=detail,
         )
 
-    def internal_error(self, ex: ExchangeView) -> None:
-        self.log.exception("internal_error", request_id=ex.req.request_id or None)
+    def internal_error(self, ex: ExchangeView | None, exc: BaseException, where: str) -> None:
+        """A bug met by a handler (the catch-all): with its traceback, and what it cost."""
+        fields = request_fields(ex.req) if ex is not None else {}
+        self.log.error("internal_error", where=where, exc_info=exc, **fields)
 
     # -- passive health ---------------------------------------------------------------------
 
@@ -187,9 +189,12 @@ class Events:
             errno=policy.errno_name(exc.errno), detail=exc.strerror or str(exc),
         )
 
-    def client_error(self, client_ip: str, status: int, detail: str) -> None:
+    def client_error(self, client_ip: str, status: int, detail: str, counted: bool = True) -> None:
+        """Bad input, logged. Counted here unless an exchange carries it (`counted=False`):
+        its end counts it then, once, with its real duration."""
         self.log.info("client_error", client=client_ip, status=status, detail=detail)
-        self.metrics.request(status, 0.0)
+        if counted:
+            self.metrics.request(status, 0.0)
 
     def request(self, ex: ExchangeView, now: float) -> None:
         """The access-log line and the request counters, once per answered request."""

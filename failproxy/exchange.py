@@ -282,7 +282,10 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     def resume(self, peer: Peer, reason: str, now: float) -> None:
         """balance.Holdable: the policy sends a held request on."""
         self.held_ms = int((now - self.started) * 1_000_000) / 1000
-        self._go(peer, reason, now)
+        try:
+            self._go(peer, reason, now)
+        except Exception as exc:
+            self.internal_error(exc, "resume")
 
     def shed(self, now: float) -> None:
         """balance.Holdable: a slow-route request held past routes.shed_after at capacity gets
@@ -344,10 +347,10 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.peer = peer
         self.tried.append(peer.address)
         if peer.busy():
-            self._failed("busy", None)
+            self._next("busy")
             return
         if peer.queue_probe is not None and peer.queue_full():
-            self._failed("queue_full", None)
+            self._next("queue_full")
             return
         self._take_slot(peer)
         room = self.ctx.room
@@ -380,8 +383,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         t0 = monotonic()
         sock, err = start_connect(peer)
         if sock is None:
-            self._end_attempt()
-            self._failed(policy.classify_connect_errno(err), err)
+            self._next(policy.classify_connect_errno(err), err)
             return
         if err == _EINPROGRESS:
             when_connected(
@@ -396,12 +398,15 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     def _tcp_connected(self, peer: Peer, sock: _socket.socket, err: int, t0: float) -> None:
         if self.phase == DONE:
             sock.close()
-        elif err:
-            sock.close()
-            self._end_attempt()
-            self._failed(policy.classify_connect_errno(err), err)
-        else:
-            self._open(peer, sock, t0)
+            return
+        try:
+            if err:
+                sock.close()
+                self._next(policy.classify_connect_errno(err), err)
+            else:
+                self._open(peer, sock, t0)
+        except Exception as exc:
+            self.internal_error(exc, "connected")
 
     def _open(self, peer: Peer, sock: _socket.socket, t0: float) -> None:
         """Give the connected socket a transport and send the request on it, in this call: no
@@ -412,8 +417,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             conn.transport = SocketTransport(loop, sock, conn)
         except OSError as exc:
             sock.close()
-            self._end_attempt()
-            self._failed(policy.classify_connect_errno(exc.errno), exc.errno)
+            self._next(policy.classify_connect_errno(exc.errno), exc.errno)
             return
         now = monotonic()
         seconds = now - t0
@@ -468,24 +472,43 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             conn.exchange = None
         self.req.detach()
 
-    def _failed(self, reason: str, err: int | None) -> None:
-        """The current attempt failed: move on if the policy allows, else end the request."""
+    def _next(self, reason: str, err: int | None = None,
+              conn: UpstreamConnection | None = None, nxt: Peer | None = None) -> None:
+        """Every failed attempt ends here, as every failure in nginx ends in
+        ngx_http_upstream_next, so that each is told once and in one order: the attempt's slot
+        and connection let go; an answer already begun cut (never presented as complete); the
+        peer's health told (not for the policy's own skips, busy and queue_full); the next
+        server chosen (or `nxt`, when the caller had to ask first: an error status with nowhere
+        to go is relayed, not replaced); the decision logged before the next attempt starts, so
+        a stuck attempt leaves a trail; then the next attempt, or 502/504."""
         peer = self.peer
         assert peer is not None
+        self._end_attempt()
+        if conn is not None:
+            conn.abort()
+        phase = self.phase
+        if phase == DONE:
+            return
+        if phase == RELAYING:
+            self._cut()
+            return
         if reason != "busy" and reason != "queue_full":
             self._peer_failed(peer)
-        nxt = self._next_upstream(reason)
         if nxt is None:
-            self.reasons.append(reason)
+            nxt = self._next_upstream(reason)
+        self.reasons.append(reason)
+        if nxt is None:
             self._exhausted(reason)
             return
-        self._move_on(peer, nxt, reason, err)
-
-    def _move_on(self, peer: Peer, nxt: Peer, reason: str, err: int | None) -> None:
-        """Log the decision before the next attempt starts, so a stuck attempt leaves a trail."""
-        self.reasons.append(reason)
         self.ctx.events.failover(self, peer, nxt, reason, err)
         self._try_peer(nxt, monotonic())
+
+    def _cut(self) -> None:
+        """The answer has begun and cannot be finished: the client connection is closed
+        without its end, so no client takes a partial answer for a whole one."""
+        self.keep_alive = False
+        self.client.abort()
+        self._finalize(False)
 
     def _next_upstream(self, reason: str) -> Peer | None:
         """The peer a request that failed with `reason` moves on to, or None: it may not."""
@@ -557,11 +580,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             nxt = self._next_upstream(status_reason)
             if nxt is not None:
                 # Its body is not wanted: the connection cannot be reused without reading it.
-                peer = conn.peer
-                self._end_attempt()
-                conn.abort()
-                self._peer_failed(peer)
-                self._move_on(peer, nxt, status_reason, None)
+                self._next(status_reason, None, conn, nxt)
                 return
         self._enter(RELAYING)
         slot = self.slot
@@ -814,19 +833,10 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream closed or reset the connection before the response was complete."""
-        peer = conn.peer
-        self._end_attempt()
-        phase = self.phase
-        if phase == DONE:
-            return
-        if phase == RELAYING:
-            # Cut short: never presented as complete. The client connection is closed.
-            self.keep_alive = False
-            self.client.abort()
-            self._finalize(False)
-            return
         if (
-            conn.reused
+            self.phase != RELAYING
+            and self.phase != DONE
+            and conn.reused
             and not self.stale_retried
             and not conn.got_bytes
             and policy.may_retry_stale(
@@ -836,30 +846,25 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             )
         ):
             # A pooled keep-alive connection the upstream had closed: not a failover.
+            peer = conn.peer
+            self._end_attempt()
             self.stale_retried = True
             self._take_slot(peer)
             self._connect(peer)
             return
         err = getattr(exc, "errno", None) if exc is not None else None
-        self._failed("reset", err)
+        self._next("reset", err)
 
     def on_upstream_timeout(self, conn: UpstreamConnection) -> None:
-        self._end_attempt()
-        conn.abort()
-        if self.phase == RELAYING:
-            self.keep_alive = False
-            self.client.abort()
-            self._finalize(False)
-            return
-        self._failed("timeout", None)
+        self._next("timeout", None, conn)
 
     def on_upstream_invalid(self, conn: UpstreamConnection, detail: str) -> None:
-        """A response that breaks HTTP: 502 if nothing was relayed yet, else close the client."""
+        """A response that breaks HTTP: 502 if nothing was relayed yet, else close the client.
+        Not moved on: the upstream may have acted on the request."""
         self._end_attempt()
         conn.abort()
         if self.phase == RELAYING:
-            self.client.abort()
-            self._finalize(False)
+            self._cut()
             return
         self.ctx.events.upstream_invalid(self, conn.peer, detail)
         self._answer_locally(502, "invalid response from upstream")
@@ -920,6 +925,15 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         """The client disconnected: whatever is in flight upstream is abandoned."""
         if self.phase == DONE:
             return
+        self._abandon()
+        if self.phase != RELAYING and self.phase != SENDING:
+            self.status = 499
+        self._finalize(False)
+
+    def _abandon(self) -> None:
+        """Let go of everything upstream: out of the hold queue (or the policy would send an
+        answered request on later), the slot given back, the connection cut (nothing more of
+        this request reaches it)."""
         if self.phase == HELD:
             room = self.ctx.room
             if room is not None:
@@ -928,22 +942,12 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self._end_attempt()
         if conn is not None:
             conn.abort()
-        if self.phase != RELAYING and self.phase != SENDING:
-            self.status = 499
-        self._finalize(False)
 
     def abort_request(self, error: BadRequest) -> None:
         """The body broke a rule mid-stream: the upstream must never get a complete request."""
-        if self.phase == HELD:
-            room = self.ctx.room
-            if room is not None:
-                room.unhold(self)  # or the policy would send an answered request on later
-        conn = self.conn
-        self._end_attempt()
-        if conn is not None:
-            conn.abort()
+        self._abandon()
         client = self.client
-        self.ctx.events.client_error(self.client_ip, error.status, error.detail)
+        self.ctx.events.client_error(self.client_ip, error.status, error.detail, False)
         if self.phase == RELAYING or self.phase == SENDING:
             client.abort()  # an answer is under way: no second one (its temp file goes)
             self._finalize(False)
@@ -951,6 +955,33 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         data = self.ctx.error_response(error.status, error.detail, close=True,
                                        head=self.head_request)
         self.status = error.status
+        self.bytes_sent = len(data)
+        client.write(data)
+        self._finalize(False)
+
+    def internal_error(self, exc: BaseException, where: str) -> None:
+        """The catch-all: a bug met while serving this request costs this request, not the
+        worker. Logged with its traceback; the upstream slot given back and its connection cut
+        (nothing more of this request reaches it); a 500 when no answer has begun, else the
+        client connection cut, so no client ever takes a half answer for a whole one. Either
+        way the connection closes after it: its state is no longer to be trusted."""
+        self.ctx.events.internal_error(self, exc, where)
+        phase = self.phase
+        if phase == DONE:
+            # Met after the answer (in its log record, or in the next request this one's end
+            # started): the connection's state is unknown, so it ends; its close frees the rest.
+            self.client.abort()
+            return
+        self._abandon()
+        client = self.client
+        if phase in (RELAYING, SENDING):  # an answer has begun (a 1xx before a 500 is fine)
+            self.keep_alive = False
+            client.abort()
+            self._finalize(False)
+            return
+        data = self.ctx.error_response(500, "internal error", close=True,
+                                       head=self.head_request)
+        self.status = 500
         self.bytes_sent = len(data)
         client.write(data)
         self._finalize(False)

@@ -108,6 +108,9 @@ class ResponseSink:
     def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None:
         raise NotImplementedError
 
+    def internal_error(self, exc: BaseException, where: str) -> None:
+        raise NotImplementedError
+
     def upstream_paused(self, paused: bool) -> None:
         raise NotImplementedError
 
@@ -218,10 +221,13 @@ class UpstreamConnection(Pooled):
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
-            if self.framing == CLOSE and self._status and exc is None:
-                exchange.on_response_complete(self, False)
-            else:
-                exchange.on_upstream_lost(self, exc)
+            try:
+                if self.framing == CLOSE and self._status and exc is None:
+                    exchange.on_response_complete(self, False)
+                else:
+                    exchange.on_upstream_lost(self, exc)
+            except Exception as bug:
+                exchange.internal_error(bug, "upstream lost")
         else:
             self.peer.forget_idle(self)
 
@@ -243,30 +249,44 @@ class UpstreamConnection(Pooled):
             return
         self.got_bytes = True
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            exchange = self.exchange
-            if exchange is not None:
-                offset = upgrade.args[0]
-                exchange.on_upstream_upgrade(self, data[offset:])
-            return
-        except httptools.HttpParserError as exc:
-            exchange = self.exchange
-            self.exchange = None
-            self.close()
-            if exchange is not None:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                exchange = self.exchange
+                if exchange is not None:
+                    offset = upgrade.args[0]
+                    exchange.on_upstream_upgrade(self, data[offset:])
+                return
+            except httptools.HttpParserError as exc:
                 cause = exc.__context__ or exc  # a callback's own error rides as the context
-                exchange.on_upstream_invalid(self, str(cause) or type(cause).__name__)
-            return
-        exchange = self.exchange
-        if exchange is None:
-            return
-        if self._head_only:
-            # A HEAD response ends with its head: llhttp would wait for the announced body.
-            self._parser = _ResponseParser(self)
-            self._finish(self.keep_alive and not self._body_seen)
-            return
-        exchange.flush_out()
+                if not isinstance(cause, httptools.HttpParserError):
+                    raise cause from None  # a bug, not a bad answer: the catch-all below
+                exchange = self.exchange
+                self.exchange = None
+                self.close()
+                if exchange is not None:
+                    exchange.on_upstream_invalid(self, str(cause) or type(cause).__name__)
+                return
+            exchange = self.exchange
+            if exchange is None:
+                return
+            if self._head_only:
+                # A HEAD response ends with its head: llhttp would wait for the announced body.
+                self._parser = _ResponseParser(self)
+                self._finish(self.keep_alive and not self._body_seen)
+                return
+            exchange.flush_out()
+        except Exception as exc:
+            self._internal_error(carrying, exc, "upstream read")
+
+    def _internal_error(self, carrying: ResponseSink, exc: BaseException, where: str) -> None:
+        """The catch-all for this connection's handlers: a bug met while it carried `carrying`.
+        The connection is cut (where its answer stands is unknown now, so it is never reused)
+        and the exchange answers for the rest (Exchange.internal_error)."""
+        if self.exchange is carrying:
+            self.exchange = None
+        self.abort()
+        carrying.internal_error(exc, where)
 
     def pause_writing(self) -> None:
         self.send_paused = True
@@ -386,7 +406,10 @@ class UpstreamConnection(Pooled):
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
-            exchange.on_upstream_timeout(self)
+            try:
+                exchange.on_upstream_timeout(self)
+            except Exception as exc:
+                self._internal_error(exchange, exc, "upstream timer")
         else:
             self.peer.forget_idle(self)
             self.close()

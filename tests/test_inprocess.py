@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
 from backends import TcpBlackhole
-from inprocess import RESPONSE, Harness, request
+from inprocess import RESPONSE, FakeTransport, Harness, request
 
 from failproxy import exchange
+from failproxy.downstream import ClientConnection
 from failproxy.exchange import Exchange
+from failproxy.upstream import UpstreamConnection
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
@@ -313,5 +317,93 @@ def test_a_held_request_whose_body_breaks_leaves_the_hold_queue(tmp_path: Path) 
         local.release(False)
         room.release()  # a worker is free: nothing is sent on
         assert local.inflight == 0
+
+    run(main)
+
+
+class _Faulty(FakeTransport):
+    """A transport whose write meets a bug: the fault injected into a real code path (the
+    hot path calls its transport's write, compiled or not)."""
+
+    def __init__(self, fail_on: bytes) -> None:
+        super().__init__()
+        self.fail_on = fail_on
+
+    def write(self, data: bytes) -> None:
+        if self.fail_on in data:
+            raise RuntimeError("injected fault")
+        super().write(data)
+
+
+def _has_traceback(event: dict[str, Any]) -> None:
+    """The record keeps the exception's type, message and frames (down to the faulty write),
+    whichever of structlog's renderings the JSON log uses."""
+    text = json.dumps(event.get("exception"))
+    assert "RuntimeError" in text and "injected fault" in text and "write" in text, event
+
+
+def _catch_all_harness(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Harness:
+    return Harness(f'[[upstream.server]]\naddress = "unix:{tmp_path}/none.sock"\n',
+                   tmp_path / "log", loop)
+
+
+def test_a_bug_before_the_answer_gets_a_500_and_the_worker_serves_on(tmp_path: Path) -> None:
+    """The catch-all: a handler that raises (here while sending the request upstream) answers
+    500, logs `internal_error` with the traceback, gives the upstream slot back and cuts that
+    upstream connection; the next connection is served as if nothing happened."""
+
+    async def main() -> None:
+        h = _catch_all_harness(tmp_path, asyncio.get_running_loop())
+        peer = h.ctx.peers[0]
+        bad = UpstreamConnection(peer, h.loop)
+        bad_out = _Faulty(b"/boom")
+        bad.transport = bad_out  # type: ignore[assignment]
+        bad.idle_since = h.loop.time()
+        peer.put_idle(bad)
+        client, out = h.client()
+        client.data_received(request("/boom"))  # must not raise into the loop
+        assert out.data().startswith(b"HTTP/1.1 500 "), out.data()
+        assert b"Connection: close" in out.data() and out.closing
+        assert bad_out.aborted, "the upstream connection the bug met is never reused"
+        assert peer.inflight == 0, "the slot outlived the bug"
+        (error,) = h.events("internal_error")
+        assert error["path"] == "/boom" and error["where"] == "client read"
+        _has_traceback(error)
+        assert [e["status"] for e in h.events("request")] == [500]
+
+        good, good_out = h.pooled(peer)
+        client2, out2 = h.client()
+        client2.data_received(request("/fine"))
+        assert good_out.data().startswith(b"GET /fine HTTP/1.1\r\n")
+        good.data_received(RESPONSE)
+        assert out2.data().startswith(b"HTTP/1.1 200 OK") and out2.data().endswith(b"ok")
+        assert peer.inflight == 0
+
+    run(main)
+
+
+def test_a_bug_after_the_answer_began_cuts_the_client(tmp_path: Path) -> None:
+    """Once the head went out no 500 can follow: the client connection is cut, so the client
+    never takes the part it got for a whole answer; the slot is given back, the upstream
+    connection cut, the bug logged with its traceback."""
+
+    async def main() -> None:
+        h = _catch_all_harness(tmp_path, asyncio.get_running_loop())
+        peer = h.ctx.peers[0]
+        upstream, upstream_out = h.pooled(peer)
+        client = ClientConnection(h.ctx, False)
+        out = _Faulty(b"second half")
+        client.connection_made(out)  # type: ignore[arg-type]
+        client.data_received(request("/stream"))
+        assert upstream_out.data().startswith(b"GET /stream HTTP/1.1\r\n")
+        upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\n\r\nfirst half")
+        assert out.data().endswith(b"first half")
+        upstream.data_received(b"second half.")  # the client write meets the bug
+        assert out.aborted, "a cut answer is never presented as complete"
+        assert upstream_out.aborted
+        assert peer.inflight == 0
+        (error,) = h.events("internal_error")
+        assert error["where"] == "upstream read"
+        _has_traceback(error)
 
     run(main)

@@ -293,9 +293,6 @@ def test_accept_queue_and_free_workers_are_what_the_room_policy_reads(
 
 
 # ---- counting a request once --------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="exchange.abort_request counts the request through "
-                   "events.client_error and again through _finalize's events.request; the fix "
-                   "is in exchange.py/events.py (see the issue 19 report)")
 def test_a_mid_body_413_is_counted_once(tmp_path: Path, backend: Any) -> None:
     """Streaming a chunked body (request_buffering = false) past max_body_bytes: one 413
     answered, one counted."""
