@@ -10,21 +10,50 @@
 # BASE is any Debian-like image with python3 (>= 3.11) and its venv module at the same path in
 # both stages; `make docker-test` passes a local debootstrap image, since Docker Hub may be out
 # of reach.
+#
+# BUILD=compiled (the default): the image runs failproxy's hot modules compiled by mypyc, or the
+# build fails and says why; it never ships the slower pure-Python build unannounced. Built from
+# source (no wheelhouse/), the build stage installs gcc for that when the base has no compiler
+# (the final stage gets neither). BUILD=pure accepts the pure-Python build on purpose: from source
+# it needs no compiler (FAILPROXY_PURE_BUILD=1); from a wheelhouse it is whatever wheel is there.
 ARG BASE=python:3.11-slim
 
 # -- build: a virtualenv with failproxy and its dependencies --------------------------------------
 FROM ${BASE} AS build
 LABEL failproxy.stage=build
+ARG BUILD=compiled
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
-# Only what .dockerignore lets through: the package, pyproject.toml, README.md, wheelhouse/.
+# Only what .dockerignore lets through: the package, setup.py, pyproject.toml, README.md,
+# LICENSE, wheelhouse/.
 COPY . /src
 # With a wheelhouse (wheels built on the host: reproducible, and no network needed here, so the
-# build runs with --network=none) everything comes from it; without one, pip asks the index.
-RUN python3 -m venv /opt/failproxy \
+# build runs with --network=none) everything comes from it, failproxy's wheel compiled or not as
+# the host built it; without one, pip asks the index and setup.py compiles here.
+RUN case "$BUILD" in compiled|pure) ;; \
+        *) echo "error: BUILD must be compiled or pure, not '$BUILD'" >&2; exit 1;; esac \
+ && python3 -m venv /opt/failproxy \
  && if ls /src/wheelhouse/failproxy-*.whl >/dev/null 2>&1; then \
         /opt/failproxy/bin/pip install --no-index --find-links /src/wheelhouse failproxy; \
+    elif [ "$BUILD" = pure ]; then \
+        FAILPROXY_PURE_BUILD=1 /opt/failproxy/bin/pip install /src; \
     else \
-        /opt/failproxy/bin/pip install /src; \
+        headers=$(python3 -c 'import os, sysconfig; print(os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")))'); \
+        if ! command -v gcc >/dev/null 2>&1 || [ "$headers" != True ]; then \
+            packages="gcc libc6-dev"; [ "$headers" = True ] || packages="$packages python3-dev"; \
+            echo "installing $packages in the build stage to compile failproxy"; \
+            apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+                --no-install-recommends $packages; \
+        fi; \
+        FAILPROXY_STRICT_BUILD=1 /opt/failproxy/bin/pip install /src; \
+    fi \
+ && version=$(/opt/failproxy/bin/failproxy --version) \
+ && echo "built: $version" \
+ && if [ "$BUILD" = compiled ] && [ "${version%(compiled with mypyc)}" = "$version" ]; then \
+        echo "error: this image would run '$version', not the compiled build. A wheelhouse/" \
+             "built where no C compiler exists holds the pure-Python wheel: build the wheels" \
+             "with gcc installed, remove wheelhouse/ to compile here, or pass" \
+             "--build-arg BUILD=pure to ship the pure-Python build on purpose." >&2; \
+        exit 1; \
     fi \
  && /opt/failproxy/bin/pip uninstall --yes pip \
  && /opt/failproxy/bin/python -m compileall -q /opt/failproxy

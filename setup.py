@@ -2,7 +2,9 @@
 
 Everything else about the package is in pyproject.toml. `FAILPROXY_PURE_BUILD=1` skips the
 compiled build on purpose; a compiler or mypyc that fails leaves the pure-Python package (the
-same source), with a warning.
+same source), with a warning. `FAILPROXY_STRICT_BUILD=1` (`make build`, the Docker image) makes
+a missing compiler or a failed compile an error instead. `failproxy --version` says which build
+an install runs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # CompileError, LinkError, a missing header ...
+            if _strict():
+                raise
             print(f"warning: compiled build failed ({exc}); failproxy stays pure Python")
             for ext in self.extensions:
                 path = self.get_ext_fullpath(ext.name)
@@ -55,8 +59,19 @@ def _compiler_found() -> bool:
     return shutil.which(cc) is not None
 
 
+def _strict() -> bool:
+    return os.environ.get("FAILPROXY_STRICT_BUILD", "") not in ("", "0")
+
+
 def ext_modules() -> list[Any]:
-    if os.environ.get("FAILPROXY_PURE_BUILD", "") not in ("", "0") or not _compiler_found():
+    if os.environ.get("FAILPROXY_PURE_BUILD", "") not in ("", "0"):
+        print("FAILPROXY_PURE_BUILD is set: failproxy stays pure Python")
+        return []
+    if not _compiler_found():
+        cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+        if _strict():
+            raise SystemExit(f"error: no C compiler ({cc}) to compile failproxy's hot modules")
+        print(f"warning: no C compiler ({cc}) found; failproxy stays pure Python")
         return []
     try:
         from mypyc.build import mypycify
@@ -67,6 +82,9 @@ def ext_modules() -> list[Any]:
     try:
         return list(mypycify(paths, opt_level="3", group_name=BUILD["GROUP"]))
     except BaseException as exc:  # mypy's errors end in SystemExit: never a failed install
+        if _strict():
+            # `make build`: a developer must hear of it, not run the last good build unawares
+            raise SystemExit(f"error: mypyc failed ({exc!r})") from None
         print(f"warning: mypyc failed ({exc!r}); failproxy stays pure Python")
         return []
 

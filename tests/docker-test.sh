@@ -162,12 +162,28 @@ fi
 # pyproject.toml changes (the stamp), failproxy's own on every run.
 stamp="wheelhouse/.deps-$(sha1sum pyproject.toml | cut -c1-12)"
 deps=(); [ -e "$stamp" ] && deps=(--no-deps)
+# failproxy's own wheel of an earlier run (compiled, or pure where no compiler was) must not be
+# the one the image installs
+rm -f wheelhouse/failproxy-*.whl
 "$PY" -m pip wheel --quiet --disable-pip-version-check "${deps[@]}" . -w wheelhouse \
     >"$WORK/wheel.log" 2>&1 || fail "pip wheel: $(grep -v 'is ignored' "$WORK/wheel.log" | tail -5)"
 rm -f wheelhouse/.deps-*; touch "$stamp"
-log "wheelhouse: $(ls wheelhouse/*.whl | wc -l) wheels"
-docker build --network=none --build-arg BASE="$BASE_IMAGE" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
-    || fail "docker build: $(tail -15 "$WORK/build.log")"
+wheel=$(cd wheelhouse && ls failproxy-*.whl)
+log "wheelhouse: $(ls wheelhouse/*.whl | wc -l) wheels, failproxy's $wheel"
+# A host without a C compiler builds the pure-Python wheel; the image then says so on purpose.
+# Anywhere else the image must run the compiled build (the Dockerfile's default, BUILD=compiled).
+case "$wheel" in
+    *-py3-none-any.whl) BUILD=pure; log "no compiled wheel on this host: building with BUILD=pure" ;;
+    *) BUILD=compiled ;;
+esac
+docker build --network=none --build-arg BASE="$BASE_IMAGE" --build-arg BUILD="$BUILD" \
+    -t "$IMAGE" . >"$WORK/build.log" 2>&1 || fail "docker build: $(tail -15 "$WORK/build.log")"
+built=$(docker run --rm --network=none "$IMAGE" --version)
+case "$BUILD:$built" in
+    "compiled:failproxy "*" (compiled with mypyc)"|"pure:failproxy "*" (pure Python"*) ;;
+    *) fail "the image runs '$built' (BUILD=$BUILD)" ;;
+esac
+log "ok: the image runs $built"
 docker image prune -f --filter label=failproxy.stage=build >/dev/null  # the build stage
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 base_size=$(docker image inspect -f '{{.Size}}' "$BASE_IMAGE")
@@ -303,5 +319,32 @@ code=$(docker inspect -f '{{.State.ExitCode}}' "$SOLO")
 log "ok: image defaults: healthy, docker stop (10 s) with /slow?ms=3000 in flight: 200, exit 0 after ${took}s"
 docker rm -f -v "$SOLO-client" "$SOLO-app" "$SOLO" >/dev/null
 
+# (g) a wheelhouse holding the pure-Python wheel (what a host without a compiler builds): the
+# default BUILD=compiled refuses it, saying why; BUILD=pure ships it on purpose.
+ctx="$WORK/pure-context"
+mkdir -p "$ctx/wheelhouse"
+{ find failproxy -name '*.py' -print0
+  printf '%s\0' setup.py pyproject.toml README.md LICENSE deploy/docker.toml Dockerfile .dockerignore
+} | xargs -0 cp --parents -t "$ctx"
+cp wheelhouse/*.whl "$ctx/wheelhouse/"
+rm -f "$ctx"/wheelhouse/failproxy-*.whl
+FAILPROXY_PURE_BUILD=1 "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps . \
+    -w "$ctx/wheelhouse" >"$WORK/wheel-pure.log" 2>&1 \
+    || fail "pip wheel (pure): $(grep -v 'is ignored' "$WORK/wheel-pure.log" | tail -5)"
+if docker build --network=none --build-arg BASE="$BASE_IMAGE" -t "$IMAGE-pure" "$ctx" \
+        >"$WORK/build-pure.log" 2>&1; then
+    fail "docker build shipped the pure-Python build without BUILD=pure"
+fi
+grep -q "not the compiled build" "$WORK/build-pure.log" \
+    || fail "the refused build did not say why: $(tail -5 "$WORK/build-pure.log")"
+docker build --network=none --build-arg BASE="$BASE_IMAGE" --build-arg BUILD=pure \
+    -t "$IMAGE-pure" "$ctx" >"$WORK/build-pure.log" 2>&1 \
+    || fail "docker build --build-arg BUILD=pure: $(tail -15 "$WORK/build-pure.log")"
+built=$(docker run --rm --network=none "$IMAGE-pure" --version)
+[ "${built%(pure Python)}" != "$built" ] || fail "BUILD=pure image runs '$built'"
+docker rmi "$IMAGE-pure" >/dev/null
+docker image prune -f --filter label=failproxy.stage=build >/dev/null
+log "ok: a pure-Python wheel: refused by default (\"not the compiled build\"), shipped with BUILD=pure ($built)"
+
 log "image $IMAGE: $(awk -v s="$size" 'BEGIN{printf "%.0f MB", s/1e6}')"
-echo "docker-test: 6 passed, 0 failed in $((SECONDS - T0))s"
+echo "docker-test: 8 passed, 0 failed in $((SECONDS - T0))s"

@@ -113,6 +113,20 @@ def test_dockerfile_shape() -> None:
     assert not any("pip install" in ln or "apt-get" in ln for ln in final)
 
 
+def test_the_image_is_compiled_or_its_build_says_why() -> None:
+    """The build stage runs `failproxy --version` and fails unless it says compiled, or
+    BUILD=pure asked for the pure-Python build (tests/docker-test.sh builds both in an engine)."""
+    lines = [ln for ln in DOCKERFILE.splitlines() if ln and not ln.startswith("#")]
+    build = lines[lines.index("FROM ${BASE} AS build"):lines.index("FROM ${BASE}")]
+    assert "ARG BUILD=compiled" in build
+    stage = "\n".join(build)
+    assert "version=$(/opt/failproxy/bin/failproxy --version)" in stage
+    assert '"${version%(compiled with mypyc)}" = "$version"' in stage
+    assert "not the compiled build" in stage and "exit 1" in stage
+    assert "FAILPROXY_STRICT_BUILD=1 /opt/failproxy/bin/pip install /src" in stage
+    assert "(compiled with mypyc)" in (REPO / "README.md").read_text()
+
+
 # ---- deploy/failproxy.service --------------------------------------------------------------------
 UNIT_PATH = REPO / "deploy" / "failproxy.service"
 UNIT_BIN = "/usr/local/bin/failproxy"
@@ -141,7 +155,7 @@ def test_systemd_unit_signals_and_limits_fit_failproxy() -> None:
     defaults = config.ServerConfig()
     assert unit["ExecStart"] == [f"{UNIT_BIN} serve {UNIT_CONFIG}"]
     assert unit["ExecReload"] == [f"{UNIT_BIN} check {UNIT_CONFIG}", "/bin/kill -HUP $MAINPID"]
-    assert unit["KillSignal"] == ["SIGQUIT"]  # the graceful stop (SPEC 6), not systemd's TERM
+    assert unit["KillSignal"] == ["SIGQUIT"]  # the graceful stop, not systemd's TERM
     assert unit["KillMode"] == ["mixed"]
     # systemd's SIGKILL comes only after the drain had its shutdown_timeout
     assert float(unit["TimeoutStopSec"][0]) >= defaults.shutdown_timeout + 2
