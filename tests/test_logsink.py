@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import vclock
+
 from failproxy import config
 from failproxy.jsonlog import Sink
 
@@ -28,15 +30,22 @@ def test_by_default_lines_are_written_once_per_loop_turn(tmp_path: Path) -> None
 
 
 def test_a_buffer_waits_until_full_or_flush_seconds(tmp_path: Path) -> None:
+    """On a virtual clock (tests/vclock.py): the flush-after deadline is checked to the
+    millisecond, whatever the machine's load."""
     path = tmp_path / "log"
     sink = Sink(None, str(path), buffer=64, flush_after=0.2)
 
     async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
         seen = []
+        start = loop.time()
         sink.write(b"x" * 20 + b"\n")
         await asyncio.sleep(0.05)
         seen.append(path.read_bytes())  # 21 bytes of 64, 0.05 s of 0.2: still gathered
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(start + 0.199 - loop.time())
+        seen.append(path.read_bytes())  # 1 ms before the oldest waited 0.2 s: still gathered
+        await asyncio.sleep(start + 0.2 - loop.time())
+        await asyncio.sleep(0)  # the flush was due at the same time: it ran in that turn
         seen.append(path.read_bytes())  # the oldest waited 0.2 s: written
         sink.write(b"y" * 40 + b"\n")
         sink.write(b"z" * 40 + b"\n")  # 82 >= 64: written at once, in order
@@ -44,14 +53,18 @@ def test_a_buffer_waits_until_full_or_flush_seconds(tmp_path: Path) -> None:
         sink.write(b"w\n")
         sink.flush()  # what a worker does before it exits (and the master before fork)
         seen.append(path.read_bytes())
+        await asyncio.sleep(1.0)  # the flush-after timer of "y" was cancelled: nothing more
+        seen.append(path.read_bytes())
         return seen
 
-    seen = asyncio.run(main())
+    seen = vclock.run(main())
     first = b"x" * 20 + b"\n"
     assert seen[0] == b""
-    assert seen[1] == first
-    assert seen[2] == first + b"y" * 40 + b"\n" + b"z" * 40 + b"\n"
-    assert seen[3] == seen[2] + b"w\n"
+    assert seen[1] == b""
+    assert seen[2] == first
+    assert seen[3] == first + b"y" * 40 + b"\n" + b"z" * 40 + b"\n"
+    assert seen[4] == seen[3] + b"w\n"
+    assert seen[5] == seen[4]
 
 
 SERVER = '[[upstream.server]]\naddress = "unix:/run/app.sock"\n'
