@@ -447,14 +447,15 @@ def test_after_a_local_failure_a_peer_with_room_else_home(box: Any) -> None:
 
 # ---- end to end, real unicorn ---------------------------------------------------------------
 
-def _get(port: int, path: str, out: list[tuple[str, float, bytes]]) -> None:
+def _get(port: int, path: str, out: list[tuple[str, float, bytes, float]]) -> None:
+    """Appends (path, seconds it took, the answer, when it was sent)."""
     t0 = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    out.append((path, time.monotonic() - t0, data))
+    out.append((path, time.monotonic() - t0, data, t0))
 
 
 # The cluster's app: /slow takes 2 s and leaves a file in the box's directory when it starts
@@ -547,7 +548,10 @@ def test_busy_box_sends_fast_requests_to_peers_with_room_shared_evenly(proxy, cl
     # none was a probe for a third worker: the requests in service there are of a route not
     # known to be fast (a probe would have waited behind one of them)
     assert away == 12, where
-    waited = [d for p, d, _ in out if p.startswith("/fast?n=") and d > 1.0]
+    # none waited for a worker at h1 either: each was answered before the first slow request
+    # ended, the first moment a worker there could take another (the slow ones sleep 2 s)
+    slow_end = min(t0 + d for p, d, _, t0 in out if p == "/slow")
+    waited = [(p, d) for p, d, _, t0 in out if p.startswith("/fast?n=") and t0 + d >= slow_end]
     assert not waited, waited
     # the two equal peers share it
     assert max(where[h2.tcp_address], where[h3.tcp_address]) <= 1.5 * min(
@@ -558,7 +562,7 @@ def test_busy_box_sends_fast_requests_to_peers_with_room_shared_evenly(proxy, cl
     fos = [f for f in fp.log.find("failover") if f["path"].startswith("/fast?")]
     assert fos and all(f["reason"] in ("workers_busy", "queued", "held") for f in fos), fos
     assert all(f["from"] == h1.unix_address for f in fos)
-    assert all(d.startswith(b"HTTP/1.1 200") for _, _, d in out)
+    assert all(d.startswith(b"HTTP/1.1 200") for _, _, d, _ in out)
 
 
 def test_idle_cluster_keeps_the_listed_order(proxy, cluster, sockdir) -> None:
@@ -604,7 +608,7 @@ def _closed_loop(proxy, cluster, clients: int) -> tuple[int, Counter[str]]:
     for t in threads:
         t.join(60)
     reqs = fp.log.wait_for_events("request", len(out), timeout=15)
-    assert len(out) > 200 and all(d.startswith(b"HTTP/1.1 200") for _, _, d in out)
+    assert len(out) > 200 and all(d.startswith(b"HTTP/1.1 200") for _, _, d, _ in out)
     later = [r for r in reqs if float(r["path"].rsplit("t=", 1)[1]) > learn]
     return len(later), Counter(r["upstream"] for r in later)
 
