@@ -334,12 +334,6 @@ def _bool(value: Any, at: _At) -> Any:
     return at.error(f"must be true or false, got {_show(value)}")
 
 
-def _string(value: Any, at: _At) -> Any:
-    if isinstance(value, str):
-        return value
-    return at.error(f"must be a string, got {_show(value)}")
-
-
 def _choice(*names: str) -> Check:
     def check(value: Any, at: _At) -> Any:
         if isinstance(value, str) and value in names:

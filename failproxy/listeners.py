@@ -205,10 +205,3 @@ class ListenerSet:
         for sock in self._socks.values():
             close(sock, unlink=unlink)
         self._socks.clear()
-
-
-def bind_listeners(cfg: Config) -> list[socket.socket]:
-    """Bind every `server.listen` then `server.tls_listen` address (single-process use, tests)."""
-    listeners = ListenerSet()
-    listeners.update(configured(cfg), cfg.server.backlog)
-    return listeners.sockets(configured(cfg))

@@ -30,7 +30,5 @@ REASON_INDEX = {reason: i for i, reason in enumerate(REASONS)}
 CONNECT_REASONS = frozenset(REASONS[:7])
 # Reasons that happen after bytes may have reached the upstream.
 SENT_REASONS = frozenset(REASONS[7:12])
-# Where the overflow policy chose not to try the local socket.
-POLICY_REASONS = frozenset(REASONS[12:])
 # What `retry_on` may name.
 RETRY_ON_NAMES = frozenset({"connect", *SENT_REASONS})

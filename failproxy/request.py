@@ -22,7 +22,6 @@ class Request:
         "awaiting",
         "body",
         "body_bytes",
-        "buffered",
         "chunked",
         "chunks",
         "complete",
@@ -86,7 +85,6 @@ class Request:
         # Buffered mode: the whole body, read before any upstream is contacted; `sender` sends
         # it to the current upstream connection; `awaiting`: its body is being read (the
         # client was told 100 Continue if it asked).
-        self.buffered = False
         self.awaiting = False
         self.body: RequestBody | None = None
         self.sender: Sender | None = None
