@@ -4,6 +4,7 @@ each test."""
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,18 @@ from typing import Any
 import pytest
 from backends import HTTPBackend, TcpBlackhole, WSEchoBackend
 from support import Proxy
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM stops the run as Ctrl-C does, fixtures torn down: `make test` runs a pytest in
+    the background (where SIGINT is ignored) and stops it so; the failproxy processes a test
+    started run in sessions of their own and would outlive a plain kill."""
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 @pytest.fixture
