@@ -235,6 +235,7 @@ class Proxy:
         srv.update(server or {})
         lg = {"level": "debug", "format": "json", "file": str(self.log_path)}
         lg.update(log or {})
+        self.log_level = str(lg["level"])
         self.servers = [_server_entry(s) for s in servers]
         self.config_text = render_config(
             {"server": srv, "upstream": upstream or {}, "headers": headers or {}, "log": lg,
@@ -300,6 +301,11 @@ class Proxy:
 
     def _wait_worker(self, deadline: float) -> None:
         # A single-process proxy serves by itself; a master serves once a worker logged in.
+        if self.log_level not in ("debug", "info"):
+            # worker_started and started are info events, never logged here: the port accepts,
+            # and a request waits in the shared backlog for the worker (waiting for the events
+            # took the whole start timeout, 15 s, whenever the master had forked by then)
+            return
         while time.monotonic() < deadline:
             if (self.log.find("worker_started") or self.log.find("started")
                     or not _children(self.pid)):
