@@ -77,6 +77,9 @@ HANDLED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.
 # Held blocked until a handler is installed (module docstring): the one signal sent to a
 # worker by the master itself, and to the master by a pid file that may predate its handlers.
 HELD = frozenset({signal.SIGUSR1})
+# A new worker holds the stop signals too until its loop runs: a QUIT sent by the master right
+# after the fork (TTOU, a reload) would otherwise be noted by uvloop and never acted upon.
+WORKER_HELD = HELD | {signal.SIGQUIT, signal.SIGTERM, signal.SIGINT}
 MAX_ROUTES_SHOWN = 50  # /status lists at most this many routes (SPEC 7)
 
 WorkerMain = Callable[[Config, list[Any], WorkerMetrics, PeerTable, tuple[LoadShare, int]], int]
@@ -510,7 +513,7 @@ class Master:
         taken = {w.number for w in self._current()}
         number = next(n for n in range(len(taken) + 1) if n not in taken)
         try:
-            pid = self._fork(hold=HELD)  # until worker_main handles USR1
+            pid = self._fork(hold=WORKER_HELD)  # until worker_main handles them
         except OSError as exc:
             metrics.close()
             discovery.load.release(column)

@@ -252,7 +252,8 @@ def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetr
         # the handler above existed waited instead of killing us. Let through only now: uvloop
         # hears of a signal through its self-pipe, which exists only while the loop runs (one
         # run, so never paused); one delivered before would be noted and left until the next.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGQUIT,
+                                                    signal.SIGTERM, signal.SIGINT})
         await worker.start(listeners)
         metrics.ready()
         worker.start_publishing()

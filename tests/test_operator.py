@@ -65,7 +65,7 @@ def test_ps_names_the_master_and_each_numbered_worker(tmp_path: Path, backend: A
     try:
         config = str(proxy.config_path)
         assert title(proxy.pid) == f"failproxy master {config}"
-        ps = subprocess.run(["ps", "-o", "args=", "-p", str(proxy.pid)], capture_output=True,
+        ps = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(proxy.pid)], capture_output=True,
                             text=True, check=True).stdout.strip()
         assert ps == f"failproxy master {config}"
         workers = status(proxy)["workers"]
