@@ -78,7 +78,7 @@ EXPOSE 8000
 
 # GET /healthz on the admin endpoint that the config names (the default config: 127.0.0.1:9180).
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-m", "failproxy.healthcheck", "/etc/failproxy/config.toml"]
+    CMD ["python", "-m", "failproxy.process.healthcheck", "/etc/failproxy/config.toml"]
 
 # `docker stop` sends QUIT: a graceful drain of up to server.shutdown_timeout, which must be
 # below docker's stop timeout (10 s unless `docker stop -t` / compose's stop_grace_period say

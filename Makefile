@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.stamp-bench
 BUILD_STAMP := $(VENV)/.stamp-build
 # The hot modules are compiled by mypyc in place (setup.py); an edit makes the build stale, and
 # failproxy then runs its .py files (failproxy/_build.py) until `make build` runs again.
-SOURCES := $(wildcard failproxy/*.py) setup.py
+SOURCES := $(wildcard failproxy/*.py failproxy/*/*.py) setup.py
 HAVE_CC := $(shell command -v cc >/dev/null 2>&1 && echo yes)
 # The tests that also run on the pure-Python build (what users without a compiler get).
 PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py tests/test_layers.py \
@@ -144,5 +144,5 @@ bench-full: $(BENCH_STAMP) $(BUILD_STAMP) deb-deps
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out wheelhouse
-	rm -f failproxy/*.so
+	rm -f failproxy/*.so failproxy/*/*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

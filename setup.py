@@ -48,10 +48,13 @@ class OptionalBuildExt(build_ext):
             package = os.path.join(self.build_lib, "failproxy")
         if not os.path.isdir(package):
             return
-        for name in os.listdir(package):
-            stem = name.split(".", 1)[0]
-            if name.endswith(".so") and stem not in BUILD["COMPILED"] and "__mypyc" not in stem:
-                os.remove(os.path.join(package, name))
+        for directory, _, names in os.walk(package):
+            below = os.path.relpath(directory, package)
+            prefix = "" if below == "." else below.replace(os.sep, ".") + "."
+            for name in names:
+                stem = prefix + name.split(".", 1)[0]
+                if name.endswith(".so") and stem not in BUILD["COMPILED"] and "__mypyc" not in stem:
+                    os.remove(os.path.join(directory, name))
 
 
 def _compiler_found() -> bool:
@@ -78,7 +81,7 @@ def ext_modules() -> list[Any]:
     except ImportError:
         print("warning: mypyc is not installed; failproxy stays pure Python")
         return []
-    paths = [os.path.join("failproxy", f"{name}.py") for name in BUILD["COMPILED"]]
+    paths = [os.path.join("failproxy", *name.split(".")) + ".py" for name in BUILD["COMPILED"]]
     try:
         return list(mypycify(paths, opt_level="3", group_name=BUILD["GROUP"]))
     except BaseException as exc:  # mypy's errors end in SystemExit: never a failed install

@@ -27,7 +27,7 @@ import uvloop
 from bench.newconn import start_unicorn
 from bench.procs import Processes
 from bench.stats import median
-from failproxy.rawtransport import SocketTransport
+from failproxy.proxy.rawtransport import SocketTransport
 
 REQUEST = b"GET /fast HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 CONCURRENCY = 4

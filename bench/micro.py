@@ -21,11 +21,12 @@ from typing import Any
 
 import uvloop
 
-from failproxy import config, logs
-from failproxy.context import WorkerContext
-from failproxy.downstream import ClientConnection
-from failproxy.metrics import WorkerMetrics
-from failproxy.upstream import UpstreamConnection
+from failproxy import config
+from failproxy.proxy.context import WorkerContext
+from failproxy.proxy.downstream import ClientConnection
+from failproxy.proxy.upstream import UpstreamConnection
+from failproxy.telemetry import logs
+from failproxy.telemetry.metrics import WorkerMetrics
 
 REQUEST = (
     b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"

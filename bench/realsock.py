@@ -60,10 +60,11 @@ async def measure(requests: int, conns: int, close: bool) -> float:
     import socket
     import time
 
-    from failproxy import config, logs
-    from failproxy.context import WorkerContext
-    from failproxy.downstream import ClientConnection
-    from failproxy.metrics import WorkerMetrics
+    from failproxy import config
+    from failproxy.proxy.context import WorkerContext
+    from failproxy.proxy.downstream import ClientConnection
+    from failproxy.telemetry import logs
+    from failproxy.telemetry.metrics import WorkerMetrics
 
     loop = asyncio.get_running_loop()
     tmp = tempfile.mkdtemp()

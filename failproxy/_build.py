@@ -24,26 +24,26 @@ from pathlib import Path
 # The hot path, compiled by mypyc (plain typed Python, no compiled-only code). Bottom first.
 COMPILED = (
     "reasons",
-    "turnend",
-    "jsonlog",
-    "timer",
-    "headers",
-    "policy",
-    "metrics",
-    "queue_depth",
-    "loadshare",
-    "peer",
-    "capacity",
-    "balance",
-    "connect",
-    "rawtransport",
-    "upstream",
-    "routes",
-    "request",
-    "events",
-    "context",
-    "exchange",
-    "downstream",
+    "telemetry.turnend",
+    "telemetry.jsonlog",
+    "proxy.timer",
+    "proxy.headers",
+    "routing.policy",
+    "telemetry.metrics",
+    "routing.queue_depth",
+    "routing.loadshare",
+    "routing.peer",
+    "routing.capacity",
+    "routing.balance",
+    "proxy.connect",
+    "proxy.rawtransport",
+    "proxy.upstream",
+    "routing.routes",
+    "proxy.request",
+    "proxy.events",
+    "proxy.context",
+    "proxy.exchange",
+    "proxy.downstream",
 )
 # mypyc's shared library for the group, inside the package (see setup.py).
 GROUP = "failproxy._compiled"
@@ -60,21 +60,37 @@ def _stale(package_dir: Path, library: Path) -> bool:
     if not (package_dir.parent / "pyproject.toml").exists():
         return False  # an installed wheel: its files are what was built
     built = library.stat().st_mtime
-    if any((package_dir / f"{name}.py").stat().st_mtime > built for name in COMPILED):
+    if any(_source(package_dir, name).stat().st_mtime > built for name in COMPILED):
         return True
     # The extension of a module no longer compiled would shadow its source.
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     return any(
-        path.name[: -len(suffix)] not in COMPILED
-        for path in package_dir.glob("*" + suffix)
+        _dotted(package_dir, path)[: -len(suffix)] not in COMPILED
+        for path in package_dir.rglob("*" + suffix)
         if path != library
     )
 
 
+def _source(package_dir: Path, name: str) -> Path:
+    """The .py file of a COMPILED name ("proxy.exchange" -> proxy/exchange.py)."""
+    return package_dir.joinpath(*name.split(".")).with_suffix(".py")
+
+
+def _dotted(package_dir: Path, path: Path) -> str:
+    """A file's module name below the package, with its file suffix ("proxy.exchange.so")."""
+    return ".".join(path.relative_to(package_dir).parts)
+
+
 def _source_only(package_dir: Path) -> None:
-    """Import failproxy's submodules from their .py files, skipping compiled extensions."""
-    sys.path_importer_cache[str(package_dir)] = importlib.machinery.FileFinder(
-        str(package_dir),
+    """Import failproxy's modules from their .py files, skipping compiled extensions: the
+    package's directory and each sub-package's get a finder that knows only sources."""
+    for directory in (package_dir, *(p.parent for p in package_dir.glob("*/__init__.py"))):
+        sys.path_importer_cache[str(directory)] = _source_finder(directory)
+
+
+def _source_finder(directory: Path) -> importlib.machinery.FileFinder:
+    return importlib.machinery.FileFinder(
+        str(directory),
         (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
         (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from failproxy import BUILD, __version__, config, policy
+from failproxy import BUILD, __version__, config
+from failproxy.routing import policy
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,9 +44,9 @@ def _check_lines(cfg: config.Config) -> list[str]:
         return policy.describe_order(cfg)
     import asyncio
 
-    from failproxy import discovery
+    from failproxy.discovery import watch
 
-    found = asyncio.run(discovery.resolve_once(cfg))
+    found = asyncio.run(watch.resolve_once(cfg))
     try:
         choice = found.self_choice
         lines = policy.describe_order(cfg, found.servers(), choice.address,
@@ -108,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, bad usage
         return e.code if isinstance(e.code, int) else 2
     if args.command == "demo":
-        from failproxy import demo
+        from failproxy.demo import cluster
 
-        return demo.main(rest)
+        return cluster.main(rest)
     cfg = _load(args.config)
     if cfg is None:
         return 1
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_overflow_line(cfg))
         print(_routes_line(cfg))
         return 0
-    from failproxy import master  # forks workers and pulls in the event loop: only for serve
+    from failproxy.process import (
+        master,  # forks workers and pulls in the event loop: only for serve
+    )
 
     return master.serve(args.config)

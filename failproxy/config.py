@@ -79,7 +79,7 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class PeersConfig:
-    """One `[[upstream.peers]]` entry: backups read from DNS (discovery.py).
+    """One `[[upstream.peers]]` entry: backups read from DNS (discovery/watch.py).
 
     The A and AAAA records of `dns` (looked up as written, at start and every
     `resolve_interval`) become backups `address:port`, sorted, after the listed backups; at most

@@ -196,7 +196,7 @@ docker run --rm --network=none --entrypoint sh "$IMAGE" -c \
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 LISTEN=$(free_port); ADMIN=$(free_port); APP_PORT=$(free_port); PEER=$(free_port)
 # The peer: another box's app server, on its TCP port (here the demo app on the host).
-"$PY" -m failproxy.demoapp --name peer --tcp "127.0.0.1:$PEER" --workers 1 >"$WORK/peer.log" 2>&1 &
+"$PY" -m failproxy.demo.demoapp --name peer --tcp "127.0.0.1:$PEER" --workers 1 >"$WORK/peer.log" 2>&1 &
 PEER_PID=$!
 cat >"$WORK/failproxy.toml" <<EOF
 [server]
@@ -298,7 +298,7 @@ compose down -v >/dev/null 2>&1
 docker run -d --name "$SOLO" --network=none "$IMAGE" >/dev/null
 docker run -d --name "$SOLO-app" --network="container:$SOLO" --volumes-from "$SOLO" \
     --user 10002:10002 --no-healthcheck --entrypoint sh "$IMAGE" \
-    -c 'umask 0 && exec python -m failproxy.demoapp --name solo --unix /var/run/app/app.sock --workers 1' >/dev/null
+    -c 'umask 0 && exec python -m failproxy.demo.demoapp --name solo --unix /var/run/app/app.sock --workers 1' >/dev/null
 wait_for 40 "HEALTHCHECK healthy with the image's default config" health "$SOLO"
 docker run -d --name "$SOLO-client" --network="container:$SOLO" --no-healthcheck \
     --entrypoint python "$IMAGE" -c '

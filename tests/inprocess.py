@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from failproxy import config, logs
-from failproxy.context import WorkerContext
-from failproxy.downstream import ClientConnection
-from failproxy.metrics import WorkerMetrics
-from failproxy.peer import Peer
-from failproxy.upstream import UpstreamConnection
+from failproxy import config
+from failproxy.proxy.context import WorkerContext
+from failproxy.proxy.downstream import ClientConnection
+from failproxy.proxy.upstream import UpstreamConnection
+from failproxy.routing.peer import Peer
+from failproxy.telemetry import logs
+from failproxy.telemetry.metrics import WorkerMetrics
 
 
 class FakeTransport:

@@ -26,12 +26,21 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    s = socket.socket()
-    s.bind((host, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return int(port)
+    """A port nothing listens on now, and never one this test process handed out before: the
+    kernel may give the same port to two binds to 0 in a row once the first is closed (a proxy
+    then got the same port for `admin.listen` and `server.listen`, and refused to start)."""
+    while True:
+        s = socket.socket()
+        s.bind((host, 0))
+        port = int(s.getsockname()[1])
+        s.close()
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 # ---- config -----------------------------------------------------------------------------------

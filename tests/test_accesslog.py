@@ -39,9 +39,10 @@ def test_a_logged_request_says_what_the_client_sent(tmp_path: Path) -> None:
 def test_each_request_has_its_own_line_in_the_console_format(tmp_path: Path) -> None:
     """The JSON path refills one dict per request; the console path (structlog) must still get
     each request's own values, and leave the next request's line whole."""
-    from failproxy import config, logs
-    from failproxy.context import WorkerContext
-    from failproxy.metrics import WorkerMetrics
+    from failproxy import config
+    from failproxy.proxy.context import WorkerContext
+    from failproxy.telemetry import logs
+    from failproxy.telemetry.metrics import WorkerMetrics
 
     log_path = tmp_path / "log"
 

@@ -14,7 +14,7 @@ from test_master import admin_get, get, rewrite, start_proxy, status, stopped, w
 from test_metrics import SPEC_METRICS, promtool_check, sample
 
 import failproxy
-from failproxy.master import MAX_ROUTES_SHOWN, merge_learned
+from failproxy.process.master import MAX_ROUTES_SHOWN, merge_learned
 
 
 def failovers(proxy: Any, src: str, dst: str, reason: str) -> float:

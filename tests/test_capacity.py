@@ -13,9 +13,9 @@ import math
 
 import pytest
 
-from failproxy import capacity, routes
-from failproxy.capacity import Capacity
-from failproxy.routes import RouteTable
+from failproxy.routing import capacity, routes
+from failproxy.routing.capacity import Capacity
+from failproxy.routing.routes import RouteTable
 
 
 class FakePeer:

@@ -188,7 +188,7 @@ def test_main_returns_instead_of_exiting(valid: Path, capsys: pytest.CaptureFixt
 
 
 def test_serve_runs_the_master_with_the_path(valid: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from failproxy import master
+    from failproxy.process import master
 
     calls: list[str] = []
 
@@ -204,7 +204,7 @@ def test_serve_runs_the_master_with_the_path(valid: Path, monkeypatch: pytest.Mo
 def test_serve_invalid_config_never_reaches_the_master(
     invalid: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from failproxy import master
+    from failproxy.process import master
 
     monkeypatch.setattr(master, "serve", lambda path: pytest.fail("master.serve called"))
     assert cli.main(["serve", str(invalid)]) == 1
@@ -218,7 +218,7 @@ def test_serve_invalid_config_never_reaches_the_master(
 def test_demo_gets_every_argument_after_it(
     rest: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from failproxy import demo
+    from failproxy.demo import cluster as demo
 
     calls: list[list[str]] = []
 

@@ -8,7 +8,8 @@ import zlib
 
 import pytest
 
-from failproxy.compress import (
+from failproxy.config import CompressConfig
+from failproxy.proxy.compress import (
     Gzipper,
     accepts_gzip,
     header_list,
@@ -16,7 +17,6 @@ from failproxy.compress import (
     media_type,
     should_gzip,
 )
-from failproxy.config import CompressConfig
 
 ON = CompressConfig(gzip=True)
 

@@ -20,7 +20,7 @@ from failproxy.config import (
     loads,
     parse_address,
 )
-from failproxy.policy import describe_order
+from failproxy.routing.policy import describe_order
 
 # SPEC 3's TOML block, verbatim: every key with its documented default.
 SPEC_TOML = """

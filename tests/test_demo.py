@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import free_port
 
-from failproxy import config, demo, demoapp, routes
+from failproxy import config
+from failproxy.demo import cluster as demo
+from failproxy.demo import demoapp
+from failproxy.routing import routes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,13 +36,6 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
                                      else "")
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -52,9 +49,9 @@ class App:
 def run_app(workers: int, *extra: str) -> Iterator[App]:
     tmp = tempfile.mkdtemp(prefix="fpdemo-")
     sock_path = os.path.join(tmp, "app.sock")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "failproxy.demoapp", "--name", "t1", "--unix", sock_path,
+        [sys.executable, "-m", "failproxy.demo.demoapp", "--name", "t1", "--unix", sock_path,
          "--tcp", f"127.0.0.1:{port}", "--workers", str(workers), *extra],
         env=_env(), start_new_session=True)
     try:

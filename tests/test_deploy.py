@@ -18,7 +18,8 @@ import pytest
 from support import REPO, free_port
 from test_master import gone, start_proxy, status, wait_until
 
-from failproxy import config, healthcheck
+from failproxy import config
+from failproxy.process import healthcheck
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +29,7 @@ DOCKER_STOP_DEFAULT = 10.0  # seconds: `docker stop` without -t
 
 
 def run_check(config_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "failproxy.healthcheck", str(config_path)],
+    return subprocess.run([sys.executable, "-m", "failproxy.process.healthcheck", str(config_path)],
                           capture_output=True, text=True, timeout=30, cwd=REPO,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
@@ -106,7 +107,7 @@ def test_dockerfile_shape() -> None:
     assert user == ["USER failproxy:failproxy"]
     assert "STOPSIGNAL SIGQUIT" in final
     assert any(ln.startswith("HEALTHCHECK ") for ln in final)
-    assert 'CMD ["python", "-m", "failproxy.healthcheck", "/etc/failproxy/config.toml"]' \
+    assert 'CMD ["python", "-m", "failproxy.process.healthcheck", "/etc/failproxy/config.toml"]' \
         in DOCKERFILE
     assert 'VOLUME ["/var/run/app"]' in final
     # the final stage gets the virtualenv only: no pip install, no compiler

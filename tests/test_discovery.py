@@ -8,10 +8,10 @@ import asyncio
 import socket
 
 from failproxy.config import loads, parse_address
-from failproxy.context import WorkerContext
-from failproxy.discovery import Discovery, find_self, window
-from failproxy.metrics import Totals, WorkerMetrics, render
-from failproxy.peertable import PeerTable, PeerWatch, peer_upstream
+from failproxy.discovery.peertable import PeerTable, PeerWatch, peer_upstream
+from failproxy.discovery.watch import Discovery, find_self, window
+from failproxy.proxy.context import WorkerContext
+from failproxy.telemetry.metrics import Totals, WorkerMetrics, render
 
 UNIX = "[[upstream.server]]\naddress = 'unix:/tmp/app.sock'\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from failproxy.config import HeadersConfig
-from failproxy.headers import (
+from failproxy.proxy.headers import (
     H_DROP,
     H_HOST,
     H_KEEPALIVE,

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from failproxy.balance import (
+from failproxy.routing.balance import (
     AWAY_BUSY,
     AWAY_QUEUED,
     HOME,

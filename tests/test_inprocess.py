@@ -15,10 +15,10 @@ import uvloop
 from backends import TcpBlackhole
 from inprocess import RESPONSE, FakeTransport, Harness, request
 
-from failproxy import exchange
-from failproxy.downstream import ClientConnection
-from failproxy.exchange import Exchange
-from failproxy.upstream import UpstreamConnection
+from failproxy.proxy import exchange
+from failproxy.proxy.downstream import ClientConnection
+from failproxy.proxy.exchange import Exchange
+from failproxy.proxy.upstream import UpstreamConnection
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

@@ -1,6 +1,11 @@
 """Imports only go down: no module of failproxy imports, even under TYPE_CHECKING or inside a
 function, a module that imports it back. A lower module that must call up declares what it
-needs as a typing.Protocol instead (upstream.ResponseSink, exchange.Downstream, ...)."""
+needs as a typing.Protocol instead (upstream.ResponseSink, exchange.Downstream, ...).
+
+The same holds between the sub-packages, bottom to top: the leaves at the top of the package
+(config, errors, reasons, tls), telemetry, routing, then discovery and proxy side by side,
+process, and the command line (cli) over all of them; the demo stands apart.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,28 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "failproxy"
+
+# What each sub-package may import besides itself and the leaves.
+ALLOWED: dict[str, set[str]] = {
+    "telemetry": set(),
+    "routing": {"telemetry"},
+    "discovery": {"telemetry", "routing"},
+    "proxy": {"telemetry", "routing"},
+    "process": {"telemetry", "routing", "discovery", "proxy"},
+    "demo": set(),
+}
+LEAVES = {"_build", "config", "errors", "reasons", "tls"}
+TOP = {"__init__", "__main__", "cli"}  # may import anything
+
+
+def _module_of(dotted: str) -> str | None:
+    """`failproxy.proxy.exchange` -> "proxy.exchange" when that is a module of the package."""
+    parts = dotted.split(".")
+    if parts[0] != "failproxy" or len(parts) < 2:
+        return None
+    if PACKAGE.joinpath(*parts[1:]).with_suffix(".py").exists():
+        return ".".join(parts[1:])
+    return None
 
 
 def _imports(path: Path) -> set[str]:
@@ -22,16 +49,18 @@ def _imports(path: Path) -> set[str]:
         else:
             continue
         for name in names:
-            parts = name.split(".")
-            if parts[0] == "failproxy" and len(parts) > 1:
-                module = parts[1]
-                if (PACKAGE / f"{module}.py").exists():
-                    out.add(module)
+            module = _module_of(name)
+            if module is not None:
+                out.add(module)
     return out
 
 
+def _name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
 def import_graph() -> dict[str, set[str]]:
-    graph = {p.stem: _imports(p) for p in PACKAGE.glob("*.py")}
+    graph = {_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
     for module, deps in graph.items():
         deps.discard(module)
     return graph
@@ -77,9 +106,37 @@ def test_the_check_sees_a_cycle() -> None:
 
 def test_hot_path_layers() -> None:
     """The hot path's order, bottom to top: each module imports only modules below it."""
-    layers = ["peer", "connect", "upstream", "request", "events", "context", "exchange",
-              "downstream", "worker"]
+    layers = ["routing.peer", "proxy.connect", "proxy.upstream", "proxy.request",
+              "proxy.events", "proxy.context", "proxy.exchange", "proxy.downstream",
+              "process.worker"]
     graph = import_graph()
     for i, module in enumerate(layers):
         above = set(layers[i + 1:])
         assert not graph[module] & above, f"{module} imports {graph[module] & above}"
+
+
+def _package(module: str) -> str:
+    return module.split(".")[0] if "." in module else ""
+
+
+def test_packages_import_only_down() -> None:
+    graph = import_graph()
+    assert {_package(m) for m in graph} == {"", *ALLOWED}, "a sub-package missing from ALLOWED"
+    for module, deps in sorted(graph.items()):
+        package = _package(module)
+        for dep in deps:
+            if package == "":
+                ok = module in TOP or dep in LEAVES
+            else:
+                ok = dep in LEAVES or _package(dep) in ALLOWED[package] | {package}
+            assert ok, f"{module} imports {dep}: against the layers (ALLOWED)"
+
+
+def test_the_package_check_sees_an_upward_import(tmp_path: Path) -> None:
+    """The walk itself reads a from-package import as the module it names."""
+    assert _module_of("failproxy.proxy.exchange") == "proxy.exchange"
+    assert _module_of("failproxy.proxy") is None  # a package, not a module
+    assert _module_of("failproxy.config") == "config"
+    source = tmp_path / "m.py"
+    source.write_text("from failproxy.proxy import exchange\nimport failproxy.routing.peer\n")
+    assert _imports(source) == {"proxy.exchange", "routing.peer"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from failproxy.loadshare import LoadShare, LoadView
+from failproxy.routing.loadshare import LoadShare, LoadView
 
 
 def test_siblings_see_each_others_counts_a_turn_later() -> None:

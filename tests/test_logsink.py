@@ -10,7 +10,7 @@ from pathlib import Path
 import vclock
 
 from failproxy import config
-from failproxy.jsonlog import Sink
+from failproxy.telemetry.jsonlog import Sink
 
 
 def test_by_default_lines_are_written_once_per_loop_turn(tmp_path: Path) -> None:

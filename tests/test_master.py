@@ -30,8 +30,8 @@ import pytest
 from backends import Reply
 from support import REPO, Proxy, RawConn, build_request, free_port, render_config
 
-from failproxy import listeners
 from failproxy.config import parse_address
+from failproxy.process import listeners
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -10,8 +10,8 @@ import timeit
 import orjson
 import pytest
 
-from failproxy.metrics import BOARD_BYTES, DURATION_BUCKETS, Totals, WorkerMetrics, render
-from failproxy.policy import REASON_INDEX
+from failproxy.routing.policy import REASON_INDEX
+from failproxy.telemetry.metrics import BOARD_BYTES, DURATION_BUCKETS, Totals, WorkerMetrics, render
 
 SPEC_METRICS = (
     "failproxy_requests_total", "failproxy_upstream_requests_total", "failproxy_failovers_total",

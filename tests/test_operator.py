@@ -123,7 +123,7 @@ def test_a_worker_that_cannot_start_logs_its_traceback_in_the_json_log(
 
 LOG_SCRIPT = """
 import sys
-from failproxy import logs
+from failproxy.telemetry import logs
 from failproxy.config import LogConfig
 
 logs.configure(LogConfig(format=sys.argv[1], file=sys.argv[2]))

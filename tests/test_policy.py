@@ -1,4 +1,4 @@
-"""The failover rules of failproxy.policy, as tables (SPEC 3 server order, SPEC 4)."""
+"""The failover rules of failproxy.routing.policy, as tables (SPEC 3 server order, SPEC 4)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import errno
 
 import pytest
 
-from failproxy import policy
 from failproxy.config import Address, Upstream, parse_address
-from failproxy.policy import (
+from failproxy.routing import policy
+from failproxy.routing.policy import (
     CONNECT_REASONS,
     REASONS,
     RETRY_ON_NAMES,

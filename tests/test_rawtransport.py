@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
-from failproxy.rawtransport import HIGH, SocketTransport
+from failproxy.proxy.rawtransport import HIGH, SocketTransport
 
 
 class Recorder:
@@ -229,7 +229,7 @@ def test_a_socket_closed_inside_the_batch_lends_its_number_to_the_next_without_h
 def _epoll_targets(loop: asyncio.AbstractEventLoop) -> dict[int, int]:
     """The fds in the loop's epoll set and the events each waits for, as the kernel says
     (/proc/self/fdinfo of the set's fd)."""
-    from failproxy import rawtransport
+    from failproxy.proxy import rawtransport
 
     epfd = rawtransport.poller(loop)._ep.fileno()
     targets: dict[int, int] = {}
@@ -292,7 +292,7 @@ def test_a_half_closed_socket_stops_reading_and_still_writes(loop, no_gc) -> Non
 
 CLOSE_SCRIPT = """
 import asyncio, socket, sys, uvloop
-from failproxy.rawtransport import SocketTransport
+from failproxy.proxy.rawtransport import SocketTransport
 class P:
     def data_received(self, d): pass
     def eof_received(self): return None

@@ -1,5 +1,5 @@
 """The DNS-peer parts that stand alone: the `[[upstream.peers]]` and resolver keys, this box's
-interface addresses from the kernel, and the lookups (dnspython's stub resolver as dnsclient.py
+interface addresses from the kernel, and the lookups (dnspython's stub resolver as resolver.py
 sets it up) over real sockets: against a real dnsmasq (many records: TCP after a truncated UDP
 answer, on the stdlib loop the master runs and on uvloop, without a thread; a dead and a silent
 name server before a live one), and against a server of the test's own that forges answers."""
@@ -19,8 +19,9 @@ import uvloop
 from dnstest import DNSMASQ, FORGERIES, Dnsmasq, ForgingDNS
 from support import free_port
 
-from failproxy import dnsclient, netaddrs
 from failproxy.config import ConfigError, loads, parse_address
+from failproxy.discovery import netaddrs
+from failproxy.discovery import resolver as dnsclient
 
 UNIX = "[[upstream.server]]\naddress = 'unix:/tmp/app.sock'\n"
 

@@ -25,9 +25,10 @@ from support import free_port
 from test_unicorn import UNICORN, Unicorn
 
 import failproxy
-from failproxy import balance, config, routes
-from failproxy.balance import Holdable, Room
-from failproxy.peer import Peer, build_peers
+from failproxy import config
+from failproxy.routing import balance, routes
+from failproxy.routing.balance import Holdable, Room
+from failproxy.routing.peer import Peer, build_peers
 
 
 class Listener:

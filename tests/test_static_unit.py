@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from failproxy.config import StaticConfig
-from failproxy.static import (
+from failproxy.proxy.static import (
     UNSATISFIABLE,
     FileAnswer,
     StaticFiles,

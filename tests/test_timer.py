@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from failproxy import timer
-from failproxy.timer import take_timer
+from failproxy.proxy import timer
+from failproxy.proxy.timer import take_timer
 
 
 class _Handle:

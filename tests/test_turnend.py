@@ -8,7 +8,7 @@ from typing import Any
 
 import uvloop
 
-from failproxy import turnend
+from failproxy.telemetry import turnend
 
 
 def test_writers_deferred_in_a_turn_run_after_its_callbacks_once_each() -> None:

@@ -23,7 +23,7 @@ import uvloop
 from support import REPO, LogReader, Proxy, free_port
 from test_master import Load, get, gone, start_proxy, status, stopped, uid_of, wait_until
 
-from failproxy.jsonlog import Sink
+from failproxy.telemetry.jsonlog import Sink
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 
-from failproxy import turnend
+from failproxy.telemetry import turnend
 
 COLUMNS = 64  # workers of one generation at once (TTIN past it shares a column: still a count)
 

@@ -19,13 +19,13 @@ from typing import Any
 import uvloop
 from setproctitle import getproctitle, setproctitle
 
-from failproxy import logs
 from failproxy.config import Config
-from failproxy.context import WorkerContext
-from failproxy.downstream import ClientConnection
-from failproxy.loadshare import LoadShare, LoadView
-from failproxy.metrics import WorkerMetrics
-from failproxy.peertable import PeerTable, PeerWatch
+from failproxy.discovery.peertable import PeerTable, PeerWatch
+from failproxy.proxy.context import WorkerContext
+from failproxy.proxy.downstream import ClientConnection
+from failproxy.routing.loadshare import LoadShare, LoadView
+from failproxy.telemetry import logs
+from failproxy.telemetry.metrics import WorkerMetrics
 from failproxy.tls import server_context
 
 QUICK_STOP_GRACE = 1.0  # TERM/INT: in-flight requests get at most this long (SPEC 6)

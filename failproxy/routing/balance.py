@@ -44,10 +44,10 @@ from typing import Final, Protocol
 
 from mypy_extensions import trait
 
-from failproxy.capacity import Capacity
-from failproxy.peer import Peer
-from failproxy.queue_depth import QueueProbe
-from failproxy.routes import KNOWN_FAST, UNKNOWN
+from failproxy.routing.capacity import Capacity
+from failproxy.routing.peer import Peer
+from failproxy.routing.queue_depth import QueueProbe
+from failproxy.routing.routes import KNOWN_FAST, UNKNOWN
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300

@@ -7,7 +7,7 @@ master reaps a worker it folds the slot's final values into a `Totals` keyed by 
 address text, so every counter stays monotonic across worker restarts, TTIN/TTOU and reloads
 that change the server list. Server indexes on the hot path are positions in
 `config.upstream.servers`, then the slots reserved for peers from DNS (`max_peers` per
-`[[upstream.peers]]`, discovery.py); reasons are positions in `reasons.REASONS`. A DNS slot
+`[[upstream.peers]]`, discovery/watch.py); reasons are positions in `reasons.REASONS`. A DNS slot
 that passes to another address is folded first (`Totals.fold_server`), as a retired worker is.
 
 Each worker also has a board, a second shared mmap: what it has learned (WorkerContext.learned)
@@ -27,8 +27,8 @@ from typing import Any, Final
 
 import orjson
 
-from failproxy import turnend
 from failproxy.reasons import REASONS
+from failproxy.telemetry import turnend
 
 DURATION_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0

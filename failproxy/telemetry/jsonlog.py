@@ -14,7 +14,7 @@ from typing import Any, Final, TextIO
 
 import orjson
 
-from failproxy import turnend
+from failproxy.telemetry import turnend
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300

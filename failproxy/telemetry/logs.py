@@ -23,7 +23,7 @@ import orjson
 import structlog
 
 from failproxy.config import LogConfig
-from failproxy.jsonlog import TIMESTAMPER, Emitter, Sink
+from failproxy.telemetry.jsonlog import TIMESTAMPER, Emitter, Sink
 
 _LEVELS = {
     "debug": logging.DEBUG,

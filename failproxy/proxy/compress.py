@@ -15,7 +15,7 @@ import zlib
 from typing import Final
 
 from failproxy.config import CompressConfig
-from failproxy.spool import Source
+from failproxy.proxy.spool import Source
 
 # RFC 9110 12.4.2 qvalue: "0" ["." 0*3DIGIT] / "1" ["." 0*3("0")]. Anything else is not a weight
 # we can trust, so the element that carries it is ignored (it neither grants nor refuses).

@@ -128,7 +128,7 @@ def describe_order(
 ) -> list[str]:
     """The resolved server order as `failproxy check` prints it: what a request tries, in turn.
 
-    `servers`: every server with the DNS name it came from (None: listed), as discovery.py
+    `servers`: every server with the DNS name it came from (None: listed), as discovery/watch.py
     resolved them; by default the listed ones. `self_address`/`self_reason`: the address
     detected as this box's own and why; by default `upstream.self`.
     """

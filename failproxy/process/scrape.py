@@ -12,7 +12,7 @@
   most once per loop turn) and the local app server's workers free as failproxy sees them (the
   learned worker count, from the boards, less this failproxy's requests in flight to it, from
   the shared load table).
-- DNS lookups that failed (discovery.py, which runs in the master).
+- DNS lookups that failed (discovery/watch.py, which runs in the master).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import resource
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from failproxy.loadshare import LoadShare
-from failproxy.queue_depth import QueueProbe
+from failproxy.routing.loadshare import LoadShare
+from failproxy.routing.queue_depth import QueueProbe
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")

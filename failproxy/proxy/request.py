@@ -13,8 +13,8 @@ chunk in a read keeps every byte of that read from the upstream.
 
 from __future__ import annotations
 
-from failproxy.spool import RequestBody, Sender
-from failproxy.upstream import UpstreamConnection
+from failproxy.proxy.spool import RequestBody, Sender
+from failproxy.proxy.upstream import UpstreamConnection
 
 
 class Request:

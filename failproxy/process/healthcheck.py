@@ -1,4 +1,5 @@
-"""`python -m failproxy.healthcheck [CONFIG]`: GET /healthz on the admin endpoint CONFIG names.
+"""`python -m failproxy.process.healthcheck [CONFIG]`: GET /healthz on the admin endpoint that
+CONFIG names.
 
 The Docker image's HEALTHCHECK. Exit 0 when it answers 200 (the proxy serves), 1 otherwise, with
 one line saying why. Only `admin.listen` is read from CONFIG, so a config being edited on disk

@@ -8,7 +8,8 @@ every worker is busy, new connections wait in the kernel's accept queues; once t
 full (backlog + 1 connections) a non-blocking connect() to it fails with EAGAIN at once. An
 asyncio server would accept eagerly and never fill its backlog, which is why this one forks.
 
-    python -m failproxy.demoapp --name host1 --unix /tmp/h1.sock --tcp 127.0.1.1:9001 --workers 2
+    python -m failproxy.demo.demoapp --name host1 --unix /tmp/h1.sock --tcp 127.0.1.1:9001 \
+        --workers 2
 
 Paths: `/fast` and `/items/<id>` (tiny body), `/slow?ms=N` (sleeps N ms, default 100),
 `/reports/<id>` (sleeps `--slow-ms`, default 300, or `?ms=N`: a slow action on a route of its
@@ -314,7 +315,7 @@ def serve(name: str, unix_path: str | None, tcp: tuple[str, int] | None, workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m failproxy.demoapp", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m failproxy.demo.demoapp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="app", help="host name reported in X-Served-By")
     parser.add_argument("--unix", metavar="PATH", help="UNIX socket path (backlog 5)")

@@ -29,20 +29,20 @@ from typing import Final, cast
 
 from mypy_extensions import trait
 
-from failproxy import policy
-from failproxy.balance import Holdable
-from failproxy.compress import Gzipper, GzipSource
-from failproxy.connect import start_connect, when_connected
-from failproxy.context import WorkerContext
-from failproxy.events import ExchangeView
-from failproxy.headers import BadRequest, http_date, response_head
-from failproxy.peer import Peer
-from failproxy.rawtransport import SocketTransport
-from failproxy.request import Request
-from failproxy.routes import route_key
-from failproxy.spool import AnswerSpool, FileSource, Source
-from failproxy.static import StaticFiles
-from failproxy.upstream import CHUNKED, CLOSE, LENGTH, ResponseSink, UpstreamConnection
+from failproxy.proxy.compress import Gzipper, GzipSource
+from failproxy.proxy.connect import start_connect, when_connected
+from failproxy.proxy.context import WorkerContext
+from failproxy.proxy.events import ExchangeView
+from failproxy.proxy.headers import BadRequest, http_date, response_head
+from failproxy.proxy.rawtransport import SocketTransport
+from failproxy.proxy.request import Request
+from failproxy.proxy.spool import AnswerSpool, FileSource, Source
+from failproxy.proxy.static import StaticFiles
+from failproxy.proxy.upstream import CHUNKED, CLOSE, LENGTH, ResponseSink, UpstreamConnection
+from failproxy.routing import policy
+from failproxy.routing.balance import Holdable
+from failproxy.routing.peer import Peer
+from failproxy.routing.routes import route_key
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300

@@ -31,8 +31,8 @@ import stat
 from email.utils import formatdate, mktime_tz, parsedate_tz
 from typing import Final
 
-from failproxy.compress import accepts_gzip, header_list, header_value
 from failproxy.config import StaticConfig
+from failproxy.proxy.compress import accepts_gzip, header_list, header_value
 
 # Types for the common web files, fixed so an answer does not depend on the box's
 # /etc/mime.types; text types are declared UTF-8 (what every asset pipeline writes).

@@ -58,15 +58,17 @@ from setproctitle import setproctitle
 
 import failproxy
 from failproxy import config as config_mod
-from failproxy import discovery as discovery_mod
-from failproxy import listeners, logs, scrape, tls
-from failproxy.admin import AdminServer
+from failproxy import tls
 from failproxy.config import Config, ConfigError, Upstream
-from failproxy.discovery import Discovery
-from failproxy.listeners import ListenError, ListenerSet
-from failproxy.loadshare import LoadShare
-from failproxy.metrics import Snapshot, Totals, WorkerMetrics, render
-from failproxy.peertable import PeerTable
+from failproxy.discovery import watch
+from failproxy.discovery.peertable import PeerTable
+from failproxy.discovery.watch import Discovery
+from failproxy.process import listeners, scrape
+from failproxy.process.admin import AdminServer
+from failproxy.process.listeners import ListenError, ListenerSet
+from failproxy.routing.loadshare import LoadShare
+from failproxy.telemetry import logs
+from failproxy.telemetry.metrics import Snapshot, Totals, WorkerMetrics, render
 
 OLD_MASTER_ENV = "FAILPROXY_OLD_MASTER"
 READY_FALLBACK = 1.0  # a worker that never calls metrics.ready() counts as serving after this
@@ -198,7 +200,7 @@ def _remove_pid(path: str) -> None:
 def _load_worker_main() -> WorkerMain:
     # Imported by the master once, so a fork starts serving at once (as unicorn's preload_app:
     # HUP re-reads the config, USR2 loads new code).
-    from failproxy.worker import worker_main
+    from failproxy.process.worker import worker_main
 
     return worker_main
 
@@ -725,7 +727,7 @@ class Master:
             process=process,
             queues=self.queues.depths(servers),
             free_workers=free,
-            dns_failures=dict(discovery_mod.FAILURES),
+            dns_failures=dict(watch.FAILURES),
         )
 
 

@@ -19,8 +19,8 @@ import socket
 from mypy_extensions import trait
 
 from failproxy.config import Upstream, UpstreamConfig
-from failproxy.loadshare import LoadView
-from failproxy.queue_depth import QueueProbe
+from failproxy.routing.loadshare import LoadView
+from failproxy.routing.queue_depth import QueueProbe
 
 
 @trait
@@ -74,7 +74,7 @@ class Peer:
         resolved: tuple[int, tuple[str, int]] | None = None,
     ) -> None:
         """`resolved` (family, sockaddr): the address was resolved already (a peer from DNS,
-        discovery.py), so no lookup happens here."""
+        discovery/watch.py), so no lookup happens here."""
         addr = conf.address
         self.index = index
         self.address = addr.text

@@ -1,8 +1,8 @@
 """`failproxy demo`: the seed's 3-host cluster on loopback, the same skewed load in each phase.
 
-Three hosts on 127.0.1.1-3. Each runs a pre-fork demo app server (`failproxy.demoapp`: 2 workers,
-pull model like unicorn, a UNIX socket with backlog 5 and a TCP port with backlog 1024) and one
-front proxy per phase in front of it:
+Three hosts on 127.0.1.1-3. Each runs a pre-fork demo app server (`failproxy.demo.demoapp`:
+2 workers, pull model like unicorn, a UNIX socket with backlog 5 and a TCP port with backlog
+1024) and one front proxy per phase in front of it:
 
 1. "UNIX socket only": a failproxy that knows only its box's UNIX socket, no backups. That is a
    box without failproxy's failover: once the backlog is full the connect fails (EAGAIN) and the
@@ -53,7 +53,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from failproxy import config, demoapp
+from failproxy import config
+from failproxy.demo import demoapp
 
 HOST_IPS = ("127.0.1.1", "127.0.1.2", "127.0.1.3")
 APP_WORKERS = 2
@@ -429,7 +430,7 @@ class Cluster:
         deadline = time.monotonic() + START_TIMEOUT
         apps = []
         for h in self.hosts:
-            cmd = [sys.executable, "-m", "failproxy.demoapp", "--name", h.name, "--unix",
+            cmd = [sys.executable, "-m", "failproxy.demo.demoapp", "--name", h.name, "--unix",
                    h.sock_path, "--tcp", h.app_tcp, "--workers", str(APP_WORKERS),
                    "--slow-ms", str(SLOW_MS)]
             apps.append(self._spawn(cmd, env, h.app_err_path))

@@ -17,11 +17,12 @@ from typing import Any
 
 from mypy_extensions import trait
 
-from failproxy import logs, policy
-from failproxy.jsonlog import stamp
-from failproxy.metrics import WorkerMetrics
-from failproxy.peer import Peer
-from failproxy.request import Request
+from failproxy.proxy.request import Request
+from failproxy.routing import policy
+from failproxy.routing.peer import Peer
+from failproxy.telemetry import logs
+from failproxy.telemetry.jsonlog import stamp
+from failproxy.telemetry.metrics import WorkerMetrics
 
 
 @trait

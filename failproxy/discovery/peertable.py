@@ -3,7 +3,7 @@
 One table per config generation: an anonymous shared mmap the master creates before it forks
 that generation's workers, so every worker (started at once, by TTIN, or replacing one that
 died) finds the current list in it and serves with it from its first request. The master
-resolves (discovery.py) and writes; a worker reads on a self-rescheduling timer, and only when
+resolves (discovery/watch.py) and writes; a worker reads on a self-rescheduling timer, and only when
 the generation counter moved. No lock: a sequence counter, odd while the master writes, and the
 generation repeated inside the payload, so a reader that raced a write sees a mismatch (or JSON
 that does not parse) and simply tries again on its next tick.

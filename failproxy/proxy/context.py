@@ -14,22 +14,22 @@ import socket
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from failproxy import policy
-from failproxy.balance import Room
-from failproxy.compress import Gzipper, header_list, header_value, should_gzip
 from failproxy.config import Address, CompressConfig, Config, Upstream
-from failproxy.events import Events
-from failproxy.headers import (
+from failproxy.proxy.compress import Gzipper, header_list, header_value, should_gzip
+from failproxy.proxy.events import Events
+from failproxy.proxy.headers import (
     RequestHeadBuilder,
     page_response,
     request_kinds,
     simple_response,
 )
-from failproxy.loadshare import LoadView
-from failproxy.metrics import WorkerMetrics
-from failproxy.peer import Peer, build_peers
-from failproxy.routes import RouteTable
-from failproxy.static import StaticFiles
+from failproxy.proxy.static import StaticFiles
+from failproxy.routing import policy
+from failproxy.routing.balance import Room
+from failproxy.routing.loadshare import LoadView
+from failproxy.routing.peer import Peer, build_peers
+from failproxy.routing.routes import RouteTable
+from failproxy.telemetry.metrics import WorkerMetrics
 
 
 class Connection(Protocol):

@@ -1,7 +1,7 @@
 """Backups from DNS and this box's own address, kept current by the master.
 
 The master runs one `Discovery` per config generation on its event loop: every
-`[[upstream.peers]]` entry is resolved (dnsclient.py: A and AAAA, no thread) when the proxy
+`[[upstream.peers]]` entry is resolved (resolver.py: A and AAAA, no thread) when the proxy
 starts and every `resolve_interval` after; the addresses, sorted, become backups `IP:port` after
 the listed ones. This box's own address among all the backups is found from the kernel's
 interface addresses (netaddrs.py) unless `upstream.self` names it. The result is published to
@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from failproxy import dnsclient, netaddrs
 from failproxy.config import Address, Config, PeersConfig, Upstream, parse_address
-from failproxy.loadshare import LoadShare
-from failproxy.peertable import PeerTable, peer_upstream
+from failproxy.discovery import netaddrs, resolver
+from failproxy.discovery.peertable import PeerTable, peer_upstream
+from failproxy.routing.loadshare import LoadShare
 
 # Failed lookups per name since this master started, for /metrics (failproxy_dns_failures_total):
 # kept here, not in a Discovery, which a reload replaces.
@@ -165,10 +165,10 @@ class Discovery:
         """One lookup; True when it gave a list (changed or not). A failure keeps the last."""
         conf = entry.conf
         try:
-            found = await dnsclient.resolve(
+            found = await resolver.resolve(
                 conf.dns, [(a.host, a.port) for a in self.cfg.upstream.resolver],
                 self.cfg.upstream.resolver_timeout)
-        except dnsclient.DNSError as exc:
+        except resolver.DNSError as exc:
             entry.error = str(exc)
             entry.failures += 1
             FAILURES[conf.dns] += 1
@@ -197,7 +197,7 @@ class Discovery:
         out = []
         for entry in self.entries:
             addresses = []
-            for ip in sorted(entry.resolved or (), key=dnsclient.address_key):
+            for ip in sorted(entry.resolved or (), key=resolver.address_key):
                 address = _address(ip, entry.conf.port)
                 if address.text not in seen:
                     seen.add(address.text)

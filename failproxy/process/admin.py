@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from failproxy.metrics import CONTENT_TYPE
+from failproxy.telemetry.metrics import CONTENT_TYPE
 
 
 class Source(Protocol):

@@ -20,9 +20,9 @@ from typing import Final
 
 import httptools
 
-from failproxy.context import WorkerContext
-from failproxy.exchange import Downstream, Exchange
-from failproxy.headers import (
+from failproxy.proxy.context import WorkerContext
+from failproxy.proxy.exchange import Downstream, Exchange
+from failproxy.proxy.headers import (
     H_CONNECTION,
     H_EXPECT,
     H_HOST,
@@ -42,10 +42,10 @@ from failproxy.headers import (
     without_h2c,
     without_names,
 )
-from failproxy.request import Request
-from failproxy.spool import RequestBody
-from failproxy.timer import take_timer
-from failproxy.upstream import UpstreamConnection
+from failproxy.proxy.request import Request
+from failproxy.proxy.spool import RequestBody
+from failproxy.proxy.timer import take_timer
+from failproxy.proxy.upstream import UpstreamConnection
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300

@@ -21,7 +21,7 @@ from typing import Final
 import httptools
 from mypy_extensions import trait
 
-from failproxy.headers import (
+from failproxy.proxy.headers import (
     H_ACCEL,
     H_CONNECTION,
     H_KEEPALIVE,
@@ -36,9 +36,9 @@ from failproxy.headers import (
     valid_status,
     without_names,
 )
-from failproxy.peer import Peer, Pooled
-from failproxy.rawtransport import Transport
-from failproxy.timer import take_timer
+from failproxy.proxy.rawtransport import Transport
+from failproxy.proxy.timer import take_timer
+from failproxy.routing.peer import Peer, Pooled
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
