@@ -131,7 +131,7 @@ fuzz: $(BUILD_STAMP)
 # unicorns whose workers are killed every 2 s; figures in bench/RELIABILITY.md. CI runs 1 000
 # (tests/test_soak.py).
 soak: $(BUILD_STAMP) deb-deps
-	$(BIN)/python -m bench.soak --requests 10000 --out bench/out/soak.json
+	$(BIN)/python -m bench.scenarios.soak --requests 10000 --out bench/out/soak.json
 
 demo: $(BUILD_STAMP) deb-deps
 	$(BIN)/failproxy demo

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.stats import fmt, percentile
+from bench.instruments.stats import fmt, percentile
 
 PLOT_NAME = "seed_cdf.png"
 SLOW_PLOT_NAME = "slowclients_cdf.png"
@@ -117,7 +117,7 @@ def _header(merged: dict[str, Any]) -> str:
 def _section_head(name: str, result: dict[str, Any], runs: dict[str, Any]) -> str:
     titles = {"throughput": "Throughput and latency", "failover": "Failover cost",
               "memory": "Memory per idle client connection",
-              "micro": "The Python cost of one request (bench.micro), before and after",
+              "micro": "The Python cost of one request (bench.profiles.micro), before and after",
               "seed": "The seed's experiment (issue 7): 3 unicorn hosts, mixes of slow actions",
               "slowclients": "Slow clients in front of unicorn (issue 18): failproxy and nginx"}
     run = runs.get(result.get("run_id", ""), {})
@@ -298,12 +298,13 @@ def _targets(sc: dict[str, Any]) -> str:
     micro = sc.get("micro", {})
     if micro.get("ratio"):
         m, r = micro["median"], micro["ratio"]
-        add("3. bench.micro: Python per pooled request ≤ 40 % of the baseline's, same sitting",
+        add("3. bench.profiles.micro: Python per pooled request ≤ 40 % of the baseline's, "
+            "same sitting",
             f"log on {m['failproxy']['on']:.2f} vs {m['baseline']['on']:.2f} µs = "
             f"{r['on'] * 100:.0f} %; log off {m['failproxy']['off']:.2f} vs "
             f"{m['baseline']['off']:.2f} µs = {r['off'] * 100:.0f} %", r["on"] <= 0.4)
     else:
-        add("3. bench.micro ≤ 40 % of the baseline", "not measured", None)
+        add("3. bench.profiles.micro ≤ 40 % of the baseline", "not measured", None)
     fo = next((r for r in sc.get("failover", {}).get("rows", [])
                if r["proxy"] == "failproxy" and not r.get("error") and r["connections"] == 1),
               None)
@@ -337,9 +338,10 @@ def _micro(r: dict[str, Any]) -> str:
     ratio = r.get("ratio")
     tail = (f"\n\nfailproxy over the baseline: {ratio['on'] * 100:.0f} % (log on), "
             f"{ratio['off'] * 100:.0f} % (log off).\n" if ratio else "\n")
-    return (f"`python -m bench.micro --requests {p['requests']:,}` in each tree (baseline: "
+    return (f"`python -m bench.profiles.micro --requests {p['requests']:,}` in each tree "
+            "(baseline: "
             f"`{p['baseline'] or '–'}`), {p['rounds']} alternating round(s); µs of Python per "
-            "pooled request, sockets faked (bench/micro.py).\n\n"
+            "pooled request, sockets faked (bench/profiles/micro.py).\n\n"
             + _table(["tree", "log on, per round", "median", "log off, per round", "median"],
                      rows) + tail)
 
@@ -644,7 +646,8 @@ def _seed(r: dict[str, Any]) -> str:
     out = [
         f"Hosts {', '.join(p['hosts'])}: each a real unicorn ({p['unicorn_workers']} workers, "
         f"UNIX socket backlog {p['unix_backlog']} + TCP backlog 1024, the Rack app in "
-        f"`bench/seed_app/`) behind a front of the kind compared ({p['front_workers']} worker "
+        f"`bench/targets/seed_app/`) behind a front of the kind compared "
+        f"({p['front_workers']} worker "
         "each, access log on), the same kind on all three hosts. An open-loop client gives "
         "each host's front a Poisson stream of requests (a third of the mix's rate), each on "
         "a new connection; a slow request sleeps in the app for the mix's slow time. Latency "
@@ -951,7 +954,8 @@ def _slowclients(r: dict[str, Any]) -> str:
     ramps = ", ".join(f"N = {n}: {x:g} s" for n, x in p["ramps_s"].items() if x)
     out = [
         f"One real unicorn ({p['unicorn_workers']} workers, UNIX socket backlog "
-        f"{p['unix_backlog']}, the Rack app in `bench/slowclients_app/`: `/fast`, `/upload` "
+        f"{p['unix_backlog']}, the Rack app in `bench/targets/slowclients_app/`: `/fast`, "
+        "`/upload` "
         "answering the body's size and sha256, `/big` = 8 MiB with Content-Length) behind "
         f"each proxy in turn, {p['workers']} worker each: **nginx** with the seed's config "
         "(`server unix:… fail_timeout=0;`, nginx's default buffering: `client_body_buffer_size"
@@ -963,7 +967,8 @@ def _slowclients(r: dict[str, Any]) -> str:
         "latency from the scheduled send time, so a stalled proxy cannot hide its queue; an "
         f"error is any answer but 200, or none within {p['timeout_s']:g} s) for "
         f"{p['duration_s']:g} s, while N slow uploaders and N slow readers run "
-        "(`bench/slowload.py`, a process of its own): an uploader sends a 160 KiB body in "
+        "(`bench/scenarios/slowload.py`, a process of its own): an uploader sends a 160 KiB "
+        "body in "
         "16 KiB pieces every 0.3 s, checks the answer, and starts again; a reader asks for "
         "`/big` with SO_RCVBUF 8 KiB and reads 4 KiB every 0.1 s. The slow clients start "
         f"spread over a ramp ({ramps or 'none'}) and run {p['settle_s']:g} s before the "

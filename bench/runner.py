@@ -32,9 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import failover, memory, microrun, report, seed, slowclients, throughput
-from bench.procs import Processes
-from bench.system import ensure_packages, log, machine_facts, raise_nofile
+from bench import report
+from bench.instruments.procs import Processes
+from bench.instruments.system import ensure_packages, log, machine_facts, raise_nofile
+from bench.profiles import microrun
+from bench.scenarios import failover, memory, seed, slowclients, throughput
 
 BENCH_DIR = Path(__file__).resolve().parent
 SCENARIOS = ("throughput", "failover", "memory", "seed", "micro", "slowclients")

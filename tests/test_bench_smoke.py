@@ -43,7 +43,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
 def test_seed_schedule_is_paired() -> None:
     """Same (mix, seed): the same schedule for every front; another seed: another one."""
-    from bench import openloop, seed
+    from bench.instruments import openloop
+    from bench.scenarios import seed
 
     mix = seed.MIXES["skew100"]
     a = seed.schedule(mix, 3, 10.0)
@@ -64,7 +65,8 @@ def test_seed_schedule_is_paired() -> None:
 def test_bench_seed_smoke(tmp_path: Path) -> None:
     """The issue-7 seed path end to end in seconds: a tiny mix, 1 round of 2 s, the three
     default fronts (failproxy-old from this very tree), and a 1 s wrk no-overload check."""
-    from bench import openloop, seed
+    from bench.instruments import openloop
+    from bench.scenarios import seed
 
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "seed", "--mixes", "smoke", "--rounds", "1",

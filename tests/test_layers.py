@@ -5,6 +5,10 @@ needs as a typing.Protocol instead (upstream.ResponseSink, exchange.Downstream, 
 The same holds between the sub-packages, bottom to top: the leaves at the top of the package
 (config, errors, reasons, tls), telemetry, routing, then discovery and proxy side by side,
 process, and the command line (cli) over all of them; the demo stands apart.
+
+The benchmark harness is layered the same way, bottom to top: bench/instruments, targets,
+scenarios, profiles, then its top (runner, report, __main__); bench may import failproxy, failproxy
+never imports bench.
 """
 
 from __future__ import annotations
@@ -140,3 +144,75 @@ def test_the_package_check_sees_an_upward_import(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("from failproxy.proxy import exchange\nimport failproxy.routing.peer\n")
     assert _imports(source) == {"proxy.exchange", "routing.peer"}
+
+
+# ---------------------------------------------------------------- the benchmark harness
+
+BENCH = PACKAGE.parent / "bench"
+# bench's sub-packages, bottom to top; each imports only those below it (bench may import
+# failproxy, never the reverse). The top of bench (runner, report, __main__) may import any of
+# them; bench/sim is a model of its own.
+BENCH_LAYERS = ["instruments", "targets", "scenarios", "profiles"]
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every dotted name `path` imports, anywhere in the file (`from a.b import c`: a.b, a.b.c)."""
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def _bench_imports(path: Path) -> set[str]:
+    """The bench modules and sub-packages `path` imports: "scenarios.seed", "profiles", "report"."""
+    out: set[str] = set()
+    for name in _imported_names(path):
+        parts = name.split(".")
+        if parts[0] == "bench" and len(parts) > 1:
+            out.add(".".join(parts[1:3]) if parts[1] in BENCH_LAYERS else parts[1])
+    return out
+
+
+def _bench_package(module: str) -> str:
+    """"scenarios.seed" -> "scenarios"; the top of bench ("runner", "report") -> ""."""
+    package = module.split(".")[0]
+    return package if package in BENCH_LAYERS else ""
+
+
+def _bench_layer(module: str) -> int:
+    package = _bench_package(module)
+    return BENCH_LAYERS.index(package) if package else len(BENCH_LAYERS)
+
+
+def test_bench_imports_only_down() -> None:
+    modules = [p for p in BENCH.rglob("*.py") if "sim" not in p.relative_to(BENCH).parts]
+    packages = {p.parent.name for p in modules if p.parent != BENCH}
+    assert packages == set(BENCH_LAYERS), "a bench sub-package missing from BENCH_LAYERS"
+    for path in modules:
+        module = ".".join(path.relative_to(BENCH).with_suffix("").parts)
+        for dep in _bench_imports(path):
+            ok = (_bench_layer(dep) < _bench_layer(module)
+                  or _bench_package(dep) == _bench_package(module))
+            assert ok, f"bench.{module} imports bench.{dep}: against bench's layers"
+
+
+def test_failproxy_never_imports_bench() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        names = {name.split(".")[0] for name in _imported_names(path)}
+        assert "bench" not in names, f"{path.relative_to(PACKAGE.parent)} imports bench"
+
+
+def test_the_bench_check_reads_imports(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("from bench.scenarios import seed\nfrom bench import report\n"
+                      "import bench.instruments.stats\n")
+    assert _bench_imports(source) == {"scenarios", "scenarios.seed", "report",
+                                      "instruments.stats"}
+    order = ["instruments.stats", "targets.servers", "scenarios.seed", "profiles.micro", "runner"]
+    assert [_bench_layer(m) for m in order] == sorted(_bench_layer(m) for m in order)
+    assert len({_bench_layer(m) for m in order}) == len(order)

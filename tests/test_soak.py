@@ -1,8 +1,8 @@
-"""The fault soak, short (issue 9 item 5): `python -m bench.soak` with 1 000 requests, half POST
-with unique ids, through failproxy in front of two real unicorn app servers whose workers are
-SIGKILLed every 2 s, with upstream resets, cut answers and client resets. `make soak` runs the
-full 10 000 (figures in bench/RELIABILITY.md). What it asserts is `bench.soak.check`: no POST
-reaching the app servers twice, no answer given twice, no cut answer presented as complete,
+"""The fault soak, short (issue 9 item 5): `python -m bench.scenarios.soak` with 1 000 requests,
+half POST with unique ids, through failproxy in front of two real unicorn app servers whose workers
+are SIGKILLed every 2 s, with upstream resets, cut answers and client resets. `make soak` runs the
+full 10 000 (figures in bench/RELIABILITY.md). What it asserts is `bench.scenarios.soak.check`: no
+POST reaching the app servers twice, no answer given twice, no cut answer presented as complete,
 >= 99.9 % of idempotent requests answered 200 whole.
 """
 
@@ -26,7 +26,7 @@ def test_fault_soak_short(tmp_path: Path) -> None:
         pytest.skip("unicorn is not installed (Debian package `unicorn`; the Makefile installs it)")
     out = tmp_path / "soak.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--requests", "1000", "--rate", "60",
+        [sys.executable, "-m", "bench.scenarios.soak", "--requests", "1000", "--rate", "60",
          "--kill-every", "2", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=100)
     assert out.exists(), f"no figures (exit {proc.returncode}):\n{proc.stderr[-3000:]}"

@@ -19,7 +19,7 @@ from failproxy.routing.peer import Peer
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
-# instructions each, bench.realsock).
+# instructions each, bench.profiles.realsock).
 _new_socket: Final = _socket.socket
 _STREAM_NONBLOCK: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 

@@ -49,7 +49,7 @@ from failproxy.proxy.upstream import UpstreamConnection
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
-# instructions each, bench.realsock).
+# instructions each, bench.profiles.realsock).
 monotonic: Final = time.monotonic
 _RequestParser: Final = httptools.HttpRequestParser
 

@@ -76,8 +76,8 @@ class Events:
         self._request = logs.emitter("request", "info")
         self._failover = logs.emitter("failover", "warning")
         # The `request` event's dict, made once and refilled for each request: 13 stores into
-        # it cost ~1k instructions, building a new one ~3.7k (bench.realsock). orjson keeps no
-        # reference to it, and the console format renders a copy (jsonlog.Emitter.emit).
+        # it cost ~1k instructions, building a new one ~3.7k (bench.profiles.realsock). orjson keeps
+        # no reference to it, and the console format renders a copy (jsonlog.Emitter.emit).
         self._record: dict[str, Any] = {
             "event": "request", "level": "info", "timestamp": None, "pid": self._request.pid,
             "request_id": None, "method": None, "path": None, "status": None,

@@ -46,7 +46,7 @@ from failproxy.routing.routes import route_key
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
-# instructions each, bench.realsock).
+# instructions each, bench.profiles.realsock).
 monotonic: Final = time.monotonic
 _EINPROGRESS: Final = errno.EINPROGRESS
 

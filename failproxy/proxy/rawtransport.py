@@ -17,9 +17,9 @@ not by `loop.add_reader` per socket: uvloop's add_reader costs ~14k instructions
 `WeakValueDictionary` lookup that raises KeyError, a new poll handle) and libuv makes 7 syscalls
 per socket around it (an epoll ADD and DEL to probe the fd, FIONBIO, three DELs on close, an
 io_uring submission), where this makes one epoll ADD, and the close takes the socket out of
-the set (counted by bench.realsock and strace -c). Level-triggered, as the loop's own; a socket
-that wants no event is not in the set at all (a UNIX socket whose peer closed reports EPOLLHUP
-whatever the mask).
+the set (counted by bench.profiles.realsock and strace -c). Level-triggered, as the loop's own; a
+socket that wants no event is not in the set at all (a UNIX socket whose peer closed reports
+EPOLLHUP whatever the mask).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Final, Protocol
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
-# instructions each, bench.realsock).
+# instructions each, bench.profiles.realsock).
 _read: Final = os.read
 _write: Final = os.write
 
@@ -44,7 +44,7 @@ GONE: Final = select.EPOLLERR | select.EPOLLHUP  # reported whatever the mask: t
 BATCH: Final = 256  # events taken per loop wake-up (level-triggered: the rest come next)
 READ_SIZE: Final = 65536  # one read() per readable event (under glibc's mmap threshold)
 # os.read/os.write, not sock.recv/send: the same syscalls, but argument clinic instead of
-# PyArg_ParseTuple (~0.5k instructions a call, counted by bench.realsock)
+# PyArg_ParseTuple (~0.5k instructions a call, counted by bench.profiles.realsock)
 
 
 class StreamProtocol(Protocol):

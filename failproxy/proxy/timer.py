@@ -6,8 +6,8 @@ and reschedules itself, so per-request activity never cancels and re-creates tim
 The same holds across connections, client and upstream alike: a connection that ends gives
 its timer back (`give_back`) with its loop handle still scheduled, and the next one takes it
 (`take_timer`). Behind unicorn, which closes every connection, that saves a `loop.call_at` and a
-cancel per request (~6k instructions of uvloop's TimerHandle, counted by bench.realsock --mode
-close); clients that open a connection per request save the same.
+cancel per request (~6k instructions of uvloop's TimerHandle, counted by bench.profiles.realsock
+--mode close); clients that open a connection per request save the same.
 """
 
 from __future__ import annotations

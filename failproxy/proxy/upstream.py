@@ -42,7 +42,7 @@ from failproxy.routing.peer import Peer, Pooled
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
-# instructions each, bench.realsock).
+# instructions each, bench.profiles.realsock).
 _ResponseParser: Final = httptools.HttpResponseParser
 
 # Response headers that need more than being copied through (other hop-by-hop ones are

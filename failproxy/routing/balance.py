@@ -51,7 +51,7 @@ from failproxy.routing.routes import KNOWN_FAST, UNKNOWN
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
-# instructions each, bench.realsock).
+# instructions each, bench.profiles.realsock).
 monotonic: Final = time.monotonic
 
 PROBE_VERIFY: Final = 0.02  # after a probe connects, how long to look whether a worker takes it

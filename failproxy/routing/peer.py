@@ -210,7 +210,8 @@ class Peer:
 
     def forget_idle(self, conn: Pooled) -> None:
         # Tested first: most connections that end are not idle (unicorn closes each one), and
-        # a remove() that raises ValueError costs ~8k instructions (bench.realsock --mode close).
+        # a remove() that raises ValueError costs ~8k instructions (bench.profiles.realsock --mode
+        # close).
         idle = self.idle
         if conn in idle:
             idle.remove(conn)

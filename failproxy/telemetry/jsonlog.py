@@ -18,7 +18,7 @@ from failproxy.telemetry import turnend
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
-# instructions each, bench.realsock).
+# instructions each, bench.profiles.realsock).
 _time: Final = time.time
 _write: Final = os.write
 
@@ -62,7 +62,7 @@ def stamp() -> str:
 
 
 # orjson's entry point and option, kept here: `orjson.dumps` read per call is two module
-# attribute lookups (~0.5k instructions per line, bench.realsock).
+# attribute lookups (~0.5k instructions per line, bench.profiles.realsock).
 _DUMPS: Final = orjson.dumps
 _NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 

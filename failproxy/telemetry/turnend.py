@@ -4,9 +4,9 @@ The hot path gathers what is cheap to gather and dear to write out: log lines (o
 a turn's lines), counters in shared memory (a memoryview store costs ~1k instructions, a list
 item a few dozen), this worker's share of the cross-worker load table. Each writer wants to run
 once, after the callbacks already queued for the turn. With a `loop.call_soon` each, a turn paid
-one uvloop Handle per writer (~1.5k instructions each to make, run and free, bench.realsock),
-and behind unicorn a turn often carries a single request, so that was paid per request. Here
-the writers share one Handle per turn.
+one uvloop Handle per writer (~1.5k instructions each to make, run and free,
+bench.profiles.realsock), and behind unicorn a turn often carries a single request, so that was paid
+per request. Here the writers share one Handle per turn.
 """
 
 from __future__ import annotations

@@ -1,0 +1,5 @@
+"""Targets: what is measured — the command lines and config files of every server (`servers`:
+failproxy, nginx, HAProxy, the upstreams), the proxies written for comparison (`floor_proxy`:
+uvloop + httptools with no features; `naive_proxy`: aiohttp), and the Rack apps unicorn runs
+behind them (`seed_app/`, `slowclients_app/`, `soak_app/`). Imports only bench.instruments.
+"""
