@@ -25,6 +25,13 @@ def pytest_configure(config: pytest.Config) -> None:
     started run in sessions of their own and would outlive a plain kill."""
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupted)
+    config.addinivalue_line(
+        "markers",
+        "shares: the overflow policy's shares of real traffic over real unicorn boxes. They "
+        "run on the compiled build; the pure-Python run (`-m 'not shares'`) checks the same "
+        "policy code through its in-process tests: on the slower build a fully loaded "
+        "machine moves the shares by timing alone.",
+    )
 
 
 @pytest.fixture

@@ -77,6 +77,7 @@ def box(sockdir: Path) -> Iterator[Unicorn]:
         b.stop()
 
 
+@pytest.mark.shares
 def test_peers_bigger_than_this_box_take_every_request_at_once(proxy, box, sockdir) -> None:
     def answer(_req: Any) -> Reply:
         return Reply(200, headers=[("Content-Type", "text/plain")], body=b"peer\n", delay=0.05)
@@ -131,6 +132,7 @@ def test_peers_bigger_than_this_box_take_every_request_at_once(proxy, box, sockd
             p.stop()
 
 
+@pytest.mark.shares
 def test_at_capacity_fast_requests_go_before_waiting_slow_ones(proxy, box, sockdir) -> None:
     fp = proxy([box.unix_address, {"address": box.tcp_address, "backup": True}],
                upstream={"self": box.tcp_address, "read_timeout": 30.0},

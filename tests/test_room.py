@@ -501,6 +501,7 @@ def cluster(tmp_path: Path) -> Iterator[list[Unicorn]]:
             b.stop()
 
 
+@pytest.mark.shares
 def test_busy_box_sends_fast_requests_to_peers_with_room_shared_evenly(proxy, cluster) -> None:
     h1, h2, h3 = cluster
     admin = free_port()
@@ -614,6 +615,7 @@ def _closed_loop(proxy, cluster, clients: int) -> tuple[int, Counter[str]]:
     return len(later), Counter(r["upstream"] for r in later)
 
 
+@pytest.mark.shares
 def test_fast_requests_two_at_a_time_stay_home_once_w_is_learned(proxy, cluster) -> None:
     """No overload: two clients at once, requests of about a millisecond. Two workers serve
     them, so failproxy must learn W = 2 although a request ends long before any fixed delay
@@ -622,6 +624,7 @@ def test_fast_requests_two_at_a_time_stay_home_once_w_is_learned(proxy, cluster)
     assert n and n - where[cluster[0].unix_address] <= 0.02 * n, where
 
 
+@pytest.mark.shares
 def test_fast_requests_four_at_a_time_on_two_workers_stay_home(proxy, cluster) -> None:
     """A closed loop of four clients on two workers (bench seed's no-overload wrk check):
     every worker is always busy, but with millisecond requests. Sending the surplus to peers
