@@ -75,7 +75,9 @@ def test_ps_names_the_master_and_each_numbered_worker(tmp_path: Path, backend: A
         os.kill(names[f"failproxy worker[0] {config}"], signal.SIGKILL)
         new = wait_until(lambda: [p for p in status(proxy)["workers"] if p not in workers], 10,
                          "a replacement worker")
-        assert title(new[0]) == f"failproxy worker[0] {config}"
+        # Listed as soon as it is forked: it says its name once it runs (the master's until then).
+        wait_until(lambda: title(new[0]) == f"failproxy worker[0] {config}", 10,
+                   "the replacement takes worker[0]")
 
         # A request in flight keeps its worker draining after QUIT: that one shows "(stopping)".
         current = status(proxy)["workers"]
