@@ -508,7 +508,11 @@ def test_busy_box_sends_fast_requests_to_peers_with_room_shared_evenly(proxy, cl
     fp = proxy([h1.unix_address, {"address": h2.tcp_address, "backup": True},
                 {"address": h3.tcp_address, "backup": True},
                 {"address": h1.tcp_address, "backup": True}],
-               upstream={"self": h1.tcp_address, "read_timeout": 30.0},
+               # slow_after 0.5 s (default 50 ms): W = 2 is learned by probes, which go only
+               # behind requests not overdue (in service longer than twice their route's time
+               # and slow_after); under make test-stress a millisecond request often is, past
+               # 50 ms, and W stayed 1 for the 20 s below. /slow (2 s) is slow either way.
+               upstream={"self": h1.tcp_address, "read_timeout": 30.0, "slow_after": 0.5},
                admin={"listen": f"127.0.0.1:{admin}"})
     # idle: the local socket, as listed
     out: list[Any] = []
