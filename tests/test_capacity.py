@@ -15,7 +15,7 @@ import pytest
 
 from failproxy.routing import capacity, routes
 from failproxy.routing.capacity import Capacity
-from failproxy.routing.routes import RouteTable
+from failproxy.routing.routes import KNOWN_FAST, UNKNOWN, RouteTable
 
 
 class FakePeer:
@@ -219,10 +219,18 @@ def test_count_is_every_answer_but_only_clean_ones_teach_the_time() -> None:
     and teaches nothing; a route first answered unclean is not learned from that answer."""
     t = table()
     t.answered("GET /items/:id", 900.0, 0.0, clean=False)
-    assert t.routes == {}, "a first answer that may have queued is not the route's time"
+    assert t.expected_ms("GET /items/:id") == 0.0, "a first answer that may have queued..."
+    assert t.kind("GET /items/:id", b"/items/1") == UNKNOWN, "... is not the route's time"
+    assert not t.is_slow("GET /items/:id", b"/items/1")
+    t.answered("GET /reports/:id", 300.0, 0.05)
+    assert t.slowest() == [
+        {"route": "GET /reports/:id", "class": "slow", "ms": 300.0, "count": 1},
+        {"route": "GET /items/:id", "class": "fast", "ms": 900.0, "count": 1},
+    ], "counted, listed after the learned routes"
     t.answered("GET /items/:id", 2.0, 0.1)
     t.answered("GET /items/:id", 2.0, 0.2)
     t.answered("GET /items/:id", 500.0, 0.3)  # an outlier
     t.answered("GET /items/:id", 700.0, 0.4, clean=False)
     assert t.expected_ms("GET /items/:id") == pytest.approx(2.0)
-    assert t.slowest() == [{"route": "GET /items/:id", "class": "fast", "ms": 2.0, "count": 4}]
+    assert t.slowest()[1] == {"route": "GET /items/:id", "class": "fast", "ms": 2.0, "count": 5}
+    assert t.kind("GET /items/:id", b"/items/1") == KNOWN_FAST

@@ -78,9 +78,24 @@ def box(sockdir: Path) -> Iterator[Unicorn]:
 
 
 @pytest.mark.shares
-def test_peers_bigger_than_this_box_take_every_request_at_once(proxy, box, sockdir) -> None:
+@pytest.mark.parametrize("learn", [True, False], ids=["routes-learned", "routes-not-learned"])
+def test_peers_bigger_than_this_box_take_every_request_at_once(proxy, box, sockdir,
+                                                               learn: bool) -> None:
+    """Also with `routes.learn` off (and the slow route listed): each peer's answers are then
+    read against its own service time.
+
+    40 clients, 4 requests each, one after another: equal peers share them within 1.5x (the
+    issue asked 2x). The first round is slow start, and its last step goes to the peer that
+    answers first (the other is full), so a single burst splits unevenly by nature (40 at once
+    split 13:27 once). Measured under two busy loops, 5 runs each: 1.16-1.50x when the first
+    answer of the route taught the peer that gave it nothing (it started slow start a step
+    behind); 1.00-1.16x with that fixed."""
     def answer(_req: Any) -> Reply:
         return Reply(200, headers=[("Content-Type", "text/plain")], body=b"peer\n", delay=0.05)
+
+    def client(i: int) -> None:
+        for k in range(rounds):
+            _get(fp.port, f"/items/{i}{k}", out)
 
     peers = [HTTPBackend(name, handler=answer, backlog=256) for name in ("p1", "p2")]
     try:
@@ -88,33 +103,34 @@ def test_peers_bigger_than_this_box_take_every_request_at_once(proxy, box, sockd
         fp = proxy([box.unix_address, *({"address": p.address, "backup": True} for p in peers),
                     {"address": box.tcp_address, "backup": True}],
                    upstream={"self": box.tcp_address, "read_timeout": 30.0},
-                   admin={"listen": f"127.0.0.1:{admin}"})
+                   admin={"listen": f"127.0.0.1:{admin}"},
+                   # not learned: the operator says which route is slow
+                   routes={"learn": True} if learn else {"learn": False, "slow": ["/busy"]})
         out: list[tuple[str, float, bytes]] = []
         busy = threading.Thread(target=_get, args=(fp.port, "/busy", out))
         busy.start()
         _wait_file(sockdir / "busy.started")  # the box's one worker is taken for 20 s
-        n = 40
+        n, rounds = 40, 4
         t0 = time.monotonic()
-        fast = [threading.Thread(target=_get, args=(fp.port, f"/items/{i}", out))
-                for i in range(n)]
+        fast = [threading.Thread(target=client, args=(i,)) for i in range(n)]
         for t in fast:
             t.start()
         for t in fast:
             t.join(30)
         answered = [(p, t, d) for p, t, d in out if p.startswith("/items/")]
-        assert len(answered) == n
+        assert len(answered) == n * rounds
         wrong = [(p, d[-60:]) for p, _, d in answered if not d.endswith(b"peer\n")]
         assert not wrong and all(d.startswith(b"HTTP/1.1 200") for _, _, d in answered), wrong
-        # while the box's worker is busy for 20 s, all 40 were answered by the peers; each peer
+        # while the box's worker is busy for 20 s, all were answered by the peers; each peer
         # takes 50 ms per request and serves them all at once: seconds would mean held and
         # sent home (hold_timeout is 2 s)
         took = max(t for _, t, _ in answered) - t0
         assert took < 10.0, f"{took:.1f} s"
-        reqs = fp.log.wait_for_events("request", n, timeout=10)
+        reqs = fp.log.wait_for_events("request", n * rounds, timeout=10)
         where = Counter(r["upstream"] for r in reqs if r["path"].startswith("/items/"))
         assert set(where) <= {p.address for p in peers}, where
         a, b = (where[p.address] for p in peers)
-        assert max(a, b) <= 2 * min(a, b), where
+        assert max(a, b) <= 1.5 * min(a, b), where
         # what it learned, in /status: each peer takes more at once than this box's one worker
         deadline = time.monotonic() + 10
         while True:

@@ -149,6 +149,17 @@ def test_a_probe_goes_only_behind_requests_whose_time_is_known(box: Any) -> None
     assert room._probing
 
 
+def test_no_probe_behind_a_route_listed_slow_but_not_timed(box: Any) -> None:
+    """`routes.slow` lists it and nothing timed it (routes.learn off, or no answer yet): it
+    may take any time, so a probe would wait behind it as behind a route not learned yet."""
+    room, _listener, peers = box
+    busy(peers[0], 1)
+    now = time.monotonic()
+    room.local_sent(object(), now, routes.KNOWN_SLOW, 0.0)
+    assert room.choose(now + 0.001)[1] == "workers_busy"
+    assert not room._probing
+
+
 def test_a_queued_connection_means_every_worker_is_busy(box: Any) -> None:
     room, listener, peers = box
     local = peers[0]

@@ -822,14 +822,25 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self._finalize(self.keep_alive, now)
 
     def _learn(self, peer: Peer, ms: float, now: float) -> None:
-        """SPEC 4.3/4.4: an answer teaches its destination's service time and concurrency (read
-        against what the route was known to take before it), and, when it was sent where a
-        worker was free (`clean`), its route's app time."""
+        """SPEC 4.3/4.4: an answer teaches, when it was sent where a worker was free (`clean`),
+        its route's app time; and its destination's service time and concurrency, read against
+        what the route was known to take before it. The first answer of a route not learned yet
+        is read against itself: before, it taught no concurrency, so of two equal peers the one
+        that answered the route first started slow start one step behind the other and took a
+        third of the overflow instead of half (tests/test_learning.py, 13 against 27). With
+        `routes.learn` off there is no route time: the destination's own service time is the
+        reference (before, its concurrency never grew past this box's worker count)."""
         routes = self.ctx.routes
+        route_ms = routes.expected_ms(self.route)
+        routes.answered(self.route, ms, now, self.clean)
         room = self.ctx.room
         if room is not None:
-            room.answered(peer, self.sent_load, ms, routes.expected_ms(self.route), self.slow, now)
-        routes.answered(self.route, ms, now, self.clean)
+            if not route_ms:
+                if routes.learn:
+                    route_ms = routes.expected_ms(self.route)
+                elif self.clean:
+                    route_ms = room.service_ms(peer) or ms
+            room.answered(peer, self.sent_load, ms, route_ms, self.slow, now)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream closed or reset the connection before the response was complete."""

@@ -311,7 +311,10 @@ class Room:
         """An attempt of this worker took a slot on the local socket; `kind`: what is known of
         its route (routes.KNOWN_FAST, KNOWN_SLOW or UNKNOWN), `route_ms` its learned time."""
         self._local_sent[key] = now
-        self._local_ends[key] = math.inf if kind == UNKNOWN else now + route_ms / 1000.0
+        # a route listed slow but not timed (routes.learn off, or no answer yet) may take any
+        # time, as one not learned yet
+        unsure = kind == UNKNOWN or (kind != KNOWN_FAST and not route_ms)
+        self._local_ends[key] = math.inf if unsure else now + route_ms / 1000.0
         if kind != KNOWN_FAST:
             self._local_unsure.add(key)
 
@@ -463,6 +466,11 @@ class Room:
                 cap.service_ms = ms
             return
         self.capacity_of(peer).answered(in_flight, ms, route_ms, slow, now)
+
+    def service_ms(self, peer: Peer) -> float:
+        """`peer`'s learned service time; 0.0 before its first answer."""
+        cap = self.capacity.get(peer.address)
+        return cap.service_ms if cap is not None else 0.0
 
     def learned(self) -> dict[str, dict[str, float | int]]:
         """Per destination address: its learned concurrency and service time (/status)."""

@@ -60,14 +60,15 @@ class Learned:
     """What one worker knows of one route: its app time (an average that starts at the first
     answer's time), how many answers it saw (`count`, what /status shows: an operator counts
     requests, not samples), how many of them taught the average, and how many in a row it did
-    not learn from."""
+    not learn from. With `taught` 0 (every answer so far may have waited for a worker) `ms` is
+    only the last such answer's time, an upper bound: the route counts as not learned yet."""
 
     __slots__ = ("at", "count", "ms", "outliers", "taught")
 
-    def __init__(self, ms: float, at: float) -> None:
+    def __init__(self, ms: float, at: float, taught: int = 1) -> None:
         self.ms = ms
         self.count = 1
-        self.taught = 1
+        self.taught = taught
         self.at = at
         self.outliers = 0
 
@@ -104,7 +105,7 @@ class RouteTable:
         if not self.learn:
             return False
         learned = self.routes.get(route)
-        return learned is not None and learned.ms > self.slow_ms
+        return learned is not None and learned.taught > 0 and learned.ms > self.slow_ms
 
     def kind(self, route: str, target: bytes) -> int:
         """What is known of a route: KNOWN_FAST (under a `fast` prefix, or learned below
@@ -117,34 +118,35 @@ class RouteTable:
         if not self.learn:
             return KNOWN_FAST  # every route not listed slow is fast, by the operator's word
         learned = self.routes.get(route)
-        if learned is None:
+        if learned is None or not learned.taught:
             return UNKNOWN
         return KNOWN_FAST if learned.ms <= self.slow_ms else KNOWN_SLOW
 
     def expected_ms(self, route: str) -> float:
         """The route's learned app time; 0.0 when it has none yet."""
         learned = self.routes.get(route)
-        return learned.ms if learned is not None else 0.0
+        return learned.ms if learned is not None and learned.taught else 0.0
 
     def answered(self, route: str, ms: float, now: float, clean: bool = True) -> None:
         """An answer of `route` took `ms`. Only a `clean` one (sent where a worker was free)
-        may teach the route's time; every answer of a route already known is counted."""
+        may teach the route's time; every answer is counted."""
         if not self.learn:
             return
         routes = self.routes
         learned = routes.pop(route, None)
         if learned is None:
-            if not clean:
-                return  # a first time that may include a wait for a worker would mislead
             if len(routes) >= self.max_routes:
                 del routes[next(iter(routes))]  # the least recently answered
-            routes[route] = Learned(ms, now)
+            # an unclean first time may include a wait for a worker: counted, not learned
+            routes[route] = Learned(ms, now, 1 if clean else 0)
             return
         learned.count += 1
         if not clean:
+            if not learned.taught:
+                learned.ms = ms
             routes[route] = learned
             return
-        if ms > OUTLIER * learned.ms + OUTLIER_MS:
+        if learned.taught and ms > OUTLIER * learned.ms + OUTLIER_MS:
             # Most likely time spent waiting for a worker (an accept queue behind someone else's
             # work), not the route's own: at capacity, fast routes whose answers queued were
             # learned slow and held behind the slow ones. A route that really got slower
@@ -168,8 +170,10 @@ class RouteTable:
         routes[route] = learned
 
     def slowest(self, limit: int = 50) -> list[dict[str, object]]:
-        """The slowest routes, as /status lists them."""
-        ranked = sorted(self.routes.items(), key=lambda item: -item[1].ms)[:limit]
+        """The slowest routes, as /status lists them; those not learned yet (no answer sent
+        where a worker was free) after the learned ones, their `ms` only an upper bound."""
+        ranked = sorted(self.routes.items(),
+                        key=lambda item: (not item[1].taught, -item[1].ms))[:limit]
         return [
             {"route": route, "class": "slow" if self.is_slow(route, _path(route)) else "fast",
              "ms": round(learned.ms, 3), "count": learned.count}
