@@ -48,7 +48,7 @@ RUN case "$BUILD" in compiled|pure) ;; \
     fi \
  && version=$(/opt/failproxy/bin/failproxy --version) \
  && echo "built: $version" \
- && if [ "$BUILD" = compiled ] && [ "${version%(compiled with mypyc)}" = "$version" ]; then \
+ && if [ "$BUILD" = compiled ] && [ "${version#*(compiled with mypyc}" = "$version" ]; then \
         echo "error: this image would run '$version', not the compiled build. A wheelhouse/" \
              "built where no C compiler exists holds the pure-Python wheel: build the wheels" \
              "with gcc installed, remove wheelhouse/ to compile here, or pass" \

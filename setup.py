@@ -53,7 +53,8 @@ class OptionalBuildExt(build_ext):
             prefix = "" if below == "." else below.replace(os.sep, ".") + "."
             for name in names:
                 stem = prefix + name.split(".", 1)[0]
-                if name.endswith(".so") and stem not in BUILD["COMPILED"] and "__mypyc" not in stem:
+                if (name.endswith(".so") and stem not in BUILD["COMPILED"] + BUILD["CYTHON"]
+                        and "__mypyc" not in stem):
                     os.remove(os.path.join(directory, name))
 
 
@@ -83,13 +84,31 @@ def ext_modules() -> list[Any]:
         return []
     paths = [os.path.join("failproxy", *name.split(".")) + ".py" for name in BUILD["COMPILED"]]
     try:
-        return list(mypycify(paths, opt_level="3", group_name=BUILD["GROUP"]))
+        extensions = list(mypycify(paths, opt_level="3", group_name=BUILD["GROUP"]))
     except BaseException as exc:  # mypy's errors end in SystemExit: never a failed install
         if _strict():
             # `make build`: a developer must hear of it, not run the last good build unawares
             raise SystemExit(f"error: mypyc failed ({exc!r})") from None
         print(f"warning: mypyc failed ({exc!r}); failproxy stays pure Python")
         return []
+    return extensions + cython_modules()
+
+
+def cython_modules() -> list[Any]:
+    """The .pyx twins (_build.CYTHON), each beside the pure-Python code it stands in for."""
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        if _strict():
+            raise SystemExit("error: Cython is not installed (pip install cython)") from None
+        print("warning: Cython is not installed; its modules' pure-Python twins run instead")
+        return []
+    from setuptools import Extension
+
+    modules = [Extension("failproxy." + name,
+                         [os.path.join("failproxy", *name.split(".")) + ".pyx"])
+               for name in BUILD["CYTHON"]]
+    return list(cythonize(modules, compiler_directives={"language_level": 3}, quiet=True))
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})

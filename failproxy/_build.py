@@ -47,6 +47,9 @@ COMPILED = (
 )
 # mypyc's shared library for the group, inside the package (see setup.py).
 GROUP = "failproxy._compiled"
+# Written in Cython (a .pyx each), each the twin of pure-Python code that a plain module selects
+# at import (telemetry/accessline.py): compiled beside the mypyc group where Cython is present.
+CYTHON = ("telemetry._accessline",)
 
 
 def _shared_library(package_dir: Path) -> Path | None:
@@ -62,10 +65,15 @@ def _stale(package_dir: Path, library: Path) -> bool:
     built = library.stat().st_mtime
     if any(_source(package_dir, name).stat().st_mtime > built for name in COMPILED):
         return True
-    # The extension of a module no longer compiled would shadow its source.
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in CYTHON:
+        extension = package_dir.joinpath(*name.split(".")).with_suffix(suffix)
+        pyx = extension.with_name(extension.name[: -len(suffix)] + ".pyx")
+        if extension.exists() and pyx.exists() and pyx.stat().st_mtime > extension.stat().st_mtime:
+            return True
+    # The extension of a module no longer compiled would shadow its source.
     return any(
-        _dotted(package_dir, path)[: -len(suffix)] not in COMPILED
+        _dotted(package_dir, path)[: -len(suffix)] not in COMPILED + CYTHON
         for path in package_dir.rglob("*" + suffix)
         if path != library
     )
@@ -96,15 +104,24 @@ def _source_finder(directory: Path) -> importlib.machinery.FileFinder:
     )
 
 
+def _cython_built(package_dir: Path) -> bool:
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    return all(package_dir.joinpath(*name.split(".")).with_suffix(suffix).exists()
+               for name in CYTHON)
+
+
 def select(package_dir: str) -> str:
     """Choose the build for this process; returns how `failproxy --version` names it:
-    "compiled with mypyc", or "pure Python" with the reason when a compiled build exists."""
+    "compiled with mypyc and Cython" (or "compiled with mypyc" where Cython was missing), or
+    "pure Python" with the reason when a compiled build exists. Pure Python means no compiled
+    module at all: a Cython extension without the mypyc build is not used either."""
     directory = Path(package_dir)
     library = _shared_library(directory)
     if os.environ.get("FAILPROXY_PURE", "") not in ("", "0"):
         _source_only(directory)
         return "pure Python: FAILPROXY_PURE=1"
     if library is None:
+        _source_only(directory)
         return "pure Python"
     if _stale(directory, library):
         _source_only(directory)
@@ -114,4 +131,4 @@ def select(package_dir: str) -> str:
             file=sys.stderr,
         )
         return "pure Python: the compiled build is stale"
-    return "compiled with mypyc"
+    return "compiled with mypyc and Cython" if _cython_built(directory) else "compiled with mypyc"

@@ -180,7 +180,7 @@ docker build --network=none --build-arg BASE="$BASE_IMAGE" --build-arg BUILD="$B
     -t "$IMAGE" . >"$WORK/build.log" 2>&1 || fail "docker build: $(tail -15 "$WORK/build.log")"
 built=$(docker run --rm --network=none "$IMAGE" --version)
 case "$BUILD:$built" in
-    "compiled:failproxy "*" (compiled with mypyc)"|"pure:failproxy "*" (pure Python"*) ;;
+    "compiled:failproxy "*" (compiled with mypyc and Cython)"|"pure:failproxy "*" (pure Python"*) ;;
     *) fail "the image runs '$built' (BUILD=$BUILD)" ;;
 esac
 log "ok: the image runs $built"

@@ -208,17 +208,18 @@ class Emitter:
     and no dict growing by four keys). With the console format it goes through structlog. Below
     the configured level `enabled` is False and the caller builds nothing."""
 
-    __slots__ = ("_method", "_sink", "enabled", "pid")
+    __slots__ = ("_method", "enabled", "pid", "sink")
 
     def __init__(self, enabled: bool, pid: int, sink: Sink | None, method: Any) -> None:
-        """`sink`: JSON output goes there directly; None: through structlog's `method`."""
+        """`sink`: JSON output goes there directly (a caller with its line rendered already
+        writes it there); None: through structlog's `method`."""
         self.enabled = enabled
         self.pid = pid
-        self._sink = sink
+        self.sink = sink
         self._method = method
 
     def emit(self, fields: dict[str, Any]) -> None:
-        sink = self._sink
+        sink = self.sink
         if sink is not None:
             sink.write(_DUMPS(fields, default=str, option=_NEWLINE))
             return
