@@ -5,12 +5,15 @@ oldest line has waited `flush` seconds, and always before the process forks or e
 from __future__ import annotations
 
 import asyncio
+import re
+import time
+from datetime import datetime
 from pathlib import Path
 
 import vclock
 
 from failproxy import config
-from failproxy.telemetry.jsonlog import Sink
+from failproxy.telemetry.jsonlog import Sink, Timestamper
 
 
 def test_by_default_lines_are_written_once_per_loop_turn(tmp_path: Path) -> None:
@@ -105,3 +108,20 @@ def test_a_child_forked_inside_a_running_loop_writes_through_its_own_loop(tmp_pa
     _, status = os.waitpid(pid, 0)
     assert status == 0
     assert path.read_bytes() == b"parent\nchild\n"
+
+
+def test_timestamps_are_utc_iso_8601_with_the_milliseconds_of_now() -> None:
+    """SPEC 5's `timestamp`: the millisecond digits come from a table, the rest from strftime
+    once a second; a new Timestamper formats its first one from scratch, a second call in a
+    later millisecond from the table."""
+    stamper = Timestamper()
+    for _ in range(2):
+        before = time.time()
+        text = stamper.now()
+        after = time.time()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
+        at = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        assert int(before * 1000) / 1000 - 1e-6 <= at <= after, (before, text, after)
+        deadline = time.monotonic() + 1
+        while int(time.time() * 1000) == int(after * 1000) and time.monotonic() < deadline:
+            pass  # into the next millisecond
