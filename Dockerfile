@@ -11,8 +11,9 @@
 # both stages; `make docker-test` passes a local debootstrap image, since Docker Hub may be out
 # of reach.
 #
-# BUILD=compiled (the default): the image runs failproxy's hot modules compiled by mypyc, or the
-# build fails and says why; it never ships the slower pure-Python build unannounced. Built from
+# BUILD=compiled (the default): the image runs failproxy's hot modules compiled by mypyc and its
+# Cython modules, or the build fails and says why; it never ships the slower pure-Python build
+# unannounced. Built from
 # source (no wheelhouse/), the build stage installs gcc for that when the base has no compiler
 # (the final stage gets neither). BUILD=pure accepts the pure-Python build on purpose: from source
 # it needs no compiler (FAILPROXY_PURE_BUILD=1); from a wheelhouse it is whatever wheel is there.
@@ -48,7 +49,7 @@ RUN case "$BUILD" in compiled|pure) ;; \
     fi \
  && version=$(/opt/failproxy/bin/failproxy --version) \
  && echo "built: $version" \
- && if [ "$BUILD" = compiled ] && [ "${version#*(compiled with mypyc}" = "$version" ]; then \
+ && if [ "$BUILD" = compiled ] && [ "${version%(compiled with mypyc and Cython)}" = "$version" ]; then \
         echo "error: this image would run '$version', not the compiled build. A wheelhouse/" \
              "built where no C compiler exists holds the pure-Python wheel: build the wheels" \
              "with gcc installed, remove wheelhouse/ to compile here, or pass" \

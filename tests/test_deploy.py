@@ -122,10 +122,10 @@ def test_the_image_is_compiled_or_its_build_says_why() -> None:
     assert "ARG BUILD=compiled" in build
     stage = "\n".join(build)
     assert "version=$(/opt/failproxy/bin/failproxy --version)" in stage
-    assert '"${version%(compiled with mypyc)}" = "$version"' in stage
+    assert '"${version%(compiled with mypyc and Cython)}" = "$version"' in stage
     assert "not the compiled build" in stage and "exit 1" in stage
     assert "FAILPROXY_STRICT_BUILD=1 /opt/failproxy/bin/pip install /src" in stage
-    assert "(compiled with mypyc)" in (REPO / "README.md").read_text()
+    assert "(compiled with mypyc and Cython)" in (REPO / "README.md").read_text()
 
 
 # ---- deploy/failproxy.service --------------------------------------------------------------------
