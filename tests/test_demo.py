@@ -251,11 +251,19 @@ def test_full_unix_backlog_gives_eagain_on_nonblocking_connect() -> None:
                 s.close()
 
 
+def _children(pid: int) -> list[str]:
+    return subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)],
+                          capture_output=True, text=True, check=False).stdout.split()
+
+
 def test_term_stops_workers_and_removes_socket() -> None:
     with run_app(workers=2) as app:
-        worker_pids = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(app.proc.pid)],
-            capture_output=True, text=True, check=False).stdout.split()
+        # the app listens before it forks its workers: wait for both (under load, make
+        # test-stress once saw none yet)
+        deadline = time.monotonic() + 10
+        while len(worker_pids := _children(app.proc.pid)) < 2:
+            assert time.monotonic() < deadline, f"workers: {worker_pids}"
+            time.sleep(0.02)
         assert len(worker_pids) == 2
         os.kill(app.proc.pid, signal.SIGTERM)
         assert app.proc.wait(5) == 0
