@@ -403,6 +403,17 @@ def test_http10_without_keepalive(fp, app) -> None:
         c.wait_closed()
 
 
+def test_http10_with_only_proxy_connection_keep_alive_is_http10(fp, app) -> None:
+    """llhttp counts Proxy-Connection as Connection, failproxy does not: still HTTP/1.0 (no Host
+    needed), answered and closed (downstream.http_version must not take it for 1.1)."""
+    with fp.connect(timeout=3) as c:
+        c.send(b"GET /pc HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n")
+        resp = c.read_response()
+        assert resp.status == 200
+        assert resp.body == b"app GET /pc"
+        c.wait_closed()
+
+
 def test_http10_keepalive(fp, app) -> None:
     with fp.connect(timeout=3) as c:
         for path in ("/ka1", "/ka2"):

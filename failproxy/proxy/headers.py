@@ -92,6 +92,7 @@ H_DROP: Final = 10  # other hop-by-hop ones, the ones failproxy sets itself, HTT
 H_UNDERSCORE: Final = 11  # dropped, as nginx does: WSGI/Rack would read X_A as X-A
 H_KEEPALIVE: Final = 12  # responses only: `Keep-Alive: timeout=N`
 H_ACCEL: Final = 13  # responses only: `X-Accel-Buffering` (read, never relayed: SPEC 9)
+H_PROXY_CONNECTION: Final = 14  # requests only: dropped, but llhttp reads it (`http_version`)
 
 _NAMES_REMEMBERED: Final = 512
 
@@ -129,6 +130,7 @@ def request_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) 
     settings are configured."""
     kinds = dict.fromkeys(HOP_BY_HOP, H_DROP) | dict.fromkeys(replaced, H_DROP)
     kinds[b"http2-settings"] = H_DROP  # h2c is never forwarded (see without_h2c)
+    kinds[b"proxy-connection"] = H_PROXY_CONNECTION
     kinds |= {
         b"host": H_HOST,
         b"content-length": H_LENGTH,
