@@ -143,12 +143,15 @@ def test_closed_slot_no_longer_reports_ready() -> None:
 
 
 def test_a_workers_counts_reach_shared_memory_once_per_loop_iteration() -> None:
-    """Attached to a loop (as in a worker), the hot path gathers changes in lists and writes
-    them to shared memory at the end of the iteration: what the master reads is then exact."""
+    """Attached to a loop (as in a worker), the pure twin of the slot writer gathers changes in
+    lists and writes them to shared memory at the end of the iteration: what the master reads is
+    then exact. (The Cython twin writes each at once: tests/test_slot.py.)"""
     import asyncio
 
+    from failproxy.telemetry.slot import SlotWriterPy
+
     async def main() -> None:
-        m = WorkerMetrics(2)
+        m = WorkerMetrics(2, SlotWriterPy)
         m.attach(asyncio.get_running_loop())
         for _ in range(3):
             m.request(200, 0.003)

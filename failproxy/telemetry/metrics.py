@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -29,6 +29,7 @@ import orjson
 
 from failproxy.reasons import REASONS
 from failproxy.telemetry import turnend
+from failproxy.telemetry.slot import SlotWriter, SlotWriting
 
 DURATION_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
@@ -97,17 +98,17 @@ class _Layout:
 class WorkerMetrics:
     """Counters of one worker, in shared memory the master can read (see module docstring).
 
-    Once a worker's loop is attached (`attach`), the hot path adds to plain lists and the
-    changed counters go to shared memory once per loop iteration, as the log sink's lines do: a
-    memoryview store costs a generic item get and set (~1.5k instructions, measured), a list
-    item a few dozen. The master sees a request's counts at the end of the loop iteration that
-    answered it. Unattached (the master, tests), every change is written at once."""
+    The hot path's writes go through `slot.SlotWriter`: one C store each into the slot in the
+    compiled build, gathered in lists and written once per loop iteration (once a worker's loop
+    is attached, `attach`) in the pure one. Either way the master sees a request's counts by the
+    end of the loop iteration that answered it. Unattached (the master, tests), every change is
+    written at once."""
 
-    __slots__ = ("_bb", "_board", "_bq", "_c", "_conn_w", "_d", "_dd", "_ddirty", "_dirty",
-                 "_dq", "_flush", "_fo", "_layout", "_learned", "_learned_seq", "_mm", "_n", "_q",
-                 "_scheduled", "_sfo", "_sreq", "_td", "_tq", "_turn", "n_servers")
+    __slots__ = ("_bb", "_board", "_bq", "_d", "_layout", "_learned", "_learned_seq", "_mm",
+                 "_q", "_w", "n_servers")
 
-    def __init__(self, n_servers: int) -> None:
+    def __init__(self, n_servers: int, writer: Callable[..., SlotWriting] = SlotWriter) -> None:
+        """`writer`: which twin writes the hot path's changes (tests/test_slot.py runs both)."""
         layout = _Layout(n_servers)
         size = (layout.n_q + layout.n_d) * 8
         self._mm: mmap.mmap | None = mmap.mmap(-1, size)  # anonymous, MAP_SHARED: survives fork
@@ -116,24 +117,9 @@ class WorkerMetrics:
         self._d = view[layout.n_q * 8 : size].cast("d")
         view.release()
         self._layout = layout
-        self.n_servers = self._n = n_servers
-        self._sreq = layout.server_requests
-        self._sfo = layout.server_failovers
-        self._fo = layout.failovers
-        self._c = layout.connect
-        self._conn_w = len(CONNECT_BUCKETS) + 1
-        # Only this worker writes its slot, so it keeps the slot's values in lists too (`_tq`,
-        # `_td`) and a flush stores each changed counter without reading shared memory back.
-        # Changes not yet there: deltas by index and the indexes touched, for both kinds.
-        self._tq: list[int] = [0] * layout.n_q
-        self._td: list[float] = [0.0] * layout.n_d
-        self._dq: list[int] = [0] * layout.n_q
-        self._dd: list[float] = [0.0] * layout.n_d
-        self._dirty: list[int] = []
-        self._ddirty: list[int] = []
-        self._turn: turnend.TurnEnd | None = None
-        self._flush = self.flush  # bound once: deferred every turn
-        self._scheduled = False
+        self.n_servers = n_servers
+        self._w: SlotWriting = writer(self._q, self._d, layout, n_servers, _N_REASONS,
+                                      DURATION_BUCKETS, CONNECT_BUCKETS)
         # The board (module docstring): its own mmap, so the counters' layout stays as it is.
         self._board: mmap.mmap | None = mmap.mmap(-1, BOARD_BYTES)
         board = memoryview(self._board)
@@ -144,112 +130,49 @@ class WorkerMetrics:
         self._learned_seq = 0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """From now on, gather changes and write them once per iteration of `loop`."""
-        self._turn = turnend.of(loop)
-
-    def _add(self, index: int, n: int) -> None:
-        turn = self._turn
-        if turn is None:
-            total = self._tq[index] + n
-            self._tq[index] = total
-            self._q[index] = total
-            return
-        dq = self._dq
-        if not dq[index]:
-            self._dirty.append(index)  # twice if it came back to 0 meanwhile: adds 0 again
-        dq[index] += n
-        if not self._scheduled:
-            self._scheduled = True
-            turn.defer(self._flush)
-
-    def _add_float(self, index: int, value: float) -> None:
-        turn = self._turn
-        if turn is None:
-            total = self._td[index] + value
-            self._td[index] = total
-            self._d[index] = total
-            return
-        dd = self._dd
-        if not dd[index]:
-            self._ddirty.append(index)
-        dd[index] += value
-        if not self._scheduled:
-            self._scheduled = True
-            turn.defer(self._flush)
+        """From now on, gather changes and write them once per iteration of `loop` (the pure
+        twin; the compiled one writes each at once)."""
+        self._w.attach(turnend.of(loop))
 
     def flush(self) -> None:
-        """Write the gathered changes to shared memory. Two loops of one shape, not a helper:
-        each keeps its lists natively typed (int, float) in the compiled build."""
-        self._scheduled = False
-        if self._mm is None:
-            return
-        q = self._q
-        tq = self._tq
-        dq = self._dq
-        for index in self._dirty:
-            total = tq[index] + dq[index]
-            tq[index] = total
-            q[index] = total
-            dq[index] = 0
-        self._dirty.clear()
-        d = self._d
-        td = self._td
-        dd = self._dd
-        for index in self._ddirty:
-            value = td[index] + dd[index]
-            td[index] = value
-            d[index] = value
-            dd[index] = 0.0
-        self._ddirty.clear()
+        """Write the gathered changes to shared memory (a stopping worker, last)."""
+        if self._mm is not None:
+            self._w.flush()
 
     # -- hot path ---------------------------------------------------------------------------
 
     def request(self, status: int, duration: float) -> None:
-        self._add(status if 0 <= status < _STATUSES else 0, 1)
-        bucket = 0
-        for bound in DURATION_BUCKETS:
-            if duration <= bound:
-                break
-            bucket += 1
-        self._add(_STATUSES + bucket, 1)
-        self._add_float(0, duration)
+        self._w.request(status, duration)
 
     def upstream_request(self, server: int) -> None:
-        self._add(self._sreq + server, 1)
+        self._w.upstream_request(server)
 
     def failover(self, from_server: int, to_server: int, reason: int) -> None:
-        self._add(self._fo + (from_server * self._n + to_server) * _N_REASONS + reason, 1)
-        self._add(self._sfo + from_server, 1)
+        self._w.failover(from_server, to_server, reason)
 
     def exhausted(self) -> None:
-        self._add(self._layout.exhausted, 1)
+        self._w.add(self._layout.exhausted, 1)
 
     def connect_duration(self, server: int, seconds: float) -> None:
-        bucket = 0  # bisect_left, inline: the module call cost ~1k instructions per connect
-        for bound in CONNECT_BUCKETS:
-            if seconds <= bound:
-                break
-            bucket += 1
-        self._add(self._c + server * self._conn_w + bucket, 1)
-        self._add_float(1 + server, seconds)
+        self._w.connect_duration(server, seconds)
 
     def connection_opened(self) -> None:
-        self._add(self._layout.active, 1)
+        self._w.add(self._layout.active, 1)
 
     def connection_closed(self) -> None:
-        self._add(self._layout.active, -1)
+        self._w.add(self._layout.active, -1)
 
     def temp_file_bytes(self, delta: int) -> None:
         """Gauge: bytes this worker holds in temp files now (request and answer bodies)."""
-        self._add(self._layout.temp_bytes, delta)
+        self._w.add(self._layout.temp_bytes, delta)
 
     def body_buffering(self, delta: int) -> None:
         """Gauge: request bodies being read whole before any upstream is contacted."""
-        self._add(self._layout.buffering, delta)
+        self._w.add(self._layout.buffering, delta)
 
     def held_requests(self, delta: int) -> None:
         """Gauge: requests held in this worker waiting for a free app worker (overflow)."""
-        self._add(self._layout.held, delta)
+        self._w.add(self._layout.held, delta)
 
     def server_state(self, server: int, up: bool, fails: int) -> None:
         """Gauges: written at once (rare)."""
@@ -316,7 +239,7 @@ class WorkerMetrics:
         """Unmap the slot (the master after folding it; a worker for its siblings' slots)."""
         if self._mm is None:
             return
-        self._dirty.clear()
+        self._w.release()
         self._q.release()
         self._d.release()
         self._mm.close()
