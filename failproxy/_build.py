@@ -48,9 +48,9 @@ COMPILED = (
 # mypyc's shared library for the group, inside the package (see setup.py).
 GROUP = "failproxy._compiled"
 # Written in Cython (a .pyx each), each the twin of pure-Python code that a plain module selects
-# at import (telemetry/accessline.py, telemetry/slot.py): compiled beside the mypyc group where
-# Cython is present.
-CYTHON = ("telemetry._accessline", "telemetry._slot")
+# at import (telemetry/accessline.py, telemetry/slot.py, proxy/bytesjoin.py): compiled beside
+# the mypyc group where Cython is present.
+CYTHON = ("telemetry._accessline", "telemetry._slot", "proxy._bytesjoin")
 
 
 def _shared_library(package_dir: Path) -> Path | None:

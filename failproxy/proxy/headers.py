@@ -11,6 +11,11 @@ from email.utils import formatdate
 from typing import Final
 
 from failproxy.config import HeadersConfig
+from failproxy.proxy import bytesjoin
+
+# The two heads of every request are joined by the Cython twin where it runs (bytesjoin.py):
+# CPython's join costs ~100 instructions a piece.
+_join: Final = bytesjoin.join
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the legacy ones proxies must also drop.
 HOP_BY_HOP: Final = frozenset(
@@ -273,7 +278,7 @@ class RequestHeadBuilder:
             parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
         parts.append(framing)
         parts.append(b"\r\n")
-        return b"".join(parts)
+        return _join(parts)
 
 
 STATUS_REASONS: Final[dict[int, bytes]] = {
@@ -421,4 +426,4 @@ def response_head(
         parts.append(b"Connection: keep-alive\r\n\r\n")
     else:
         parts.append(b"\r\n")
-    return b"".join(parts)
+    return _join(parts)
