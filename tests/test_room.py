@@ -471,12 +471,16 @@ def _get(port: int, path: str, out: list[tuple[str, float, bytes, float]]) -> No
 
 
 # The cluster's app: /slow takes 2 s and leaves a file in the box's directory when it starts
-# (a test waits for the file, not for a guessed delay); anything else answers at once.
+# (a test waits for the file, not for a guessed delay); /warm takes 0.1 s (a fast route, under
+# routes.slow_ms), so two sent together are in service together however loaded the machine;
+# anything else answers at once.
 CLUSTER_APP = """\
 app = lambda do |env|
   if env["PATH_INFO"] == "/slow"
     File.write("slow-#{Process.pid}-#{rand(1 << 40)}", "")
     sleep 2
+  elsif env["PATH_INFO"] == "/warm"
+    sleep 0.1
   end
   [200, {"Content-Type" => "text/plain"}, ["pid=#{Process.pid} path=#{env['PATH_INFO']}\\n"]]
 end
@@ -529,13 +533,17 @@ def test_busy_box_sends_fast_requests_to_peers_with_room_shared_evenly(proxy, cl
     out: list[Any] = []
     _get(fp.port, "/fast", out)
     assert fp.log.wait_for_event("request", path="/fast")["upstream"] == h1.unix_address
-    # fast requests two at a time teach failproxy W = 2 (a probe goes home only behind
-    # requests of a route known to be fast)
+    # requests two at a time teach failproxy W = 2 (a probe goes home only behind requests of
+    # a route known to be fast). /warm (0.1 s, still a fast route) keeps the first of a pair in
+    # service until the second arrives: two millisecond requests from two threads often did not
+    # overlap under make test-stress, and W stayed 1 for the 20 s below. Learned alone first.
+    _get(fp.port, "/warm", [])
+    assert fp.log.wait_for_event("request", path="/warm")["upstream"] == h1.unix_address
     deadline = time.monotonic() + 20
     warm = 0
     while _status(admin)["upstreams"][0]["concurrency"] != 2:
         assert time.monotonic() < deadline, _status(admin)["upstreams"][0]
-        pair = [threading.Thread(target=_get, args=(fp.port, f"/fast?w={warm + k}", []))
+        pair = [threading.Thread(target=_get, args=(fp.port, f"/warm?w={warm + k}", []))
                 for k in range(2)]
         for t in pair:
             t.start()
