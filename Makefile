@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.stamp-bench
 BUILD_STAMP := $(VENV)/.stamp-build
 # The hot modules are compiled by mypyc in place (setup.py); an edit makes the build stale, and
 # failproxy then runs its .py files (failproxy/_build.py) until `make build` runs again.
-SOURCES := $(wildcard failproxy/*.py failproxy/*/*.py failproxy/*/*.pyx) setup.py
+SOURCES := $(wildcard failproxy/*.py failproxy/*/*.py failproxy/*/*.pyx vendor/llhttp/*/*.[ch]) setup.py
 HAVE_CC := $(shell command -v cc >/dev/null 2>&1 && echo yes)
 # The tests that also run on the pure-Python build (what users without a compiler get), less
 # the overflow policy's shares of real traffic (`shares`, tests/conftest.py): the same code,
@@ -20,7 +20,7 @@ PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py 
 	tests/test_room.py tests/test_rawtransport.py tests/test_timer.py tests/test_turnend.py \
 	tests/test_accesslog.py tests/test_accessline.py tests/test_buffering.py tests/test_capacity.py \
 	tests/test_learning.py tests/test_version.py tests/test_slot.py tests/test_bytesjoin.py \
-	tests/test_requestid.py
+	tests/test_requestid.py tests/test_responseparser.py
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.
 DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl \

@@ -105,9 +105,13 @@ def cython_modules() -> list[Any]:
         return []
     from setuptools import Extension
 
-    modules = [Extension("failproxy." + name,
-                         [os.path.join("failproxy", *name.split(".")) + ".pyx"])
-               for name in BUILD["CYTHON"]]
+    modules = []
+    for name in BUILD["CYTHON"]:
+        sources, include_dirs = BUILD["CYTHON_C"].get(name, ((), ()))
+        modules.append(Extension("failproxy." + name,
+                                 [os.path.join("failproxy", *name.split(".")) + ".pyx",
+                                  *sources],
+                                 include_dirs=list(include_dirs)))
     return list(cythonize(modules, compiler_directives={"language_level": 3}, quiet=True))
 
 

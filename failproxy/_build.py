@@ -37,6 +37,7 @@ COMPILED = (
     "routing.balance",
     "proxy.connect",
     "proxy.rawtransport",
+    "proxy.responseparser",
     "proxy.upstream",
     "routing.routes",
     "proxy.request",
@@ -48,9 +49,18 @@ COMPILED = (
 # mypyc's shared library for the group, inside the package (see setup.py).
 GROUP = "failproxy._compiled"
 # Written in Cython (a .pyx each), each the twin of pure-Python code that a plain module selects
-# at import (telemetry/accessline.py, telemetry/slot.py, proxy/bytesjoin.py): compiled beside
+# at import (telemetry/accessline.py, telemetry/slot.py, proxy/bytesjoin.py,
+# proxy/responseparser.py): compiled beside
 # the mypyc group where Cython is present.
-CYTHON = ("telemetry._accessline", "telemetry._slot", "proxy._bytesjoin")
+CYTHON = ("telemetry._accessline", "telemetry._slot", "proxy._bytesjoin", "proxy._responseparser")
+# C sources compiled into a Cython module beside its .pyx, and their include directories
+# (relative to the repository): llhttp, the parser httptools bundles, at httptools' version.
+CYTHON_C = {
+    "proxy._responseparser": (
+        ("vendor/llhttp/src/llhttp.c", "vendor/llhttp/src/api.c", "vendor/llhttp/src/http.c"),
+        ("vendor/llhttp/include",),
+    ),
+}
 
 
 def _shared_library(package_dir: Path) -> Path | None:

@@ -154,7 +154,13 @@ def request_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) 
 
 def response_kinds() -> NameTable:
     """The response header table: hop-by-hop ones dropped, framing ones read."""
-    kinds = dict.fromkeys(HOP_BY_HOP, H_DROP) | {
+    return NameTable(response_kind_names(), underscore=False)
+
+
+def response_kind_names() -> dict[bytes, int]:
+    """The response headers that are not plain, by lower-cased name (the Cython response
+    parser builds its C table from this too)."""
+    return dict.fromkeys(HOP_BY_HOP, H_DROP) | {
         b"connection": H_CONNECTION,
         b"content-length": H_LENGTH,
         b"transfer-encoding": H_TE,
@@ -162,7 +168,6 @@ def response_kinds() -> NameTable:
         b"upgrade": H_UPGRADE,
         b"x-accel-buffering": H_ACCEL,
     }
-    return NameTable(kinds, underscore=False)
 
 
 def without_names(lines: list[bytes], names: set[bytes]) -> list[bytes]:

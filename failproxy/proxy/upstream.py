@@ -1,16 +1,17 @@
 """One connection to an upstream server, and its strict response parsing.
 
-A connection carries one exchange at a time, then idles in its peer's pool. It parses the
-response with httptools and hands what it finds to its exchange, declared here as
-`ResponseSink`: this module sits under the exchange and never imports it.
+A connection carries one exchange at a time, then idles in its peer's pool. Its parser
+(responseparser.py: llhttp from Cython where built, httptools otherwise) hands it each head in
+one call, the relayed header lines already gathered as the flat list of pieces the client's head
+is joined from (name, ": ", value, CRLF); what depends on the request (HEAD, the upgrade asked
+for) and the status and framing rules are decided here, the same code for both parsers. What it
+finds goes to its exchange, declared here as `ResponseSink`: this module sits under the exchange
+and never imports it. (Reading the raw head instead, with no per-header callbacks, measured ~11k
+instructions per request dearer: CPython's bytes search and regex cost more per byte than
+llhttp's callbacks.)
 
-The relayed header lines are gathered as they are parsed, as the flat list of pieces the
-client's head is joined from (name, ": ", value, CRLF): no tuple per header, no second pass.
-(Reading the raw head instead, with no per-header callbacks, measured ~11k instructions per
-request dearer: CPython's bytes search and regex cost more per byte than llhttp's callbacks.)
-
-httptools (llhttp) cannot be told that a response answers HEAD and has no end-of-stream call for
-close-delimited bodies; both are handled here.
+The parser is not told that a response answers HEAD (httptools cannot be), and llhttp has no
+end-of-stream call for close-delimited bodies; both are handled here.
 """
 
 from __future__ import annotations
@@ -22,32 +23,21 @@ import httptools
 from mypy_extensions import trait
 
 from failproxy.proxy.headers import (
-    H_ACCEL,
-    H_CONNECTION,
-    H_KEEPALIVE,
-    H_LENGTH,
-    H_PLAIN,
-    H_TE,
-    H_UPGRADE,
     STATUS_LINES,
     connection_tokens,
-    response_kinds,
     upgrade_matches,
     valid_status,
     without_names,
 )
 from failproxy.proxy.rawtransport import Transport
+from failproxy.proxy.responseparser import HeadSink, Parser, ResponseParser
 from failproxy.proxy.timer import take_timer
 from failproxy.routing.peer import Peer, Pooled
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
 # instructions each, bench.profiles.realsock).
-_ResponseParser: Final = httptools.HttpResponseParser
-
-# Response headers that need more than being copied through (other hop-by-hop ones are
-# dropped), by name as sent: one table for the whole process (headers.NameTable).
-_KINDS: Final = response_kinds()
+_ResponseParser: Final = ResponseParser
 # Connection tokens that name no header to drop.
 _PLAIN_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 # Connection tokens that would drop the framing itself: ambiguous framing, 502.
@@ -115,29 +105,16 @@ class ResponseSink:
         raise NotImplementedError
 
 
-class _Ended:
-    """What an ended connection's parser calls back: nothing (it is never fed again)."""
-
-
-_ENDED_PARSER: Final = httptools.HttpResponseParser(_Ended())
-
-
-class UpstreamConnection(Pooled):
+class UpstreamConnection(HeadSink, Pooled):
     """The protocol of one upstream connection: a rawtransport.StreamProtocol, its transport a
     rawtransport.SocketTransport."""
 
     __slots__ = (
         "_body_seen",
-        "_conn_tokens",
         "_head_only",
         "_interim",
-        "_length",
-        "_lines",
         "_parser",
-        "_reason",
         "_status",
-        "_te",
-        "_upgrade",
         "closed",
         "exchange",
         "framing",
@@ -174,32 +151,20 @@ class UpstreamConnection(Pooled):
         self.send_paused = False  # our write buffer to it is full (spool.Sink)
         self.no_buffering = False  # the answer said `X-Accel-Buffering: no`
         self.timer = take_timer(loop, self._on_timer)
-        self._parser = _ResponseParser(self)
+        self._parser: Parser = _ResponseParser(self)
         self._status = 0
-        self._reason = b""
-        self._lines: list[bytes] = []
-        self._conn_tokens: list[bytes] = []
         self._interim = False
         self._head_only = False
         self._body_seen = False
-        self._te = b""
-        self._length: bytes | None = None
-        self._upgrade = b""
         self.framing = 0
         self.keep_alive = True
         self.got_bytes = False
 
     def _reset_response(self) -> None:
         self._status = 0
-        self._reason = b""
-        self._lines = []
-        self._conn_tokens = []
         self._interim = False
         self._head_only = False
         self._body_seen = False
-        self._te = b""
-        self._length = None
-        self._upgrade = b""
         self.framing = 0
         self.keep_alive = True
         self.got_bytes = False
@@ -213,7 +178,7 @@ class UpstreamConnection(Pooled):
         # The parser holds this connection's bound methods: a cycle only the garbage collector
         # would free (a collection every ~60 new connections, 12 objects each). Broken here,
         # the connection is freed by its reference count once the exchange lets it go.
-        self._parser = _ENDED_PARSER
+        self._parser.close()
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.close()
@@ -272,6 +237,7 @@ class UpstreamConnection(Pooled):
                 return
             if self._head_only:
                 # A HEAD response ends with its head: llhttp would wait for the announced body.
+                self._parser.close()
                 self._parser = _ResponseParser(self)
                 self._finish(self.keep_alive and not self._body_seen)
                 return
@@ -308,78 +274,63 @@ class UpstreamConnection(Pooled):
         if exchange is not None:
             exchange.upstream_paused(False)
 
-    # -- httptools callbacks -------------------------------------------------------------------
+    # -- the parser's calls (responseparser.HeadSink) ----------------------------------------
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        kind = _KINDS.kind(name)
-        if kind in (H_PLAIN, H_LENGTH):
-            lines = self._lines
-            lines.append(name)
-            lines.append(b": ")
-            lines.append(value)
-            lines.append(b"\r\n")
-            if kind == H_LENGTH:
-                self._length = value
-        elif kind == H_CONNECTION:
-            self._conn_tokens.append(value)
-        elif kind == H_TE:
-            self._te = self._te + b", " + value if self._te else value
-        elif kind == H_KEEPALIVE:
-            self._keepalive_hint(value)
-        elif kind == H_UPGRADE:
-            self._upgrade = value
-        elif kind == H_ACCEL:
-            # nginx's X-Accel-Buffering: "no" streams this answer unbuffered; never relayed
-            self.no_buffering = value.strip().lower() == b"no"
-        # other hop-by-hop headers are dropped
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        status = parser.get_status_code()
+    def on_head(
+        self,
+        status: int,
+        reason: bytes,
+        lines: list[bytes],
+        length: bytes | None,
+        te: bytes,
+        connection: list[bytes],
+        upgrade: bytes,
+        keepalive: bytes,
+        accel: bytes | None,
+        keep_alive: bool,
+    ) -> None:
         self._status = status
         exchange = self.exchange
         if exchange is None:
             return
-        if status not in STATUS_LINES and not valid_status(status, self._reason):
+        if status not in STATUS_LINES and not valid_status(status, reason):
             raise httptools.HttpParserError(f"invalid status line (status {status})")
         if 100 <= status < 200 and status != 101:
             self._interim = True
-            exchange.on_interim(self, status, self._reason, self._lines)
-            self._reason = b""
-            self._lines = []
+            exchange.on_interim(self, status, reason, lines)
             return
-        self.keep_alive = parser.should_keep_alive()
-        lines = self._lines
-        tokens = self._conn_tokens
-        if tokens and (len(tokens) > 1 or tokens[0].lower() not in _PLAIN_TOKENS):
-            drop = connection_tokens(tokens) - _PLAIN_TOKENS
+        self.keep_alive = keep_alive
+        if keepalive:
+            self._keepalive_hint(keepalive)
+        if accel is not None:
+            # nginx's X-Accel-Buffering: "no" streams this answer unbuffered; never relayed
+            self.no_buffering = accel.strip().lower() == b"no"
+        if connection and (len(connection) > 1 or connection[0].lower() not in _PLAIN_TOKENS):
+            drop = connection_tokens(connection) - _PLAIN_TOKENS
             if drop & _FRAMING_TOKENS:
                 raise httptools.HttpParserError("Connection lists a framing header")
             if drop:
                 lines = without_names(lines, drop)
         if status == 101:
-            if not upgrade_matches(self._upgrade, exchange.upgrade_asked()):
+            if not upgrade_matches(upgrade, exchange.upgrade_asked()):
                 raise httptools.HttpParserError("101 to a request that did not ask for it")
             self.framing = NOBODY
-            lines += (b"Upgrade", b": ", self._upgrade, b"\r\n")
+            lines += (b"Upgrade", b": ", upgrade, b"\r\n")
         elif exchange.head_request or status == 204 or status == 304:
             self.framing = NOBODY
             self._head_only = exchange.head_request
-        elif self._te:
+        elif te:
             # Only `chunked`, once: chunked twice is invalid (RFC 9112 6.1) and any other coding
             # would be lost when failproxy re-frames the body for the client.
-            if self._te.strip().lower() != b"chunked":
+            if te.strip().lower() != b"chunked":
                 raise httptools.HttpParserError("response Transfer-Encoding other than chunked")
             self.framing = CHUNKED
-        elif self._length is not None:
+        elif length is not None:
             self.framing = LENGTH
         else:
             self.framing = CLOSE
             self.keep_alive = False
-        exchange.on_response_head(self, status, self._reason, lines)
+        exchange.on_response_head(self, status, reason, lines)
 
     def on_body(self, body: bytes) -> None:
         if self._interim:
