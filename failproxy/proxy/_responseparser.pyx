@@ -94,22 +94,32 @@ cdef char _names[MAX_NAMES][MAX_NAME]
 cdef size_t _lengths[MAX_NAMES]
 cdef int _kinds[MAX_NAMES]
 cdef int _count = 0
+# The table's entries by name length: those of length n are _first[n] .. _first[n + 1] - 1,
+# so a name is compared only with the one or two of its own length.
+cdef int _first[MAX_NAME + 2]
 cdef unsigned char _lower[256]
 
 
 cdef void _load_names() except *:
     global _count
     cdef int i
+    cdef size_t n
     cdef bytes name
     for i in range(256):
         _lower[i] = i + 32 if 65 <= i <= 90 else i
-    for name, kind in response_kind_names().items():
+    names = sorted(response_kind_names().items(), key=lambda item: len(item[0]))
+    for name, kind in names:
         if _count == MAX_NAMES or len(name) > MAX_NAME:
             raise ValueError(f"the response name table outgrew the C one at {name!r}")
         memcpy(_names[_count], PyBytes_AS_STRING(name), len(name))
         _lengths[_count] = len(name)
         _kinds[_count] = kind
         _count += 1
+    i = 0
+    for n in range(MAX_NAME + 2):
+        while i < _count and _lengths[i] < n:
+            i += 1
+        _first[n] = i
 
 
 _load_names()
@@ -120,9 +130,7 @@ cdef int _kind_of(const char* p, size_t n) noexcept:
     cdef size_t j
     if n > MAX_NAME:
         return _PLAIN
-    for i in range(_count):
-        if _lengths[i] != n:
-            continue
+    for i in range(_first[n], _first[n + 1]):
         j = 0
         while j < n and _lower[<unsigned char>p[j]] == <unsigned char>_names[i][j]:
             j += 1
