@@ -54,7 +54,7 @@ LABELS = {
 C_PEERS = ("nginx1", "haproxy1")  # "the best C peer" of the targets
 
 
-def _starter(kind: str, unix_path: str, log_on: bool, baseline: Path | None
+def starter(kind: str, unix_path: str, log_on: bool, baseline: Path | None
              ) -> Callable[[Processes, str, int], servers.Target]:
     def start(procs: Processes, name: str, port: int) -> servers.Target:
         if kind == "failproxy1-base":
@@ -100,7 +100,7 @@ def run(params: Params, procs: Processes) -> dict[str, Any]:
                 continue  # no access log / no log to buffer: one row, with the log-on set
             name = kind + suffix
             try:
-                t = _starter(kind, unix_path, log_on, baseline)(procs, name, free_port())
+                t = starter(kind, unix_path, log_on, baseline)(procs, name, free_port())
             except (StartError, OSError) as exc:
                 log(f"  !! {name} did not start: {exc}")
                 t = servers.Target(name, "", HOST, 0, None, kind=kind, error=str(exc)[:2000])
