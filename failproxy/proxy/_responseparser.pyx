@@ -295,6 +295,8 @@ cdef class ResponseParser:
         cdef Py_buffer view
         cdef const char* base
         cdef llhttp_errno_t err
+        # A reference of our own while llhttp runs: a callback may drop the caller's last one.
+        cdef ResponseParser keep = self
         if self._closed:
             return
         if PyBytes_CheckExact(data):
