@@ -100,3 +100,19 @@ def test_bench_seed_smoke(tmp_path: Path) -> None:
     assert set(t) == {"direct", *seed.DEFAULT_FRONTS}
     assert all(x["req_s"] > 0 and x["errors"] == 0 for x in t.values()), t
     assert r["no_overload"]["failproxy_vs_old_req_s"]["median"] > 0
+
+
+def test_syscall_counts_are_read_from_strace(tmp_path: Path) -> None:
+    """bench.profiles.syscalls reads `strace -c -f` as strace prints it: a real trace of a
+    child that makes a known number of write() calls (-B: no .pyc written beside them)."""
+    from bench.profiles.syscalls import parse_summary
+
+    out = tmp_path / "summary"
+    subprocess.run(["strace", "-c", "-f", "-o", str(out), sys.executable, "-B", "-c",
+                    "import os\nfor _ in range(37): os.write(1, b'x')"],
+                   check=True, capture_output=True, timeout=60)
+    text = out.read_text()
+    calls = parse_summary(text)
+    assert calls["write"] == 37, text
+    total = next(line for line in text.splitlines() if line.rstrip().endswith("total"))
+    assert sum(calls.values()) == int(total.split()[3]), text
