@@ -171,25 +171,24 @@ cdef llhttp_settings_t _SETTINGS
 llhttp_settings_init(&_SETTINGS)
 
 
-cdef int _on_status(llhttp_t* p, const char* at, size_t n) noexcept:
-    if _add(&(<ResponseParser>p.data)._reason, at, n) < 0:
+cdef int _gather(llhttp_t* p, Buf* b, const char* at, size_t n) noexcept:
+    """A span callback's whole work: the span added to its buffer, or llhttp told why not."""
+    if _add(b, at, n) < 0:
         llhttp_set_error_reason(p, "out of memory")
         return HPE_USER
     return 0
+
+
+cdef int _on_status(llhttp_t* p, const char* at, size_t n) noexcept:
+    return _gather(p, &(<ResponseParser>p.data)._reason, at, n)
 
 
 cdef int _on_header_field(llhttp_t* p, const char* at, size_t n) noexcept:
-    if _add(&(<ResponseParser>p.data)._name, at, n) < 0:
-        llhttp_set_error_reason(p, "out of memory")
-        return HPE_USER
-    return 0
+    return _gather(p, &(<ResponseParser>p.data)._name, at, n)
 
 
 cdef int _on_header_value(llhttp_t* p, const char* at, size_t n) noexcept:
-    if _add(&(<ResponseParser>p.data)._value, at, n) < 0:
-        llhttp_set_error_reason(p, "out of memory")
-        return HPE_USER
-    return 0
+    return _gather(p, &(<ResponseParser>p.data)._value, at, n)
 
 
 cdef int _on_header_field_complete(llhttp_t* p) noexcept:
