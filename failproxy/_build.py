@@ -38,6 +38,7 @@ COMPILED = (
     "proxy.connect",
     "proxy.rawtransport",
     "proxy.responseparser",
+    "proxy.requestparser",
     "proxy.upstream",
     "routing.routes",
     "proxy.request",
@@ -50,13 +51,13 @@ COMPILED = (
 GROUP = "failproxy._compiled"
 # Written in Cython (a .pyx each), each the twin of pure-Python code that a plain module selects
 # at import (telemetry/accessline.py, telemetry/slot.py, proxy/bytesjoin.py,
-# proxy/responseparser.py): compiled beside
+# proxy/responseparser.py and proxy/requestparser.py, both from proxy/_llhttp.pyx): compiled beside
 # the mypyc group where Cython is present.
-CYTHON = ("telemetry._accessline", "telemetry._slot", "proxy._bytesjoin", "proxy._responseparser")
+CYTHON = ("telemetry._accessline", "telemetry._slot", "proxy._bytesjoin", "proxy._llhttp")
 # C sources compiled into a Cython module beside its .pyx, and their include directories
 # (relative to the repository): llhttp, the parser httptools bundles, at httptools' version.
 CYTHON_C = {
-    "proxy._responseparser": (
+    "proxy._llhttp": (
         ("vendor/llhttp/src/llhttp.c", "vendor/llhttp/src/api.c", "vendor/llhttp/src/http.c"),
         ("vendor/llhttp/include",),
     ),

@@ -8,17 +8,17 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import httptools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parsertwins import feed, merged, splits
 
 import failproxy
 from failproxy.proxy import responseparser
 from failproxy.proxy.responseparser import HeadSink, ResponseParserPy
 
 try:
-    from failproxy.proxy._responseparser import (  # type: ignore[import-not-found]
+    from failproxy.proxy._llhttp import (  # type: ignore[import-not-found]
         ResponseParser as ResponseParserC,
     )
 except ImportError:
@@ -56,37 +56,11 @@ class Recorder(HeadSink):
 
 
 def run(cls: Any, pieces: list[bytes], fail_on: str = "") -> tuple[list[Any], Any]:
-    """Feed `pieces` one by one; the calls (body pieces merged: how llhttp cuts a body follows
-    the reads) and how feeding ended: None, ("upgrade", piece index, offset) or ("error", class
-    name, message, the context's class and message)."""
+    """The calls `pieces` make, body pieces merged, and how feeding ended
+    (parsertwins.feed)."""
     sink = Recorder(fail_on)
-    parser = cls(sink)
-    outcome: Any = None
-    for i, piece in enumerate(pieces):
-        try:
-            parser.feed_data(piece)
-        except httptools.HttpParserUpgrade as up:
-            outcome = ("upgrade", i, up.args[0])
-            break
-        except httptools.HttpParserError as exc:
-            ctx = exc.__context__
-            outcome = ("error", type(exc).__name__, str(exc),
-                       None if ctx is None else (type(ctx).__name__, str(ctx)))
-            break
-    merged: list[Any] = []
-    for call in sink.calls:
-        if call[0] == "body" and merged and merged[-1][0] == "body":
-            merged[-1] = ("body", merged[-1][1] + call[1])
-        else:
-            merged.append(call)
-    return merged, outcome
-
-
-def splits(data: bytes) -> list[list[bytes]]:
-    """Whole, byte by byte, and cut in two at every place."""
-    out = [[data], [data[i:i + 1] for i in range(len(data))]]
-    out += [[data[:i], data[i:]] for i in range(1, len(data))]
-    return out
+    outcome = feed(cls(sink), pieces)
+    return merged(sink.calls), outcome
 
 
 CASES = {

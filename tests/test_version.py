@@ -1,13 +1,14 @@
-"""downstream.http_version against httptools' own answer: every version llhttp accepts, with
-and without each header that sets llhttp's keep-alive flags (the fast path must never call an
-HTTP/1.0 request 1.1: that would refuse it for a missing Host and keep it open)."""
+"""requestparser.version_of (how the pure twin reads the version) against httptools' own
+answer: every version llhttp accepts, with and without each header that sets llhttp's
+keep-alive flags (the fast path must never call an HTTP/1.0 request 1.1: that would refuse it
+for a missing Host and keep it open)."""
 
 from __future__ import annotations
 
 import httptools
 import pytest
 
-from failproxy.proxy.downstream import http_version
+from failproxy.proxy.requestparser import version_of
 
 VERSIONS = ("0.9", "1.0", "1.1", "2.0")
 HEADERS = {
@@ -39,7 +40,7 @@ class _Head:
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None
-        self.answers = (http_version(self.parser, self.flagged), self.parser.get_http_version())
+        self.answers = (version_of(self.parser, self.flagged), self.parser.get_http_version())
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -20,9 +20,10 @@ from failproxy.proxy.events import Events
 from failproxy.proxy.headers import (
     RequestHeadBuilder,
     page_response,
-    request_kinds,
+    request_kind_names,
     simple_response,
 )
+from failproxy.proxy.requestparser import Names
 from failproxy.proxy.static import StaticFiles
 from failproxy.routing import policy
 from failproxy.routing.balance import Room
@@ -101,8 +102,10 @@ class WorkerContext:
             replaced.add(b"x-forwarded-proto")
         if cfg.headers.x_forwarded_host:
             replaced.add(b"x-forwarded-host")
-        self.header_kinds = request_kinds(
-            self.rid_header, cfg.headers.x_forwarded_for, frozenset(replaced)
+        # The request parser's name table (requestparser.Names: the twin's own kind of table).
+        self.request_names: object = Names(
+            request_kind_names(self.rid_header, cfg.headers.x_forwarded_for, frozenset(replaced)),
+            underscore=True,
         )
         self.upstream_header = cfg.headers.upstream_header
         # -- route learning (SPEC 4.4): which requests are slow

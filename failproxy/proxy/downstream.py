@@ -1,4 +1,4 @@
-"""The client connection: where a request is parsed (httptools callbacks), refused when
+"""The client connection: where a parsed request (requestparser.py) is checked, refused when
 malformed, and handed to an exchange.
 
 Requests are parsed strictly (SPEC 8): anything ambiguous is answered here and none of its bytes
@@ -23,18 +23,6 @@ import httptools
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.exchange import Downstream, Exchange
 from failproxy.proxy.headers import (
-    H_CONNECTION,
-    H_EXPECT,
-    H_HOST,
-    H_LENGTH,
-    H_PLAIN,
-    H_PROXY_CONNECTION,
-    H_REQUEST_ID,
-    H_TE,
-    H_UPGRADE,
-    H_VIA,
-    H_XFF,
-    KNOWN_HOSTS,
     BadRequest,
     check_transfer_encoding,
     connection_tokens,
@@ -44,6 +32,7 @@ from failproxy.proxy.headers import (
     without_names,
 )
 from failproxy.proxy.request import Request
+from failproxy.proxy.requestparser import RequestParser, RequestSink
 from failproxy.proxy.spool import RequestBody
 from failproxy.proxy.timer import take_timer
 from failproxy.proxy.upstream import UpstreamConnection
@@ -52,7 +41,6 @@ from failproxy.proxy.upstream import UpstreamConnection
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
 # instructions each, bench.profiles.realsock).
 monotonic: Final = time.monotonic
-_RequestParser: Final = httptools.HttpRequestParser
 
 # Reasons to pause reading the client, as bits: reading resumes only when none is left.
 PIPELINE: Final = 1
@@ -81,7 +69,7 @@ WRITE: Final = 4  # the client takes none of its answer (server.send_timeout, ng
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class ClientConnection(Downstream):
+class ClientConnection(RequestSink, Downstream):
     """One client connection: an asyncio protocol (uvloop calls its methods; no base class)."""
 
     __slots__ = (
@@ -120,7 +108,7 @@ class ClientConnection(Downstream):
         self.loop = ctx.loop
         self.tls = tls
         self.transport: asyncio.Transport | None = None
-        self.parser = _RequestParser(self)
+        self.parser = RequestParser(self, ctx.request_names, ctx.max_uri_bytes)
         self.client_ip = ""
         self.req: Request | None = None
         self.active: Exchange | None = None
@@ -162,6 +150,7 @@ class ClientConnection(Downstream):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser.close()
         self.timer = self.timer.give_back()  # for the next connection (timer.py says why)
         self.ctx.connection_closed(self)
         tunnel = self.tunnel
@@ -194,19 +183,28 @@ class ClientConnection(Downstream):
                 self._on_parser_upgrade(data[upgrade.args[0] :])
                 return
             except httptools.HttpParserError as exc:
-                error = self.error
-                if error is None:
-                    cause = exc.__context__  # a callback's own error rides as the context
-                    if cause is not None and not isinstance(cause, BadRequest):
-                        raise cause from None  # a bug, not bad input: the catch-all below
-                    error = _parse_error(exc)
-                self._reject(error)
+                self._reject(self._refusal(exc))
                 return
             self._parsed()
             if self.in_head and self.head_raw > self.ctx.max_header_bytes:
                 self._reject(BadRequest(431, "request head too large"))
         except Exception as exc:
             self.internal_error(exc, "client read")
+
+    def _refusal(self, exc: httptools.HttpParserError) -> BadRequest:
+        """What a request the parser stopped at is answered: this connection's own refusal
+        (`_fail`), the parser's (it rides as the error's context: 414, an invalid Host, an
+        Expect), or llhttp's. Any other context is a bug, not bad input: raised again, for the
+        catch-all."""
+        error = self.error
+        if error is not None:
+            return error
+        cause = exc.__context__
+        if isinstance(cause, BadRequest):
+            return cause
+        if cause is not None:
+            raise cause from None
+        return _parse_error(exc)
 
     def _parsed(self) -> None:
         """A read parsed cleanly: start the pending request, send a streamed body's new bytes
@@ -251,7 +249,7 @@ class ClientConnection(Downstream):
             except Exception as exc:
                 self.internal_error(exc, "client drained")
 
-    # -- httptools callbacks ------------------------------------------------------------------
+    # -- the parser's calls (requestparser.RequestSink) ------------------------------------
 
     def on_message_begin(self) -> None:
         now = monotonic()
@@ -262,62 +260,45 @@ class ClientConnection(Downstream):
             self.timer_kind = HEAD
             self.timer.set(now + self.ctx.header_timeout)
 
-    def on_url(self, url: bytes) -> None:
+    def on_head(
+        self,
+        method: bytes,
+        url: bytes,
+        version: str,
+        upgrading: bool,
+        lines: list[bytes],
+        host: bytes,
+        host_count: int,
+        head_size: int,
+        length: bytes | None,
+        te: bytes,
+        connection: list[bytes],
+        upgrade: bytes,
+        request_id: str,
+        xff: bytes,
+        via: bytes,
+        expect_continue: bool,
+    ) -> None:
         req = self.req
         assert req is not None
-        req.url += url
-        if len(req.url) > self.ctx.max_uri_bytes:
-            self._fail(BadRequest(414, "request target too long"))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            return  # a chunked body's trailer fields: never forwarded (llhttp refuses framing ones)
-        req = self.req
-        assert req is not None
-        req.head_size += len(name) + len(value) + 4
-        kind = self.ctx.header_kinds.kind(name)
-        if kind == H_PLAIN:
-            lines = req.lines
-            lines.append(name)
-            lines.append(b": ")
-            lines.append(value)
-            lines.append(b"\r\n")
-        elif kind == H_HOST:
-            req.host_count += 1
-            req.host = value
-            req.lines += (name, b": ", value, b"\r\n")
-            if value not in KNOWN_HOSTS and not valid_host(value):
-                self._fail(BadRequest(400, "invalid Host"))
-        elif kind == H_LENGTH:
-            req.content_length = value
-        elif kind == H_CONNECTION:
-            req.conn_tokens.append(value)
-        elif kind == H_TE:
-            req.te = req.te + b", " + value if req.te else value
-        elif kind == H_UPGRADE:
-            req.upgrade = req.upgrade + b", " + value if req.upgrade else value
-        elif kind == H_REQUEST_ID:
-            req.request_id = value.decode("latin-1")
-        elif kind == H_XFF:
-            req.xff = req.xff + b", " + value if req.xff else value
-        elif kind == H_VIA:
-            req.via = req.via + b", " + value if req.via else value
-        elif kind == H_EXPECT:
-            if value.lower() == b"100-continue":
-                req.expect_continue = True
-            else:
-                self._fail(BadRequest(417, "unsupported expectation"))
-        elif kind == H_PROXY_CONNECTION:
-            req.proxy_connection = True
-        # H_DROP (hop-by-hop, or set by failproxy itself), H_UNDERSCORE: not forwarded
-
-    def on_headers_complete(self) -> None:
-        req = self.req
-        assert req is not None
+        req.method = method
+        req.url = url
+        req.lines = lines
+        req.host = host
+        req.host_count = host_count
+        req.head_size = head_size
+        req.content_length = length
+        req.te = te
+        req.conn_tokens = connection
+        req.upgrade = upgrade
+        req.request_id = request_id
+        req.xff = xff
+        req.via = via
+        req.expect_continue = expect_continue
         self.in_head = False
         self.last_parsed = req
         try:
-            self._finish_head(req)
+            self._finish_head(req, version, upgrading)
         except BadRequest as exc:
             self._fail(exc)
         if self.active is None and self.pending is None and not self.queue:
@@ -472,20 +453,17 @@ class ClientConnection(Downstream):
             and not self.closed
         )
 
-    def _finish_head(self, req: Request) -> None:
-        """Check what httptools leaves to the proxy (SPEC 8), then build the upstream head once:
-        a retry re-sends the same bytes."""
-        parser = self.parser
+    def _finish_head(self, req: Request, version: str, upgrading: bool) -> None:
+        """Check what the parser leaves to the proxy (SPEC 8), then build the upstream head
+        once: a retry re-sends the same bytes."""
         ctx = self.ctx
-        version = http_version(parser, bool(req.conn_tokens) or req.proxy_connection)
         if version != "1.1":
             if version != "1.0":
                 raise BadRequest(505, f"HTTP version {version} not supported")
             req.http10 = True
         if req.head_size + len(req.url) > ctx.max_header_bytes:
             raise BadRequest(431, "request head too large")
-        req.method = method = parser.get_method()
-        if method == b"CONNECT":
+        if req.method == b"CONNECT":
             raise BadRequest(501, "CONNECT is not supported")
         url = req.url  # not origin-form, or with a "#": checked further
         authority = _check_target(req) if url[:1] != b"/" or url.find(b"#") >= 0 else b""
@@ -527,7 +505,7 @@ class ClientConnection(Downstream):
             if tokens:
                 req.lines = without_names(req.lines, tokens)
         upgrade = b""
-        if parser.should_upgrade():
+        if upgrading:
             upgrade = without_h2c(req.upgrade)
             if not upgrade or req.has_body:
                 # llhttp stops after this head as if another protocol followed (httptools makes
@@ -580,7 +558,9 @@ class ClientConnection(Downstream):
                 # llhttp skipped the body: a fresh parser reads it behind a stand-in head.
                 self.req = req
                 self.in_head = False
-                self.parser = _RequestParser(_SkippedBody(self))
+                self.parser.close()
+                self.parser = RequestParser(_SkippedBody(self), self.ctx.request_names,
+                                            self.ctx.max_uri_bytes)
                 if req.chunked:
                     rest = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + rest
                 else:
@@ -594,7 +574,7 @@ class ClientConnection(Downstream):
                 self._parsed()
                 rest = rest[upgrade.args[0] :]
             except httptools.HttpParserError as exc:
-                self._reject(self.error or _parse_error(exc))
+                self._reject(self._refusal(exc))
                 return
         self.upgrade_rest = rest
         # Unless a 101 makes it a tunnel, the parser cannot go on after this request: the
@@ -787,22 +767,6 @@ class ClientConnection(Downstream):
 _NO_TOKENS: Final[set[bytes]] = set()
 
 
-def http_version(parser: httptools.HttpRequestParser, flagged: bool) -> str:
-    """The version of the request whose head `parser` has just parsed (call it from
-    on_headers_complete); `flagged`: the head had a Connection or Proxy-Connection header.
-
-    Without get_http_version()'s string formatting where llhttp's keep-alive answer already
-    says it (~2.2k instructions a request, bench/PROFILE.md): llhttp parses only 0.9, 1.0, 1.1
-    and 2.0 (any other version fails in the parser), and its should_keep_alive() for a request
-    is "no close flag" for 1.1 and "a keep-alive flag" for the other three. Only a Connection or
-    Proxy-Connection value sets those flags, so with neither, keep-alive means 1.1. The rest
-    (any such header, or no keep-alive) asks for the version. tests/test_version.py holds both
-    answers side by side for every version llhttp accepts."""
-    if not flagged and parser.should_keep_alive():
-        return "1.1"
-    return parser.get_http_version()
-
-
 def _check_target(req: Request) -> bytes:
     """A request-target other than origin-form (RFC 9112 3.2): raise BadRequest, or return the
     authority of an absolute-form target, which is rewritten to origin form."""
@@ -833,10 +797,10 @@ def _check_target(req: Request) -> bytes:
     return authority
 
 
-class _SkippedBody:
-    """Callbacks of the parser that reads on after llhttp skipped the body of an upgrade request
-    failproxy does not tunnel: the stand-in head it is fed first is dropped, the rest goes to
-    the client connection as usual."""
+class _SkippedBody(RequestSink):
+    """What the parser that reads on after llhttp skipped the body of an upgrade request
+    failproxy does not tunnel reports to: the stand-in head it is fed first is dropped, the rest
+    goes to the client connection as usual."""
 
     __slots__ = ("client", "head")
 
@@ -848,19 +812,31 @@ class _SkippedBody:
         if not self.head:
             self.client.on_message_begin()
 
-    def on_url(self, url: bytes) -> None:
-        if not self.head:
-            self.client.on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head:
-            self.client.on_header(name, value)
-
-    def on_headers_complete(self) -> None:
+    def on_head(
+        self,
+        method: bytes,
+        url: bytes,
+        version: str,
+        upgrading: bool,
+        lines: list[bytes],
+        host: bytes,
+        host_count: int,
+        head_size: int,
+        length: bytes | None,
+        te: bytes,
+        connection: list[bytes],
+        upgrade: bytes,
+        request_id: str,
+        xff: bytes,
+        via: bytes,
+        expect_continue: bool,
+    ) -> None:
         if self.head:
             self.head = False
         else:
-            self.client.on_headers_complete()
+            self.client.on_head(method, url, version, upgrading, lines, host, host_count,
+                                head_size, length, te, connection, upgrade, request_id, xff,
+                                via, expect_continue)
 
     def on_body(self, body: bytes) -> None:
         self.client.on_body(body)

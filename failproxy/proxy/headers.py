@@ -97,7 +97,7 @@ H_DROP: Final = 10  # other hop-by-hop ones, the ones failproxy sets itself, HTT
 H_UNDERSCORE: Final = 11  # dropped, as nginx does: WSGI/Rack would read X_A as X-A
 H_KEEPALIVE: Final = 12  # responses only: `Keep-Alive: timeout=N`
 H_ACCEL: Final = 13  # responses only: `X-Accel-Buffering` (read, never relayed: SPEC 9)
-H_PROXY_CONNECTION: Final = 14  # requests only: dropped, but llhttp reads it (`http_version`)
+H_PROXY_CONNECTION: Final = 14  # requests only: dropped, but llhttp reads it (requestparser)
 
 _NAMES_REMEMBERED: Final = 512
 
@@ -133,6 +133,14 @@ class NameTable:
 def request_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) -> NameTable:
     """The request header table of a worker: the request-id header name and the X-Forwarded-*
     settings are configured."""
+    return NameTable(request_kind_names(request_id, xff_mode, replaced), underscore=True)
+
+
+def request_kind_names(
+    request_id: bytes, xff_mode: str, replaced: frozenset[bytes]
+) -> dict[bytes, int]:
+    """The request headers that are not plain, by lower-cased name (the Cython request parser
+    builds its C table from this too; names with an underscore are H_UNDERSCORE in both)."""
     kinds = dict.fromkeys(HOP_BY_HOP, H_DROP) | dict.fromkeys(replaced, H_DROP)
     kinds[b"http2-settings"] = H_DROP  # h2c is never forwarded (see without_h2c)
     kinds[b"proxy-connection"] = H_PROXY_CONNECTION
@@ -149,7 +157,7 @@ def request_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) 
         kinds[b"x-forwarded-for"] = H_XFF
     if request_id:
         kinds[request_id] = H_REQUEST_ID
-    return NameTable(kinds, underscore=True)
+    return kinds
 
 
 def response_kinds() -> NameTable:

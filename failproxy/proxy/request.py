@@ -38,7 +38,6 @@ class Request:
         "keep_alive",
         "lines",
         "method",
-        "proxy_connection",
         "replayable",
         "request_id",
         "sender",
@@ -64,7 +63,6 @@ class Request:
         self.content_length: bytes | None = None
         self.te = b""
         self.conn_tokens: list[bytes] = []
-        self.proxy_connection = False  # a Proxy-Connection header came (dropped: http_version)
         self.upgrade = b""
         self.xff = b""
         self.via = b""

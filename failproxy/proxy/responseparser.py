@@ -9,7 +9,7 @@ request (HEAD, the upgrade asked for, the status rules) stays with the connectio
 (upstream.py), the same code for both twins.
 
 - `ResponseParserPy` (this module): httptools, a Python-level callback per header.
-- `ResponseParser` where it was built and the build runs compiled: `_responseparser.pyx`, the
+- `ResponseParser` where it was built and the build runs compiled: `_llhttp.pyx`, the
   same llhttp (vendor/llhttp, the version httptools bundles) driven from Cython through its C
   callbacks: no Python call and no bytes objects per header beyond the relayed pieces. With
   httptools each header cost ~1.5k instructions between its callback interface and the name
@@ -205,7 +205,7 @@ class ResponseParserPy:
 
 def _select() -> tuple[Any, str]:
     try:
-        from failproxy.proxy._responseparser import (  # type: ignore[import-not-found]
+        from failproxy.proxy._llhttp import (  # type: ignore[import-not-found]
             ResponseParser as compiled,
         )
     except ImportError:

@@ -1,0 +1,657 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The request and response parsers over llhttp's C callbacks (requestparser.py and
+responseparser.py have the pure twins and the contracts both keep).
+
+httptools calls back into Python for every header (a bytes object for the name and for the
+value, a call, then failproxy's name lookup: ~1.5k instructions a header). Here llhttp's spans
+are gathered in C buffers, each header's name is classified by a C table (`Names`, made from
+the same dict as the pure twin's table), and Python sees one call per head, one per body piece
+and one per message end (and, for a request, one at its first byte). llhttp is the version
+httptools bundles (vendor/llhttp), so both twins accept and refuse the same bytes; the errors
+are httptools' classes with httptools' messages, raised where httptools raises them.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.stdint cimport uint8_t, uint16_t
+from libc.string cimport memchr, memcpy
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserInvalidStatusError,
+    HttpParserInvalidURLError,
+    HttpParserUpgrade,
+)
+
+from failproxy.proxy.headers import (
+    H_ACCEL,
+    H_CONNECTION,
+    H_DROP,
+    H_EXPECT,
+    H_HOST,
+    H_KEEPALIVE,
+    H_LENGTH,
+    H_PLAIN,
+    H_PROXY_CONNECTION,
+    H_REQUEST_ID,
+    H_TE,
+    H_UNDERSCORE,
+    H_UPGRADE,
+    H_VIA,
+    H_XFF,
+    KNOWN_HOSTS,
+    BadRequest,
+    response_kind_names,
+    valid_host,
+)
+
+cdef extern from "llhttp.h":
+    ctypedef struct llhttp_t:
+        void* data
+        uint8_t method
+        uint8_t http_major
+        uint8_t http_minor
+        uint8_t upgrade
+        uint16_t status_code
+    ctypedef int (*llhttp_data_cb)(llhttp_t*, const char* at, size_t length) noexcept
+    ctypedef int (*llhttp_cb)(llhttp_t*) noexcept
+    ctypedef struct llhttp_settings_t:
+        llhttp_cb on_message_begin
+        llhttp_data_cb on_url
+        llhttp_data_cb on_status
+        llhttp_data_cb on_header_field
+        llhttp_data_cb on_header_value
+        llhttp_cb on_headers_complete
+        llhttp_data_cb on_body
+        llhttp_cb on_message_complete
+        llhttp_cb on_header_field_complete
+        llhttp_cb on_header_value_complete
+    ctypedef enum llhttp_type_t:
+        HTTP_REQUEST
+        HTTP_RESPONSE
+    ctypedef enum llhttp_errno_t:
+        HPE_OK
+        HPE_INVALID_STATUS
+        HPE_INVALID_METHOD
+        HPE_INVALID_URL
+        HPE_CB_MESSAGE_BEGIN
+        HPE_CB_HEADERS_COMPLETE
+        HPE_CB_MESSAGE_COMPLETE
+        HPE_CB_CHUNK_HEADER
+        HPE_CB_CHUNK_COMPLETE
+        HPE_PAUSED_UPGRADE
+        HPE_USER
+    void llhttp_settings_init(llhttp_settings_t* settings)
+    void llhttp_init(llhttp_t* parser, llhttp_type_t type, const llhttp_settings_t* settings)
+    llhttp_errno_t llhttp_execute(llhttp_t* parser, const char* data, size_t len)
+    int llhttp_should_keep_alive(const llhttp_t* parser)
+    const char* llhttp_get_error_reason(const llhttp_t* parser)
+    void llhttp_set_error_reason(llhttp_t* parser, const char* reason)
+    const char* llhttp_get_error_pos(const llhttp_t* parser)
+    void llhttp_resume_after_upgrade(llhttp_t* parser)
+    const char* llhttp_method_name(uint8_t method)
+
+
+cdef int _PLAIN = H_PLAIN
+cdef int _HOST = H_HOST
+cdef int _LENGTH = H_LENGTH
+cdef int _XFF = H_XFF
+cdef int _VIA = H_VIA
+cdef int _EXPECT = H_EXPECT
+cdef int _REQUEST_ID = H_REQUEST_ID
+cdef int _CONNECTION = H_CONNECTION
+cdef int _TE = H_TE
+cdef int _UPGRADE = H_UPGRADE
+cdef int _DROP = H_DROP
+cdef int _UNDERSCORE = H_UNDERSCORE
+cdef int _KEEPALIVE = H_KEEPALIVE
+cdef int _ACCEL = H_ACCEL
+cdef int _PROXY_CONNECTION = H_PROXY_CONNECTION
+
+cdef set _KNOWN_HOSTS = KNOWN_HOSTS  # headers.valid_host's memory: the same set object
+cdef object _valid_host = valid_host
+
+cdef bytes _SEP = b": "
+cdef bytes _CRLF = b"\r\n"
+cdef bytes _EMPTY = b""
+cdef bytes _CONTINUE = b"100-continue"
+
+
+# -- the name table ----------------------------------------------------------------------------
+
+cdef unsigned char _lower[256]
+for _i in range(256):
+    _lower[_i] = _i + 32 if 65 <= _i <= 90 else _i
+
+
+cdef class Names:
+    """Header name -> what to do with it, in C: headers.NameTable's twin, made from the same
+    dict of lower-cased names (headers.request_kind_names(), response_kind_names()).
+
+    The names are kept back to back, sorted by length; `_first[n]` .. `_first[n + 1] - 1` are
+    the ones of length n, so a name is compared (folding ASCII case) only with the one or two of
+    its own length: ~60 instructions a header, where a bounded dict of spellings as they arrived
+    (NameTable) needs the name as a bytes object first."""
+
+    cdef bytes _store
+    cdef size_t* _offsets
+    cdef int* _kinds
+    cdef int* _first
+    cdef size_t _longest
+    cdef bint _underscore
+
+    def __cinit__(self, dict by_lower, bint underscore=False):
+        cdef Py_ssize_t i
+        cdef size_t n, total = 0
+        items = sorted(by_lower.items(), key=lambda item: len(item[0]))
+        count = len(items)
+        self._underscore = underscore
+        self._longest = len(items[count - 1][0]) if count else 0
+        self._offsets = <size_t*>PyMem_Malloc((count + 1) * sizeof(size_t))
+        self._kinds = <int*>PyMem_Malloc((count + 1) * sizeof(int))
+        self._first = <int*>PyMem_Malloc((self._longest + 2) * sizeof(int))
+        if self._offsets is NULL or self._kinds is NULL or self._first is NULL:
+            raise MemoryError()
+        for i in range(count):
+            self._offsets[i] = total
+            self._kinds[i] = items[i][1]
+            total += len(items[i][0])
+        self._offsets[count] = total
+        self._store = b"".join([bytes(name).lower() for name, _ in items])
+        i = 0
+        for n in range(self._longest + 2):
+            while i < count and <size_t>len(items[i][0]) < n:
+                i += 1
+            self._first[n] = i
+
+    def __dealloc__(self):
+        PyMem_Free(self._offsets)
+        PyMem_Free(self._kinds)
+        PyMem_Free(self._first)
+
+    def kind(self, bytes name):
+        """The kind of `name` (NameTable.kind's twin: the tests compare the two)."""
+        return self._lookup(PyBytes_AS_STRING(name), <size_t>PyBytes_GET_SIZE(name))
+
+    cdef int _lookup(self, const char* p, size_t n) noexcept:
+        cdef int i
+        cdef size_t j
+        cdef const char* name
+        if self._underscore and memchr(p, b"_", n) != NULL:
+            return _UNDERSCORE  # as nginx: WSGI/Rack would read X_A as X-A
+        if n > self._longest:
+            return _PLAIN
+        for i in range(self._first[n], self._first[n + 1]):
+            name = PyBytes_AS_STRING(self._store) + self._offsets[i]
+            j = 0
+            while j < n and _lower[<unsigned char>p[j]] == <unsigned char>name[j]:
+                j += 1
+            if j == n:
+                return self._kinds[i]
+        return _PLAIN
+
+
+cdef Names _RESPONSE_NAMES = Names(response_kind_names())
+
+
+# -- a span gathered across reads ----------------------------------------------------------------
+
+cdef struct Buf:
+    char* p
+    size_t n
+    size_t cap
+
+
+cdef int _add(Buf* b, const char* at, size_t n) noexcept:
+    cdef size_t want = b.n + n
+    cdef size_t cap
+    cdef char* grown
+    if want > b.cap:
+        cap = b.cap * 2 if b.cap else 256
+        while cap < want:
+            cap *= 2
+        grown = <char*>PyMem_Realloc(b.p, cap)
+        if grown is NULL:
+            return -1
+        b.p = grown
+        b.cap = cap
+    memcpy(b.p + b.n, at, n)
+    b.n = want
+    return 0
+
+
+cdef int _gather(llhttp_t* p, Buf* b, const char* at, size_t n) noexcept:
+    """A span callback's whole work: the span added to its buffer, or llhttp told why not."""
+    if _add(b, at, n) < 0:
+        llhttp_set_error_reason(p, "out of memory")
+        return HPE_USER
+    return 0
+
+
+# -- what both parsers share -----------------------------------------------------------------
+
+cdef class _Parser:
+    """llhttp, the buffers of a header being read, the sink's methods, and feeding with
+    httptools' errors (as httptools' own HttpParser base class)."""
+
+    cdef llhttp_t _p
+    cdef Names _names
+    cdef Buf _name, _value
+    cdef int _kind
+    cdef bint _in_trailers, _closed
+    cdef bint _pending  # a request header's value is complete, not yet handed over
+    cdef object _on_head, _on_body, _on_complete, _error
+
+    def __dealloc__(self):
+        PyMem_Free(self._name.p)
+        PyMem_Free(self._value.p)
+
+    def close(self):
+        """Done with: what it is fed after this is dropped, and the sink's methods let go."""
+        self._closed = True
+        self._on_head = self._on_body = self._on_complete = None
+
+    def feed_data(self, data):
+        cdef Py_buffer view
+        cdef const char* base
+        cdef llhttp_errno_t err
+        # A reference of our own while llhttp runs: a callback may drop the caller's last one.
+        cdef _Parser keep = self
+        if self._closed:
+            return
+        if PyBytes_CheckExact(data):
+            base = PyBytes_AS_STRING(data)
+            err = llhttp_execute(&self._p, base, <size_t>PyBytes_GET_SIZE(data))
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            base = <const char*>view.buf
+            err = llhttp_execute(&self._p, base, <size_t>view.len)
+            PyBuffer_Release(&view)  # only the offset is computed from `base` below
+        if err != HPE_OK:
+            self._raise(err, base)
+
+    cdef _raise(self, llhttp_errno_t err, const char* base):
+        cdef const char* pos
+        if self._p.upgrade == 1 and err == HPE_PAUSED_UPGRADE:
+            pos = llhttp_get_error_pos(&self._p)
+            llhttp_resume_after_upgrade(&self._p)
+            raise HttpParserUpgrade(pos - base)
+        reason = (<bytes>llhttp_get_error_reason(&self._p)).decode("latin-1")
+        if err in (HPE_CB_MESSAGE_BEGIN, HPE_CB_HEADERS_COMPLETE, HPE_CB_MESSAGE_COMPLETE,
+                   HPE_CB_CHUNK_HEADER, HPE_CB_CHUNK_COMPLETE, HPE_USER):
+            exc = HttpParserCallbackError(reason)
+            if self._error is not None:
+                exc.__context__ = self._error
+                self._error = None
+        elif err == HPE_INVALID_STATUS:
+            exc = HttpParserInvalidStatusError(reason)
+        elif err == HPE_INVALID_METHOD:
+            exc = HttpParserInvalidMethodError(reason)
+        elif err == HPE_INVALID_URL:
+            exc = HttpParserInvalidURLError(reason)
+        else:
+            exc = HttpParserError(reason)
+        raise exc
+
+
+
+# llhttp's callbacks that do the same for both: a span gathered, a name classified, a body
+# piece or a message end handed over. `p.data` is the parser.
+
+cdef int _on_header_field_complete(llhttp_t* p) noexcept:
+    cdef _Parser self = <_Parser>p.data
+    self._kind = self._names._lookup(self._name.p, self._name.n)
+    return 0
+
+
+cdef int _on_header_value(llhttp_t* p, const char* at, size_t n) noexcept:
+    return _gather(p, &(<_Parser>p.data)._value, at, n)
+
+
+cdef int _on_body(llhttp_t* p, const char* at, size_t n) noexcept:
+    cdef _Parser self = <_Parser>p.data
+    if self._closed:
+        return 0
+    try:
+        self._on_body(PyBytes_FromStringAndSize(at, n))
+    except BaseException as exc:
+        self._error = exc
+        llhttp_set_error_reason(p, "`on_body` callback error")
+        return HPE_USER
+    return 0
+
+
+cdef int _on_message_complete(llhttp_t* p) noexcept:
+    cdef _Parser self = <_Parser>p.data
+    self._in_trailers = False
+    self._pending = False  # a request's last trailer field, never handed over
+    self._name.n = self._value.n = 0
+    if self._closed:
+        return 0
+    try:
+        self._on_complete()
+    except BaseException as exc:
+        self._error = exc
+        return -1
+    return 0
+
+
+# -- the response parser -----------------------------------------------------------------------
+
+cdef int _rs_on_status(llhttp_t* p, const char* at, size_t n) noexcept:
+    return _gather(p, &(<ResponseParser>p.data)._reason, at, n)
+
+
+cdef int _rs_on_header_field(llhttp_t* p, const char* at, size_t n) noexcept:
+    return _gather(p, &(<ResponseParser>p.data)._name, at, n)
+
+
+cdef int _rs_on_header_value_complete(llhttp_t* p) noexcept:
+    cdef ResponseParser self = <ResponseParser>p.data
+    try:
+        self._header()
+    except BaseException as exc:
+        self._error = exc
+        llhttp_set_error_reason(p, "`on_header` callback error")
+        return HPE_USER
+    return 0
+
+
+cdef int _rs_on_headers_complete(llhttp_t* p) noexcept:
+    cdef ResponseParser self = <ResponseParser>p.data
+    try:
+        self._head()
+    except BaseException as exc:
+        self._error = exc
+        return -1
+    return 1 if p.upgrade else 0
+
+
+cdef llhttp_settings_t _RESPONSE
+llhttp_settings_init(&_RESPONSE)
+_RESPONSE.on_status = _rs_on_status
+_RESPONSE.on_header_field = _rs_on_header_field
+_RESPONSE.on_header_value = _on_header_value
+_RESPONSE.on_header_field_complete = _on_header_field_complete
+_RESPONSE.on_header_value_complete = _rs_on_header_value_complete
+_RESPONSE.on_headers_complete = _rs_on_headers_complete
+_RESPONSE.on_body = _on_body
+_RESPONSE.on_message_complete = _on_message_complete
+
+
+cdef class ResponseParser(_Parser):
+    """The compiled twin of responseparser.ResponseParserPy: same calls, same errors."""
+
+    cdef Buf _reason
+    cdef list _lines, _connection
+    cdef object _length, _accel
+    cdef bytes _te, _upgrade, _keepalive
+
+    def __cinit__(self, sink):
+        llhttp_init(&self._p, HTTP_RESPONSE, &_RESPONSE)
+        self._p.data = <void*>self
+        self._names = _RESPONSE_NAMES
+        self._on_head = sink.on_head
+        self._on_body = sink.on_body
+        self._on_complete = sink.on_message_complete
+        self._lines = []
+        self._connection = []
+        self._te = self._upgrade = self._keepalive = _EMPTY
+
+    def __dealloc__(self):
+        PyMem_Free(self._reason.p)
+
+    cdef _header(self):
+        """One header's value is complete: relayed, read, or dropped by its name's kind."""
+        cdef int kind = self._kind
+        cdef size_t name_n = self._name.n
+        cdef bytes value
+        self._name.n = 0
+        if self._in_trailers or self._closed:
+            self._value.n = 0
+            return  # trailers are not relayed
+        if kind == _PLAIN or kind == _LENGTH:
+            value = PyBytes_FromStringAndSize(self._value.p, self._value.n)
+            self._value.n = 0
+            lines = self._lines
+            lines.append(PyBytes_FromStringAndSize(self._name.p, name_n))
+            lines.append(_SEP)
+            lines.append(value)
+            lines.append(_CRLF)
+            if kind == _LENGTH:
+                self._length = value
+            return
+        value = PyBytes_FromStringAndSize(self._value.p, self._value.n)
+        self._value.n = 0
+        if kind == _CONNECTION:
+            self._connection.append(value)
+        elif kind == _TE:
+            self._te = self._te + b", " + value if self._te else value
+        elif kind == _KEEPALIVE:
+            self._keepalive = self._keepalive + b"," + value if self._keepalive else value
+        elif kind == _UPGRADE:
+            self._upgrade = value
+        elif kind == _ACCEL:
+            self._accel = value
+        # other hop-by-hop headers are dropped
+
+    cdef _head(self):
+        reason = PyBytes_FromStringAndSize(self._reason.p, self._reason.n)
+        self._reason.n = 0
+        lines = self._lines
+        connection = self._connection
+        length = self._length
+        te = self._te
+        upgrade = self._upgrade
+        keepalive = self._keepalive
+        accel = self._accel
+        self._lines = []
+        self._connection = []
+        self._length = None
+        self._te = self._upgrade = self._keepalive = _EMPTY
+        self._accel = None
+        self._in_trailers = True
+        if self._closed:
+            return
+        self._on_head(self._p.status_code, reason, lines, length, te, connection, upgrade,
+                      keepalive, accel, llhttp_should_keep_alive(&self._p) != 0)
+
+
+# -- the request parser ------------------------------------------------------------------------
+#
+# A header is handed over where httptools hands it over (when the next name begins, or when the
+# head ends), so a header a request is refused for fails at the same place, with the same
+# message, in both twins.
+
+cdef int _rq_on_message_begin(llhttp_t* p) noexcept:
+    cdef RequestParser self = <RequestParser>p.data
+    self._in_trailers = False
+    if self._closed:
+        return 0
+    try:
+        self._on_begin()
+    except BaseException as exc:
+        self._error = exc
+        return -1
+    return 0
+
+
+cdef int _rq_on_url(llhttp_t* p, const char* at, size_t n) noexcept:
+    cdef RequestParser self = <RequestParser>p.data
+    if _gather(p, &self._url, at, n):
+        return HPE_USER
+    if self._url.n > self._max_url:
+        try:
+            self._error = BadRequest(414, "request target too long")
+        except BaseException as exc:
+            self._error = exc
+        llhttp_set_error_reason(p, "`on_url` callback error")
+        return HPE_USER
+    return 0
+
+
+cdef int _rq_on_header_field(llhttp_t* p, const char* at, size_t n) noexcept:
+    cdef RequestParser self = <RequestParser>p.data
+    if self._pending:
+        try:
+            self._header()
+        except BaseException as exc:
+            self._error = exc
+            llhttp_set_error_reason(p, "`on_header_field` callback error")
+            return HPE_USER
+    return _gather(p, &self._name, at, n)
+
+
+cdef int _rq_on_header_value_complete(llhttp_t* p) noexcept:
+    (<RequestParser>p.data)._pending = True
+    return 0
+
+
+cdef int _rq_on_headers_complete(llhttp_t* p) noexcept:
+    cdef RequestParser self = <RequestParser>p.data
+    try:
+        if self._pending:
+            self._header()
+        self._head()
+    except BaseException as exc:
+        self._error = exc
+        return -1
+    return 1 if p.upgrade else 0  # as httptools: llhttp skips an upgrade request's body
+
+
+cdef llhttp_settings_t _REQUEST
+llhttp_settings_init(&_REQUEST)
+_REQUEST.on_message_begin = _rq_on_message_begin
+_REQUEST.on_url = _rq_on_url
+_REQUEST.on_header_field = _rq_on_header_field
+_REQUEST.on_header_value = _on_header_value
+_REQUEST.on_header_field_complete = _on_header_field_complete
+_REQUEST.on_header_value_complete = _rq_on_header_value_complete
+_REQUEST.on_headers_complete = _rq_on_headers_complete
+_REQUEST.on_body = _on_body
+_REQUEST.on_message_complete = _on_message_complete
+
+# Method names as bytes, made once each (httptools' get_method() makes one a call).
+cdef list _METHODS = [None] * 256
+
+
+cdef class RequestParser(_Parser):
+    """The compiled twin of requestparser.RequestParserPy: same calls, same errors."""
+
+    cdef Buf _url
+    cdef size_t _max_url
+    cdef object _on_begin
+    cdef list _lines, _connection
+    cdef bytes _host, _te, _upgrade, _xff, _via
+    cdef object _length
+    cdef str _request_id
+    cdef Py_ssize_t _host_count, _head_size
+    cdef bint _expect
+
+    def __cinit__(self, sink, Names names, Py_ssize_t max_url):
+        llhttp_init(&self._p, HTTP_REQUEST, &_REQUEST)
+        self._p.data = <void*>self
+        self._names = names
+        self._max_url = max_url
+        self._on_begin = sink.on_message_begin
+        self._on_head = sink.on_head
+        self._on_body = sink.on_body
+        self._on_complete = sink.on_message_complete
+        self._reset()
+
+    def __dealloc__(self):
+        PyMem_Free(self._url.p)
+
+    def close(self):
+        _Parser.close(self)
+        self._on_begin = None
+
+    cdef _reset(self):
+        self._url.n = 0
+        self._lines = []
+        self._connection = []
+        self._host = self._te = self._upgrade = self._xff = self._via = _EMPTY
+        self._length = None
+        self._request_id = ""
+        self._host_count = self._head_size = 0
+        self._expect = False
+
+    cdef _header(self):
+        """One header is complete: forwarded, read, or dropped by its name's kind; a Host or an
+        Expect the request is refused for raises BadRequest (headers.py)."""
+        cdef int kind = self._kind
+        cdef size_t name_n = self._name.n
+        cdef size_t value_n = self._value.n
+        cdef bytes value
+        self._pending = False
+        self._name.n = self._value.n = 0
+        if self._in_trailers or self._closed:
+            return  # a chunked body's trailer fields: never forwarded (llhttp refuses framing ones)
+        self._head_size += name_n + value_n + 4
+        if kind == _DROP or kind == _UNDERSCORE:
+            return  # hop-by-hop, set by failproxy itself, or with an underscore
+        value = PyBytes_FromStringAndSize(self._value.p, value_n)
+        if kind == _PLAIN or kind == _HOST:
+            lines = self._lines
+            lines.append(PyBytes_FromStringAndSize(self._name.p, name_n))
+            lines.append(_SEP)
+            lines.append(value)
+            lines.append(_CRLF)
+            if kind == _HOST:
+                self._host_count += 1
+                self._host = value
+                if value not in _KNOWN_HOSTS and not _valid_host(value):
+                    raise BadRequest(400, "invalid Host")
+        elif kind == _LENGTH:
+            self._length = value
+        elif kind == _CONNECTION:
+            self._connection.append(value)
+        elif kind == _TE:
+            self._te = self._te + b", " + value if self._te else value
+        elif kind == _UPGRADE:
+            self._upgrade = self._upgrade + b", " + value if self._upgrade else value
+        elif kind == _REQUEST_ID:
+            self._request_id = value.decode("latin-1")
+        elif kind == _XFF:
+            self._xff = self._xff + b", " + value if self._xff else value
+        elif kind == _VIA:
+            self._via = self._via + b", " + value if self._via else value
+        elif kind == _EXPECT:
+            if value.lower() != _CONTINUE:
+                raise BadRequest(417, "unsupported expectation")
+            self._expect = True
+        # _PROXY_CONNECTION: dropped (it only sets llhttp's keep-alive flags)
+
+    cdef _head(self):
+        cdef llhttp_t* p = &self._p
+        url = PyBytes_FromStringAndSize(self._url.p, self._url.n)
+        method = _METHODS[p.method]
+        if method is None:
+            method = _METHODS[p.method] = <bytes>llhttp_method_name(p.method)
+        if p.http_major == 1 and p.http_minor == 1:
+            version = "1.1"
+        elif p.http_major == 1 and p.http_minor == 0:
+            version = "1.0"
+        else:
+            version = f"{p.http_major}.{p.http_minor}"
+        lines = self._lines
+        host = self._host
+        host_count = self._host_count
+        head_size = self._head_size
+        length = self._length
+        te = self._te
+        connection = self._connection
+        upgrade = self._upgrade
+        request_id = self._request_id
+        xff = self._xff
+        via = self._via
+        expect = self._expect
+        self._reset()
+        self._in_trailers = True
+        if self._closed:
+            return
+        self._on_head(method, url, version, p.upgrade != 0, lines, host, host_count, head_size,
+                      length, te, connection, upgrade, request_id, xff, via, expect)
