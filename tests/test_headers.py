@@ -60,7 +60,7 @@ def test_transfer_encoding(value: bytes, status: int | None) -> None:
 
 def _build(cfg: HeadersConfig, **kw: object) -> bytes:
     args: dict[str, object] = dict(
-        client_ip="192.0.2.7",
+        client_ip=b"192.0.2.7",
         tls=False,
         request_id="rid1",
         framing=b"",

@@ -14,6 +14,7 @@ are httptools' classes with httptools' messages, raised where httptools raises t
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
 from libc.stdint cimport uint8_t, uint16_t
 from libc.string cimport memchr, memcpy
 
@@ -93,6 +94,10 @@ cdef extern from "llhttp.h":
     const char* llhttp_get_error_pos(const llhttp_t* parser)
     void llhttp_resume_after_upgrade(llhttp_t* parser)
     const char* llhttp_method_name(uint8_t method)
+
+cdef extern from "Python.h":
+    list PyList_New(Py_ssize_t size)
+    void _list_set "PyList_SET_ITEM"(list lst, Py_ssize_t i, PyObject* item)  # steals item
 
 
 cdef int _PLAIN = H_PLAIN
@@ -244,10 +249,50 @@ cdef class _Parser:
     cdef bint _in_trailers, _closed
     cdef bint _pending  # a request header's value is complete, not yet handed over
     cdef object _on_head, _on_body, _on_complete, _error
+    # The head's forwarded (relayed) header pieces, name, b": ", value, CRLF each, as new
+    # references: made one list of the exact size when the head ends, where appending to a
+    # list grows it (a realloc) every few headers.
+    cdef PyObject** _pieces
+    cdef Py_ssize_t _npieces, _cappieces
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self._npieces):
+            Py_DECREF(<object>self._pieces[i])
+        PyMem_Free(self._pieces)
         PyMem_Free(self._name.p)
         PyMem_Free(self._value.p)
+
+    cdef int _line(self, bytes name, bytes value) except -1:
+        """One header line's four pieces, kept for the head's list."""
+        cdef Py_ssize_t cap
+        cdef PyObject** grown
+        if self._npieces + 4 > self._cappieces:
+            cap = self._cappieces * 2 if self._cappieces else 32
+            grown = <PyObject**>PyMem_Realloc(self._pieces, cap * sizeof(PyObject*))
+            if grown is NULL:
+                raise MemoryError()
+            self._pieces = grown
+            self._cappieces = cap
+        Py_INCREF(name)
+        Py_INCREF(_SEP)
+        Py_INCREF(value)
+        Py_INCREF(_CRLF)
+        self._pieces[self._npieces] = <PyObject*>name
+        self._pieces[self._npieces + 1] = <PyObject*>_SEP
+        self._pieces[self._npieces + 2] = <PyObject*>value
+        self._pieces[self._npieces + 3] = <PyObject*>_CRLF
+        self._npieces += 4
+        return 0
+
+    cdef list _lines(self):
+        """The pieces kept since the last head, as a list (their references move to it)."""
+        cdef Py_ssize_t i, n = self._npieces
+        lines = PyList_New(n)
+        for i in range(n):
+            _list_set(lines, i, self._pieces[i])
+        self._npieces = 0
+        return lines
 
     def close(self):
         """Done with: what it is fed after this is dropped, and the sink's methods let go."""
@@ -386,7 +431,7 @@ cdef class ResponseParser(_Parser):
     """The compiled twin of responseparser.ResponseParserPy: same calls, same errors."""
 
     cdef Buf _reason
-    cdef list _lines, _connection
+    cdef list _connection
     cdef object _length, _accel
     cdef bytes _te, _upgrade, _keepalive
 
@@ -397,7 +442,6 @@ cdef class ResponseParser(_Parser):
         self._on_head = sink.on_head
         self._on_body = sink.on_body
         self._on_complete = sink.on_message_complete
-        self._lines = []
         self._connection = []
         self._te = self._upgrade = self._keepalive = _EMPTY
 
@@ -416,11 +460,7 @@ cdef class ResponseParser(_Parser):
         if kind == _PLAIN or kind == _LENGTH:
             value = PyBytes_FromStringAndSize(self._value.p, self._value.n)
             self._value.n = 0
-            lines = self._lines
-            lines.append(PyBytes_FromStringAndSize(self._name.p, name_n))
-            lines.append(_SEP)
-            lines.append(value)
-            lines.append(_CRLF)
+            self._line(PyBytes_FromStringAndSize(self._name.p, name_n), value)
             if kind == _LENGTH:
                 self._length = value
             return
@@ -441,14 +481,13 @@ cdef class ResponseParser(_Parser):
     cdef _head(self):
         reason = PyBytes_FromStringAndSize(self._reason.p, self._reason.n)
         self._reason.n = 0
-        lines = self._lines
+        lines = self._lines()
         connection = self._connection
         length = self._length
         te = self._te
         upgrade = self._upgrade
         keepalive = self._keepalive
         accel = self._accel
-        self._lines = []
         self._connection = []
         self._length = None
         self._te = self._upgrade = self._keepalive = _EMPTY
@@ -544,7 +583,7 @@ cdef class RequestParser(_Parser):
     cdef Buf _url
     cdef size_t _max_url
     cdef object _on_begin
-    cdef list _lines, _connection
+    cdef list _connection
     cdef bytes _host, _te, _upgrade, _xff, _via
     cdef object _length
     cdef str _request_id
@@ -571,7 +610,6 @@ cdef class RequestParser(_Parser):
 
     cdef _reset(self):
         self._url.n = 0
-        self._lines = []
         self._connection = []
         self._host = self._te = self._upgrade = self._xff = self._via = _EMPTY
         self._length = None
@@ -595,11 +633,7 @@ cdef class RequestParser(_Parser):
             return  # hop-by-hop, set by failproxy itself, or with an underscore
         value = PyBytes_FromStringAndSize(self._value.p, value_n)
         if kind == _PLAIN or kind == _HOST:
-            lines = self._lines
-            lines.append(PyBytes_FromStringAndSize(self._name.p, name_n))
-            lines.append(_SEP)
-            lines.append(value)
-            lines.append(_CRLF)
+            self._line(PyBytes_FromStringAndSize(self._name.p, name_n), value)
             if kind == _HOST:
                 self._host_count += 1
                 self._host = value
@@ -637,7 +671,7 @@ cdef class RequestParser(_Parser):
             version = "1.0"
         else:
             version = f"{p.http_major}.{p.http_minor}"
-        lines = self._lines
+        lines = self._lines()
         host = self._host
         host_count = self._host_count
         head_size = self._head_size
