@@ -133,6 +133,10 @@ CASES = {
     "bare lf": b"GET / HTTP/1.1\nHost: h\n\n",
     "nul in value": b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n",
     "space in the target": b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
+    # more pieces than the C twin's first array holds (32): it grows mid-head
+    "many headers": (b"GET / HTTP/1.1\r\nHost: h\r\n"
+                     + b"".join(b"X-H%d: v%d\r\n" % (i, i) for i in range(40))
+                     + b"Connection: close\r\n\r\n"),
 }
 
 

@@ -106,6 +106,10 @@ CASES = {
                            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
     "bare lf": b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
     "nul in value": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    # more pieces than the C twin's first array holds (32): it grows mid-head
+    "many headers": (b"HTTP/1.1 200 OK\r\n"
+                     + b"".join(b"X-H%d: v%d\r\n" % (i, i) for i in range(40))
+                     + b"Content-Length: 2\r\n\r\nok"),
 }
 
 
