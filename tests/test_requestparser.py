@@ -53,7 +53,7 @@ class Recorder(RequestSink):
 
     def on_head(self, method: bytes, url: bytes, version: str, upgrading: bool,
                 lines: list[bytes], host: bytes, host_count: int, head_size: int,
-                length: bytes | None, te: bytes, connection: list[bytes], upgrade: bytes,
+                length: bytes | None, te: bytes, connection: tuple[bytes, ...], upgrade: bytes,
                 request_id: str, xff: bytes, via: bytes, expect_continue: bool) -> None:
         self.calls.append(("head", method, url, version, upgrading, tuple(lines), host,
                            host_count, head_size, length, te, tuple(connection), upgrade,

@@ -37,7 +37,7 @@ class Recorder(HeadSink):
         self.fail_on = fail_on
 
     def on_head(self, status: int, reason: bytes, lines: list[bytes], length: bytes | None,
-                te: bytes, connection: list[bytes], upgrade: bytes, keepalive: bytes,
+                te: bytes, connection: tuple[bytes, ...], upgrade: bytes, keepalive: bytes,
                 accel: bytes | None, keep_alive: bool) -> None:
         self.calls.append(("head", status, reason, tuple(lines), length, te, tuple(connection),
                            upgrade, keepalive, accel, keep_alive))

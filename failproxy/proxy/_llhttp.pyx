@@ -431,7 +431,7 @@ cdef class ResponseParser(_Parser):
     """The compiled twin of responseparser.ResponseParserPy: same calls, same errors."""
 
     cdef Buf _reason
-    cdef list _connection
+    cdef tuple _connection  # made only when a Connection header comes
     cdef object _length, _accel
     cdef bytes _te, _upgrade, _keepalive
 
@@ -442,7 +442,7 @@ cdef class ResponseParser(_Parser):
         self._on_head = sink.on_head
         self._on_body = sink.on_body
         self._on_complete = sink.on_message_complete
-        self._connection = []
+        self._connection = ()
         self._te = self._upgrade = self._keepalive = _EMPTY
 
     def __dealloc__(self):
@@ -467,7 +467,7 @@ cdef class ResponseParser(_Parser):
         value = PyBytes_FromStringAndSize(self._value.p, self._value.n)
         self._value.n = 0
         if kind == _CONNECTION:
-            self._connection.append(value)
+            self._connection = self._connection + (value,)
         elif kind == _TE:
             self._te = self._te + b", " + value if self._te else value
         elif kind == _KEEPALIVE:
@@ -488,7 +488,7 @@ cdef class ResponseParser(_Parser):
         upgrade = self._upgrade
         keepalive = self._keepalive
         accel = self._accel
-        self._connection = []
+        self._connection = ()
         self._length = None
         self._te = self._upgrade = self._keepalive = _EMPTY
         self._accel = None
@@ -583,7 +583,7 @@ cdef class RequestParser(_Parser):
     cdef Buf _url
     cdef size_t _max_url
     cdef object _on_begin
-    cdef list _connection
+    cdef tuple _connection  # made only when a Connection header comes
     cdef bytes _host, _te, _upgrade, _xff, _via
     cdef object _length
     cdef str _request_id
@@ -610,7 +610,7 @@ cdef class RequestParser(_Parser):
 
     cdef _reset(self):
         self._url.n = 0
-        self._connection = []
+        self._connection = ()
         self._host = self._te = self._upgrade = self._xff = self._via = _EMPTY
         self._length = None
         self._request_id = ""
@@ -642,7 +642,7 @@ cdef class RequestParser(_Parser):
         elif kind == _LENGTH:
             self._length = value
         elif kind == _CONNECTION:
-            self._connection.append(value)
+            self._connection = self._connection + (value,)
         elif kind == _TE:
             self._te = self._te + b", " + value if self._te else value
         elif kind == _UPGRADE:

@@ -43,7 +43,7 @@ class ExchangeView:
     client_ip: str
     attempt: int
     tried: list[str]
-    reasons: list[str]
+    reasons: tuple[str, ...]
     status: int
     bytes_sent: int
     answered_by: Peer | None
@@ -140,7 +140,7 @@ class Events:
             "upstream_exhausted",
             **request_fields(ex.req),
             tried=ex.tried,
-            reasons=ex.reasons,
+            reasons=list(ex.reasons),
             status=status,
         )
 

@@ -176,7 +176,8 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.pos = -1
         self.attempt = 0
         self.tried: list[str] = []
-        self.reasons: list[str] = []
+        # why each failed attempt failed: a tuple, made only when one fails
+        self.reasons: tuple[str, ...] = ()
         self.peer: Peer | None = None  # the peer of the current attempt
         self.slot: Peer | None = None  # the peer whose in-flight slot this exchange holds
         self.slot_answered = False  # ... and that peer's response head has arrived
@@ -307,7 +308,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         if reason and peer is not local:
             self.attempt += 1
             self.tried.append(local.address)
-            self.reasons.append(reason)
+            self.reasons += (reason,)
             self.ctx.events.failover(self, local, peer, reason, None)
         if peer is not local:
             room.sent(peer, now)
@@ -496,7 +497,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             self._peer_failed(peer)
         if nxt is None:
             nxt = self._next_upstream(reason)
-        self.reasons.append(reason)
+        self.reasons += (reason,)
         if nxt is None:
             self._exhausted(reason)
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from email.utils import formatdate
 from typing import Final
 
@@ -197,7 +198,7 @@ class BadRequest(Exception):
         self.detail = detail
 
 
-def connection_tokens(values: list[bytes]) -> set[bytes]:
+def connection_tokens(values: Sequence[bytes]) -> set[bytes]:
     """Lower-cased tokens of every `Connection` header: the names they list are hop-by-hop too."""
     out: set[bytes] = set()
     for value in values:

@@ -62,7 +62,7 @@ class Request:
         self.host_count = 0
         self.content_length: bytes | None = None
         self.te = b""
-        self.conn_tokens: list[bytes] = []
+        self.conn_tokens: tuple[bytes, ...] = ()  # each Connection value
         self.upgrade = b""
         self.xff = b""
         self.via = b""

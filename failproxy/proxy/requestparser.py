@@ -72,7 +72,7 @@ class RequestSink:
         head_size: int,
         length: bytes | None,
         te: bytes,
-        connection: list[bytes],
+        connection: tuple[bytes, ...],
         upgrade: bytes,
         request_id: str,
         xff: bytes,
@@ -160,7 +160,7 @@ class RequestParserPy:
         self._head_size = 0
         self._length: bytes | None = None
         self._te = b""
-        self._connection: list[bytes] = []
+        self._connection: tuple[bytes, ...] = ()
         self._upgrade = b""
         self._request_id = ""
         self._xff = b""
@@ -211,7 +211,7 @@ class RequestParserPy:
         elif kind == H_LENGTH:
             self._length = value
         elif kind == H_CONNECTION:
-            self._connection.append(value)
+            self._connection += (value,)
             self._flagged = True
         elif kind == H_TE:
             self._te = self._te + b", " + value if self._te else value

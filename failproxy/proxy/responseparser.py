@@ -55,7 +55,7 @@ class HeadSink:
         lines: list[bytes],
         length: bytes | None,
         te: bytes,
-        connection: list[bytes],
+        connection: tuple[bytes, ...],
         upgrade: bytes,
         keepalive: bytes,
         accel: bytes | None,
@@ -120,7 +120,7 @@ class ResponseParserPy:
         self._lines: list[bytes] = []
         self._length: bytes | None = None
         self._te = b""
-        self._connection: list[bytes] = []
+        self._connection: tuple[bytes, ...] = ()
         self._upgrade = b""
         self._keepalive = b""
         self._accel: bytes | None = None
@@ -154,7 +154,7 @@ class ResponseParserPy:
             if kind == H_LENGTH:
                 self._length = value
         elif kind == H_CONNECTION:
-            self._connection.append(value)
+            self._connection += (value,)
         elif kind == H_TE:
             self._te = self._te + b", " + value if self._te else value
         elif kind == H_KEEPALIVE:
@@ -181,7 +181,7 @@ class ResponseParserPy:
         self._lines = []
         self._length = None
         self._te = b""
-        self._connection = []
+        self._connection = ()
         self._upgrade = b""
         self._keepalive = b""
         self._accel = None

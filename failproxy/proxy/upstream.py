@@ -291,7 +291,7 @@ class UpstreamConnection(HeadSink, Pooled):
         lines: list[bytes],
         length: bytes | None,
         te: bytes,
-        connection: list[bytes],
+        connection: tuple[bytes, ...],
         upgrade: bytes,
         keepalive: bytes,
         accel: bytes | None,
