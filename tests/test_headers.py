@@ -13,10 +13,11 @@ from failproxy.proxy.headers import (
     H_REQUEST_ID,
     H_UNDERSCORE,
     BadRequest,
+    NameTable,
     RequestHeadBuilder,
     check_transfer_encoding,
     connection_tokens,
-    request_kinds,
+    request_kind_names,
     response_head,
     response_kinds,
     simple_response,
@@ -148,7 +149,8 @@ def test_response_head_writes_known_status_lines() -> None:
 
 
 def test_name_table_classifies_each_spelling_once() -> None:
-    table = request_kinds(b"x-request-id", "replace", frozenset({b"x-forwarded-proto"}))
+    names = request_kind_names(b"x-request-id", "replace", frozenset({b"x-forwarded-proto"}))
+    table = NameTable(names, underscore=True)
     for name, kind in [(b"Host", H_HOST), (b"HOST", H_HOST), (b"host", H_HOST),
                        (b"X_Forwarded_For", H_UNDERSCORE), (b"Accept", H_PLAIN),
                        (b"X-Forwarded-Proto", H_DROP), (b"HTTP2-Settings", H_DROP),

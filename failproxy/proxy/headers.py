@@ -82,7 +82,7 @@ def upgrade_matches(answered: bytes, asked: bytes) -> bool:
     return bool(got) and got <= {t.lower() for t in upgrade_tokens(asked)}
 
 
-# What the client connection does with a request header (see `request_kinds`); H_PLAIN is
+# What the client connection does with a request header (see `request_kind_names`); H_PLAIN is
 # copied through.
 H_PLAIN: Final = 0
 H_HOST: Final = 1
@@ -131,17 +131,13 @@ class NameTable:
         return kind
 
 
-def request_kinds(request_id: bytes, xff_mode: str, replaced: frozenset[bytes]) -> NameTable:
-    """The request header table of a worker: the request-id header name and the X-Forwarded-*
-    settings are configured."""
-    return NameTable(request_kind_names(request_id, xff_mode, replaced), underscore=True)
-
-
 def request_kind_names(
     request_id: bytes, xff_mode: str, replaced: frozenset[bytes]
 ) -> dict[bytes, int]:
-    """The request headers that are not plain, by lower-cased name (the Cython request parser
-    builds its C table from this too; names with an underscore are H_UNDERSCORE in both)."""
+    """The request headers of a worker that are not plain, by lower-cased name: the request-id
+    header name and the X-Forwarded-* settings are configured. Either twin's table is made
+    from it (requestparser.Names, with underscore=True: names with an underscore are
+    H_UNDERSCORE in both)."""
     kinds = dict.fromkeys(HOP_BY_HOP, H_DROP) | dict.fromkeys(replaced, H_DROP)
     kinds[b"http2-settings"] = H_DROP  # h2c is never forwarded (see without_h2c)
     kinds[b"proxy-connection"] = H_PROXY_CONNECTION
