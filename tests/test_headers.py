@@ -135,16 +135,16 @@ def test_upgrade_and_framing_lines() -> None:
 )
 def test_response_head_connection(keep: bool, http10: bool, tail: bytes) -> None:
     lines = [b"X", b": ", b"y", b"\r\n"]
-    head = response_head(200, b"OK", lines, b"", keep_alive=keep, http10=http10, extra=b"")
+    head = response_head(200, b"OK", lines, b"", keep, http10, b"")
     assert head.startswith(b"HTTP/1.1 200 OK\r\nX: y\r\n")
     assert head.endswith(tail)
 
 
 def test_response_head_writes_known_status_lines() -> None:
     """As nginx: a known status gets failproxy's own line; another keeps the upstream's reason."""
-    ok = response_head(200, b"Fine", [], b"", keep_alive=True, http10=False, extra=b"")
+    ok = response_head(200, b"Fine", [], b"", True, False, b"")
     assert ok == b"HTTP/1.1 200 OK\r\n\r\n"
-    odd = response_head(299, b"Odd One", [], b"", keep_alive=True, http10=False, extra=b"")
+    odd = response_head(299, b"Odd One", [], b"", True, False, b"")
     assert odd == b"HTTP/1.1 299 Odd One\r\n\r\n"
 
 

@@ -95,8 +95,10 @@ class WorkerContext:
         self.error_statuses = frozenset(s for s, _ in cfg.static.error_pages)
         self.intercept_errors = cfg.static.intercept_errors and bool(self.error_statuses)
         self.compress: CompressConfig | None = cfg.compress if cfg.compress.gzip else None
-        self.head_builder = RequestHeadBuilder(cfg.headers)
-        self.rid_header = self.head_builder.request_id_header
+        head_builder = RequestHeadBuilder(cfg.headers)
+        # The upstream head's writer (the Cython twin's where it runs), called once a request.
+        self.build_head = head_builder.writer()
+        self.rid_header = head_builder.request_id_header
         replaced = set()
         if cfg.headers.x_forwarded_proto:
             replaced.add(b"x-forwarded-proto")

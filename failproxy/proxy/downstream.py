@@ -531,19 +531,8 @@ class ClientConnection(RequestSink, Downstream):
 
     def _build_head(self, req: Request, framing: bytes, upgrade: bytes) -> bytes:
         """The head sent upstream, built once per request (a retry re-sends the same bytes)."""
-        return self.ctx.head_builder.build(
-            req.method,
-            req.url,
-            req.lines,
-            req.host,
-            client_ip=self.client_addr,
-            tls=self.tls,
-            request_id=req.request_id,
-            framing=framing,
-            upgrade=upgrade,
-            xff_prior=req.xff,
-            via_prior=req.via,
-        )
+        return self.ctx.build_head(req.method, req.url, req.lines, req.host, self.client_addr,
+                                   self.tls, req.request_id, framing, upgrade, req.xff, req.via)
 
     def _local_host(self) -> bytes:
         """host[:port] the client connected to (a Host for requests that sent none)."""

@@ -267,8 +267,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
                 length = 0  # counted as it goes (Source.produced)
         self.keep_alive = keep
         self.status = answer.status
-        head = response_head(answer.status, b"", headers, framing, keep_alive=keep,
-                             http10=req.http10, extra=b"")
+        head = response_head(answer.status, b"", headers, framing, keep, req.http10, b"")
         self.bytes_sent = len(head) + length
         client.write(head)
         self._enter(SENDING)
@@ -569,8 +568,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     ) -> None:
         """1xx before the real response: relayed to HTTP/1.1 clients (not 100: we sent our own)."""
         if status != 100 and not self.req.http10:
-            data = response_head(status, reason, lines, b"", keep_alive=True, http10=False,
-                                 extra=b"")
+            data = response_head(status, reason, lines, b"", True, False, b"")
             self.client.write(data)
 
     def on_response_head(
@@ -628,9 +626,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         if conn.no_buffering or status == 101:
             self.buffer_answer = False  # streamed as it comes; a tunnel is never buffered
         extra = conn.peer.header_line if self.ctx.upstream_header else b""
-        data = response_head(
-            status, reason, lines, framing, keep_alive=keep, http10=req.http10, extra=extra
-        )
+        data = response_head(status, reason, lines, framing, keep, req.http10, extra)
         self.bytes_sent += len(data)
         self.out.append(data)
 

@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from email.utils import formatdate
-from typing import Final
+from typing import Any, Final
 
 from failproxy.config import HeadersConfig
-from failproxy.proxy import bytesjoin
-
-# The two heads of every request are joined by the Cython twin where it runs (bytesjoin.py):
-# CPython's join costs ~100 instructions a piece.
-_join: Final = bytesjoin.join
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the legacy ones proxies must also drop.
 HOP_BY_HOP: Final = frozenset(
@@ -221,7 +216,10 @@ def check_transfer_encoding(value: bytes) -> None:
 
 
 class RequestHeadBuilder:
-    """Builds the upstream request head from the client's; configured once per worker."""
+    """Builds the upstream request head from the client's; configured once per worker.
+
+    `build` is the pure twin; `writer()` gives what a connection calls per request: the Cython
+    twin's (`_heads.RequestHead`) where it runs, else `build` itself."""
 
     __slots__ = ("_proto_http", "_proto_https", "_rid_lower", "_rid_name", "_via", "_xff", "_xfh")
 
@@ -235,13 +233,18 @@ class RequestHeadBuilder:
         self._rid_lower = self._rid_name.lower()
 
     @property
-    def xff_mode(self) -> str:
-        return self._xff
-
-    @property
     def request_id_header(self) -> bytes:
         """Lower-cased name of the request-id header, b"" when off."""
         return self._rid_lower
+
+    def writer(self) -> RequestHeadWriter:
+        """The per-request `build`, in C where the Cython twin runs."""
+        if _REQUEST_HEAD is None:
+            return self.build
+        writer: RequestHeadWriter = _REQUEST_HEAD(
+            self._xff, self._proto_http, self._proto_https, self._xfh, self._via,
+            self._rid_name, self.build).build
+        return writer
 
     def build(
         self,
@@ -249,7 +252,6 @@ class RequestHeadBuilder:
         target: bytes,
         lines: list[bytes],
         host: bytes,
-        *,
         client_ip: bytes,
         tls: bool,
         request_id: str,
@@ -309,7 +311,7 @@ class RequestHeadBuilder:
             parts.append(b"\r\n")
         parts.append(framing)
         parts.append(b"\r\n")
-        return _join(parts)
+        return b"".join(parts)
 
 
 STATUS_REASONS: Final[dict[int, bytes]] = {
@@ -432,19 +434,18 @@ def valid_status(status: int, reason: bytes) -> bool:
     return 100 <= status <= 599 and _REASON_RE.fullmatch(reason) is not None
 
 
-def response_head(
+def response_head_py(
     status: int,
     reason: bytes,
     lines: list[bytes],
     framing: bytes,
-    *,
     keep_alive: bool,
     http10: bool,
     extra: bytes,
 ) -> bytes:
     """The head relayed to the client: upstream headers minus hop-by-hop ones, our framing and
     connection lines. `lines` arrive already filtered, as pieces (name, b": ", value, CRLF);
-    `extra` holds optional debug lines."""
+    `extra` holds optional debug lines. The pure twin of `_heads.ResponseHead.write`."""
     line = STATUS_LINES.get(status)
     parts = [line] if line is not None else [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
     parts += lines
@@ -457,4 +458,38 @@ def response_head(
         parts.append(b"Connection: keep-alive\r\n\r\n")
     else:
         parts.append(b"\r\n")
-    return _join(parts)
+    return b"".join(parts)
+
+
+# What the two heads' writers are called as (positional: a call with keywords costs more).
+RequestHeadWriter = Callable[
+    [bytes, bytes, list[bytes], bytes, bytes, bool, str, bytes, bytes, bytes, bytes], bytes]
+ResponseHeadWriter = Callable[[int, bytes, list[bytes], bytes, bool, bool, bytes], bytes]
+
+
+def _select() -> tuple[Any, Any, str]:
+    try:
+        from failproxy.proxy._heads import (  # type: ignore[import-not-found]
+            RequestHead,
+            ResponseHead,
+        )
+    except ImportError:
+        return None, None, "pure"
+    return RequestHead, ResponseHead, "cython"
+
+
+# The Cython twins' classes (None where they are not built or the build is pure), and which
+# twin runs.
+_REQUEST_HEAD, _RESPONSE_HEAD, BUILT = _select()
+
+
+def _response_writer() -> ResponseHeadWriter:
+    if _RESPONSE_HEAD is None:
+        return response_head_py
+    writer: ResponseHeadWriter = _RESPONSE_HEAD(STATUS_LINES, response_head_py).write
+    return writer
+
+
+# The client's response head, written by the twin that runs: (status, reason, lines, framing,
+# keep_alive, http10, extra), positional.
+response_head: Final = _response_writer()

@@ -1,5 +1,5 @@
 """A response's bytes in; its head as one call, its body pieces and its end out: two twins
-behind one name, chosen at import as bytesjoin.py chooses its joiner.
+behind one name, chosen at import as headers.py chooses its head writers.
 
 The parser does what needs no exchange: it splits the head into the relayed header lines (flat
 pieces, name, b": ", value, CRLF each, as the client's head is joined from) and the few headers
