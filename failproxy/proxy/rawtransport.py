@@ -28,13 +28,30 @@ import _socket
 import asyncio
 import os
 import select
+from collections.abc import Callable
 from typing import Final, Protocol
+
+
+def _select() -> tuple[Callable[[int, int], bytes], Callable[[int, bytes], int], str]:
+    """read(2) and write(2): `_sockio.pyx`'s, which keep the GIL (these sockets never block),
+    where it was built and the build runs compiled; `os.read` and `os.write` otherwise."""
+    try:
+        from failproxy.proxy._sockio import (  # type: ignore[import-not-found]
+            read,
+            write,
+        )
+    except ImportError:
+        return os.read, os.write, "pure"
+    return read, write, "cython"
+
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
 # instructions each, bench.profiles.realsock).
-_read: Final = os.read
-_write: Final = os.write
+_IO: Final = _select()
+_read: Final = _IO[0]
+_write: Final = _IO[1]
+BUILT: Final = _IO[2]
 
 HIGH: Final = 64 * 1024  # write buffer: pause_writing above this (uvloop's default) ...
 LOW: Final = 16 * 1024  # ... resume_writing once it drained below this

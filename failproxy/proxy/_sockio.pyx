@@ -1,0 +1,64 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""read(2) and write(2) on an upstream socket for rawtransport.py, the GIL kept.
+
+The compiled twins of `os.read` and `os.write`, selected in rawtransport.py at import. The
+sockets are non-blocking, so the calls never wait; `os.read` and `os.write` release the GIL
+around each call all the same (`Py_BEGIN_ALLOW_THREADS`: a mutex and a condition signal each
+way, ~350 instructions a call, bench/PROFILE.md) and parse their arguments through argument
+clinic; `os.write` also takes a buffer view of its bytes. The loop thread is the only one that
+runs failproxy's code, as uvloop keeps the GIL for its own socket calls.
+
+The same results as the os functions: a bytes object of what was read (b"" at the end), the
+count written, an OSError of the errno's class (BlockingIOError for EAGAIN). EINTR is raised as
+InterruptedError where the os functions retry (rawtransport takes it as EAGAIN: the socket is
+level-triggered, so it comes back). What is not exactly bytes, or a read larger than the buffer,
+is handed to the os function itself (tests/test_sockio.py).
+"""
+
+
+cdef extern from "unistd.h":
+    ssize_t c_read "read"(int fd, void* buf, size_t count)
+    ssize_t c_write "write"(int fd, const void* buf, size_t count)
+
+cdef extern from "Python.h":
+    object PyErr_SetFromErrno(object exc)
+    bint PyBytes_CheckExact(object o)
+    object PyBytes_FromStringAndSize(const char* v, Py_ssize_t n)
+    char* PyBytes_AS_STRING(object o)
+    Py_ssize_t PyBytes_GET_SIZE(object o)
+
+import os
+
+cdef object _os_read = os.read
+cdef object _os_write = os.write
+
+
+# What a read lands in before the bytes object of its size is made from it: os.read makes one
+# of the size asked for (rawtransport asks 64 KiB) and shrinks it, a malloc and a realloc a
+# read (~0.3k instructions more, bench.profiles.realsock) where most reads are a few hundred
+# bytes.
+cdef enum:
+    _BUF = 65536
+cdef char _buf[_BUF]
+
+
+def read(int fd, Py_ssize_t size):
+    """os.read(fd, size) for a non-blocking socket."""
+    cdef ssize_t n
+    if size < 0 or size > _BUF:
+        return _os_read(fd, size)
+    n = c_read(fd, _buf, size)
+    if n < 0:
+        return PyErr_SetFromErrno(OSError)
+    return PyBytes_FromStringAndSize(_buf, n)
+
+
+def write(int fd, data):
+    """os.write(fd, data) for a non-blocking socket."""
+    cdef ssize_t n
+    if not PyBytes_CheckExact(data):
+        return _os_write(fd, data)
+    n = c_write(fd, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+    if n < 0:
+        return PyErr_SetFromErrno(OSError)
+    return n

@@ -1,0 +1,110 @@
+"""rawtransport's read(2) and write(2) twins (`os.read`/`os.write`, proxy/_sockio.pyx): the same
+bytes read and written, the same errors, on real non-blocking sockets; and the build that runs
+uses the twin it says."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import failproxy
+from failproxy.proxy import rawtransport
+
+try:
+    from failproxy.proxy import _sockio  # type: ignore[attr-defined]
+except ImportError:
+    _sockio = None
+
+PURE = failproxy.BUILD.startswith("pure")
+TWINS: list[tuple[Callable[[int, int], bytes], Callable[[int, Any], int]]] = [(os.read, os.write)]
+if _sockio is not None and not PURE:
+    TWINS.append((_sockio.read, _sockio.write))
+IDS = ["os", "cython"][: len(TWINS)]
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_the_build_uses_the_twin_it_says() -> None:
+    if PURE:
+        assert rawtransport.BUILT == "pure"
+        assert (rawtransport._read, rawtransport._write) == (os.read, os.write)
+    else:
+        assert _sockio is not None and rawtransport.BUILT == "cython"
+        assert (rawtransport._read, rawtransport._write) == (_sockio.read, _sockio.write)
+
+
+@pytest.mark.parametrize(("read", "write"), TWINS, ids=IDS)
+def test_bytes_go_through_whole(pair: Any, read: Any, write: Any) -> None:
+    a, b = pair
+    with pytest.raises(BlockingIOError):
+        read(a.fileno(), 65536)  # nothing yet: EAGAIN
+    assert write(b.fileno(), b"hello") == 5
+    assert write(b.fileno(), bytearray(b" big")) == 4  # another buffer type
+    assert write(b.fileno(), memoryview(b" world")[1:]) == 5
+    assert write(b.fileno(), b"") == 0
+    assert read(a.fileno(), 3) == b"hel"
+    assert read(a.fileno(), 65536) == b"lo bigworld"
+    payload = bytes(range(256)) * 300  # more than one read's worth
+    sent = write(b.fileno(), payload)
+    got = b""
+    while len(got) < sent:
+        got += read(a.fileno(), 65536)
+    assert got == payload[:sent]
+    b.shutdown(socket.SHUT_WR)
+    assert read(a.fileno(), 65536) == b""  # the end
+
+
+@pytest.mark.parametrize(("read", "write"), TWINS, ids=IDS)
+def test_a_read_larger_than_the_buffer(pair: Any, read: Any, write: Any) -> None:
+    a, b = pair
+    write(b.fileno(), b"x" * 10)
+    assert read(a.fileno(), 200_000) == b"x" * 10
+
+
+@pytest.mark.parametrize(("read", "write"), TWINS, ids=IDS)
+def test_a_full_socket_takes_part_then_raises_eagain(pair: Any, read: Any, write: Any) -> None:
+    a, b = pair
+    chunk = b"y" * 65536
+    total = 0
+    with pytest.raises(BlockingIOError):
+        for _ in range(10_000):  # bounded: a socket buffer is a few MB at most
+            total += write(b.fileno(), chunk)
+    assert total > 0
+    drained = 0
+    while drained < total:
+        drained += len(read(a.fileno(), 65536))
+    assert drained == total
+
+
+@pytest.mark.parametrize(("read", "write"), TWINS, ids=IDS)
+def test_errors_are_the_errno_s_class(pair: Any, read: Any, write: Any) -> None:
+    a, b = pair
+    fd = a.fileno()
+    a.close()
+    with pytest.raises(OSError) as got:
+        read(fd, 10)
+    assert got.value.errno == errno.EBADF
+    with pytest.raises(OSError) as got:
+        write(fd, b"x")
+    assert got.value.errno == errno.EBADF
+    b.close()
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with pytest.raises(BrokenPipeError):
+            write(w, b"x")  # the reader is gone: EPIPE (Python ignores SIGPIPE)
+    finally:
+        os.close(w)
