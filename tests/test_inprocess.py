@@ -407,3 +407,45 @@ def test_a_bug_after_the_answer_began_cuts_the_client(tmp_path: Path) -> None:
         _has_traceback(error)
 
     run(main)
+
+
+def test_the_idle_pool_is_lifo_bounded_and_keeps_what_a_careful_request_refuses(
+    tmp_path: Path,
+) -> None:
+    """routing.peer's pool (the warmest connection kept apart from the older ones): taken most
+    recently pooled first, refused past `keepalive`, a connection too old for a careful request
+    kept as the oldest, a forgotten one gone wherever it sat, all closed by close_idle."""
+
+    async def main() -> None:
+        h = Harness('[upstream]\nkeepalive = 3\nkeepalive_timeout = 10.0\n'
+                    '[[upstream.server]]\naddress = "unix:/nonexistent/up.sock"\n',
+                    tmp_path / "log", asyncio.get_running_loop())
+        peer = h.ctx.peers[0]
+        now = h.loop.time()
+        a, b, c = (h.pooled(peer)[0] for _ in range(3))
+        assert peer.idle == [a, b, c] and peer.has_idle()
+        extra = UpstreamConnection(peer, h.loop)
+        assert not peer.put_idle(extra), "past keepalive = 3"
+        assert peer.take_idle(now, False) is c
+        assert peer.take_idle(now, False) is b
+        assert peer.idle == [a]
+        assert peer.put_idle(b) and peer.idle == [a, b]
+        peer.forget_idle(a)  # an older one
+        assert peer.idle == [b]
+        peer.forget_idle(b)  # the warmest
+        assert peer.idle == [] and not peer.has_idle()
+        assert peer.take_idle(now, False) is None
+        old, _ = h.pooled(peer)
+        old.idle_since = now - 6.0  # past half of keepalive_timeout: not for a careful request
+        fresh, _ = h.pooled(peer)
+        assert peer.take_idle(now, True) is fresh
+        assert peer.take_idle(now, True) is None, "too old for a careful request..."
+        assert peer.idle == [old], "... but kept for another"
+        newer, _ = h.pooled(peer)
+        assert peer.idle == [old, newer]
+        assert peer.take_idle(now, False) is newer and peer.take_idle(now, False) is old
+        gone = [h.pooled(peer)[1] for _ in range(2)]
+        peer.close_idle()
+        assert peer.idle == [] and all(t.closing for t in gone)
+
+    asyncio.run(main())

@@ -447,13 +447,13 @@ def test_after_a_local_failure_a_peer_with_room_else_home(box: Any) -> None:
     local, p1, p2, own = peers
     room.workers = 3
     now = time.monotonic()
-    assert room.after_failure(local, "overloaded", [local.address], now) is p1
+    assert room.after_failure(local, "overloaded", (local.address,), now) is p1
     busy(p1, 3)
     busy(p2, 3)
-    assert room.after_failure(local, "overloaded", [local.address], now) is own
-    assert room.after_failure(local, "refused", [local.address], now) is own
+    assert room.after_failure(local, "overloaded", (local.address,), now) is own
+    assert room.after_failure(local, "refused", (local.address,), now) is own
     assert room.workers == 1, "refused: the app server restarts, W is learned again"
-    tried = [local.address, own.address]
+    tried = (local.address, own.address)
     assert room.after_failure(own, "refused", tried, now) is p1, "then the ring, as today"
 
 

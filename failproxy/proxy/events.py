@@ -42,7 +42,7 @@ class ExchangeView:
     req: Request
     client_ip: str
     attempt: int
-    tried: list[str]
+    tried: tuple[str, ...]
     reasons: tuple[str, ...]
     status: int
     bytes_sent: int
@@ -139,7 +139,7 @@ class Events:
         self.log.error(
             "upstream_exhausted",
             **request_fields(ex.req),
-            tried=ex.tried,
+            tried=list(ex.tried),
             reasons=list(ex.reasons),
             status=status,
         )

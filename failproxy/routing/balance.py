@@ -343,7 +343,7 @@ class Room:
             self._queued += 1  # this turn's reading, less stale: our connect queues or is taken
         return self.local, ""
 
-    def _best_peer(self, now: float, tried: list[str] | tuple[str, ...],
+    def _best_peer(self, now: float, tried: tuple[str, ...],
                    slow: bool = False) -> Peer | None:
         """A peer with room: fewer of ours awaiting it than its learned concurrency (for this
         route class); the least loaded for its size first, then the one sent to least lately,
@@ -367,7 +367,7 @@ class Room:
                 best, best_load, best_recent = peer, load, recent
         return best
 
-    def _two_choices(self, now: float, tried: list[str] | tuple[str, ...],
+    def _two_choices(self, now: float, tried: tuple[str, ...],
                      slow: bool) -> Peer | None:
         """Among three or more peers with room, the less loaded of two drawn at random (power
         of two choices): what this failproxy knows of a peer is only its own share of the
@@ -499,7 +499,8 @@ class Room:
                 self._recent_at[i] = now
                 return
 
-    def after_failure(self, failed: Peer, reason: str, tried: list[str], now: float) -> Peer | None:
+    def after_failure(self, failed: Peer, reason: str, tried: tuple[str, ...],
+                      now: float) -> Peer | None:
         """Where a request goes after `failed` failed with `reason`: a peer with a free worker,
         else the own TCP port, else the next untried server; None: every one was tried."""
         if failed is self.local:

@@ -41,6 +41,8 @@ class Peer:
     """One upstream server in one worker."""
 
     __slots__ = (
+        "_older",
+        "_warm",
         "address",
         "backup",
         "down_until",
@@ -49,7 +51,6 @@ class Peer:
         "family",
         "first_fail",
         "header_line",
-        "idle",
         "index",
         "inflight",
         "is_unix",
@@ -113,9 +114,14 @@ class Peer:
         self.fails = 0
         self.first_fail = 0.0
         self.down_until = 0.0
-        # Idle keep-alive connections, most recently used last (LIFO, as nginx): the warmest
-        # connection is the least likely to have been closed by the upstream.
-        self.idle: list[Pooled] = []
+        # Idle keep-alive connections, taken most recently used first (LIFO, as nginx): the
+        # warmest connection is the least likely to have been closed by the upstream. The
+        # warmest is kept apart (`_warm`), the others in `_older`, oldest first: with one
+        # connection going back and forth, a list would empty and refill on every request, and
+        # CPython frees a list's storage when it empties and reallocates it on the next append
+        # (~500 instructions a request, bench.profiles.realsock).
+        self._warm: Pooled | None = None
+        self._older: list[Pooled] = []
 
     # -- the in-flight slot ------------------------------------------------------------------
 
@@ -182,43 +188,73 @@ class Peer:
 
     # -- idle pool ---------------------------------------------------------------------------
 
+    @property
+    def idle(self) -> list[Pooled]:
+        """The idle connections, oldest first (a new list: for status and tests)."""
+        warm = self._warm
+        return [*self._older, warm] if warm is not None else list(self._older)
+
+    def has_idle(self) -> bool:
+        return self._warm is not None
+
     def take_idle(self, now: float, careful: bool) -> Pooled | None:
         """The most recently used idle connection still fit to carry a request.
 
         `careful` (a request that must not be replayed) refuses connections that may be closing:
         idle for more than half their keep-alive allowance.
         """
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
+        while True:
+            conn = self._warm
+            if conn is None:
+                return None
+            older = self._older
+            self._warm = older.pop() if older else None
             if conn.reusable(now, careful):
                 return conn
             if not careful:
                 conn.close()
             else:
-                # Too old for this request but maybe fine for an idempotent one: keep it.
-                idle.insert(0, conn)
+                # Too old for this request but maybe fine for an idempotent one: keep it, as
+                # the oldest.
+                self._put_oldest(conn)
                 return None
-        return None
+
+    def _put_oldest(self, conn: Pooled) -> None:
+        if self._warm is None:
+            self._warm = conn
+        else:
+            self._older.insert(0, conn)
 
     def put_idle(self, conn: Pooled) -> bool:
         """Keep a connection for reuse; False when the pool is full (the caller closes it)."""
-        if len(self.idle) >= self.keepalive:
+        warm = self._warm
+        if warm is None:
+            if self.keepalive < 1:
+                return False
+            self._warm = conn
+            return True
+        if len(self._older) + 1 >= self.keepalive:
             return False
-        self.idle.append(conn)
+        self._older.append(warm)
+        self._warm = conn
         return True
 
     def forget_idle(self, conn: Pooled) -> None:
         # Tested first: most connections that end are not idle (unicorn closes each one), and
         # a remove() that raises ValueError costs ~8k instructions (bench.profiles.realsock --mode
         # close).
-        idle = self.idle
-        if conn in idle:
-            idle.remove(conn)
+        if conn is self._warm:
+            older = self._older
+            self._warm = older.pop() if older else None
+        elif conn in self._older:
+            self._older.remove(conn)
 
     def close_idle(self) -> None:
-        while self.idle:
-            self.idle.pop().close()
+        while self._warm is not None:
+            conn = self._warm
+            older = self._older
+            self._warm = older.pop() if older else None
+            conn.close()
         if self.spare is not None:
             self.spare.close()
             self.spare = None

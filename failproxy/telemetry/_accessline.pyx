@@ -189,7 +189,7 @@ cdef int _ms(object value) except -1:
 
 def render(str timestamp, long long pid, object request_id, bytes method, bytes path,
            long long status, long long bytes_sent, object duration_ms, str client,
-           object upstream, list upstreams, long long tries, bint overflowed,
+           object upstream, tuple upstreams, long long tries, bint overflowed,
            object connect_ms, object held_ms, object upstream_ms, str route,
            long long spilled_bytes, bint static):
     """The line, newline-terminated, byte for byte what orjson makes of the same record."""

@@ -32,7 +32,7 @@ _RECORD: Final[dict[str, Any]] = {
 
 def render_py(timestamp: str, pid: int, request_id: str | None, method: bytes, path: bytes,
               status: int, bytes_sent: int, duration_ms: float, client: str,
-              upstream: str | None, upstreams: list[str], tries: int, overflowed: bool,
+              upstream: str | None, upstreams: tuple[str, ...], tries: int, overflowed: bool,
               connect_ms: float | None, held_ms: float | None, upstream_ms: float | None,
               route: str, spilled_bytes: int, static: bool) -> bytes:
     """The line, newline-terminated; `method` and `path` as they arrived (latin-1)."""
@@ -60,7 +60,7 @@ def render_py(timestamp: str, pid: int, request_id: str | None, method: bytes, p
 
 
 Render = Callable[[str, int, str | None, bytes, bytes, int, int, float, str, str | None,
-                   list[str], int, bool, float | None, float | None, float | None, str, int,
+                   tuple[str, ...], int, bool, float | None, float | None, float | None, str, int,
                    bool], bytes]
 
 
