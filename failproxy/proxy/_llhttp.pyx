@@ -16,7 +16,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromSt
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
 from libc.stdint cimport uint8_t, uint16_t
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 from httptools import (
     HttpParserCallbackError,
@@ -122,6 +122,21 @@ cdef object _valid_host = valid_host
 cdef bytes _SEP = b": "
 cdef bytes _CRLF = b"\r\n"
 cdef bytes _EMPTY = b""
+# The usual Connection values and reason phrase, handed over as these objects rather than a new
+# one each message: their hash (a Connection value is looked up in a set, upstream.py) is
+# computed once, and no object is made and freed per message (~0.3k instructions a response).
+cdef tuple _USUAL = (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade",
+                     b"OK")
+
+
+cdef bytes _bytes_of(const char* p, size_t n):
+    """The bytes at p: one of _USUAL when equal to it, else a new object."""
+    cdef bytes usual
+    if 2 <= n <= 10:
+        for usual in _USUAL:
+            if <size_t>len(usual) == n and memcmp(<const char*>usual, p, n) == 0:
+                return usual
+    return PyBytes_FromStringAndSize(p, n)
 cdef bytes _CONTINUE = b"100-continue"
 
 
@@ -464,7 +479,10 @@ cdef class ResponseParser(_Parser):
             if kind == _LENGTH:
                 self._length = value
             return
-        value = PyBytes_FromStringAndSize(self._value.p, self._value.n)
+        if kind == _CONNECTION:
+            value = _bytes_of(self._value.p, self._value.n)
+        else:
+            value = PyBytes_FromStringAndSize(self._value.p, self._value.n)
         self._value.n = 0
         if kind == _CONNECTION:
             self._connection = self._connection + (value,)
@@ -479,7 +497,7 @@ cdef class ResponseParser(_Parser):
         # other hop-by-hop headers are dropped
 
     cdef _head(self):
-        reason = PyBytes_FromStringAndSize(self._reason.p, self._reason.n)
+        reason = _bytes_of(self._reason.p, self._reason.n)
         self._reason.n = 0
         lines = self._lines()
         connection = self._connection
@@ -631,7 +649,10 @@ cdef class RequestParser(_Parser):
         self._head_size += name_n + value_n + 4
         if kind == _DROP or kind == _UNDERSCORE:
             return  # hop-by-hop, set by failproxy itself, or with an underscore
-        value = PyBytes_FromStringAndSize(self._value.p, value_n)
+        if kind == _CONNECTION:
+            value = _bytes_of(self._value.p, value_n)
+        else:
+            value = PyBytes_FromStringAndSize(self._value.p, value_n)
         if kind == _PLAIN or kind == _HOST:
             self._line(PyBytes_FromStringAndSize(self._name.p, name_n), value)
             if kind == _HOST:

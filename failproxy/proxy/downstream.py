@@ -766,7 +766,7 @@ class ClientConnection(RequestSink, Downstream):
         self.timer_kind = DRAIN
         deadline = monotonic() + grace
         current = self.timer.deadline
-        self.timer.set(deadline if current is None else min(current, deadline))
+        self.timer.set(min(current, deadline) if current else deadline)
 
 
 _NO_TOKENS: Final[set[bytes]] = set()

@@ -73,8 +73,9 @@ class Request:
         self.chunked = False
         self.head = b""
         # Body bytes as they go upstream (already chunk-framed when chunked), from the first
-        # byte not yet known to be unneeded: `sent` of them reached the current upstream.
-        self.chunks: list[bytes] = []
+        # byte not yet known to be unneeded: `sent` of them reached the current upstream. Made
+        # with the first streamed byte (most requests have none).
+        self.chunks: list[bytes] | None = None
         self.held = 0
         self.sent = 0
         self.body_bytes = 0
@@ -91,16 +92,20 @@ class Request:
 
     def add_body(self, data: bytes) -> None:
         """Streaming mode: hold `data` until `flush_body` (see the module docstring)."""
-        self.chunks.append(data)
+        chunks = self.chunks
+        if chunks is None:
+            chunks = self.chunks = []
+        chunks.append(data)
         self.held += len(data)
 
     def flush_body(self, retry_limit: int) -> None:
         """Streaming mode: send what was held since the last flush to the attached upstream."""
         sink = self.sink
-        if sink is None or self.sent == len(self.chunks) or self.body is not None:
+        chunks = self.chunks
+        if sink is None or chunks is None or self.sent == len(chunks) or self.body is not None:
             return
-        sink.writelines(self.chunks[self.sent :])
-        self.sent = len(self.chunks)
+        sink.writelines(chunks[self.sent :])
+        self.sent = len(chunks)
         if self.held > retry_limit:
             self._drop_sent()
 
@@ -114,9 +119,10 @@ class Request:
         if body is not None:
             sender = self.sender = Sender(body, sink)
             return sender.start(self.head)
-        if self.chunks:
-            sink.writelines([self.head, *self.chunks])
-            self.sent = len(self.chunks)
+        chunks = self.chunks
+        if chunks:
+            sink.writelines([self.head, *chunks])
+            self.sent = len(chunks)
             if self.held > retry_limit:
                 self._drop_sent()
         else:
@@ -136,12 +142,14 @@ class Request:
             self.body = None
             body.close()
         if self.held:
-            self.chunks = []
+            self.chunks = None
             self.held = 0
 
     def _drop_sent(self) -> None:
         """Past `retry_body_bytes` the sent part of the body is let go: no replay after this."""
-        del self.chunks[: self.sent]
-        self.held = sum(len(c) for c in self.chunks)
+        chunks = self.chunks
+        assert chunks is not None, "only what was held is dropped"
+        del chunks[: self.sent]
+        self.held = sum(len(c) for c in chunks)
         self.sent = 0
         self.replayable = False

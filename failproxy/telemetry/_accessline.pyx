@@ -130,18 +130,32 @@ cdef inline int _latin1(bytes b) except -1:
     return _escaped(<const unsigned char*><char*>b, len(b), True)
 
 
+# "00".."99": an integer written two digits a division (six integers a line).
+cdef const char* _PAIRS = (b"00010203040506070809101112131415161718192021222324252627282930313233"
+                           b"34353637383940414243444546474849505152535455565758596061626364656667"
+                           b"6869707172737475767778798081828384858687888990919293949596979899")
+
+
 cdef int _int(long long v) except -1:
-    global _n
     cdef char tmp[24]
     cdef int i = 24
     cdef bint neg = v < 0
     cdef unsigned long long u = <unsigned long long>(-v) if neg else <unsigned long long>v
-    while True:
+    cdef unsigned int pair
+    while u >= 100:
+        pair = <unsigned int>(u % 100) * 2
+        u //= 100
+        i -= 2
+        tmp[i] = _PAIRS[pair]
+        tmp[i + 1] = _PAIRS[pair + 1]
+    if u >= 10:
+        pair = <unsigned int>u * 2
+        i -= 2
+        tmp[i] = _PAIRS[pair]
+        tmp[i + 1] = _PAIRS[pair + 1]
+    else:
         i -= 1
-        tmp[i] = <char>(48 + u % 10)
-        u //= 10
-        if u == 0:
-            break
+        tmp[i] = <char>(48 + u)
     if neg:
         i -= 1
         tmp[i] = b'-'
