@@ -114,11 +114,5 @@ class Harness:
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-async def turn_ends() -> None:
-    """Let the loop finish its turn: a client connection writes what the turn answered at the
-    turn's end (downstream.ClientConnection.flush_held), so its transport shows it only then."""
-    await asyncio.sleep(0)
-
-
 def request(path: str = "/", method: str = "GET", extra: str = "") -> bytes:
     return f"{method} {path} HTTP/1.1\r\nHost: a\r\n{extra}\r\n".encode()

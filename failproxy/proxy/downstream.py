@@ -36,7 +36,6 @@ from failproxy.proxy.requestparser import RequestParser, RequestSink
 from failproxy.proxy.spool import RequestBody
 from failproxy.proxy.timer import take_timer
 from failproxy.proxy.upstream import UpstreamConnection
-from failproxy.telemetry import turnend
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
@@ -53,10 +52,8 @@ REJECTED: Final = 16
 BUFFER_LIMIT: Final = 65536
 # The write buffer of a client that fell behind its answer (slow_client), and its low mark.
 SLOW_CLIENT_HIGH: Final = 16384
-# A body up to this size goes out joined to its head in one write (flush_held).
+# A body up to this size goes out joined to its head in one write (write_lines).
 JOIN_BELOW: Final = 4096
-# What a connection holds to the end of the loop turn before it writes (ClientConnection.write).
-HOLD_BELOW: Final = 16384
 
 # How long a connection failproxy closes keeps reading (and dropping) what its client still
 # sends, after failproxy's FIN (lingering close, as nginx): see ClientConnection.close.
@@ -81,10 +78,6 @@ class ClientConnection(RequestSink, Downstream):
     """One client connection: an asyncio protocol (uvloop calls its methods; no base class)."""
 
     __slots__ = (
-        "_flush_held",
-        "_held",
-        "_held_bytes",
-        "_turn",
         "active",
         "client_addr",
         "client_ip",
@@ -150,11 +143,6 @@ class ClientConnection(RequestSink, Downstream):
         self.resume: Request | None = None  # an upgrade request llhttp stopped at, not tunnelled
         self.timer = take_timer(ctx.loop, self._on_timer)
         self.timer_kind = HEAD
-        # What this turn wrote, sent at the turn's end (write): None when nothing is held.
-        self._held: list[bytes] | None = None
-        self._held_bytes = 0
-        self._turn = turnend.of(ctx.loop)
-        self._flush_held = self._flush_at_turn_end  # bound once: deferred once a turn it writes
 
     # -- asyncio protocol -----------------------------------------------------------------------
 
@@ -593,7 +581,6 @@ class ClientConnection(RequestSink, Downstream):
 
     def start_tunnel(self, conn: UpstreamConnection) -> None:
         """The upstream answered 101: from now on bytes are copied both ways unparsed."""
-        self.flush_held()  # the 101 head, before the tunnel writes to the transport itself
         self.active = None
         self.tunnel = conn
         conn.tunnel = self.transport
@@ -728,77 +715,20 @@ class ClientConnection(RequestSink, Downstream):
         self._resume(BUFFER_FULL)
 
     def write(self, data: bytes) -> None:
-        """Held to the turn's end (flush_held), up to HOLD_BELOW bytes: past that it goes now,
-        so a writer that loops until the transport says full (`write_paused`: a spool or a
-        file being drained) sees it fill as before, and nothing large waits in this list."""
         if not self.closed:
-            held = self._held
-            if held is None:
-                self._held = [data]
-                self._held_bytes = len(data)
-                self._turn.defer(self._flush_held)
-            else:
-                held.append(data)
-                self._held_bytes += len(data)
-            if self._held_bytes >= HOLD_BELOW:
-                self.flush_held()
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def write_lines(self, data: list[bytes]) -> None:
         if not self.closed:
-            size = 0
-            for piece in data:
-                size += len(piece)
-            held = self._held
-            if held is None:
-                self._held = data.copy()
-                self._held_bytes = size
-                self._turn.defer(self._flush_held)
+            if len(data) == 2 and len(data[1]) <= JOIN_BELOW:
+                # A head and a small body, the usual answer: one write of the two joined.
+                # uvloop's writelines buffers each piece in a list and makes a write context
+                # for its writev (~0.6k instructions more than a write of one piece,
+                # bench.profiles.realsock); copying a small body costs less. A large one goes
+                # as it is, with writev.
+                self.transport.write(data[0] + data[1])  # type: ignore[union-attr]
             else:
-                held.extend(data)
-                self._held_bytes += size
-            if self._held_bytes >= HOLD_BELOW:
-                self.flush_held()
-
-    def flush_held(self) -> None:
-        """The turn's writes to this client, sent at its end: a turn's answers to all clients
-        then go out together, so a client's reader is woken once for them rather than once per
-        answer with the Python of the next one in between (issue 21: each write woke a reader
-        that had gone back to sleep)."""
-        held = self._held
-        if held is None:
-            return
-        self._held = None
-        transport = self.transport
-        if self.closed or transport is None:
-            return
-        if len(held) == 1:
-            transport.write(held[0])
-        elif len(held) == 2 and len(held[1]) <= JOIN_BELOW:
-            # A head and a small body, the usual answer: one write of the two joined.
-            # uvloop's writelines buffers each piece in a list and makes a write context for its
-            # writev (~0.6k instructions more than a write of one piece,
-            # bench.profiles.realsock); copying a small body costs less.
-            transport.write(held[0] + held[1])
-        else:
-            transport.writelines(held)
-
-    def _flush_at_turn_end(self) -> None:
-        """flush_held, deferred: outside any handler of this connection, so its own catch-all.
-        What the client got is not known to be whole, so nothing may follow it: an answer under
-        way is cut (Exchange.internal_error), and the connection in any case."""
-        try:
-            self.flush_held()
-        except Exception as bug:
-            try:
-                active = self.active
-                if active is not None and not active.done:
-                    active.internal_error(bug, "client write")
-                else:
-                    self.ctx.events.internal_error(None, bug, "client write")
-            except Exception as again:  # the handling met the bug too: cut, and say so
-                self.ctx.events.internal_error(None, again, "client write")
-            if not self.closed:
-                self.abort()
+                self.transport.writelines(data)  # type: ignore[union-attr]
 
     def close(self) -> None:
         """Close after the answers written so far. Lingering, as nginx does: failproxy sends its
@@ -808,7 +738,6 @@ class ClientConnection(RequestSink, Downstream):
         transport = self.transport
         if self.closed or transport is None:
             return
-        self.flush_held()
         self.closed = True
         self.timer.close()
         if self.eof or not transport.can_write_eof():
@@ -819,7 +748,6 @@ class ClientConnection(RequestSink, Downstream):
         self.loop.call_later(LINGER, transport.close)
 
     def abort(self) -> None:
-        self._held = None
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
