@@ -447,6 +447,40 @@ def test_broken_config_on_hup_keeps_serving(tmp_path: Path, backend: Any) -> Non
         proxy.stop()
 
 
+def _quit_pending(pid: int) -> bool:
+    """SIGQUIT sent to `pid` and not yet delivered (the process is stopped): /proc's masks."""
+    bit = 1 << (signal.SIGQUIT - 1)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & bit:
+            return True
+    return False
+
+
+def test_reloaded_is_logged_once_the_old_workers_stopped_accepting(tmp_path: Path,
+                                                                   backend: Any) -> None:
+    """`reloaded` promises that a connection made after it meets the new configuration. The old
+    workers are frozen while the master retires them: QUIT waits in their pending set, and they
+    still hold the shared listening socket, so the event must wait until they have run and
+    closed it (test_admin's restart count once saw a request fail over under the old order)."""
+    old_app, new_app = backend("old"), backend("new")
+    proxy = start_proxy(tmp_path, [old_app], server={"workers": 2})
+    try:
+        old_workers = status(proxy)["workers"]
+        since = proxy.log.mark()
+        with stopped(*old_workers):
+            rewrite(proxy, [new_app.address])
+            proxy.send_signal(signal.SIGHUP)
+            for pid in old_workers:
+                wait_until(lambda pid=pid: _quit_pending(pid), 10, f"QUIT sent to {pid}")
+            assert get(proxy.port)[1] == "new"  # only the new workers can accept now
+            status(proxy)  # a later turn of the master's loop: its earlier lines are written
+            assert not proxy.log.find("reloaded", since), "logged while old workers accept"
+        proxy.log.wait_for_event("reloaded", since=since, timeout=10)
+        assert [get(proxy.port)[1] for _ in range(20)] == ["new"] * 20
+    finally:
+        proxy.stop()
+
+
 def test_ttin_ttou_change_the_worker_count(tmp_path: Path, backend: Any) -> None:
     app = backend("app")
     proxy = start_proxy(tmp_path, [app], server={"workers": 1})

@@ -20,7 +20,10 @@ happens while another thread could hold a lock.
 Generations: each accepted reload starts one. Workers of older generations keep serving until
 every worker of the newest is ready (`WorkerMetrics.ready()`, or alive `READY_FALLBACK` seconds),
 then get QUIT and drain. The listening sockets are shared by all of them, so a connection queued
-meanwhile is accepted by whichever worker gets to it: nothing is refused.
+meanwhile is accepted by whichever worker gets to it: nothing is refused. `reloaded` is logged
+once every older worker has closed its accepting sockets (it says so in its metrics slot), not
+when QUIT is sent: a worker takes a loop turn to hear a signal, and a connection made in it would
+meet the old configuration after the log said the new one serves.
 
 HUP also reads the TLS certificate and key again (failproxy/tls.py): the master builds the context
 before forking, so a pair that does not load fails the reload and the workers inherit exactly what
@@ -315,7 +318,8 @@ class Master:
         self.wake.set()
 
     async def _sleep(self) -> None:
-        busy = self.stopping or any(not w.ready() for w in self.workers.values()) or (
+        busy = self.stopping or self.reload_pending or any(
+            not w.ready() for w in self.workers.values()) or (
             len(self._current()) != self.num_workers)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), 0.05 if busy else 1.0)
@@ -573,7 +577,7 @@ class Master:
         for worker in list(self.workers.values()):
             if worker.generation < self.generation and not worker.retiring:
                 self._retire(worker, signal.SIGQUIT)
-        if self.reload_pending:
+        if self.reload_pending and not self._older_still_accepting():
             self.reload_pending = False
             self.log.info("reloaded", generation=self.generation, workers=self.num_workers)
         if not self.serving:
@@ -581,6 +585,13 @@ class Master:
             self.log.info("started", workers=self.num_workers,
                           listen=[a.text for a in listeners.configured(self.cfg)])
             self._notify_old_master()
+
+    def _older_still_accepting(self) -> bool:
+        """Whether a worker of an older generation may still accept a connection: QUIT was sent,
+        but its loop has not closed its accepting sockets yet (WorkerMetrics.stopped_accepting).
+        One that never does is killed at its deadline, and reaped, so this ends."""
+        return any(w.generation < self.generation and not w.metrics.has_stopped_accepting()
+                   for w in self.workers.values())
 
     def _notify_old_master(self) -> None:
         old, self.old_master = self.old_master, None

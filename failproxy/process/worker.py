@@ -107,6 +107,9 @@ class Worker:
                 srv = await self.loop.create_server(
                     factory, sock=dup, ssl=ssl_ctx if tls else None, backlog=server_cfg.backlog
                 )
+            if self.ctx.draining:  # stopped while a resume_accepting() was under way
+                srv.close()
+                return
             self.servers_listening.append(srv)
 
     def pause_accepting(self) -> None:
@@ -137,6 +140,7 @@ class Worker:
         ctx.events.worker_stopping()
         _title_stopping()
         self._close_listening()
+        self.metrics.stopped_accepting()
         for conn in list(ctx.connections):
             conn.drain(ctx.idle_grace)
         if not ctx.connections:

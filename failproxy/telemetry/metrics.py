@@ -45,6 +45,9 @@ _N_REASONS: Final = len(REASONS)
 BOARD_BYTES: Final = 64 * 1024  # one worker's board: sequence, length, then the JSON blob
 _BOARD_HEAD: Final = 16  # two int64: the sequence (odd while writing) and the blob's length
 _READ_TRIES: Final = 4  # a write takes microseconds; a writer stopped mid-write is not awaited
+# The `ready` slot: 0 starting, then READY (accepting), then STOPPED_ACCEPTING (draining).
+READY: Final = 1
+STOPPED_ACCEPTING: Final = 2
 
 
 class _Layout:
@@ -189,10 +192,19 @@ class WorkerMetrics:
 
     def ready(self) -> None:
         """The worker accepts connections: the master may now retire what this one replaces."""
-        self._q[self._layout.ready] = 1
+        self._q[self._layout.ready] = READY
+
+    def stopped_accepting(self) -> None:
+        """The worker has closed its accepting sockets for good (it drains): the master logs
+        `reloaded` only once every older worker says this, so a connection made after that
+        event is accepted under the new configuration, never by a worker about to leave."""
+        self._q[self._layout.ready] = STOPPED_ACCEPTING
 
     def is_ready(self) -> bool:
-        return self._mm is not None and self._q[self._layout.ready] == 1
+        return self._mm is not None and self._q[self._layout.ready] >= READY
+
+    def has_stopped_accepting(self) -> bool:
+        return self._mm is not None and self._q[self._layout.ready] == STOPPED_ACCEPTING
 
     # -- the board: what the worker learned, for /status -------------------------------------
 
