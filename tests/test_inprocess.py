@@ -15,7 +15,7 @@ import uvloop
 from backends import TcpBlackhole
 from inprocess import RESPONSE, FakeTransport, Harness, request
 
-from failproxy.proxy import exchange
+from failproxy.proxy import downstream, exchange, rawtransport
 from failproxy.proxy.downstream import ClientConnection
 from failproxy.proxy.exchange import Exchange
 from failproxy.proxy.upstream import UpstreamConnection
@@ -334,6 +334,10 @@ class _Faulty(FakeTransport):
             raise RuntimeError("injected fault")
         super().write(data)
 
+    def writelines(self, lines: list[bytes]) -> None:
+        for data in lines:
+            self.write(data)
+
 
 def _has_traceback(event: dict[str, Any]) -> None:
     """The record keeps the exception's type, message and frames (down to the faulty write),
@@ -405,6 +409,94 @@ def test_a_bug_after_the_answer_began_cuts_the_client(tmp_path: Path) -> None:
         (error,) = h.events("internal_error")
         assert error["where"] == "upstream read"
         _has_traceback(error)
+
+    run(main)
+
+
+def test_answers_read_in_one_upstream_batch_leave_at_its_end(tmp_path: Path) -> None:
+    """rawtransport.Poller reads every ready upstream socket in one batch: the answers it
+    relays are held to the batch's end and then written together, each client's in order.
+    One as large as HOLD_BELOW goes at once (a writer filling the transport sees it fill); a
+    connection closed inside the batch sends what it held first; outside a batch a write goes
+    at once."""
+
+    async def main() -> None:
+        h = _catch_all_harness(tmp_path, asyncio.get_running_loop())
+        peer = h.ctx.peers[0]
+        batch = rawtransport.poller(h.loop)
+        up1, (c1, out1) = h.pooled(peer)[0], h.client()
+        c1.data_received(request("/one"))  # each request takes the connection just pooled
+        up2, (c2, out2) = h.pooled(peer)[0], h.client()
+        c2.data_received(request("/two", extra="Connection: close\r\n"))
+        up3, (c3, out3) = h.pooled(peer)[0], h.client()
+        c3.data_received(request("/big"))
+        big = b"b" * downstream.HOLD_BELOW
+
+        batch.batching = True
+        up1.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        up1.data_received(b"-half")
+        up2.data_received(RESPONSE)
+        up3.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
+        assert out1.data() == b"", "held to the batch's end"
+        assert out2.data().endswith(b"ok") and out2.closing, "sent before its close"
+        assert out3.data().endswith(big), "a large answer is not held"
+        batch.end_batch()
+        assert not batch.batching
+        assert out1.data().startswith(b"HTTP/1.1 200 OK") and out1.data().endswith(b"first-half")
+
+        up4, (c4, out4) = h.pooled(peer)[0], h.client()
+        c4.data_received(request("/four"))
+        up4.data_received(RESPONSE)  # no batch: at once
+        assert out4.data().endswith(b"ok")
+        assert [e["status"] for e in h.events("request")] == [200] * 4
+
+    run(main)
+
+
+def test_a_bug_in_the_batch_end_write_cuts_the_client_and_the_answer(tmp_path: Path) -> None:
+    """The same bug met where a connection writes what an upstream batch held (flush_held, at
+    the batch's end, outside any read of its own): an answer still under way is cut with its
+    upstream connection, one already read whole is not answered twice; the client is cut
+    either way, the bug logged, and the other connections of the batch get their answers."""
+
+    async def main() -> None:
+        h = _catch_all_harness(tmp_path, asyncio.get_running_loop())
+        peer = h.ctx.peers[0]
+        batch = rawtransport.poller(h.loop)
+        upstream, upstream_out = h.pooled(peer)
+        client = ClientConnection(h.ctx, False)
+        out = _Faulty(b"first half")
+        client.connection_made(out)  # type: ignore[arg-type]
+        client.data_received(request("/stream"))
+        good_up, _ = h.pooled(peer)
+        good, good_out = h.client()
+        good.data_received(request("/fine"))
+        batch.batching = True
+        upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\n\r\nfirst half")
+        good_up.data_received(RESPONSE)
+        assert out.data() == b"", "held to the batch's end"
+        batch.end_batch()
+        assert out.aborted and upstream_out.aborted, "an answer under way is cut"
+        assert good_out.data().endswith(b"ok"), "the rest of the batch is written"
+        assert peer.inflight == 0
+        (error,) = h.events("internal_error")
+        assert error["where"] == "client write" and error["path"] == "/stream"
+        _has_traceback(error)
+
+        upstream2, upstream2_out = h.pooled(peer)
+        client2 = ClientConnection(h.ctx, False)
+        out2 = _Faulty(b"whole")
+        client2.connection_made(out2)  # type: ignore[arg-type]
+        client2.data_received(request("/whole"))
+        batch.batching = True
+        upstream2.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwhole")
+        assert client2.active is None, "read whole: the exchange is over"
+        batch.end_batch()
+        assert out2.aborted and out2.data() == b"", "nothing follows a write that failed"
+        assert not upstream2_out.aborted and upstream2 in peer.idle, "its answer was whole"
+        errors = h.events("internal_error")
+        assert len(errors) == 2 and errors[1]["where"] == "client write"
+        _has_traceback(errors[1])
 
     run(main)
 

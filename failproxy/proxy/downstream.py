@@ -20,6 +20,7 @@ from typing import Final
 
 import httptools
 
+from failproxy.proxy import rawtransport
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.exchange import Downstream, Exchange
 from failproxy.proxy.headers import (
@@ -52,8 +53,10 @@ REJECTED: Final = 16
 BUFFER_LIMIT: Final = 65536
 # The write buffer of a client that fell behind its answer (slow_client), and its low mark.
 SLOW_CLIENT_HIGH: Final = 16384
-# A body up to this size goes out joined to its head in one write (write_lines).
+# A body up to this size goes out joined to its head in one write (write_lines, flush_held).
 JOIN_BELOW: Final = 4096
+# What a connection holds to the end of an upstream batch before it writes (ClientConnection.write).
+HOLD_BELOW: Final = 16384
 
 # How long a connection failproxy closes keeps reading (and dropping) what its client still
 # sends, after failproxy's FIN (lingering close, as nginx): see ClientConnection.close.
@@ -74,10 +77,12 @@ CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HASH: Final = ord("#")
 
 
-class ClientConnection(RequestSink, Downstream):
+class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
     """One client connection: an asyncio protocol (uvloop calls its methods; no base class)."""
 
     __slots__ = (
+        "_batch",
+        "_held",
         "active",
         "client_addr",
         "client_ip",
@@ -143,6 +148,9 @@ class ClientConnection(RequestSink, Downstream):
         self.resume: Request | None = None  # an upgrade request llhttp stopped at, not tunnelled
         self.timer = take_timer(ctx.loop, self._on_timer)
         self.timer_kind = HEAD
+        # What an upstream batch wrote, sent at the batch's end (write): None when nothing is.
+        self._held: bytes | None = None
+        self._batch = rawtransport.poller(ctx.loop)
 
     # -- asyncio protocol -----------------------------------------------------------------------
 
@@ -581,6 +589,7 @@ class ClientConnection(RequestSink, Downstream):
 
     def start_tunnel(self, conn: UpstreamConnection) -> None:
         """The upstream answered 101: from now on bytes are copied both ways unparsed."""
+        self.flush_held()  # the 101 head, before the tunnel writes to the transport itself
         self.active = None
         self.tunnel = conn
         conn.tunnel = self.transport
@@ -715,20 +724,69 @@ class ClientConnection(RequestSink, Downstream):
         self._resume(BUFFER_FULL)
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
+        """Written now, or, inside a batch of upstream reads (rawtransport.Poller), held to the
+        batch's end (flush_held) while what is held stays under HOLD_BELOW bytes: past that it
+        goes now, so a writer that loops until the transport says full (`write_paused`: a spool
+        or a file being drained) sees it fill as before, and nothing large waits here."""
+        if self.closed:
+            return
+        held = self._held
+        if held is not None:
+            if len(held) + len(data) < HOLD_BELOW:
+                self._held = held + data  # small pieces of one batch: one write at its end
+                return
+            self._held = None
+            self.transport.writelines([held, data])  # type: ignore[union-attr]
+        elif self._batch.batching and len(data) < HOLD_BELOW:
+            self._held = data
+            self._batch.after_batch(self)
+        else:
             self.transport.write(data)  # type: ignore[union-attr]
 
     def write_lines(self, data: list[bytes]) -> None:
-        if not self.closed:
-            if len(data) == 2 and len(data[1]) <= JOIN_BELOW:
-                # A head and a small body, the usual answer: one write of the two joined.
-                # uvloop's writelines buffers each piece in a list and makes a write context
-                # for its writev (~0.6k instructions more than a write of one piece,
-                # bench.profiles.realsock); copying a small body costs less. A large one goes
-                # as it is, with writev.
-                self.transport.write(data[0] + data[1])  # type: ignore[union-attr]
-            else:
-                self.transport.writelines(data)  # type: ignore[union-attr]
+        if len(data) == 2 and len(data[1]) <= JOIN_BELOW:
+            # A head and a small body, the usual answer: one write of the two joined.
+            # uvloop's writelines buffers each piece in a list and makes a write context for its
+            # writev (~0.6k instructions more than a write of one piece,
+            # bench.profiles.realsock); copying a small body costs less. A large one goes as it
+            # is, with writev.
+            self.write(data[0] + data[1])
+        elif len(data) == 1:
+            self.write(data[0])
+        elif not self.closed:
+            self.flush_held()
+            self.transport.writelines(data)  # type: ignore[union-attr]
+
+    def flush_held(self) -> None:
+        """What an upstream batch wrote to this client, sent at the batch's end: the batch's
+        answers to all clients then go out together, so a client's reader is woken once for
+        them rather than once per answer with the Python of the next one in between (issue 21:
+        each write woke a reader that had gone back to sleep). At the batch's end, not the loop
+        turn's (a call_soon): that would wait for the next turn, and cost a loop iteration."""
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        if not self.closed and self.transport is not None:
+            self.transport.write(held)
+
+    def batch_ended(self) -> None:
+        """flush_held, deferred: outside any handler of this connection, so its own catch-all.
+        What the client got is not known to be whole, so nothing may follow it: an answer under
+        way is cut (Exchange.internal_error), and the connection in any case."""
+        try:
+            self.flush_held()
+        except Exception as bug:
+            try:
+                active = self.active
+                if active is not None and not active.done:
+                    active.internal_error(bug, "client write")
+                else:
+                    self.ctx.events.internal_error(None, bug, "client write")
+            except Exception as again:  # the handling met the bug too: cut, and say so
+                self.ctx.events.internal_error(None, again, "client write")
+            if not self.closed:
+                self.abort()
 
     def close(self) -> None:
         """Close after the answers written so far. Lingering, as nginx does: failproxy sends its
@@ -738,6 +796,7 @@ class ClientConnection(RequestSink, Downstream):
         transport = self.transport
         if self.closed or transport is None:
             return
+        self.flush_held()
         self.closed = True
         self.timer.close()
         if self.eof or not transport.can_write_eof():
@@ -748,6 +807,7 @@ class ClientConnection(RequestSink, Downstream):
         self.loop.call_later(LINGER, transport.close)
 
     def abort(self) -> None:
+        self._held = None
         if self.transport is not None:
             self.closed = True
             self.transport.abort()

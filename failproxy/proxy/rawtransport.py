@@ -20,6 +20,11 @@ io_uring submission), where this makes one epoll ADD, and the close takes the so
 the set (counted by bench.profiles.realsock and strace -c). Level-triggered, as the loop's own; a
 socket that wants no event is not in the set at all (a UNIX socket whose peer closed reports
 EPOLLHUP whatever the mask).
+
+One wake-up of the Poller reads every upstream socket that has bytes, one after another, and most
+of what it reads is an answer on its way to a client. `Poller.batching` says a batch runs, and
+`after_batch` runs work once it has: the client side holds its writes to then (downstream.py),
+so a batch's answers leave together and each client reader is woken once for them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import os
 import select
 from collections.abc import Callable
 from typing import Final, Protocol
+
+from mypy_extensions import trait
 
 
 def _select() -> tuple[Callable[[int, int], bytes], Callable[[int, bytes], int], str]:
@@ -121,16 +128,42 @@ class _Ended:
 _ENDED: Final = _Ended()
 
 
+@trait
+class BatchEnd:
+    """What waits for the end of a Poller batch (downstream.ClientConnection). A trait, not a
+    callable: the compiled Poller calls it through its vtable, where a bound method kept per
+    connection costs a Python-level call per batch (~100 instructions, bench.profiles.realsock)."""
+
+    def batch_ended(self) -> None:
+        """The batch is over. Handles its own errors: one failing must not leave the others."""
+        raise NotImplementedError
+
+
 class Poller:
     """The epoll set of one loop's upstream sockets, watched by the loop as one fd."""
 
-    __slots__ = ("_ep", "_loop", "_watched")
+    __slots__ = ("_after", "_ep", "_loop", "_watched", "batching")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._ep = select.epoll()  # close-on-exec
         self._watched: dict[int, SocketTransport] = {}
+        self._after: list[BatchEnd] = []
+        self.batching = False  # inside _ready: after_batch() work waits for its end
         loop.add_reader(self._ep.fileno(), self._ready)
+
+    def after_batch(self, waiter: BatchEnd) -> None:
+        """Call `waiter.batch_ended()` when the batch under way ends (only while `batching`)."""
+        self._after.append(waiter)
+
+    def end_batch(self) -> None:
+        """The batch is over: tell those waiting for its end (in the order they asked)."""
+        self.batching = False
+        after = self._after
+        if after:
+            for waiter in after:
+                waiter.batch_ended()
+            after.clear()
 
     def set(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
         """The events `transport` waits for on `fd` go from `old` to `new` (0: none)."""
@@ -151,17 +184,21 @@ class Poller:
 
     def _ready(self) -> None:
         watched = self._watched
-        for fd, events in self._ep.poll(0, BATCH):
-            # Looked up now, not when polled: a callback of this batch may have closed the fd
-            # and another socket taken its number (a spurious event; its read or write says
-            # EAGAIN).
-            t = watched.get(fd)
-            if t is None:
-                continue
-            if events & (IN | GONE) and t._reading:
-                t._read_ready()
-            if events & (OUT | GONE) and t._writing:
-                t._write_ready()
+        self.batching = True
+        try:
+            for fd, events in self._ep.poll(0, BATCH):
+                # Looked up now, not when polled: a callback of this batch may have closed the
+                # fd and another socket taken its number (a spurious event; its read or write
+                # says EAGAIN).
+                t = watched.get(fd)
+                if t is None:
+                    continue
+                if events & (IN | GONE) and t._reading:
+                    t._read_ready()
+                if events & (OUT | GONE) and t._writing:
+                    t._write_ready()
+        finally:
+            self.end_batch()
 
     def close(self) -> None:
         if not self._loop.is_closed():
