@@ -1,11 +1,12 @@
-"""rawtransport's read(2) and write(2) twins (`os.read`/`os.write`, proxy/_sockio.pyx): the same
-bytes read and written, the same errors, on real non-blocking sockets; and the build that runs
-uses the twin it says."""
+"""rawtransport's read(2), write(2) and epoll_wait(2) twins (`os.read`/`os.write`/
+`select.epoll.poll`, proxy/_sockio.pyx): the same bytes read and written, the same events, the
+same errors, on real non-blocking sockets; and the build that runs uses the twin it says."""
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,9 +42,50 @@ def test_the_build_uses_the_twin_it_says() -> None:
     if PURE:
         assert rawtransport.BUILT == "pure"
         assert (rawtransport._read, rawtransport._write) == (os.read, os.write)
+        assert rawtransport._ready_now is None  # the Poller calls select.epoll.poll
     else:
         assert _sockio is not None and rawtransport.BUILT == "cython"
         assert (rawtransport._read, rawtransport._write) == (_sockio.read, _sockio.write)
+        assert rawtransport._ready_now is _sockio.ready
+
+
+@pytest.mark.skipif(_sockio is None or PURE, reason="the compiled twin is not built")
+def test_ready_reports_what_epoll_poll_reports() -> None:
+    """The same (fd, events) pairs as select.epoll.poll(0, n) on the same set, at most n of
+    them, none when nothing is ready; no wait; bad arguments refused as OSError/ValueError."""
+    assert _sockio is not None
+    pairs = [socket.socketpair() for _ in range(5)]
+    ep = select.epoll()
+    epfd = ep.fileno()
+    try:
+        for a, _ in pairs:
+            a.setblocking(False)
+            ep.register(a.fileno(), select.EPOLLIN)
+        assert _sockio.ready(ep.fileno(), 256) == [] == ep.poll(0, 256)
+        for _, b in pairs[:3]:
+            b.send(b"x")
+        pairs[3][1].close()  # a hang-up: reported whatever the mask
+        got = _sockio.ready(ep.fileno(), 256)
+        assert sorted(got) == sorted(ep.poll(0, 256))
+        ins = {pairs[i][0].fileno() for i in range(3)}
+        assert {fd for fd, ev in got if ev == select.EPOLLIN} == ins
+        hup = dict(got)[pairs[3][0].fileno()]
+        assert hup & select.EPOLLHUP
+        assert len(_sockio.ready(ep.fileno(), 2)) == 2  # level-triggered: the rest stay ready
+        for bad in (0, 257):
+            with pytest.raises(ValueError):
+                _sockio.ready(ep.fileno(), bad)
+        with pytest.raises(OSError) as exc:
+            _sockio.ready(pairs[4][0].fileno(), 8)  # not an epoll fd
+        assert exc.value.errno == errno.EINVAL
+    finally:
+        ep.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+    with pytest.raises(OSError) as closed:
+        _sockio.ready(epfd, 8)  # closed (no other test of this process opens files meanwhile)
+    assert closed.value.errno == errno.EBADF
 
 
 @pytest.mark.parametrize(("read", "write"), TWINS, ids=IDS)

@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""read(2) and write(2) on an upstream socket for rawtransport.py, the GIL kept.
+"""read(2) and write(2) on an upstream socket, and epoll_wait(2) on their set, for
+rawtransport.py, the GIL kept.
 
 The compiled twins of `os.read` and `os.write`, selected in rawtransport.py at import. The
 sockets are non-blocking, so the calls never wait; `os.read` and `os.write` release the GIL
@@ -7,6 +8,10 @@ around each call all the same (`Py_BEGIN_ALLOW_THREADS`: a mutex and a condition
 way, ~350 instructions a call, bench/PROFILE.md) and parse their arguments through argument
 clinic; `os.write` also takes a buffer view of its bytes. The loop thread is the only one that
 runs failproxy's code, as uvloop keeps the GIL for its own socket calls.
+
+`ready` is `select.epoll.poll(0, maxevents)` for rawtransport.Poller, which never waits
+(timeout 0) either: the same list of (fd, events) pairs, without the GIL's release, the clinic's
+parsing of a timeout object, or a wait that EINTR could cut.
 
 The same results as the os functions: a bytes object of what was read (b"" at the end), the
 count written, an OSError of the errno's class (BlockingIOError for EAGAIN). EINTR is raised as
@@ -19,6 +24,23 @@ is handed to the os function itself (tests/test_sockio.py).
 cdef extern from "unistd.h":
     ssize_t c_read "read"(int fd, void* buf, size_t count)
     ssize_t c_write "write"(int fd, const void* buf, size_t count)
+
+from libc.stdint cimport uint32_t, uint64_t
+
+cdef extern from "sys/epoll.h":
+    ctypedef union epoll_data_t:
+        void* ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+
+cdef extern from "errno.h":
+    int errno
+    int EINTR
 
 cdef extern from "Python.h":
     object PyErr_SetFromErrno(object exc)
@@ -62,3 +84,25 @@ def write(int fd, data):
     if n < 0:
         return PyErr_SetFromErrno(OSError)
     return n
+
+
+# The events one ready() takes (rawtransport.BATCH asks 256): level-triggered, the rest come on
+# the next call.
+cdef enum:
+    _EVENTS = 256
+cdef epoll_event _events[_EVENTS]
+
+
+def ready(int epfd, int maxevents):
+    """select.epoll(...).poll(0, maxevents) on the epoll set `epfd`, whose sockets were
+    registered by select.epoll (it stores the fd in the event's data, as read back here)."""
+    cdef int n, i
+    if maxevents < 1 or maxevents > _EVENTS:
+        raise ValueError(f"maxevents must be 1 to {_EVENTS}")
+    while True:
+        n = epoll_wait(epfd, _events, maxevents, 0)
+        if n >= 0:
+            break
+        if errno != EINTR:
+            return PyErr_SetFromErrno(OSError)
+    return [(_events[i].data.fd, _events[i].events) for i in range(n)]

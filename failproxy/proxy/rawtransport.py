@@ -38,18 +38,23 @@ from typing import Final, Protocol
 
 from mypy_extensions import trait
 
+_Ready = Callable[[int, int], list[tuple[int, int]]]
 
-def _select() -> tuple[Callable[[int, int], bytes], Callable[[int, bytes], int], str]:
-    """read(2) and write(2): `_sockio.pyx`'s, which keep the GIL (these sockets never block),
-    where it was built and the build runs compiled; `os.read` and `os.write` otherwise."""
+
+def _select() -> tuple[Callable[[int, int], bytes], Callable[[int, bytes], int], _Ready | None,
+                       str]:
+    """read(2), write(2) and a poll that never waits: `_sockio.pyx`'s, which keep the GIL
+    (these sockets never block), where it was built and the build runs compiled; `os.read`,
+    `os.write` and `select.epoll.poll` otherwise (None: the Poller calls its epoll object)."""
     try:
         from failproxy.proxy._sockio import (  # type: ignore[import-not-found]
             read,
+            ready,
             write,
         )
     except ImportError:
-        return os.read, os.write, "pure"
-    return read, write, "cython"
+        return os.read, os.write, None, "pure"
+    return read, write, ready, "cython"
 
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
@@ -58,7 +63,8 @@ def _select() -> tuple[Callable[[int, int], bytes], Callable[[int, bytes], int],
 _IO: Final = _select()
 _read: Final = _IO[0]
 _write: Final = _IO[1]
-BUILT: Final = _IO[2]
+_ready_now: Final = _IO[2]
+BUILT: Final = _IO[3]
 
 HIGH: Final = 64 * 1024  # write buffer: pause_writing above this (uvloop's default) ...
 LOW: Final = 16 * 1024  # ... resume_writing once it drained below this
@@ -142,11 +148,12 @@ class BatchEnd:
 class Poller:
     """The epoll set of one loop's upstream sockets, watched by the loop as one fd."""
 
-    __slots__ = ("_after", "_ep", "_loop", "_watched", "batching")
+    __slots__ = ("_after", "_ep", "_epfd", "_loop", "_watched", "batching")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._ep = select.epoll()  # close-on-exec
+        self._epfd = self._ep.fileno()
         self._watched: dict[int, SocketTransport] = {}
         self._after: list[BatchEnd] = []
         self.batching = False  # inside _ready: after_batch() work waits for its end
@@ -186,7 +193,9 @@ class Poller:
         watched = self._watched
         self.batching = True
         try:
-            for fd, events in self._ep.poll(0, BATCH):
+            ep = self._ep
+            ready = ep.poll(0, BATCH) if _ready_now is None else _ready_now(self._epfd, BATCH)
+            for fd, events in ready:
                 # Looked up now, not when polled: a callback of this batch may have closed the
                 # fd and another socket taken its number (a spurious event; its read or write
                 # says EAGAIN).
