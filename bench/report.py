@@ -72,7 +72,7 @@ def write(path: Path, merged: dict[str, Any]) -> None:
     sc = merged["scenarios"]
     parts = [_header(merged), _targets(sc), _overflow_targets(sc), _seed_targets(sc),
              _slow_targets(sc),
-             "Why the throughput targets are missed, and what was done about it: "
+             "Where the time goes, what each step changed, and why a target is missed: "
              "[PROFILE.md](PROFILE.md).\n"]
     renderers = {"throughput": _throughput, "failover": _failover, "memory": _memory,
                  "micro": _micro,
