@@ -43,10 +43,12 @@ def test_the_build_uses_the_twin_it_says() -> None:
         assert rawtransport.BUILT == "pure"
         assert (rawtransport._read, rawtransport._write) == (os.read, os.write)
         assert rawtransport._ready_now is None  # the Poller calls select.epoll.poll
+        assert rawtransport._ctl is None  # ... and its register, modify, unregister
     else:
         assert _sockio is not None and rawtransport.BUILT == "cython"
         assert (rawtransport._read, rawtransport._write) == (_sockio.read, _sockio.write)
         assert rawtransport._ready_now is _sockio.ready
+        assert rawtransport._ctl is _sockio.ctl
 
 
 @pytest.mark.skipif(_sockio is None or PURE, reason="the compiled twin is not built")
@@ -150,3 +152,34 @@ def test_errors_are_the_errno_s_class(pair: Any, read: Any, write: Any) -> None:
             write(w, b"x")  # the reader is gone: EPIPE (Python ignores SIGPIPE)
     finally:
         os.close(w)
+
+
+@pytest.mark.skipif(_sockio is None or PURE, reason="the compiled twin is not built")
+def test_ctl_registers_modifies_and_removes_as_select_does() -> None:
+    """A socket added by ctl is reported by select.epoll.poll with its fd (so the two twins can
+    share a set), a modified mask takes effect, a removed fd is no longer reported; the errors
+    are select's: EEXIST adding twice, ENOENT removing what is not there, EBADF a closed fd."""
+    assert _sockio is not None
+    a, b = socket.socketpair()
+    ep = select.epoll()
+    try:
+        fd = a.fileno()
+        _sockio.ctl(ep.fileno(), _sockio.ADD, fd, select.EPOLLOUT)
+        assert ep.poll(0, 8) == [(fd, select.EPOLLOUT)]
+        with pytest.raises(FileExistsError):
+            _sockio.ctl(ep.fileno(), _sockio.ADD, fd, select.EPOLLIN)
+        _sockio.ctl(ep.fileno(), _sockio.MODIFY, fd, select.EPOLLIN)
+        assert ep.poll(0, 8) == []
+        b.send(b"x")
+        assert _sockio.ready(ep.fileno(), 8) == [(fd, select.EPOLLIN)]
+        _sockio.ctl(ep.fileno(), _sockio.REMOVE, fd, 0)
+        assert ep.poll(0, 8) == []
+        with pytest.raises(FileNotFoundError):
+            _sockio.ctl(ep.fileno(), _sockio.REMOVE, fd, 0)
+        with pytest.raises(OSError) as exc:
+            _sockio.ctl(ep.fileno(), _sockio.ADD, 1_000_000, select.EPOLLIN)
+        assert exc.value.errno == errno.EBADF
+    finally:
+        ep.close()
+        a.close()
+        b.close()

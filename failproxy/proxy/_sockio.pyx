@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""read(2) and write(2) on an upstream socket, and epoll_wait(2) on their set, for
-rawtransport.py, the GIL kept.
+"""read(2) and write(2) on an upstream socket, and epoll_wait(2) and epoll_ctl(2) on their set,
+for rawtransport.py, the GIL kept.
 
 The compiled twins of `os.read` and `os.write`, selected in rawtransport.py at import. The
 sockets are non-blocking, so the calls never wait; `os.read` and `os.write` release the GIL
@@ -11,7 +11,9 @@ runs failproxy's code, as uvloop keeps the GIL for its own socket calls.
 
 `ready` is `select.epoll.poll(0, maxevents)` for rawtransport.Poller, which never waits
 (timeout 0) either: the same list of (fd, events) pairs, without the GIL's release, the clinic's
-parsing of a timeout object, or a wait that EINTR could cut.
+parsing of a timeout object, or a wait that EINTR could cut. `ctl` is `register`, `modify` and
+`unregister` of the same epoll object, one call each way as select's (which also lets the GIL go
+around epoll_ctl, a syscall that never waits), the fd stored in the event's data as select does.
 
 The same results as the os functions: a bytes object of what was read (b"" at the end), the
 count written, an OSError of the errno's class (BlockingIOError for EAGAIN). EINTR is raised as
@@ -37,6 +39,11 @@ cdef extern from "sys/epoll.h":
         uint32_t events
         epoll_data_t data
     int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    enum:
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CTL_MOD
 
 cdef extern from "errno.h":
     int errno
@@ -106,3 +113,19 @@ def ready(int epfd, int maxevents):
         if errno != EINTR:
             return PyErr_SetFromErrno(OSError)
     return [(_events[i].data.fd, _events[i].events) for i in range(n)]
+
+
+ADD = EPOLL_CTL_ADD
+MODIFY = EPOLL_CTL_MOD
+REMOVE = EPOLL_CTL_DEL
+
+
+def ctl(int epfd, int op, int fd, unsigned int events):
+    """epoll_ctl(2): `op` ADD, MODIFY or REMOVE `fd` with `events` in the set `epfd`, as
+    select.epoll's register, modify and unregister do (OSError of the errno's class)."""
+    cdef epoll_event ev
+    ev.events = events
+    ev.data.u64 = 0
+    ev.data.fd = fd
+    if epoll_ctl(epfd, op, fd, &ev) < 0:
+        PyErr_SetFromErrno(OSError)

@@ -57,6 +57,21 @@ def _select() -> tuple[Callable[[int, int], bytes], Callable[[int, bytes], int],
     return read, write, ready, "cython"
 
 
+def _select_ctl() -> tuple[Callable[[int, int, int, int], None] | None, int, int, int]:
+    """epoll_ctl(2) as `_sockio.ctl` with its ADD, MODIFY and REMOVE, where built and compiled;
+    None otherwise (the Poller calls its epoll object's register, modify and unregister)."""
+    try:
+        from failproxy.proxy._sockio import (  # the same module as in _select
+            ADD,
+            MODIFY,
+            REMOVE,
+            ctl,
+        )
+    except ImportError:
+        return None, 0, 0, 0
+    return ctl, ADD, MODIFY, REMOVE
+
+
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
 # instructions each, bench.profiles.realsock).
@@ -65,6 +80,11 @@ _read: Final = _IO[0]
 _write: Final = _IO[1]
 _ready_now: Final = _IO[2]
 BUILT: Final = _IO[3]
+_CTL: Final = _select_ctl()
+_ctl: Final = _CTL[0]
+_ADD: Final = _CTL[1]
+_MODIFY: Final = _CTL[2]
+_REMOVE: Final = _CTL[3]
 
 HIGH: Final = 64 * 1024  # write buffer: pause_writing above this (uvloop's default) ...
 LOW: Final = 16 * 1024  # ... resume_writing once it drained below this
@@ -174,14 +194,23 @@ class Poller:
 
     def set(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
         """The events `transport` waits for on `fd` go from `old` to `new` (0: none)."""
+        ctl = _ctl
         if not old:
-            self._ep.register(fd, new)
+            if ctl is None:
+                self._ep.register(fd, new)
+            else:
+                ctl(self._epfd, _ADD, fd, new)
             self._watched[fd] = transport
         elif not new:
             del self._watched[fd]
-            self._ep.unregister(fd)
-        else:
+            if ctl is None:
+                self._ep.unregister(fd)
+            else:
+                ctl(self._epfd, _REMOVE, fd, 0)
+        elif ctl is None:
             self._ep.modify(fd, new)
+        else:
+            ctl(self._epfd, _MODIFY, fd, new)
 
     def forget(self, fd: int) -> None:
         """`fd` is about to be closed: closing it takes it out of the epoll set (the socket is
