@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.instruments import wrk
 from bench.instruments.procs import Processes
 from bench.instruments.system import free_port, which
-from bench.scenarios.throughput import HOST, LABELS, starter
+from bench.scenarios.throughput import LABELS, fast_upstream, starter
 from bench.targets import servers
 
 # One row of strace -c's summary: % time, seconds, usecs/call, calls, [errors], syscall.
@@ -71,9 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-syscalls-") as tmp:
         procs = Processes(Path(tmp))
         try:
-            unix_path = str(procs.workdir / "up.sock")
-            servers.start_fast_upstream(procs, "upstream", unix_path, tcp=(HOST, free_port()))
-            script = wrk.write_script(procs.workdir / "done.lua")
+            unix_path, _, _, script = fast_upstream(procs)
             for kind in kinds:
                 target = starter(kind, unix_path, True, None)(procs, kind, free_port())
                 target.label = LABELS.get(kind, kind)

@@ -24,7 +24,7 @@ from pathlib import Path
 from bench.instruments import wrk
 from bench.instruments.procs import Processes
 from bench.instruments.system import free_port
-from bench.scenarios.throughput import HOST, LABELS, starter
+from bench.scenarios.throughput import LABELS, fast_upstream, starter
 from bench.targets import servers
 
 
@@ -70,9 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-wakeups-") as tmp:
         procs = Processes(Path(tmp))
         try:
-            unix_path = str(procs.workdir / "up.sock")
-            servers.start_fast_upstream(procs, "upstream", unix_path, tcp=(HOST, free_port()))
-            script = wrk.write_script(procs.workdir / "done.lua")
+            unix_path, _, _, script = fast_upstream(procs)
             targets = {}
             for kind in kinds:
                 targets[kind] = starter(kind, unix_path, True, args.baseline)(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.instruments import wrk
-from bench.instruments.procs import Processes, StartError
+from bench.instruments.procs import Proc, Processes, StartError
 from bench.instruments.stats import median, ratio
 from bench.instruments.system import free_port, log
 from bench.scenarios import seed
@@ -81,12 +81,19 @@ def starter(kind: str, unix_path: str, log_on: bool, baseline: Path | None
     return start
 
 
-def run(params: Params, procs: Processes) -> dict[str, Any]:
-    workdir = procs.workdir
-    unix_path = str(workdir / "up.sock")
+def fast_upstream(procs: Processes) -> tuple[str, int, Proc, Path]:
+    """The scenario's upstream (nginx `return 200` on a UNIX socket, and on a TCP port for
+    *direct*) and the wrk script: (socket path, port, process, script). The profiles
+    (syscalls.py, wakeups.py) measure in the same layout."""
+    unix_path = str(procs.workdir / "up.sock")
     up_port = free_port()
     upstream = servers.start_fast_upstream(procs, "upstream", unix_path, tcp=(HOST, up_port))
-    script = wrk.write_script(workdir / "done.lua")
+    return unix_path, up_port, upstream, wrk.write_script(procs.workdir / "done.lua")
+
+
+def run(params: Params, procs: Processes) -> dict[str, Any]:
+    workdir = procs.workdir
+    unix_path, up_port, upstream, script = fast_upstream(procs)
 
     targets: list[dict[str, Any]] = []
     direct = servers.Target("direct", LABELS["direct"], HOST, up_port, upstream, kind="upstream")

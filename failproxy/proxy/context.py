@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 from failproxy.config import Address, CompressConfig, Config, Upstream
+from failproxy.proxy import rawtransport
 from failproxy.proxy.compress import Gzipper, header_list, header_value, should_gzip
 from failproxy.proxy.events import Events
 from failproxy.proxy.headers import (
@@ -69,6 +70,9 @@ class WorkerContext:
         """`share`: the other workers' load (several worker processes; loadshare.py)."""
         self.cfg = cfg
         self.loop = loop
+        # The loop's upstream epoll set: its batches are what a client connection's writes wait
+        # for the end of (downstream.ClientConnection.write), looked up once, not per connection.
+        self.poller = rawtransport.poller(loop)
         metrics.attach(loop)  # counters reach shared memory once per loop iteration
         server = cfg.server
         up = cfg.upstream

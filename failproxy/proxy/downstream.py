@@ -150,7 +150,7 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
         self.timer_kind = HEAD
         # What an upstream batch wrote, sent at the batch's end (write): None when nothing is.
         self._held: bytes | None = None
-        self._batch = rawtransport.poller(ctx.loop)
+        self._batch = ctx.poller
 
     # -- asyncio protocol -----------------------------------------------------------------------
 

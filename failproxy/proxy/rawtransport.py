@@ -34,57 +34,38 @@ import asyncio
 import os
 import select
 from collections.abc import Callable
+from types import ModuleType
 from typing import Final, Protocol
 
 from mypy_extensions import trait
 
-_Ready = Callable[[int, int], list[tuple[int, int]]]
 
-
-def _select() -> tuple[Callable[[int, int], bytes], Callable[[int, bytes], int], _Ready | None,
-                       str]:
-    """read(2), write(2) and a poll that never waits: `_sockio.pyx`'s, which keep the GIL
-    (these sockets never block), where it was built and the build runs compiled; `os.read`,
-    `os.write` and `select.epoll.poll` otherwise (None: the Poller calls its epoll object)."""
+def _compiled() -> ModuleType | None:
+    """`_sockio.pyx` where it was built and the build runs compiled, else None: its read(2),
+    write(2), epoll_wait(2) and epoll_ctl(2) keep the GIL (these sockets and this set never
+    block). Without it: `os.read`, `os.write`, and the Poller calls its epoll object."""
     try:
-        from failproxy.proxy._sockio import (  # type: ignore[import-not-found]
-            read,
-            ready,
-            write,
-        )
+        from failproxy.proxy import _sockio  # type: ignore[attr-defined]
     except ImportError:
-        return os.read, os.write, None, "pure"
-    return read, write, ready, "cython"
-
-
-def _select_ctl() -> tuple[Callable[[int, int, int, int], None] | None, int, int, int]:
-    """epoll_ctl(2) as `_sockio.ctl` with its ADD, MODIFY and REMOVE, where built and compiled;
-    None otherwise (the Poller calls its epoll object's register, modify and unregister)."""
-    try:
-        from failproxy.proxy._sockio import (  # the same module as in _select
-            ADD,
-            MODIFY,
-            REMOVE,
-            ctl,
-        )
-    except ImportError:
-        return None, 0, 0, 0
-    return ctl, ADD, MODIFY, REMOVE
+        return None
+    return _sockio  # type: ignore[no-any-return]
 
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
 # instructions each, bench.profiles.realsock).
-_IO: Final = _select()
-_read: Final = _IO[0]
-_write: Final = _IO[1]
-_ready_now: Final = _IO[2]
-BUILT: Final = _IO[3]
-_CTL: Final = _select_ctl()
-_ctl: Final = _CTL[0]
-_ADD: Final = _CTL[1]
-_MODIFY: Final = _CTL[2]
-_REMOVE: Final = _CTL[3]
+_C: Final = _compiled()
+_read: Final[Callable[[int, int], bytes]] = os.read if _C is None else _C.read
+_write: Final[Callable[[int, bytes], int]] = os.write if _C is None else _C.write
+# None in the pure build, where the Poller calls its epoll object's poll and register/modify/
+# unregister instead.
+_ready_now: Final[Callable[[int, int], list[tuple[int, int]]] | None] = (
+    None if _C is None else _C.ready)
+_ctl: Final[Callable[[int, int, int, int], None] | None] = None if _C is None else _C.ctl
+_ADD: Final[int] = 0 if _C is None else _C.ADD
+_MODIFY: Final[int] = 0 if _C is None else _C.MODIFY
+_REMOVE: Final[int] = 0 if _C is None else _C.REMOVE
+BUILT: Final = "pure" if _C is None else "cython"
 
 HIGH: Final = 64 * 1024  # write buffer: pause_writing above this (uvloop's default) ...
 LOW: Final = 16 * 1024  # ... resume_writing once it drained below this
