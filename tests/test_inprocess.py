@@ -541,3 +541,45 @@ def test_the_idle_pool_is_lifo_bounded_and_keeps_what_a_careful_request_refuses(
         assert peer.idle == [] and all(t.closing for t in gone)
 
     asyncio.run(main())
+
+
+def test_a_connection_nobody_carries_ends_in_its_close_and_one_carrying_an_answer_later(
+    tmp_path: Path,
+) -> None:
+    """UpstreamConnection.close() with no exchange (an answer complete, unicorn's close; an
+    idle one closed): the socket is closed, the connection out of its pool and its parser and
+    timer let go in the call, and no connection_lost follows on a later turn. One still carrying
+    an exchange ends as asyncio's transports end: on a later turn, the exchange told then."""
+
+    async def main() -> None:
+        h = _catch_all_harness(tmp_path, asyncio.get_running_loop())
+        peer = h.ctx.peers[0]
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        idle = UpstreamConnection(peer, h.loop)
+        idle.transport = rawtransport.SocketTransport(h.loop, ours.detach(), idle)
+        assert peer.put_idle(idle) and peer.idle == [idle]
+        timer = idle.timer
+        idle.close()
+        assert idle.closed and peer.idle == [] and idle.timer is not timer, "in the call"
+        assert idle.transport.is_closing() and not idle.transport.end_now()
+        theirs.settimeout(5)
+        assert theirs.recv(10) == b"", "the socket is closed"
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert h.events("internal_error") == []
+
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        up, (client, out) = h.pooled(peer)[0], h.client()
+        up.transport = rawtransport.SocketTransport(h.loop, ours.detach(), up)
+        client.data_received(request("/carried"))
+        assert up.exchange is not None
+        up.close()
+        assert up.exchange is not None, "told on a later turn, not inside close()"
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert up.exchange is None and out.data().startswith(b"HTTP/1.1 502")
+        theirs.close()
+
+    run(main)

@@ -8,7 +8,9 @@ ending in exactly one connection_lost, on a later loop turn.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import os
 import socket
 from collections.abc import Iterator
 
@@ -65,10 +67,19 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     lp.close()
 
 
-def _pair() -> tuple[socket.socket, socket.socket]:
+def _pair() -> tuple[int, socket.socket]:
+    """Our end as the bare fd a transport owns (as connect.py gives it), and the peer's."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
-    return ours, theirs
+    return ours.detach(), theirs
+
+
+def _is_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        return exc.errno == errno.EBADF
+    return False
 
 
 def _turns(loop: asyncio.AbstractEventLoop, n: int = 5) -> None:
@@ -110,7 +121,7 @@ def test_a_full_socket_buffer_pauses_writing_and_every_byte_arrives_in_order(loo
     _turns(loop)
     assert proto.calls == ["pause", "resume", "lost"] and proto.lost == [None]
     assert theirs.recv(10) == b"", "closed after the last byte"
-    assert ours.fileno() == -1, "the transport closed the socket"
+    assert _is_closed(ours), "the transport closed the socket"
     theirs.close()
 
 
@@ -197,7 +208,7 @@ def test_a_socket_closed_inside_the_batch_lends_its_number_to_the_next_without_h
     still in the batch, must not reach the third as data (its read says EAGAIN) nor end it."""
     a_ours, a_theirs = _pair()
     b_ours, b_theirs = _pair()
-    b_fd = b_ours.fileno()
+    b_fd = b_ours
     made: list[tuple[SocketTransport, Recorder, socket.socket]] = []
 
     class Closer(Recorder):
@@ -245,7 +256,7 @@ def test_a_closed_socket_leaves_the_set_by_its_close_alone(loop, no_gc) -> None:
     """close() with nothing buffered makes no EPOLL_CTL_DEL: closing the fd takes it out of the
     set (the kernel's list says so), and the fd's number is free for the next socket."""
     ours, theirs = _pair()
-    fd = ours.fileno()
+    fd = ours
     proto = Recorder()
     tr = SocketTransport(loop, ours, proto)
     assert fd in _epoll_targets(loop)
@@ -254,7 +265,7 @@ def test_a_closed_socket_leaves_the_set_by_its_close_alone(loop, no_gc) -> None:
     _turns(loop)
     assert proto.calls == ["lost"]
     again, peer = _pair()
-    assert again.fileno() == fd  # the lowest free number: the closed one's
+    assert again == fd  # the lowest free number: the closed one's
     rec = Recorder()
     SocketTransport(loop, again, rec)  # registers without EEXIST
     peer.sendall(b"hello")
@@ -271,7 +282,7 @@ def test_a_half_closed_socket_stops_reading_and_still_writes(loop, no_gc) -> Non
     import time
 
     ours, theirs = _pair()
-    fd = ours.fileno()
+    fd = ours
     proto = Recorder()
     proto.keep_open = True
     tr = SocketTransport(loop, ours, proto)
@@ -303,7 +314,7 @@ loop = uvloop.new_event_loop()
 pairs = [socket.socketpair() for _ in range(20)]
 for ours, _ in pairs:
     ours.setblocking(False)
-    SocketTransport(loop, ours, P()).close()
+    SocketTransport(loop, ours.detach(), P()).close()
 loop.run_until_complete(asyncio.sleep(0.01))
 print("done", flush=True)
 """
@@ -334,3 +345,31 @@ def test_closing_makes_no_epoll_del_syscall(tmp_path) -> None:
     ours = [epfd for epfd, n in adds.items() if n >= 20]  # the poller's set: one ADD a socket
     assert len(ours) == 1, calls
     assert [c for c in calls if c[0] == ours[0] and c[1] != "EPOLL_CTL_ADD"] == []
+
+
+def test_end_now_closes_at_once_and_tells_the_protocol_nothing(loop, no_gc) -> None:
+    """The end a protocol does itself (upstream.UpstreamConnection with no exchange left):
+    the fd closed and out of the set in the call, no connection_lost ever; refused, with nothing
+    changed, while bytes wait to be written."""
+    ours, theirs = _pair()
+    proto = Recorder()
+    tr = SocketTransport(loop, ours, proto)
+    assert ours in _epoll_targets(loop)
+    assert tr.end_now()
+    assert _is_closed(ours) and ours not in _epoll_targets(loop)
+    assert not tr.end_now(), "once"
+    tr.close()
+    tr.abort()
+    _turns(loop)
+    assert proto.calls == [] and proto.lost == []
+    assert theirs.recv(10) == b""
+    theirs.close()
+    busy, peer = _pair()
+    proto = Recorder()
+    tr = SocketTransport(loop, busy, proto)
+    tr.write(b"x" * (4 << 20))  # more than the socket takes: some is buffered
+    assert not tr.end_now() and not _is_closed(busy)
+    tr.abort()
+    _turns(loop)
+    assert proto.calls[-1] == "lost"
+    peer.close()

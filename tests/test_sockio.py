@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 import failproxy
-from failproxy.proxy import rawtransport
+from failproxy.config import UpstreamConfig, loads
+from failproxy.proxy import connect, rawtransport
+from failproxy.routing.peer import Peer, pack_sockaddr
 
 try:
     from failproxy.proxy import _sockio  # type: ignore[attr-defined]
@@ -49,6 +51,7 @@ def test_the_build_uses_the_twin_it_says() -> None:
         assert (rawtransport._read, rawtransport._write) == (_sockio.read, _sockio.write)
         assert rawtransport._ready_now is _sockio.ready
         assert rawtransport._ctl is _sockio.ctl
+        assert connect._connect is _sockio.connect and rawtransport.close_fd is _sockio.close
 
 
 @pytest.mark.skipif(_sockio is None or PURE, reason="the compiled twin is not built")
@@ -183,3 +186,116 @@ def test_ctl_registers_modifies_and_removes_as_select_does() -> None:
         ep.close()
         a.close()
         b.close()
+
+
+# -- the new connection's socket(2), connect(2), SO_ERROR and close(2) (connect.py) ----------
+
+def _peer(address: str) -> Peer:
+    cfg: UpstreamConfig = loads(f'[[upstream.server]]\naddress = "{address}"\n').upstream
+    return Peer(0, cfg.servers[0], cfg)
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+def test_a_packed_address_is_the_struct_the_socket_module_would_pass(tmp_path: Any) -> None:
+    """What getsockname/getpeername give back for each family once connected through it."""
+    path = str(tmp_path / "s.sock")
+    for family, address, sockaddr in (
+            (socket.AF_UNIX, path, path),
+            (socket.AF_INET, "127.0.0.1:0", ("127.0.0.1", 0)),
+            (socket.AF_INET6, "[::1]:0", ("::1", 0))):
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.bind(sockaddr)
+        except OSError:
+            listener.close()
+            assert family == socket.AF_INET6, "no IPv6 loopback here"
+            continue
+        listener.listen(4)
+        bound = listener.getsockname()
+        fd = connect._stream_socket(family)
+        if family == socket.AF_UNIX:
+            err = connect._connect_to(fd, _peer(f"unix:{path}"))
+        else:
+            peer = _peer(f"{address.rsplit(':', 1)[0]}:{bound[1]}")
+            assert peer.packed == pack_sockaddr(family, (bound[0], bound[1]))
+            err = connect._connect_to(fd, peer)
+        assert err in (0, errno.EINPROGRESS)
+        accepted, _ = listener.accept()
+        assert accepted.getsockname()[:2] == bound[:2]
+        select.select([], [fd], [], 5)
+        assert connect._pending_error(fd) == 0
+        rawtransport.close_fd(fd)
+        assert not _open(fd)
+        assert accepted.recv(1) == b"", "the peer sees the close"
+        accepted.close()
+        listener.close()
+
+
+def test_start_connect_tells_a_full_backlog_and_a_missing_socket_by_errno(tmp_path: Any) -> None:
+    """EAGAIN for a UNIX listener that never accepts and whose backlog is full, ENOENT for no
+    socket file, ECONNREFUSED for a closed TCP port; each without an exception, and the UNIX
+    socket kept as the peer's spare for the next try (one socket for every refused try)."""
+    path = str(tmp_path / "full.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    peer = _peer(f"unix:{path}")
+    held = []
+    for _ in range(64):  # fill the backlog: backlog 0 still takes one or two
+        fd, err = connect.start_connect(peer)
+        if fd < 0:
+            break
+        held.append(fd)
+    assert (fd, err) == (-1, errno.EAGAIN)
+    spare = peer.spare
+    assert spare >= 0 and _open(spare)
+    assert connect.start_connect(peer) == (-1, errno.EAGAIN)
+    assert peer.spare == spare, "the same unconnected socket, tried again"
+    gone = _peer(f"unix:{tmp_path / 'none.sock'}")
+    assert connect.start_connect(gone) == (-1, errno.ENOENT)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    tcp = _peer(f"127.0.0.1:{port}")
+    fd, err = connect.start_connect(tcp)
+    if err == errno.EINPROGRESS:  # loopback refuses at once, mostly; else it tells by SO_ERROR
+        select.select([], [fd], [], 5)
+        err = connect._pending_error(fd)
+        rawtransport.close_fd(fd)
+    else:
+        assert fd == -1
+    assert err == errno.ECONNREFUSED and tcp.spare == -1
+    for fd in held:
+        rawtransport.close_fd(fd)
+    peer.close_idle()
+    assert peer.spare == -1 and not _open(spare)
+    listener.close()
+
+
+@pytest.mark.skipif(_sockio is None or PURE, reason="the compiled twin is not built")
+def test_the_compiled_socket_calls_fail_as_the_os_does() -> None:
+    assert _sockio is not None
+    with pytest.raises(OSError) as bad:
+        _sockio.stream_socket(-1)
+    assert bad.value.errno == errno.EAFNOSUPPORT
+    r, w = os.pipe()
+    assert _sockio.connect(r, pack_sockaddr(socket.AF_INET, ("127.0.0.1", 9))) == errno.ENOTSOCK
+    with pytest.raises(TypeError):
+        _sockio.connect(r, "127.0.0.1")
+    with pytest.raises(OSError) as bad:
+        _sockio.pending_error(r)
+    assert bad.value.errno == errno.ENOTSOCK
+    _sockio.close(r)
+    _sockio.close(w)
+    with pytest.raises(OSError) as bad:
+        _sockio.close(r)
+    assert bad.value.errno == errno.EBADF

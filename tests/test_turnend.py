@@ -62,3 +62,34 @@ def test_a_failing_writer_is_reported_and_the_others_still_run() -> None:
     seen, reported = uvloop.run(main())
     assert seen == ["metrics", "again"]
     assert len(reported) == 1 and isinstance(reported[0]["exception"], RuntimeError)
+
+
+def test_a_held_turn_end_runs_what_its_batch_deferred_at_release_without_a_handle() -> None:
+    """hold()/release() (rawtransport.Poller around its batch): writers deferred in the batch
+    run at release, before callbacks queued during it; work deferred before the batch keeps
+    its Handle, which then runs the batch's writers too, once."""
+
+    async def main() -> tuple[list[str], list[str]]:
+        loop = asyncio.get_running_loop()
+        turn = turnend.of(loop)
+        seen: list[str] = []
+        turn.hold()
+        turn.defer(lambda: seen.append("log"))
+        loop.call_soon(seen.append, "queued in the batch")
+        turn.release()
+        seen.append("after release")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        before: list[str] = []
+        turn.defer(lambda: before.append("metrics, before the batch"))
+        turn.hold()
+        turn.defer(lambda: before.append("log, in the batch"))
+        turn.release()
+        before.append("after release")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return seen, before
+
+    seen, before = uvloop.run(main())
+    assert seen == ["log", "after release", "queued in the batch"]
+    assert before == ["after release", "metrics, before the batch", "log, in the batch"]

@@ -86,7 +86,7 @@ def run(mode: str, path: str, requests: int) -> tuple[float, float, float]:
         else:
             raw = _socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             raw.connect(path)
-            SocketTransport(loop, raw, reader).write(REQUEST)
+            SocketTransport(loop, raw.detach(), reader).write(REQUEST)
 
     for _ in range(CONCURRENCY):
         loop.call_soon(one)

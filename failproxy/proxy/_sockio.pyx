@@ -15,6 +15,13 @@ parsing of a timeout object, or a wait that EINTR could cut. `ctl` is `register`
 `unregister` of the same epoll object, one call each way as select's (which also lets the GIL go
 around epoll_ctl, a syscall that never waits), the fd stored in the event's data as select does.
 
+`stream_socket`, `connect`, `close` and `pending_error` are the new upstream connection's
+socket(2), connect(2), close(2) and getsockopt(SO_ERROR) on a bare fd, for connect.py and
+rawtransport.py, where a `_socket.socket` object cost ~3k instructions a connection (its
+allocation, the address parsed from a str at each connect, three GIL releases). `connect` takes
+the address as the C struct, built once per peer (`sockaddr`), and returns the errno (0 when
+connected) instead of raising: a full UNIX backlog (EAGAIN) is the hot path of an overloaded box.
+
 The same results as the os functions: a bytes object of what was read (b"" at the end), the
 count written, an OSError of the errno's class (BlockingIOError for EAGAIN). EINTR is raised as
 InterruptedError where the os functions retry (rawtransport takes it as EAGAIN: the socket is
@@ -26,6 +33,21 @@ is handed to the os function itself (tests/test_sockio.py).
 cdef extern from "unistd.h":
     ssize_t c_read "read"(int fd, void* buf, size_t count)
     ssize_t c_write "write"(int fd, const void* buf, size_t count)
+    int c_close "close"(int fd)
+
+cdef extern from "sys/socket.h":
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    int c_socket "socket"(int domain, int type, int protocol)
+    int c_connect "connect"(int fd, const sockaddr* addr, socklen_t addrlen)
+    int getsockopt(int fd, int level, int name, void* value, socklen_t* length)
+    enum:
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        SOL_SOCKET
+        SO_ERROR
 
 from libc.stdint cimport uint32_t, uint64_t
 
@@ -129,3 +151,38 @@ def ctl(int epfd, int op, int fd, unsigned int events):
     ev.data.fd = fd
     if epoll_ctl(epfd, op, fd, &ev) < 0:
         PyErr_SetFromErrno(OSError)
+
+
+def stream_socket(int family):
+    """socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC): the fd (OSError)."""
+    cdef int fd = c_socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return PyErr_SetFromErrno(OSError)
+    return fd
+
+
+def connect(int fd, address):
+    """connect(2) of the socket `fd` to `address`, a struct sockaddr as bytes (`sockaddr`):
+    0 when connected, else the errno (EINPROGRESS, EAGAIN, ECONNREFUSED...)."""
+    if not PyBytes_CheckExact(address):
+        raise TypeError("address must be bytes (sockaddr)")
+    if c_connect(fd, <const sockaddr*>PyBytes_AS_STRING(address),
+                 <socklen_t>PyBytes_GET_SIZE(address)) < 0:
+        return errno
+    return 0
+
+
+def close(int fd):
+    """close(2); OSError for EBADF (a bug: an fd closed twice). EINTR is not an error here:
+    Linux has released the fd by then."""
+    if c_close(fd) < 0 and errno != EINTR:
+        PyErr_SetFromErrno(OSError)
+
+
+def pending_error(int fd):
+    """getsockopt(fd, SOL_SOCKET, SO_ERROR): how a connect in progress ended (0: connected)."""
+    cdef int value = 0
+    cdef socklen_t length = sizeof(value)
+    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &value, &length) < 0:
+        PyErr_SetFromErrno(OSError)
+    return value

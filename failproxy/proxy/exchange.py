@@ -22,7 +22,6 @@ which checks the transition against `_TRANSITIONS`.
 
 from __future__ import annotations
 
-import _socket
 import errno
 import time
 from typing import Final, cast
@@ -34,7 +33,7 @@ from failproxy.proxy.connect import start_connect, when_connected
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.events import ExchangeView
 from failproxy.proxy.headers import BadRequest, http_date, response_head
-from failproxy.proxy.rawtransport import SocketTransport
+from failproxy.proxy.rawtransport import SocketTransport, close_fd
 from failproxy.proxy.request import Request
 from failproxy.proxy.spool import AnswerSpool, FileSource, Source
 from failproxy.proxy.static import StaticFiles
@@ -392,42 +391,42 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     def _connect(self, peer: Peer) -> None:
         self._enter(CONNECTING)
         t0 = monotonic()
-        sock, err = start_connect(peer)
-        if sock is None:
+        fd, err = start_connect(peer)
+        if fd < 0:
             self._next(policy.classify_connect_errno(err), err)
             return
         if err == _EINPROGRESS:
             when_connected(
                 self.ctx.loop,
-                sock,
+                fd,
                 self.ctx.connect_timeout,
-                lambda err: self._tcp_connected(peer, sock, err, t0),
+                lambda err: self._tcp_connected(peer, fd, err, t0),
             )
             return
-        self._open(peer, sock, t0)
+        self._open(peer, fd, t0)
 
-    def _tcp_connected(self, peer: Peer, sock: _socket.socket, err: int, t0: float) -> None:
+    def _tcp_connected(self, peer: Peer, fd: int, err: int, t0: float) -> None:
         if self.phase == DONE:
-            sock.close()
+            close_fd(fd)
             return
         try:
             if err:
-                sock.close()
+                close_fd(fd)
                 self._next(policy.classify_connect_errno(err), err)
             else:
-                self._open(peer, sock, t0)
+                self._open(peer, fd, t0)
         except Exception as exc:
             self.internal_error(exc, "connected")
 
-    def _open(self, peer: Peer, sock: _socket.socket, t0: float) -> None:
+    def _open(self, peer: Peer, fd: int, t0: float) -> None:
         """Give the connected socket a transport and send the request on it, in this call: no
         Task or Future per connection (rawtransport.py says why)."""
         loop = self.ctx.loop
         conn = UpstreamConnection(peer, loop)
         try:
-            conn.transport = SocketTransport(loop, sock, conn)
+            conn.transport = SocketTransport(loop, fd, conn)
         except OSError as exc:
-            sock.close()
+            close_fd(fd)
             self._next(policy.classify_connect_errno(exc.errno), exc.errno)
             return
         now = monotonic()

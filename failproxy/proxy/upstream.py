@@ -29,7 +29,7 @@ from failproxy.proxy.headers import (
     valid_status,
     without_names,
 )
-from failproxy.proxy.rawtransport import Transport
+from failproxy.proxy.rawtransport import SocketTransport, Transport
 from failproxy.proxy.responseparser import HeadSink, Parser, ResponseParser
 from failproxy.proxy.timer import take_timer
 from failproxy.routing.peer import Peer, Pooled
@@ -181,12 +181,7 @@ class UpstreamConnection(HeadSink, Pooled):
     # -- asyncio protocol ---------------------------------------------------------------------
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.timer = self.timer.give_back()
-        # The parser holds this connection's bound methods: a cycle only the garbage collector
-        # would free (a collection every ~60 new connections, 12 objects each). Broken here,
-        # the connection is freed by its reference count once the exchange lets it go.
-        self._parser.close()
+        self._let_go()
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.close()
@@ -203,6 +198,16 @@ class UpstreamConnection(HeadSink, Pooled):
                 exchange.internal_error(bug, "upstream lost")
         else:
             self.peer.forget_idle(self)
+
+    def _let_go(self) -> None:
+        """What every end does, told by the transport or done here (`close`)."""
+        self.closed = True
+        self.timer = self.timer.give_back()
+        # The parser holds this connection's bound methods: a cycle only the garbage collector
+        # would free (a collection every ~60 new connections, 12 objects each). Broken here,
+        # the connection is freed by its reference count once the exchange lets it go. Safe
+        # from inside the parser's own callback (it checks `close` before each call).
+        self._parser.close()
 
     def eof_received(self) -> bool | None:
         # Returning falsy closes the transport, which ends in connection_lost above.
@@ -409,8 +414,16 @@ class UpstreamConnection(HeadSink, Pooled):
     def close(self) -> None:
         self.closed = True
         transport = self.transport
-        if transport is not None:
-            transport.close()
+        if transport is None:
+            return
+        if (self.exchange is None and self.tunnel is None
+                and isinstance(transport, SocketTransport) and transport.end_now()):
+            # Nobody waits to hear of this end (unicorn's way: every answer ends its
+            # connection), so it is done now, not in a callback of the next loop iteration.
+            self._let_go()
+            self.peer.forget_idle(self)
+            return
+        transport.close()
 
     def abort(self) -> None:
         self.closed = True

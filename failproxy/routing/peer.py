@@ -13,8 +13,9 @@ second after a single EAGAIN unless `max_fails=0`.
 
 from __future__ import annotations
 
-import _socket
+import os
 import socket
+import struct
 
 from mypy_extensions import trait
 
@@ -35,6 +36,23 @@ class Pooled:
 
     def close(self) -> None:
         raise NotImplementedError
+
+
+def pack_sockaddr(family: int, sockaddr: str | tuple[str, int]) -> bytes:
+    """The C `struct sockaddr` of an address, what connect(2) takes: built once per peer, so a
+    connect passes it as it is (proxy/connect.py), where `socket.connect` parses the Python
+    form again each time."""
+    if family == socket.AF_UNIX:
+        assert isinstance(sockaddr, str)
+        return struct.pack("=H", family) + os.fsencode(sockaddr)
+    assert isinstance(sockaddr, tuple)
+    host, port = sockaddr
+    if family == socket.AF_INET:
+        return (struct.pack("=H", family) + struct.pack("!H", port)
+                + socket.inet_pton(family, host) + bytes(8))
+    # sockaddr_in6: family, port, flow info, address, scope id (no scope: not link-local)
+    return (struct.pack("=H", family) + struct.pack("!HI", port, 0)
+            + socket.inet_pton(family, host) + struct.pack("=I", 0))
 
 
 class Peer:
@@ -60,6 +78,7 @@ class Peer:
         "max_conns",
         "max_fails",
         "max_queue",
+        "packed",
         "queue_probe",
         "share",
         "sockaddr",
@@ -96,6 +115,7 @@ class Peer:
             info = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)[0]
             self.family = int(info[0])
             self.sockaddr = (str(info[4][0]), int(info[4][1]))
+        self.packed = pack_sockaddr(self.family, self.sockaddr)
         self.fail_timeout = conf.fail_timeout
         self.max_fails = conf.max_fails
         self.max_conns = conf.max_conns
@@ -110,7 +130,7 @@ class Peer:
         # workers when there are several (loadshare.py).
         self.waiting = 0
         self.share: LoadView | None = None
-        self.spare: _socket.socket | None = None  # an unconnected UNIX socket, see connect.py
+        self.spare = -1  # the fd of an unconnected UNIX socket, see proxy/connect.py
         self.fails = 0
         self.first_fail = 0.0
         self.down_until = 0.0
@@ -255,9 +275,9 @@ class Peer:
             older = self._older
             self._warm = older.pop() if older else None
             conn.close()
-        if self.spare is not None:
-            self.spare.close()
-            self.spare = None
+        if self.spare >= 0:
+            os.close(self.spare)
+            self.spare = -1
 
 
 def build_peers(upstream: UpstreamConfig) -> list[Peer]:
