@@ -20,7 +20,8 @@ PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py 
 	tests/test_room.py tests/test_rawtransport.py tests/test_timer.py tests/test_turnend.py \
 	tests/test_accesslog.py tests/test_accessline.py tests/test_buffering.py tests/test_capacity.py \
 	tests/test_learning.py tests/test_version.py tests/test_slot.py tests/test_heads.py tests/test_sockio.py \
-	tests/test_requestid.py tests/test_responseparser.py tests/test_requestparser.py tests/test_edge.py
+	tests/test_requestid.py tests/test_responseparser.py tests/test_requestparser.py tests/test_edge.py \
+	tests/test_loadshare.py
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.
 DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl \

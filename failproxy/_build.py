@@ -50,11 +50,12 @@ COMPILED = (
 # mypyc's shared library for the group, inside the package (see setup.py).
 GROUP = "failproxy._compiled"
 # Written in Cython (a .pyx each), each the twin of pure-Python code that a plain module selects
-# at import (telemetry/accessline.py, telemetry/slot.py, proxy/headers.py, proxy/rawtransport.py,
-# proxy/responseparser.py and proxy/requestparser.py, both from proxy/_llhttp.pyx): compiled beside
-# the mypyc group where Cython is present.
+# at import (telemetry/accessline.py, telemetry/slot.py, routing/loadshare.py, proxy/headers.py,
+# proxy/rawtransport.py, proxy/responseparser.py and proxy/requestparser.py, both from
+# proxy/_llhttp.pyx): compiled beside the mypyc group where Cython is present.
 CYTHON = (
-    "telemetry._accessline", "telemetry._slot", "proxy._heads", "proxy._llhttp", "proxy._sockio"
+    "telemetry._accessline", "telemetry._slot", "routing._loadview", "proxy._heads",
+    "proxy._llhttp", "proxy._sockio",
 )
 # C sources compiled into a Cython module beside its .pyx, and their include directories
 # (relative to the repository): llhttp, the parser httptools bundles, at httptools' version.

@@ -1,26 +1,50 @@
 """The load table the overflow policy reads (loadshare.py): what one worker publishes, its
-siblings see at their next loop turn; a worker that is gone counts for nothing. Real shared
-memory across a real fork."""
+siblings see by the end of its loop turn (the pure twin, which gathers per turn) or at once (the
+Cython twin, C stores); a worker that is gone counts for nothing. Real shared memory across a
+real fork. The compiled run checks both twins, the pure run the pure one."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
+from typing import Any
 
-from failproxy.routing.loadshare import LoadShare, LoadView
+import pytest
+
+import failproxy
+from failproxy.routing import loadshare
+from failproxy.routing.loadshare import LoadShare, LoadView, LoadViewPy
+
+try:
+    from failproxy.routing._loadview import LoadView as LoadViewC  # type: ignore[import-not-found]
+except ImportError:
+    LoadViewC = None
+
+PURE = failproxy.BUILD.startswith("pure")
+TWINS: list[Callable[..., Any]] = [LoadViewPy] + ([LoadViewC] if LoadViewC and not PURE else [])
 
 
-def test_siblings_see_each_others_counts_a_turn_later() -> None:
+def test_the_build_uses_the_twin_it_says() -> None:
+    if PURE:
+        assert loadshare.BUILT == "pure" and LoadView is LoadViewPy
+    else:
+        assert loadshare.BUILT == "cython" and LoadView is LoadViewC
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=[t.__module__ for t in TWINS])
+def test_siblings_see_each_others_counts_by_the_turns_end(twin: Callable[..., Any]) -> None:
     share = LoadShare(3)
     a_col, b_col = share.claim(), share.claim()
     assert a_col != b_col
+    at_once = twin is not LoadViewPy
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        a, b = LoadView(share, a_col, loop), LoadView(share, b_col, loop)
+        a, b = twin(share, a_col, loop), twin(share, b_col, loop)
         a.publish(1, 2)
         a.publish(2, 1)
-        assert b.others(1) == 0, "not before a's turn ends"
+        assert b.others(1) == (2 if at_once else 0), "the pure twin: not before a's turn ends"
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert (b.others(0), b.others(1), b.others(2)) == (0, 2, 1)
@@ -30,12 +54,31 @@ def test_siblings_see_each_others_counts_a_turn_later() -> None:
         await asyncio.sleep(0)
         assert b.others(1) == 0
         assert b.others(7) == 0, "a slot past the table (a peer added later) counts nothing"
+        a.publish(7, 3)  # ... and is not written
+        c = twin(share, share.claim(), loop)
+        c.publish(2, 4)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert (b.others(2), a.others(2), c.others(2)) == (5, 4, 1), "every sibling summed"
 
     asyncio.run(main())
     share.close()
 
 
-def test_a_forked_worker_publishes_and_its_column_is_cleared_when_it_is_gone() -> None:
+@pytest.mark.skipif(LoadViewC is None or PURE, reason="the Cython twin is not built")
+def test_the_cython_twin_refuses_a_column_outside_the_table() -> None:
+    share = LoadShare(2)
+    with pytest.raises(ValueError):
+        LoadViewC(share, loadshare.COLUMNS, None)
+    with pytest.raises(ValueError):
+        LoadViewC(share, -1, None)
+    share.close()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=[t.__module__ for t in TWINS])
+def test_a_forked_worker_publishes_and_its_column_is_cleared_when_it_is_gone(
+    twin: Callable[..., Any],
+) -> None:
     share = LoadShare(2)
     parent_col, child_col = share.claim(), share.claim()
     pid = os.fork()
@@ -43,7 +86,7 @@ def test_a_forked_worker_publishes_and_its_column_is_cleared_when_it_is_gone() -
         code = 1
         try:
             async def child() -> None:
-                view = LoadView(share, child_col, asyncio.get_running_loop())
+                view = twin(share, child_col, asyncio.get_running_loop())
                 view.publish(0, 5)
                 await asyncio.sleep(0)
 
@@ -54,7 +97,7 @@ def test_a_forked_worker_publishes_and_its_column_is_cleared_when_it_is_gone() -
     assert os.waitpid(pid, 0)[1] == 0
 
     async def main() -> None:
-        view = LoadView(share, parent_col, asyncio.get_running_loop())
+        view = twin(share, parent_col, asyncio.get_running_loop())
         assert view.others(0) == 5, "the child's count, through shared memory"
         share.release(child_col)  # what the master does when it reaps that worker
         await asyncio.sleep(0)

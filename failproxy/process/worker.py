@@ -23,7 +23,7 @@ from failproxy.config import Config
 from failproxy.discovery.peertable import PeerTable, PeerWatch
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.downstream import ClientConnection
-from failproxy.routing.loadshare import LoadShare, LoadView
+from failproxy.routing.loadshare import LoadShare, LoadSharing, LoadView
 from failproxy.telemetry import logs
 from failproxy.telemetry.metrics import WorkerMetrics
 from failproxy.tls import server_context
@@ -43,7 +43,7 @@ class Worker:
         cfg: Config,
         metrics: WorkerMetrics,
         loop: asyncio.AbstractEventLoop,
-        share: LoadView | None = None,
+        share: LoadSharing | None = None,
     ) -> None:
         self.cfg = cfg
         self.loop = loop

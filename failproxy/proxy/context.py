@@ -28,7 +28,7 @@ from failproxy.proxy.requestparser import Names
 from failproxy.proxy.static import StaticFiles
 from failproxy.routing import policy
 from failproxy.routing.balance import Room
-from failproxy.routing.loadshare import LoadView
+from failproxy.routing.loadshare import LoadSharing
 from failproxy.routing.peer import Peer, build_peers
 from failproxy.routing.routes import RouteTable
 from failproxy.telemetry.metrics import WorkerMetrics
@@ -65,7 +65,7 @@ class WorkerContext:
         cfg: Config,
         metrics: WorkerMetrics,
         loop: asyncio.AbstractEventLoop,
-        share: LoadView | None = None,
+        share: LoadSharing | None = None,
     ) -> None:
         """`share`: the other workers' load (several worker processes; loadshare.py)."""
         self.cfg = cfg

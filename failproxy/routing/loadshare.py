@@ -5,16 +5,22 @@ One table per config generation: an anonymous shared mmap the master creates bef
 that generation's workers, a column per worker (the master hands columns out at fork and clears
 a column when its worker is gone), a row per peer slot; cell 0 holds how many columns were ever
 handed out, so readers scan only those. A worker writes only its own column and reads the
-others (one memoryview slice to a list per column); aligned 8-byte stores need no lock. Both are
-batched per event-loop turn, as the metrics are (a memoryview item costs ~1.5k instructions): a
-worker's changes reach the table at the end of the turn, and what it knows of its siblings is at
-most one turn old.
+others; aligned 8-byte stores need no lock.
+
+Two twins behind one name (`LoadView`), as telemetry/slot.py's: the compiled build's is
+`_loadview.pyx`, whose stores and sums are C loads and stores through the mapped buffer, at once.
+The pure twin (`LoadViewPy`) batches both per event-loop turn, as the pure metrics do (a
+memoryview item costs ~1.5k instructions): a worker's changes reach the table at the end of the
+turn, and what it knows of its siblings is at most one turn old. Either way a sibling sees a
+change by the end of the turn it was made in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import mmap
+from collections.abc import Callable
+from typing import Protocol
 
 from failproxy.telemetry import turnend
 
@@ -53,8 +59,17 @@ class LoadShare:
             self._mm = None
 
 
-class LoadView:
-    """A worker's side of the table: its own column written, the others summed."""
+class LoadSharing(Protocol):
+    """A worker's side of the table, either twin (`LoadView`)."""
+
+    def publish(self, slot: int, count: int) -> None: ...
+    def others(self, slot: int) -> int: ...
+
+
+class LoadViewPy:
+    """A worker's side of the table: its own column written, the others summed. The pure twin
+    of `_loadview.pyx`'s LoadView (C stores at once), gathering per loop turn as the module
+    docstring says."""
 
     __slots__ = ("_cells", "_column", "_dirty", "_flush_bound", "_fresh", "_mine", "_others",
                  "_scheduled", "_slots", "_turn")
@@ -116,3 +131,15 @@ class LoadView:
         for slot in self._dirty:
             self._cells[base + slot] = self._mine[slot]
         self._dirty.clear()
+
+
+def _select() -> tuple[Callable[[LoadShare, int, asyncio.AbstractEventLoop], LoadSharing], str]:
+    try:
+        from failproxy.routing._loadview import LoadView as compiled  # type: ignore[import-not-found]
+    except ImportError:
+        return LoadViewPy, "pure"
+    return compiled, "cython"
+
+
+# The twin this build runs (tests/test_loadshare.py runs both).
+LoadView, BUILT = _select()

@@ -20,7 +20,7 @@ import struct
 from mypy_extensions import trait
 
 from failproxy.config import Upstream, UpstreamConfig
-from failproxy.routing.loadshare import LoadView
+from failproxy.routing.loadshare import LoadSharing
 from failproxy.routing.queue_depth import QueueProbe
 
 
@@ -129,7 +129,7 @@ class Peer:
         # pull-model worker that wrote its answer is free again), published to the other
         # workers when there are several (loadshare.py).
         self.waiting = 0
-        self.share: LoadView | None = None
+        self.share: LoadSharing | None = None
         self.spare = -1  # the fd of an unconnected UNIX socket, see proxy/connect.py
         self.fails = 0
         self.first_fail = 0.0
