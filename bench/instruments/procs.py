@@ -52,6 +52,11 @@ class Proc:
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(p) for p in self.session_pids())
 
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) seconds of the session's live processes."""
+        splits = [cpu_split(p) for p in self.session_pids()]
+        return sum(u for u, _ in splits), sum(s for _, s in splits)
+
 
 @dataclass
 class Processes:
@@ -136,11 +141,16 @@ def session_pids(sid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process, in seconds (0 when it is gone)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process, in seconds ((0, 0) when it is gone)."""
     try:
         fields = _stat(pid)
     except (OSError, IndexError):
-        return 0.0
-    return (int(fields[13]) + int(fields[14])) / CLK_TCK
+        return 0.0, 0.0
+    return int(fields[13]) / CLK_TCK, int(fields[14]) / CLK_TCK
 
 
 def rss_kb(pid: int) -> int:

@@ -78,38 +78,46 @@ def main() -> None:
             targets["nginx"] = (port, nginx)
             script = wrk.write_script(Path(tmp) / "done.lua")
             perf_data = Path(tmp) / "perf.data"
-            rows: dict[str, list[tuple[float, float, float]]] = {n: [] for n in targets}
+            # req/s, front CPU, its user and system parts, unicorn CPU (µs a request)
+            rows: dict[str, list[tuple[float, float, float, float, float]]] = {
+                n: [] for n in targets}
             names = list(targets)
             for r in range(args.rounds):
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     port, proc = targets[name]
                     url = f"http://{HOST}:{port}/fast"
                     wrk.run(url, script=script, duration=1.0, connections=4)
-                    f0 = proc.cpu_seconds() if proc else 0.0
-                    u0 = unicorn.cpu_seconds()
+                    u0, s0 = proc.cpu_split() if proc else (0.0, 0.0)
+                    a0 = unicorn.cpu_seconds()
                     rec = None
                     if name == args.perf and r == 0 and proc is not None:
                         rec = perfrun.record(children(proc.pid)[0], args.seconds - 1, perf_data)
                     res = wrk.run(url, script=script, duration=args.seconds, connections=4)
                     if rec is not None:
                         rec.wait()
-                    front = (proc.cpu_seconds() - f0) if proc else 0.0
-                    app = unicorn.cpu_seconds() - u0
+                    u1, s1 = proc.cpu_split() if proc else (0.0, 0.0)
+                    user, system = u1 - u0, s1 - s0
+                    front = user + system
+                    app = unicorn.cpu_seconds() - a0
                     n = max(1, res.requests)
                     assert res.errors == 0, f"{name}: {res.errors} errors"
-                    rows[name].append((res.req_s, front * 1e6 / n, app * 1e6 / n))
+                    rows[name].append((res.req_s, front * 1e6 / n, user * 1e6 / n,
+                                       system * 1e6 / n, app * 1e6 / n))
                     print(f"round {r + 1} {name:<15} {res.req_s:>8,.0f} req/s  front "
-                          f"{front * 1e6 / n:5.1f} µs/req  unicorn {app * 1e6 / n:5.1f} µs/req",
+                          f"{front * 1e6 / n:5.1f} µs/req (user {user * 1e6 / n:.1f}, system "
+                          f"{system * 1e6 / n:.1f})  unicorn {app * 1e6 / n:5.1f} µs/req",
                           flush=True)
             direct = median([x[0] for x in rows["direct"]])
             print(f"\nwrk -t1 -c4 -d{args.seconds:g}s, {args.rounds} rounds, medians\n")
-            print("| target | req/s | x direct | front CPU µs/req | unicorn CPU µs/req |")
-            print("|---|---|---|---|---|")
+            print("| target | req/s | x direct | front CPU µs/req | user | system "
+                  "| unicorn CPU µs/req |")
+            print("|---|---|---|---|---|---|---|")
             for name, rs in rows.items():
                 req_s = median([x[0] for x in rs])
-                front = "-" if name == "direct" else f"{median([x[1] for x in rs]):.1f}"
+                front = " | ".join("-" if name == "direct" else f"{median([x[i] for x in rs]):.1f}"
+                                   for i in (1, 2, 3))
                 print(f"| {name} | {req_s:,.0f} | {req_s / direct:.2f}x | {front} | "
-                      f"{median([x[2] for x in rs]):.1f} |")
+                      f"{median([x[4] for x in rs]):.1f} |")
             if args.perf:
                 print(f"\nperf record -g on the {args.perf} worker, round 1 (under perf):")
                 perfrun.report(perf_data, 25)
