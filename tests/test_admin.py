@@ -133,8 +133,9 @@ def test_status_shows_what_the_workers_learned(tmp_path: Path, backend: Any) -> 
         answered = 0
         for i in range(1, 7):
             # Mostly "app"; the backup now and then: a worker reads its sibling's requests in
-            # flight as of the sibling's last loop turn end (loadshare.py), and on a loaded box
-            # the sibling that just answered may not have reached it yet (W = 1 here).
+            # flight as the table holds them (at once in the compiled build, as of the sibling's
+            # last loop turn end in the pure one: loadshare.py), and on a loaded box the sibling
+            # that just answered may not have written it yet (W = 1 here).
             code, backend_name, _ = get(proxy.port, f"/items/{i}?page=2")
             assert code == 200 and backend_name in ("app", "spare")
             answered += 1
