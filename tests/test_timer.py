@@ -152,6 +152,20 @@ def test_a_timer_given_back_serves_the_next_connection_and_never_fires_for_the_o
     assert old == [] and new == [deadline]
 
 
+def test_the_stand_in_is_made_once_per_timer_and_never_fires(fake: FakeLoop) -> None:
+    calls: list[str] = []
+    t = take_timer(fake, lambda: calls.append("first"))
+    first_stand_in = t.give_back()
+    again = take_timer(fake, lambda: calls.append("second"))
+    assert again is t
+    second_stand_in = again.give_back()
+    assert second_stand_in is first_stand_in, "a new stand-in was made for each connection"
+    assert second_stand_in is not t
+    first_stand_in.set(fake.time() + 0.01)  # both ended connections hold it: it calls neither
+    fake.advance(1.0)
+    assert calls == []
+
+
 def test_a_given_back_timer_left_unused_fires_nothing(fake: FakeLoop) -> None:
     calls: list[str] = []
     t = take_timer(fake, lambda: calls.append("x"))

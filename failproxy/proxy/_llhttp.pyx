@@ -253,6 +253,31 @@ cdef int _gather(llhttp_t* p, Buf* b, const char* at, size_t n) noexcept:
 
 # -- what both parsers share -----------------------------------------------------------------
 
+# The last class seen by each kind of parser and its methods: a worker's sinks are of one class
+# each (upstream.UpstreamConnection, downstream.ClientConnection); tests bring their own.
+cdef PyObject* _response_class = NULL
+cdef PyObject* _request_class = NULL
+cdef PyObject* _response_methods = NULL
+cdef PyObject* _request_methods = NULL
+cdef dict _SINK_METHODS = {}  # class -> (on_message_begin or None, on_head, on_body, on_message_complete)
+
+
+cdef tuple _methods(object sink, PyObject** last_class, PyObject** last_methods):
+    """The four methods of `sink`'s class. Classes and tuples stay referenced by _SINK_METHODS, so
+    the borrowed pointers in the last-seen pair stay valid."""
+    cdef object cls = type(sink)
+    if <PyObject*>cls is last_class[0]:
+        return <tuple>last_methods[0]
+    m = _SINK_METHODS.get(cls)
+    if m is None:
+        m = (getattr(cls, "on_message_begin", None), getattr(cls, "on_head"),
+             getattr(cls, "on_body"), getattr(cls, "on_message_complete"))
+        _SINK_METHODS[cls] = m
+    last_class[0] = <PyObject*>cls
+    last_methods[0] = <PyObject*>m
+    return <tuple>m
+
+
 cdef class _Parser:
     """llhttp, the buffers of a header being read, the sink's methods, and feeding with
     httptools' errors (as httptools' own HttpParser base class)."""
@@ -263,7 +288,11 @@ cdef class _Parser:
     cdef int _kind
     cdef bint _in_trailers, _closed
     cdef bint _pending  # a request header's value is complete, not yet handed over
-    cdef object _on_head, _on_body, _on_complete, _error
+    # The sink and its class's methods (unbound: called with the sink first). A bound method
+    # kept per parser costs an attribute lookup, an allocation and a free for each of them and
+    # each new parser (~1.5k instructions a new upstream connection, bench.profiles.lockstep:
+    # behind unicorn that is every request); the class's own are looked up once per class.
+    cdef object _sink, _on_head, _on_body, _on_complete, _error
     # The head's forwarded (relayed) header pieces, name, b": ", value, CRLF each, as new
     # references: made one list of the exact size when the head ends, where appending to a
     # list grows it (a realloc) every few headers.
@@ -312,7 +341,7 @@ cdef class _Parser:
     def close(self):
         """Done with: what it is fed after this is dropped, and the sink's methods let go."""
         self._closed = True
-        self._on_head = self._on_body = self._on_complete = None
+        self._sink = None
 
     def feed_data(self, data):
         cdef Py_buffer view
@@ -376,7 +405,7 @@ cdef int _on_body(llhttp_t* p, const char* at, size_t n) noexcept:
     if self._closed:
         return 0
     try:
-        self._on_body(PyBytes_FromStringAndSize(at, n))
+        self._on_body(self._sink, PyBytes_FromStringAndSize(at, n))
     except BaseException as exc:
         self._error = exc
         llhttp_set_error_reason(p, "`on_body` callback error")
@@ -392,7 +421,7 @@ cdef int _on_message_complete(llhttp_t* p) noexcept:
     if self._closed:
         return 0
     try:
-        self._on_complete()
+        self._on_complete(self._sink)
     except BaseException as exc:
         self._error = exc
         return -1
@@ -454,9 +483,11 @@ cdef class ResponseParser(_Parser):
         llhttp_init(&self._p, HTTP_RESPONSE, &_RESPONSE)
         self._p.data = <void*>self
         self._names = _RESPONSE_NAMES
-        self._on_head = sink.on_head
-        self._on_body = sink.on_body
-        self._on_complete = sink.on_message_complete
+        cdef tuple m = _methods(sink, &_response_class, &_response_methods)
+        self._sink = sink
+        self._on_head = m[1]
+        self._on_body = m[2]
+        self._on_complete = m[3]
         self._connection = ()
         self._te = self._upgrade = self._keepalive = _EMPTY
 
@@ -513,7 +544,7 @@ cdef class ResponseParser(_Parser):
         self._in_trailers = True
         if self._closed:
             return
-        self._on_head(self._p.status_code, reason, lines, length, te, connection, upgrade,
+        self._on_head(self._sink, self._p.status_code, reason, lines, length, te, connection, upgrade,
                       keepalive, accel, llhttp_should_keep_alive(&self._p) != 0)
 
 
@@ -529,7 +560,7 @@ cdef int _rq_on_message_begin(llhttp_t* p) noexcept:
     if self._closed:
         return 0
     try:
-        self._on_begin()
+        self._on_begin(self._sink)
     except BaseException as exc:
         self._error = exc
         return -1
@@ -613,18 +644,16 @@ cdef class RequestParser(_Parser):
         self._p.data = <void*>self
         self._names = names
         self._max_url = max_url
-        self._on_begin = sink.on_message_begin
-        self._on_head = sink.on_head
-        self._on_body = sink.on_body
-        self._on_complete = sink.on_message_complete
+        cdef tuple m = _methods(sink, &_request_class, &_request_methods)
+        self._sink = sink
+        self._on_begin = m[0]
+        self._on_head = m[1]
+        self._on_body = m[2]
+        self._on_complete = m[3]
         self._reset()
 
     def __dealloc__(self):
         PyMem_Free(self._url.p)
-
-    def close(self):
-        _Parser.close(self)
-        self._on_begin = None
 
     cdef _reset(self):
         self._url.n = 0
@@ -708,5 +737,5 @@ cdef class RequestParser(_Parser):
         self._in_trailers = True
         if self._closed:
             return
-        self._on_head(method, url, version, p.upgrade != 0, lines, host, host_count, head_size,
+        self._on_head(self._sink, method, url, version, p.upgrade != 0, lines, host, host_count, head_size,
                       length, te, connection, upgrade, request_id, xff, via, expect)

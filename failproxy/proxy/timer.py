@@ -18,7 +18,7 @@ from typing import Final
 
 
 class Timer:
-    __slots__ = ("_at", "_callback", "_handle", "_loop", "deadline")
+    __slots__ = ("_at", "_callback", "_handle", "_loop", "_standin", "deadline")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
         self._loop = loop
@@ -29,6 +29,7 @@ class Timer:
         # kept unboxed in the compiled build, where `float | None` boxed one per set (~65
         # instructions, several sets a request).
         self.deadline = 0.0
+        self._standin: Timer | None = None  # what give_back hands the ended connection
 
     def set(self, deadline: float) -> None:
         self.deadline = deadline
@@ -49,7 +50,9 @@ class Timer:
 
     def give_back(self) -> Timer:
         """Its connection ended: keep the timer (and its scheduled handle) for the next one.
-        Returns an unarmed stand-in for the ended connection to hold instead."""
+        Returns an unarmed stand-in for the ended connection to hold instead: made once per
+        timer and handed to each connection that gives it back (its callback does nothing, so
+        ended connections may share it), not one made and freed per connection."""
         self.deadline = 0.0
         self._callback = _NOTHING  # the ended connection is not kept alive by its timer
         if len(_SPARE) < SPARE_MAX:
@@ -57,7 +60,10 @@ class Timer:
         elif self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        return Timer(self._loop, _NOTHING)
+        standin = self._standin
+        if standin is None:
+            standin = self._standin = Timer(self._loop, _NOTHING)
+        return standin
 
     def _fire(self) -> None:
         self._handle = None
