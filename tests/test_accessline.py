@@ -8,9 +8,11 @@ is not used.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import re
 from typing import Any
 
 import pytest
@@ -107,3 +109,48 @@ def test_a_time_that_is_not_finite_is_null_in_both(value: float) -> None:
     args[13] = value
     assert render_c(*args) == accessline.render_py(*args)
     assert json.loads(render_c(*args))["connect_ms"] is None
+
+
+# Every byte that needs escaping, at every position of strings long enough for the Cython twin's
+# eight-bytes-a-step scan to meet it inside a step, at a step's edge, and in the tail after the
+# last whole step.
+SPECIAL_TEXT = ['"', "\\", "\x7f", "é", "€", *map(chr, range(0x20))]
+SPECIAL_BYTES = [b'"', b"\\", b"\x7f", b"\x80", b"\xe9", b"\xff",
+                 *(bytes([c]) for c in range(0x20))]
+
+
+@needs_c
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 16, 17, 23])
+def test_both_twins_escape_every_special_at_every_position(length: int) -> None:
+    def check(text: str, path: bytes) -> None:
+        args = (text, 1, text, path, path, 200, 0, 1.0, text, text, (text, text), 1, False,
+                None, None, None, text, 0, False)
+        assert render_c(*args) == accessline.render_py(*args), (text, path)
+
+    for pos in range(length):
+        rest = length - pos - 1
+        for ch in SPECIAL_TEXT:
+            check("a" * pos + ch + "b" * rest, b"plain")
+        for raw in SPECIAL_BYTES:
+            check("plain", b"p" * pos + raw + b"q" * rest)
+
+
+STAMP = re.compile(rb'^\{"event":"request","level":"info","timestamp":'
+                   rb'"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z",')
+
+
+@pytest.mark.parametrize("twin", ["pure", "cython"])
+def test_no_timestamp_given_is_now_as_the_log_writes_it(twin: str) -> None:
+    if twin == "cython" and (render_c is None or PURE):
+        pytest.skip("the Cython twin is not built, or this run is pure Python")
+    fn = accessline.render_py if twin == "pure" else render_c
+    before = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    line = fn(None, *ARGS[1:])
+    after = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    m = STAMP.match(line)
+    assert m, line[:80]
+    when = datetime.datetime.strptime(m.group(1).decode(), "%Y-%m-%dT%H:%M:%S.%f")
+    assert before - datetime.timedelta(milliseconds=1) <= when <= after, (before, when, after)
+    # the rest of the line is the one the same record makes with its time given
+    stamp = b'"' + m.group(1) + b'Z"'
+    assert line == fn(stamp[1:-1].decode(), *ARGS[1:])

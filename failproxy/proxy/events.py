@@ -203,8 +203,9 @@ class Events:
             return
         req = ex.req
         answered = ex.answered_by
-        # times are whole µs already (round(x, 3) costs ~2.5k instructions)
-        line = _render(stamp(), emitter.pid, req.request_id or None, req.method, req.url,
+        # times are whole µs already (round(x, 3) costs ~2.5k instructions); the timestamp,
+        # None, is the render's own (now)
+        line = _render(None, emitter.pid, req.request_id or None, req.method, req.url,
                        status, ex.bytes_sent, duration, ex.client_ip,
                        answered.address if answered is not None else None, ex.tried,
                        ex.attempt, answered is not None and answered is not self._first,

@@ -17,6 +17,7 @@ null, as orjson writes them.
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.math cimport llround, isfinite
 from libc.stdlib cimport malloc, realloc
+from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
 cdef extern from "Python.h":
@@ -24,6 +25,18 @@ cdef extern from "Python.h":
     char* PyOS_double_to_string(double val, char format_code, int precision, int flags, int* ptype) except NULL
     void PyMem_Free(void* p)
     int Py_DTSF_ADD_DOT_0
+
+cdef extern from "time.h" nogil:
+    ctypedef long time_t
+    struct tm:
+        pass
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int CLOCK_REALTIME
+    int clock_gettime(int clk, timespec* ts)
+    tm* gmtime_r(const time_t* t, tm* out)
+    size_t strftime(char* s, size_t maxsize, const char* fmt, const tm* t)
 
 cdef char* _buf = NULL
 cdef Py_ssize_t _cap = 0
@@ -66,6 +79,15 @@ for _c in range(256):
     _PLAIN_LATIN1[_c] = _PLAIN[_c] and _c < 0x80
 
 
+cdef uint64_t _ONES = 0x0101010101010101
+cdef uint64_t _HIGHS = 0x8080808080808080
+
+
+cdef inline uint64_t _has_zero(uint64_t v) noexcept:
+    """Non-zero when a byte of `v` is zero (exact as to whether, not as to which)."""
+    return (v - _ONES) & ~v & _HIGHS
+
+
 cdef int _escaped(const unsigned char* s, Py_ssize_t size, bint latin1) except -1:
     """`s` as a JSON string body: `"`, `\\` and control bytes escaped as orjson does; with
     `latin1`, bytes >= 0x80 are latin-1 characters, written as UTF-8."""
@@ -73,12 +95,22 @@ cdef int _escaped(const unsigned char* s, Py_ssize_t size, bint latin1) except -
     cdef Py_ssize_t i = 0, start
     cdef unsigned char c
     cdef const unsigned char* plain = &_PLAIN_LATIN1[0] if latin1 else &_PLAIN[0]
+    cdef uint64_t w
+    cdef uint64_t high = 0x8080808080808080 if latin1 else 0
     _reserve(size * 6 + 2)
     cdef char* out = _buf + _n
     out[0] = b'"'
     out += 1
     while i < size:
         start = i
+        # Eight bytes a step while none needs escaping (the addresses, ids and paths of a line
+        # rarely do): ~2 instructions a byte where the table below takes ~5.
+        while i + 8 <= size:
+            memcpy(&w, s + i, 8)
+            if ((w - _ONES * 0x20) & ~w & _HIGHS) or _has_zero(w ^ (_ONES * 0x22)) \
+                    or _has_zero(w ^ (_ONES * 0x5c)) or (w & high):
+                break
+            i += 8
         while i < size and plain[s[i]]:
             i += 1
         if i > start:
@@ -201,17 +233,56 @@ cdef int _ms(object value) except -1:
     return 0
 
 
-def render(str timestamp, long long pid, object request_id, bytes method, bytes path,
+# The line's time when the caller gives none: what jsonlog.Timestamper writes (ISO 8601 UTC,
+# milliseconds) from the same clock as time.time(), its date and time of day formatted once a
+# second. Made here, not passed in, a request saves a Python call, a float, and a str made
+# and escaped (~1k instructions, bench.profiles.lockstep).
+cdef long long _second = -1
+cdef char _prefix[32]
+
+
+cdef int _now() except -1:
+    global _second
+    cdef timespec ts
+    cdef tm parts
+    cdef time_t whole
+    cdef long long second, ms
+    cdef char tail[6]
+    clock_gettime(CLOCK_REALTIME, &ts)
+    second = ts.tv_sec
+    ms = ts.tv_nsec // 1000000
+    if second != _second:
+        whole = <time_t>second
+        gmtime_r(&whole, &parts)
+        if strftime(_prefix, 32, b"%Y-%m-%dT%H:%M:%S", &parts) != 19:
+            raise ValueError("time out of range")
+        _second = second
+    _raw(b'"', 1)
+    _raw(_prefix, 19)
+    tail[0] = b'.'
+    tail[1] = <char>(48 + ms // 100)
+    tail[2] = <char>(48 + ms // 10 % 10)
+    tail[3] = <char>(48 + ms % 10)
+    tail[4] = b'Z'
+    tail[5] = b'"'
+    return _raw(tail, 6)
+
+
+def render(object timestamp, long long pid, object request_id, bytes method, bytes path,
            long long status, long long bytes_sent, object duration_ms, str client,
            object upstream, tuple upstreams, long long tries, bint overflowed,
            object connect_ms, object held_ms, object upstream_ms, str route,
            long long spilled_bytes, bint static):
-    """The line, newline-terminated, byte for byte what orjson makes of the same record."""
+    """The line, newline-terminated, byte for byte what orjson makes of the same record;
+    `timestamp` None: now."""
     global _n
     cdef Py_ssize_t i
     _n = 0
     _raw(b'{"event":"request","level":"info","timestamp":', 46)
-    _str(timestamp)
+    if timestamp is None:
+        _now()
+    else:
+        _str(<str?>timestamp)
     _raw(b',"pid":', 7)
     _int(pid)
     _raw(b',"request_id":', 14)

@@ -15,6 +15,8 @@ from typing import Any, Final
 
 import orjson
 
+from failproxy.telemetry.jsonlog import stamp
+
 _DUMPS: Final = orjson.dumps
 _NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 
@@ -30,14 +32,15 @@ _RECORD: Final[dict[str, Any]] = {
 }
 
 
-def render_py(timestamp: str, pid: int, request_id: str | None, method: bytes, path: bytes,
+def render_py(timestamp: str | None, pid: int, request_id: str | None, method: bytes, path: bytes,
               status: int, bytes_sent: int, duration_ms: float, client: str,
               upstream: str | None, upstreams: tuple[str, ...], tries: int, overflowed: bool,
               connect_ms: float | None, held_ms: float | None, upstream_ms: float | None,
               route: str, spilled_bytes: int, static: bool) -> bytes:
-    """The line, newline-terminated; `method` and `path` as they arrived (latin-1)."""
+    """The line, newline-terminated; `method` and `path` as they arrived (latin-1);
+    `timestamp` None: now (jsonlog.stamp)."""
     record = _RECORD
-    record["timestamp"] = timestamp
+    record["timestamp"] = stamp() if timestamp is None else timestamp
     record["pid"] = pid
     record["request_id"] = request_id
     record["method"] = method.decode("latin-1")
@@ -59,7 +62,7 @@ def render_py(timestamp: str, pid: int, request_id: str | None, method: bytes, p
     return _DUMPS(record, default=str, option=_NEWLINE)
 
 
-Render = Callable[[str, int, str | None, bytes, bytes, int, int, float, str, str | None,
+Render = Callable[[str | None, int, str | None, bytes, bytes, int, int, float, str, str | None,
                    tuple[str, ...], int, bool, float | None, float | None, float | None, str, int,
                    bool], bytes]
 
