@@ -373,3 +373,28 @@ def test_end_now_closes_at_once_and_tells_the_protocol_nothing(loop, no_gc) -> N
     _turns(loop)
     assert proto.calls[-1] == "lost"
     peer.close()
+
+
+def test_an_ended_transport_reopened_serves_its_new_socket_as_a_new_one(loop, no_gc) -> None:
+    """upstream.open_connection reuses an ended transport: refused while it is live; made new,
+    it reads, writes and ends on its new socket for its new protocol, the old one told nothing
+    more."""
+    first, old_peer = _pair()
+    old = Recorder()
+    tr = SocketTransport(loop, first, old)
+    second, peer = _pair()
+    with pytest.raises(RuntimeError):
+        tr.reopen(loop, second, Recorder())
+    assert tr.end_now() and _is_closed(first)
+    new = Recorder()
+    tr.reopen(loop, second, new)
+    assert not tr.is_closing() and second in _epoll_targets(loop)
+    tr.write(b"ping")
+    assert peer.recv(10) == b"ping"
+    peer.sendall(b"pong")
+    _turns(loop)
+    assert new.data == b"pong" and old.data == b"" and old.calls == []
+    peer.close()
+    _turns(loop)
+    assert new.calls == ["eof", "lost"] and old.calls == [] and _is_closed(second)
+    old_peer.close()

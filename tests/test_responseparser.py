@@ -180,6 +180,26 @@ def test_a_closed_parser_takes_nothing(cls: Any) -> None:
     assert sink.calls == []
 
 
+@pytest.mark.parametrize("cls", [ResponseParserPy, pytest.param(ResponseParserC, marks=needs_c)])
+def test_a_reopened_parser_is_a_new_one_for_its_new_sink(cls: Any) -> None:
+    """upstream.open_connection reuses a closed parser for the next connection: whatever the
+    old one was in the middle of (a head cut short, here past a header and into the next) is
+    gone, and the new sink gets what a new parser would give it."""
+    old, new = Recorder(), Recorder()
+    parser = cls(old)
+    with pytest.raises(RuntimeError):
+        parser.reopen(new)  # only a closed one
+    data = CASES["read headers, mixed case"]
+    parser.feed_data(data[:data.index(b"\r\n", 30) + 5])
+    parser.close()
+    parser.reopen(new)
+    for piece in (data[:7], data[7:]):
+        parser.feed_data(piece)
+    fresh = Recorder()
+    cls(fresh).feed_data(data)
+    assert old.calls == [] and new.calls == fresh.calls and len(new.calls) == 3
+
+
 @needs_c
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_the_twins_agree_however_the_bytes_are_split(name: str) -> None:

@@ -480,9 +480,28 @@ cdef class ResponseParser(_Parser):
     cdef bytes _te, _upgrade, _keepalive
 
     def __cinit__(self, sink):
+        self._names = _RESPONSE_NAMES
+        self._open(sink)
+
+    def reopen(self, sink):
+        """A closed parser made new for another connection (upstream.py reuses one that nothing
+        else holds): the state of a new one, its buffers kept."""
+        if not self._closed:
+            raise RuntimeError("reopen of a parser that is not closed")
+        cdef Py_ssize_t i
+        for i in range(self._npieces):  # a head cut short by the close
+            Py_DECREF(<object>self._pieces[i])
+        self._npieces = 0
+        self._name.n = self._value.n = self._reason.n = 0
+        self._kind = 0
+        self._in_trailers = self._pending = self._closed = False
+        self._error = None
+        self._length = self._accel = None
+        self._open(sink)
+
+    cdef _open(self, sink):
         llhttp_init(&self._p, HTTP_RESPONSE, &_RESPONSE)
         self._p.data = <void*>self
-        self._names = _RESPONSE_NAMES
         cdef tuple m = _methods(sink, &_response_class, &_response_methods)
         self._sink = sink
         self._on_head = m[1]

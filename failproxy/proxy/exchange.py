@@ -33,11 +33,18 @@ from failproxy.proxy.connect import start_connect, when_connected
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.events import ExchangeView
 from failproxy.proxy.headers import BadRequest, http_date, response_head
-from failproxy.proxy.rawtransport import SocketTransport, close_fd
+from failproxy.proxy.rawtransport import close_fd
 from failproxy.proxy.request import Request
 from failproxy.proxy.spool import AnswerSpool, FileSource, Source
 from failproxy.proxy.static import StaticFiles
-from failproxy.proxy.upstream import CHUNKED, CLOSE, LENGTH, ResponseSink, UpstreamConnection
+from failproxy.proxy.upstream import (
+    CHUNKED,
+    CLOSE,
+    LENGTH,
+    ResponseSink,
+    UpstreamConnection,
+    open_connection,
+)
 from failproxy.routing import policy
 from failproxy.routing.balance import Holdable
 from failproxy.routing.peer import Peer
@@ -421,10 +428,8 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     def _open(self, peer: Peer, fd: int, t0: float) -> None:
         """Give the connected socket a transport and send the request on it, in this call: no
         Task or Future per connection (rawtransport.py says why)."""
-        loop = self.ctx.loop
-        conn = UpstreamConnection(peer, loop)
         try:
-            conn.transport = SocketTransport(loop, fd, conn)
+            conn = open_connection(peer, self.ctx.loop, fd)
         except OSError as exc:
             close_fd(fd)
             self._next(policy.classify_connect_errno(exc.errno), exc.errno)

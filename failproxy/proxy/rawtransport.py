@@ -270,6 +270,16 @@ class SocketTransport:
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int,
                  protocol: StreamProtocol) -> None:
         """`fd`: a connected non-blocking socket's; this transport owns it (and closes it)."""
+        self._setup(loop, fd, protocol)
+
+    def reopen(self, loop: asyncio.AbstractEventLoop, fd: int, protocol: StreamProtocol) -> None:
+        """An ended transport made new for another socket (upstream.py reuses one that nothing
+        else holds): the same state as a new one, from the same code."""
+        if not self._lost:
+            raise RuntimeError("reopen of a transport that has not ended")
+        self._setup(loop, fd, protocol)
+
+    def _setup(self, loop: asyncio.AbstractEventLoop, fd: int, protocol: StreamProtocol) -> None:
         self._loop = loop
         self._fd = fd
         self._protocol = protocol

@@ -83,6 +83,8 @@ class Parser(Protocol):
 
     def close(self) -> None: ...
 
+    def reopen(self, sink: HeadSink) -> None: ...
+
 
 # Response headers that need more than being copied through; other hop-by-hop ones dropped.
 _KINDS: Final = response_kinds()
@@ -113,6 +115,15 @@ class ResponseParserPy:
     )
 
     def __init__(self, sink: HeadSink) -> None:
+        self._setup(sink)
+
+    def reopen(self, sink: HeadSink) -> None:
+        """A closed parser made new for another connection, as the compiled twin's."""
+        if self._sink is not None:
+            raise RuntimeError("reopen of a parser that is not closed")
+        self._setup(sink)
+
+    def _setup(self, sink: HeadSink) -> None:
         self._sink: HeadSink | None = sink
         self._parser = httptools.HttpResponseParser(self)
         self._in_trailers = False

@@ -17,6 +17,7 @@ end-of-stream call for close-delimited bodies; both are handled here.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Final
 
 import httptools
@@ -56,6 +57,47 @@ LENGTH: Final = 1
 CHUNKED: Final = 2
 CLOSE: Final = 3
 NOBODY: Final = 4
+
+
+# An ended connection, its transport and its parser, as _reuse.take_ended looks at them.
+Ended = tuple["UpstreamConnection", SocketTransport, Parser]
+
+
+def _reuse() -> Callable[[list[Ended]], UpstreamConnection | None] | None:
+    """`_reuse.take_ended` where it was built and the build runs compiled, else None (no
+    reuse: a reference count is exact in C only)."""
+    try:
+        from failproxy.proxy._reuse import take_ended  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return take_ended  # type: ignore[no-any-return]
+
+
+_take_ended: Final = _reuse()
+# Ended connections kept for the next new one (open_connection): a few, as a connection is
+# taken only once nothing else holds it, and every one looked at leaves the list.
+ENDED_MAX: Final = 16
+_ENDED: Final[list[Ended]] = []
+
+
+def open_connection(peer: Peer, loop: asyncio.AbstractEventLoop, fd: int) -> UpstreamConnection:
+    """A connection on `fd` (connected): an ended one that nothing else holds, made new with
+    its transport and parser (~3k instructions less than new objects, bench.profiles.lockstep:
+    behind unicorn a connection a request), else a new one. Raises OSError as SocketTransport
+    does; the caller still owns `fd` then."""
+    if _take_ended is not None and _ENDED:
+        conn = _take_ended(_ENDED)
+        if conn is not None:
+            transport = conn.transport
+            assert isinstance(transport, SocketTransport)
+            conn._setup(peer, loop)
+            conn._parser.reopen(conn)
+            transport.reopen(loop, fd, conn)
+            conn.transport = transport
+            return conn
+    conn = UpstreamConnection(peer, loop)
+    conn.transport = SocketTransport(loop, fd, conn)
+    return conn
 
 
 @trait
@@ -126,6 +168,7 @@ class UpstreamConnection(HeadSink, Pooled, Receiver):
         "closed",
         "exchange",
         "framing",
+        "generation",
         "got_bytes",
         "idle_since",
         "keep_alive",
@@ -143,6 +186,13 @@ class UpstreamConnection(HeadSink, Pooled, Receiver):
     )
 
     def __init__(self, peer: Peer, loop: asyncio.AbstractEventLoop) -> None:
+        self._parser: Parser = _ResponseParser(self)
+        self.generation = 0  # the connections this object has been (open_connection reuses)
+        self._setup(peer, loop)
+
+    def _setup(self, peer: Peer, loop: asyncio.AbstractEventLoop) -> None:
+        """A new connection's state, for a new object and for a reused one alike."""
+        self.generation += 1
         self.peer = peer
         self.loop = loop
         self.transport: Transport | None = None  # set by whoever connected it
@@ -158,8 +208,7 @@ class UpstreamConnection(HeadSink, Pooled, Receiver):
         self.paused = False
         self.send_paused = False  # our write buffer to it is full (spool.Sink)
         self.no_buffering = False  # the answer said `X-Accel-Buffering: no`
-        self.timer = take_timer(loop, self._on_timer)
-        self._parser: Parser = _ResponseParser(self)
+        self.timer = take_timer(loop, self)  # calls the connection (__call__)
         self._status = 0
         self._interim = False
         self._head_only = False
@@ -203,11 +252,15 @@ class UpstreamConnection(HeadSink, Pooled, Receiver):
         """What every end does, told by the transport or done here (`close`)."""
         self.closed = True
         self.timer = self.timer.give_back()
-        # The parser holds this connection's bound methods: a cycle only the garbage collector
-        # would free (a collection every ~60 new connections, 12 objects each). Broken here,
-        # the connection is freed by its reference count once the exchange lets it go. Safe
-        # from inside the parser's own callback (it checks `close` before each call).
+        # The parser holds this connection: a cycle only the garbage collector would free (a
+        # collection every ~60 new connections, 12 objects each). Broken here, the connection is
+        # freed by its reference count once the exchange lets it go. Safe from inside the
+        # parser's own callback (it checks `close` before each call).
         self._parser.close()
+        transport = self.transport
+        if (_take_ended is not None and len(_ENDED) < ENDED_MAX
+                and isinstance(transport, SocketTransport)):
+            _ENDED.append((self, transport, self._parser))  # for open_connection
 
     def eof_received(self) -> bool | None:
         # Returning falsy closes the transport, which ends in connection_lost above.
@@ -364,6 +417,11 @@ class UpstreamConnection(HeadSink, Pooled, Receiver):
         if self._status == 101:
             return  # HttpParserUpgrade follows
         self._finish(self.keep_alive)
+
+    def __call__(self) -> None:
+        """The timer's callback is the connection itself: a bound method would be made for
+        each connection (~450 instructions, bench.profiles.lockstep)."""
+        self._on_timer()
 
     def _on_timer(self) -> None:
         """read/send timeout while carrying a request; keep-alive expiry while idle."""
