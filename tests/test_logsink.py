@@ -5,14 +5,18 @@ oldest line has waited `flush` seconds, and always before the process forks or e
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import vclock
 
 from failproxy import config
+from failproxy.proxy import rawtransport
+from failproxy.telemetry import jsonlog
 from failproxy.telemetry.jsonlog import Sink, Timestamper
 
 
@@ -125,3 +129,33 @@ def test_timestamps_are_utc_iso_8601_with_the_milliseconds_of_now() -> None:
         deadline = time.monotonic() + 1
         while int(time.time() * 1000) == int(after * 1000) and time.monotonic() < deadline:
             pass  # into the next millisecond
+
+
+def _written_with(write: Any, sink: Sink, line: bytes) -> None:
+    jsonlog.use_writer(write)
+    try:
+        sink.write(line)
+        sink.flush()
+    finally:
+        jsonlog.use_writer(os.write)
+
+
+def test_lines_go_out_through_the_writer_handed_in_whole_however_it_cuts_them(
+    tmp_path: Path,
+) -> None:
+    """A worker hands its own write(2) (jsonlog.use_writer: proxy/_sockio.write where built);
+    a writer that takes part of the bytes is called again for the rest."""
+    path = tmp_path / "log"
+    sink = Sink(None, str(path))
+    calls: list[int] = []
+
+    def short_writes(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        return os.write(fd, data[:3])
+
+    _written_with(short_writes, sink, b"one line\n")
+    assert path.read_bytes() == b"one line\n"
+    assert calls == [9, 6, 3]
+    if rawtransport.SOCKIO is not None:
+        _written_with(rawtransport.SOCKIO.write, sink, b"two\n")
+        assert path.read_bytes() == b"one line\ntwo\n"

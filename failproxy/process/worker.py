@@ -21,10 +21,11 @@ from setproctitle import getproctitle, setproctitle
 
 from failproxy.config import Config
 from failproxy.discovery.peertable import PeerTable, PeerWatch
+from failproxy.proxy import rawtransport
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.downstream import ClientConnection
 from failproxy.routing.loadshare import LoadShare, LoadSharing, LoadView
-from failproxy.telemetry import logs
+from failproxy.telemetry import jsonlog, logs
 from failproxy.telemetry.metrics import WorkerMetrics
 from failproxy.tls import server_context
 
@@ -221,6 +222,9 @@ def worker_main(cfg: Config, listeners: list[socket.socket], metrics: WorkerMetr
     and checked again now and then. `load`: the generation's load table and this worker's
     column in it (loadshare.py)."""
     logs.configure(cfg.log)
+    if rawtransport.SOCKIO is not None:
+        # write(2) with the GIL kept, as the upstream sockets' (its one thread is this one)
+        jsonlog.use_writer(rawtransport.SOCKIO.write)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     share = LoadView(load[0], load[1], loop) if load is not None else None

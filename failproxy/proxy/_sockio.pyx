@@ -105,7 +105,8 @@ def read(int fd, Py_ssize_t size):
 
 
 def write(int fd, data):
-    """os.write(fd, data) for a non-blocking socket."""
+    """os.write(fd, data) for a non-blocking socket, or for the worker's log (jsonlog.use_writer):
+    a write that waits holds the GIL, which only the loop's own thread wants."""
     cdef ssize_t n
     if not PyBytes_CheckExact(data):
         return _os_write(fd, data)
