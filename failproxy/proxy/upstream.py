@@ -50,6 +50,8 @@ _PLAIN_SPELLINGS: Final = _PLAIN_TOKENS | {b"Keep-Alive", b"Close", b"Upgrade"}
 
 def _listed_names(value: bytes) -> bool:
     """Does one Connection value name more than keep-alive, close or upgrade?"""
+    if value == b"close" or value == b"keep-alive":
+        return False  # the usual answers, compared: a set probe hashes the new bytes (~0.2k)
     return value not in _PLAIN_SPELLINGS and value.lower() not in _PLAIN_TOKENS
 
 # Response framing, as seen from the upstream.
