@@ -197,6 +197,14 @@ def test_at_most_max_routes_the_least_recently_answered_go_first() -> None:
     t.answered("GET /a", 1.0, 1.0)  # a is used again: b is now the oldest
     t.answered("GET /d", 1.0, 2.0)
     assert set(t.routes) == {"GET /a", "GET /c", "GET /d"}
+    # the route answered last answered again keeps its place at the end, in place
+    t.answered("GET /d", 1.0, 3.0)
+    t.answered("GET /c", 1.0, 4.0)
+    t.answered("GET /c", 1.0, 5.0)
+    assert list(t.routes) == ["GET /a", "GET /d", "GET /c"]
+    assert t.routes["GET /c"].count == 3 and t.routes["GET /d"].count == 2
+    t.answered("GET /e", 1.0, 6.0)
+    assert list(t.routes) == ["GET /d", "GET /c", "GET /e"]
 
 
 def test_slowest_lists_routes_by_learned_time_with_class_and_count() -> None:

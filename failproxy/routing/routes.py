@@ -84,7 +84,7 @@ class RouteTable:
     keeps insertion order: an answered route is moved to its end).
     """
 
-    __slots__ = ("_fast", "_slow", "learn", "max_routes", "routes", "slow_ms")
+    __slots__ = ("_fast", "_newest", "_slow", "learn", "max_routes", "routes", "slow_ms")
 
     def __init__(self, learn: bool, slow_ms: float, slow: tuple[str, ...],
                  fast: tuple[str, ...], max_routes: int) -> None:
@@ -94,6 +94,7 @@ class RouteTable:
         self._fast = tuple(p.encode("latin-1") for p in fast)
         self.max_routes = max_routes
         self.routes: dict[str, Learned] = {}
+        self._newest = ""  # the route answered last: already at the end of `routes`
 
     def is_slow(self, route: str, target: bytes) -> bool:
         """Slow when the path starts with a `slow` prefix, or its route is learned above
@@ -139,10 +140,14 @@ class RouteTable:
                 del routes[next(iter(routes))]  # the least recently answered
             # an unclean first time may include a wait for a worker: counted, not learned
             routes[route] = Learned(ms, now, 1 if clean else 0)
+            self._newest = route
             return
-        # Taken out, put back below as the most recently answered (get and del are native dict
-        # operations in the compiled build; .pop(route, None) is a method call by name).
-        del routes[route]
+        if route != self._newest:
+            # Taken out, put back below as the most recently answered (get and del are native
+            # dict operations in the compiled build; .pop(route, None) is a method call by
+            # name). The route answered last is the last already: its value is set in place.
+            del routes[route]
+            self._newest = route
         learned.count += 1
         if not clean:
             if not learned.taught:
