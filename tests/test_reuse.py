@@ -80,11 +80,14 @@ def test_each_request_behind_a_closing_upstream_reuses_the_last_connection(
                 assert loop.time() < deadline, out.data()
                 await asyncio.sleep(0.001)
 
+        timers = set()
         for i in range(1, 5):
             client.data_received(request(f"/r{i}"))
             await served(i)
             # the same object each time, made new: generation counts the connections it was
             assert upstream._ENDED[0][0].generation == i
+            timers.add(id(upstream._ENDED[0][0].timer))
+        assert len(timers) == 1, "the timer was not kept with the connection"
         assert out.data().count(b"HTTP/1.1 200") == 4
         for i in range(1, 5):
             assert f"/r{i}".encode() in out.data()

@@ -166,6 +166,22 @@ def test_the_stand_in_is_made_once_per_timer_and_never_fires(fake: FakeLoop) -> 
     assert calls == []
 
 
+def test_a_held_timer_calls_nothing_until_it_resumes_for_the_next_life(fake: FakeLoop) -> None:
+    calls: list[str] = []
+    t = take_timer(fake, lambda: calls.append("first"))
+    t.set(fake.time() + 0.05)
+    assert not t.held_by(fake)
+    t.hold()  # upstream.open_connection keeps it with its ended connection
+    assert t.held_by(fake) and not t.held_by(FakeLoop())
+    fake.advance(1.0)
+    assert calls == [], "a held timer fired"
+    t.resume(lambda: calls.append("second"))
+    assert not t.held_by(fake)
+    t.set(fake.time() + 0.05)
+    fake.advance(1.0)
+    assert calls == ["second"]
+
+
 def test_a_given_back_timer_left_unused_fires_nothing(fake: FakeLoop) -> None:
     calls: list[str] = []
     t = take_timer(fake, lambda: calls.append("x"))

@@ -48,6 +48,20 @@ class Timer:
             self._handle.cancel()
             self._handle = None
 
+    def hold(self) -> None:
+        """Its connection ended and keeps it for its next life (upstream.open_connection): it
+        is unarmed and calls nothing, so it keeps the connection alive no longer."""
+        self.deadline = 0.0
+        self._callback = _NOTHING
+
+    def held_by(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Was it held (`hold`) on `loop`, so that `resume` may serve a connection there?"""
+        return self._callback is _NOTHING and self._loop is loop
+
+    def resume(self, callback: Callable[[], None]) -> None:
+        """A held timer serves its connection's next life."""
+        self._callback = callback
+
     def give_back(self) -> Timer:
         """Its connection ended: keep the timer (and its scheduled handle) for the next one.
         Returns an unarmed stand-in for the ended connection to hold instead: made once per
