@@ -171,6 +171,9 @@ def test_reasons_are_the_spec_table_in_order() -> None:
     assert {"connect", "reset", "timeout", "http_502", "http_503", "http_504"} == RETRY_ON_NAMES
     assert policy.STATUS_REASONS == {502: "http_502", 503: "http_503", 504: "http_504"}
     assert {b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"} == policy.IDEMPOTENT_METHODS
+    for method in (b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE", b"POST", b"PATCH",
+                   b"LOCK", b"get", b"GETS", b""):
+        assert policy.idempotent(method) == (method in policy.IDEMPOTENT_METHODS), method
 
 
 @pytest.mark.parametrize(

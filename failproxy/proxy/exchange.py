@@ -204,7 +204,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.connect_ms: float | None = None
         self.stale_retried = False
         self.head_request = req.method == b"HEAD"
-        self.idempotent = req.method in policy.IDEMPOTENT_METHODS
+        self.idempotent = policy.idempotent(req.method)
         self.chunked_out = False
         self.keep_alive = False
         self.status = 0

@@ -107,7 +107,8 @@ class WorkerMetrics:
     end of the loop iteration that answered it. Unattached (the master, tests), every change is
     written at once."""
 
-    __slots__ = ("_bb", "_board", "_bq", "_count_request", "_count_upstream_request", "_d",
+    __slots__ = ("_bb", "_board", "_bq", "_count_connect", "_count_request",
+                 "_count_upstream_request", "_d",
                  "_layout", "_learned", "_learned_seq", "_mm", "_q", "_w", "n_servers")
 
     def __init__(self, n_servers: int, writer: Callable[..., SlotWriting] = SlotWriter) -> None:
@@ -123,11 +124,12 @@ class WorkerMetrics:
         self.n_servers = n_servers
         self._w: SlotWriting = writer(self._q, self._d, layout, n_servers, _N_REASONS,
                                       DURATION_BUCKETS, CONNECT_BUCKETS)
-        # The two writes of every request, as bound methods kept once: `self._w.request(...)`
-        # is a call by name, the method looked up on the twin's type each time (~100
-        # instructions, bench.profiles.realsock).
+        # The writes of every request (and every new upstream connection), as bound methods
+        # kept once: `self._w.request(...)` is a call by name, the method looked up on the
+        # twin's type each time (~100 instructions, bench.profiles.realsock).
         self._count_request: Callable[[int, float], None] = self._w.request
         self._count_upstream_request: Callable[[int], None] = self._w.upstream_request
+        self._count_connect: Callable[[int, float], None] = self._w.connect_duration
         # The board (module docstring): its own mmap, so the counters' layout stays as it is.
         self._board: mmap.mmap | None = mmap.mmap(-1, BOARD_BYTES)
         board = memoryview(self._board)
@@ -162,7 +164,7 @@ class WorkerMetrics:
         self._w.add(self._layout.exhausted, 1)
 
     def connect_duration(self, server: int, seconds: float) -> None:
-        self._w.connect_duration(server, seconds)
+        self._count_connect(server, seconds)
 
     def connection_opened(self) -> None:
         self._w.add(self._layout.active, 1)
