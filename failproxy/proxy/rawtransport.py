@@ -284,12 +284,11 @@ class SocketTransport:
         else holds): the same state as a new one, from the same code."""
         if not self._lost:
             raise RuntimeError("reopen of a transport that has not ended")
-        poller_ = self._poller
-        self._setup(loop, fd, protocol, poller_ if self._loop is loop else None)
+        self._setup(loop, fd, protocol, self._poller if self._loop is loop else None)
 
     def _setup(self, loop: asyncio.AbstractEventLoop, fd: int, protocol: StreamProtocol,
-               poller_: Poller | None = None) -> None:
-        """`poller_`: the loop's, when the caller has it (a reopen on the same loop)."""
+               known: Poller | None = None) -> None:
+        """`known`: the loop's Poller, when the caller has it (a reopen on the same loop)."""
         self._loop = loop
         self._fd = fd
         self._protocol = protocol
@@ -301,7 +300,7 @@ class SocketTransport:
         self._reading = True
         self._writing = False  # something is buffered: wait until the socket takes more
         self._mask = 0  # the events the poller watches for: IN if _reading, OUT if _writing
-        self._poller = poller(loop) if poller_ is None else poller_
+        self._poller = poller(loop) if known is None else known
         self._watch()
 
     def _watch(self) -> None:

@@ -67,8 +67,7 @@ class Timer:
         Returns an unarmed stand-in for the ended connection to hold instead: made once per
         timer and handed to each connection that gives it back (its callback does nothing, so
         ended connections may share it), not one made and freed per connection."""
-        self.deadline = 0.0
-        self._callback = _NOTHING  # the ended connection is not kept alive by its timer
+        self.hold()  # the ended connection is not kept alive by its timer
         if len(_SPARE) < SPARE_MAX:
             _SPARE.append(self)
         elif self._handle is not None:
