@@ -7,9 +7,12 @@ straight to unicorn's TCP port; `--baseline TREE` adds the failproxy of another 
 closes every connection, so each request costs the front a socket(), connect(), close() and a new fd
 in the event loop: the path every unicorn user runs (issue 8, target 2), measured without the
 seed cluster's three boxes and three fronts sharing two cores. Rounds are interleaved; medians.
+`--bare` adds failproxy-bare: this tree with the four headers failproxy adds upstream by default
+turned off (X-Forwarded-For, X-Forwarded-Proto, Via, X-Request-Id; nginx-seed sends none), to
+see what they cost unicorn (its CPU a request, beside the front's).
 
     python -m bench.profiles.newconn [--rounds 3] [--seconds 5] [--baseline /path/to/tree]
-                                     [--perf failproxy]
+                                     [--bare] [--perf failproxy]
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from bench.scenarios.seed import APP_DIR
 from bench.targets import servers
 
 HOST = "127.0.1.1"
+# failproxy-bare's [headers]: none of the four headers failproxy adds upstream by default.
+BARE = {"x_forwarded_for": "off", "x_forwarded_proto": False, "via": False, "request_id": ""}
 
 
 def start_unicorn(procs: Processes) -> tuple[str, int, Proc]:
@@ -51,9 +56,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--baseline", type=Path, help="another checkout's failproxy, too")
+    parser.add_argument("--bare", action="store_true",
+                        help="also failproxy-bare: no forwarded headers (the module doc)")
     parser.add_argument("--perf", metavar="TARGET",
-                        help="perf record the worker of TARGET (failproxy, failproxy-base) in "
-                        "its first round, and print where its samples went")
+                        help="perf record the worker of TARGET (failproxy, failproxy-base, "
+                        "failproxy-bare, nginx) in its first round, and print where its "
+                        "samples went")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-newconn-") as tmp:
         procs = Processes(Path(tmp))
@@ -61,12 +69,15 @@ def main() -> None:
             sock, uport, unicorn = start_unicorn(procs)
             targets: dict[str, tuple[int, Proc | None]] = {"direct": (uport, None)}
             trees = {"failproxy": None, **({"failproxy-base": args.baseline}
-                                           if args.baseline else {})}
+                                           if args.baseline else {}),
+                     **({"failproxy-bare": None} if args.bare else {})}
             for name, tree in trees.items():
                 port = free_port(HOST)
                 cfg = servers.failproxy_config(
                     listen=[f"{HOST}:{port}"], servers=[{"address": f"unix:{sock}"}], workers=1,
                     log_file=f"{tmp}/{name}.log", keepalive=0)
+                if name == "failproxy-bare":
+                    cfg["headers"] = BARE
                 targets[name] = (port, servers.start_failproxy(procs, name, cfg,
                                                                probe=(HOST, port), tree=tree))
             port = free_port(HOST)
