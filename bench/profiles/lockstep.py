@@ -13,6 +13,7 @@ the same bytes whatever tree is measured.
 
     python -m bench.profiles.lockstep [--tree /work/wt/prev] [--requests 2000] [--conns 1]
                                       [--keep /tmp/out]   # keep the callgrind file
+                                      [--seed]   # the seed bench's upstream section
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from bench.instruments.procs import Processes, children, wait_http
 from bench.instruments.system import free_port, which
-from bench.profiles.newconn import HOST, start_unicorn
+from bench.profiles.newconn import HOST, seed_upstream, start_unicorn
 from bench.targets import servers
 from bench.targets.servers import toml_dumps
 
@@ -57,17 +58,20 @@ def run(port: int, requests: int, conns: int) -> None:
         s.close()
 
 
-def measure(tree: Path, requests: int, conns: int, keep: Path | None) -> float:
+def measure(tree: Path, requests: int, conns: int, keep: Path | None,
+            seed: bool = False) -> float:
     """Instructions per request of the worker of `tree`'s failproxy."""
     assert which("valgrind") and which("callgrind_control"), "valgrind is not installed"
     with tempfile.TemporaryDirectory(prefix="bench-lockstep-") as tmp:
         procs = Processes(Path(tmp))
         try:
-            sock, _, _ = start_unicorn(procs)
+            sock, uport, _ = start_unicorn(procs)
             port = free_port(HOST)
             cfg = servers.failproxy_config(
                 listen=[f"{HOST}:{port}"], servers=[{"address": f"unix:{sock}"}], workers=1,
                 log_file=f"{tmp}/failproxy.log", keepalive=0)
+            if seed:
+                cfg["upstream"] = seed_upstream(sock, uport)
             path = Path(tmp) / "failproxy.toml"
             path.write_text(toml_dumps(cfg))
             env = servers.python_env(tree)
@@ -105,9 +109,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--conns", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="copy the callgrind file here")
+    parser.add_argument("--seed", action="store_true",
+                        help="the seed bench's upstream section (newconn.seed_upstream): the "
+                        "overflow policy's bookkeeping, as the seed check pays it")
     args = parser.parse_args()
     tree = args.tree.resolve()
-    per = measure(tree, args.requests, args.conns, args.keep)
+    per = measure(tree, args.requests, args.conns, args.keep, args.seed)
     print(f"{tree}: {per / 1000:.1f}k instructions per request (the worker alone, "
           f"{args.conns} connection(s) in lockstep)")
 

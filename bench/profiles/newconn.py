@@ -9,10 +9,13 @@ in the event loop: the path every unicorn user runs (issue 8, target 2), measure
 seed cluster's three boxes and three fronts sharing two cores. Rounds are interleaved; medians.
 `--bare` adds failproxy-bare: this tree with the four headers failproxy adds upstream by default
 turned off (X-Forwarded-For, X-Forwarded-Proto, Via, X-Request-Id; nginx-seed sends none), to
-see what they cost unicorn (its CPU a request, beside the front's).
+see what they cost unicorn (its CPU a request, beside the front's). `--seed-config` adds
+failproxy-seedcfg: this tree with the seed bench's upstream section (failproxy's defaults, `self`,
+and three TCP backups, never needed here), so that the overflow policy's bookkeeping is paid as
+in the seed check.
 
     python -m bench.profiles.newconn [--rounds 3] [--seconds 5] [--baseline /path/to/tree]
-                                     [--bare] [--perf failproxy]
+                                     [--bare] [--seed-config] [--perf failproxy]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.instruments import wrk
 from bench.instruments.procs import Proc, Processes, children, wait_http
@@ -32,6 +36,18 @@ from bench.targets import servers
 HOST = "127.0.1.1"
 # failproxy-bare's [headers]: none of the four headers failproxy adds upstream by default.
 BARE = {"x_forwarded_for": "off", "x_forwarded_proto": False, "via": False, "request_id": ""}
+
+
+def seed_upstream(sock: str, uport: int) -> dict[str, Any]:
+    """The seed bench's failproxy upstream section on one box (bench/scenarios/seed.py's
+    `_front_config`): the defaults, this box's TCP port as `self`, the UNIX socket first, then
+    the ring's TCP ports as backups (the two peers' on 127.0.0.2-3, where nothing listens: a
+    run with no overload never needs them)."""
+    own = f"{HOST}:{uport}"
+    return {"self": own, "server": [
+        {"address": f"unix:{sock}"},
+        *({"address": a, "backup": True}
+          for a in (own, f"127.0.0.2:{uport}", f"127.0.0.3:{uport}"))]}
 
 
 def start_unicorn(procs: Processes) -> tuple[str, int, Proc]:
@@ -58,10 +74,12 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout's failproxy, too")
     parser.add_argument("--bare", action="store_true",
                         help="also failproxy-bare: no forwarded headers (the module doc)")
+    parser.add_argument("--seed-config", action="store_true",
+                        help="also failproxy-seedcfg: the seed bench's upstream section")
     parser.add_argument("--perf", metavar="TARGET",
                         help="perf record the worker of TARGET (failproxy, failproxy-base, "
-                        "failproxy-bare, nginx) in its first round, and print where its "
-                        "samples went")
+                        "failproxy-bare, failproxy-seedcfg, nginx) in its first round, and "
+                        "print where its samples went")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-newconn-") as tmp:
         procs = Processes(Path(tmp))
@@ -70,7 +88,8 @@ def main() -> None:
             targets: dict[str, tuple[int, Proc | None]] = {"direct": (uport, None)}
             trees = {"failproxy": None, **({"failproxy-base": args.baseline}
                                            if args.baseline else {}),
-                     **({"failproxy-bare": None} if args.bare else {})}
+                     **({"failproxy-bare": None} if args.bare else {}),
+                     **({"failproxy-seedcfg": None} if args.seed_config else {})}
             for name, tree in trees.items():
                 port = free_port(HOST)
                 cfg = servers.failproxy_config(
@@ -78,6 +97,8 @@ def main() -> None:
                     log_file=f"{tmp}/{name}.log", keepalive=0)
                 if name == "failproxy-bare":
                     cfg["headers"] = BARE
+                if name == "failproxy-seedcfg":
+                    cfg["upstream"] = seed_upstream(sock, uport)
                 targets[name] = (port, servers.start_failproxy(procs, name, cfg,
                                                                probe=(HOST, port), tree=tree))
             port = free_port(HOST)

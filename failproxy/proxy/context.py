@@ -121,7 +121,7 @@ class WorkerContext:
         self.share = share
         self.peers: list[Peer] = build_peers(up)
         for peer in self.peers:
-            peer.share = share
+            peer.share_load(share)
         by_address = {p.address: p for p in self.peers}
         ordered = policy.server_order(up.servers, up.self)
         self.order: list[Peer] = [by_address[s.address.text] for s in ordered]
@@ -191,7 +191,7 @@ class WorkerContext:
         servers = [*up.servers, *[conf for _, conf in dynamic]]
         ordered = policy.server_order(servers, self_address)
         for peer in peers:
-            peer.share = self.share
+            peer.share_load(self.share)
         self.peers = peers
         self.order = [by_address[s.address.text] for s in ordered]
         self._set_room(self_address)

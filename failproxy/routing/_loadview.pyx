@@ -12,6 +12,9 @@ count as soon as it changes, sooner than the pure twin's "at the end of the turn
 """
 
 
+cimport cython
+
+
 cdef class LoadView:
     cdef long long[::1] _cells_view  # held: the mapping cannot be closed under the pointer
     cdef long long* _cells
@@ -28,11 +31,16 @@ cdef class LoadView:
         self._base = 1 + column * self._slots
         self._columns_max = (self._n - 1) // self._slots
 
+    # Plain C methods (binding=False), not cyfunctions: Peer holds them bound, and a bound
+    # builtin method is called straight, where a bound cyfunction goes through a method object
+    # and keyword-aware argument parsing (bench.profiles.lockstep --seed).
+    @cython.binding(False)
     def publish(self, Py_ssize_t slot, long long count):
         """This worker now has `count` requests awaiting `slot`'s answer."""
         if 0 <= slot < self._slots:
             self._cells[self._base + slot] = count
 
+    @cython.binding(False)
     def others(self, Py_ssize_t slot):
         """Requests the other workers have awaiting `slot`'s answer, as the table says now."""
         cdef Py_ssize_t column, columns

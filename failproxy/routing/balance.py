@@ -320,11 +320,9 @@ class Room:
 
     def local_answered(self, key: object, now: float) -> None:
         """That attempt's response head arrived (its worker is done with it)."""
-        sent = self._local_sent.pop(key, -1.0)
+        sent = self._local_gone(key)
         if sent < 0:
             return
-        self._local_unsure.discard(key)
-        self._local_ends.pop(key, None)
         if now - sent > self.slow_after:
             self._slowed(now)
         else:
@@ -332,11 +330,24 @@ class Room:
 
     def local_ended(self, key: object, now: float) -> None:
         """That attempt ended with no response head (failed, or its client left)."""
-        sent = self._local_sent.pop(key, -1.0)
-        self._local_unsure.discard(key)
-        self._local_ends.pop(key, None)
+        sent = self._local_gone(key)
         if sent >= 0 and now - sent > self.slow_after:
             self._slowed(now)
+
+    def _local_gone(self, key: object) -> float:
+        """Forget a local attempt; when it was sent (-1.0: not known). `get` and `del`, not
+        `pop`: the compiled build has the first two as C calls, `pop` only by name (~400
+        instructions a call, twice a request)."""
+        sent_at = self._local_sent
+        sent = sent_at.get(key, -1.0)
+        if sent < 0:
+            return sent
+        del sent_at[key]
+        del self._local_ends[key]  # (set with _local_sent, always)
+        unsure = self._local_unsure
+        if unsure:
+            unsure.discard(key)
+        return sent
 
     def _local(self) -> tuple[Peer | None, str]:
         if self._queued >= 0:
