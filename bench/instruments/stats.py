@@ -8,6 +8,20 @@ import statistics
 from collections.abc import Sequence
 
 
+def round_order(names: Sequence[str], r: int) -> list[str]:
+    """The order of round `r` (from 0) in interleaved rounds: rotated by one each round, and
+    reversed in odd rounds, so that two neighbours run in both orders. Rotation alone keeps
+    each target behind the same one in almost every round, and a paired ratio of those two
+    then carries whatever the first run leaves to the second (a warm page cache, a CPU
+    still clocked up, its dying processes' last work): 3 of 3 rounds in one order.
+    """
+    if not names:
+        return []
+    k = r % len(names)
+    order = list(names[k:]) + list(names[:k])
+    return order[::-1] if r % 2 else order
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.instruments import wrk
 from bench.instruments.procs import Proc, Processes, children, wait_http
-from bench.instruments.stats import median
+from bench.instruments.stats import median, round_order
 from bench.instruments.system import free_port, which
 from bench.profiles import perfrun
 from bench.scenarios.seed import APP_DIR
@@ -115,7 +115,7 @@ def main() -> None:
                 n: [] for n in targets}
             names = list(targets)
             for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
+                for name in round_order(names, r):
                     port, proc = targets[name]
                     url = f"http://{HOST}:{port}/fast"
                     wrk.run(url, script=script, duration=1.0, connections=4)

@@ -9,12 +9,12 @@ of each front's requests ask for it.
 
 Paired rounds: round k of a mix uses the schedule drawn from seed k (the same arrival times and
 the same request classes for every front); within a round every mix runs once with every front,
-interleaved (the order of the fronts rotates from round to round); each run gets freshly started
-fronts and unicorn queues drained before it. Per mix the report gives, per front, fast-action
-and slow-action p50/p99, overall p99, errors, the share of requests that left their box
-(X-Served-By), where each box's front sent its requests (failproxy's `request` events'
-`upstream`, nginx's `$upstream_addr`), and the paired ratios to nginx-seed (median and range
-over rounds) of fast p99 and overall p99.
+interleaved (the order of the fronts rotates, and reverses every other round:
+stats.round_order); each run gets freshly started fronts and unicorn queues drained before
+it. Per mix the report gives, per front, fast-action and slow-action p50/p99, overall p99,
+errors, the share of requests that left their box (X-Served-By), where each box's front sent
+its requests (failproxy's `request` events' `upstream`, nginx's `$upstream_addr`), and the
+paired ratios to nginx-seed (median and range over rounds) of fast p99 and overall p99.
 
 Fronts (FRONTS; `--fronts` picks them, DEFAULT_FRONTS run by default):
 
@@ -52,7 +52,7 @@ from typing import Any
 
 from bench.instruments import openloop, wrk
 from bench.instruments.procs import Proc, Processes, StartError, announce, http_get, wait_http
-from bench.instruments.stats import median, percentile
+from bench.instruments.stats import median, percentile, round_order
 from bench.instruments.system import free_port, log, which
 from bench.targets import servers
 
@@ -519,7 +519,7 @@ def run(params: Params, procs: Processes) -> dict[str, Any]:
         m: {f: {"fast": [], "slow": []} for f in live} for m in params.mixes}
     t_start = time.monotonic()
     for k in range(params.rounds):
-        order = live[k % len(live):] + live[:k % len(live)] if live else []
+        order = round_order(live, k)
         for m in params.mixes:
             mix = MIXES[m]
             if mix.workers != running:  # hosts unlike each other: unicorns for this mix
@@ -748,8 +748,8 @@ def _throughput(params: Params, procs: Processes, uport: int, live: list[str],
     runs: dict[str, list[dict[str, Any]]] = {}
     conns = params.wrk_conns_per_host * len(HOSTS)
     for r in range(params.rounds):
-        # the order rotates from round to round, and each target gets a 1 s warm-up run
-        for name in targets[r % len(targets):] + targets[:r % len(targets)]:
+        # the order changes from round to round (round_order), each target gets a 1 s warm-up
+        for name in round_order(targets, r):
             port = ports[name]
             script = wrk.write_script(procs.workdir / f"wrk-{name}.lua",
                                       [(ip, port) for ip in ips])
