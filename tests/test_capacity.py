@@ -158,6 +158,15 @@ def test_what_is_known_of_a_route_needs_learning_or_a_prefix() -> None:
     assert t.kind("GET /health", b"/health") == routes.KNOWN_FAST
     assert t.kind("GET /r", b"/reports/") == routes.KNOWN_SLOW
     assert table(learn=False).kind("GET /x", b"/x") == routes.KNOWN_FAST, "learn = false"
+    # known(): the kind and the learned time from one lookup, as the local socket asks for them
+    t.answered("GET /r", 900.0, 0.0)
+    t.answered("GET /health", 2.0, 0.0)
+    for route, target in (("GET /items/:id", b"/items/2"), ("GET /big", b"/big"),
+                          ("GET /health", b"/health"), ("GET /r", b"/reports/"),
+                          ("GET /new", b"/new")):
+        assert t.known(route, target) == (t.kind(route, target), t.expected_ms(route)), route
+    assert t.known("GET /r", b"/reports/") == (routes.KNOWN_SLOW, 900.0), "a prefix keeps the time"
+    assert t.known("GET /new", b"/new") == (routes.UNKNOWN, 0.0)
 
 
 def test_an_answer_that_waited_for_a_worker_is_not_the_routes_time() -> None:

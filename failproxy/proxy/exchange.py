@@ -373,9 +373,8 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         room = self.ctx.room
         if room is not None:
             if peer is room.local:
-                routes = self.ctx.routes
-                room.local_sent(self, now, routes.kind(self.route, self.req.url),
-                                routes.expected_ms(self.route))
+                kind, route_ms = self.ctx.routes.known(self.route, self.req.url)
+                room.local_sent(self, now, kind, route_ms)
             else:
                 self.sent_load = room.busy(peer)  # what its answer teaches (capacity.py)
         if peer.has_idle():

@@ -112,16 +112,22 @@ class RouteTable:
         """What is known of a route: KNOWN_FAST (under a `fast` prefix, or learned below
         `slow_ms`), KNOWN_SLOW (under a `slow` prefix, or learned above), or UNKNOWN (not
         learned yet: treated as fast, but not known to be)."""
-        if self._slow and target.startswith(self._slow):
-            return KNOWN_SLOW
-        if self._fast and target.startswith(self._fast):
-            return KNOWN_FAST
-        if not self.learn:
-            return KNOWN_FAST  # every route not listed slow is fast, by the operator's word
+        return self.known(route, target)[0]
+
+    def known(self, route: str, target: bytes) -> tuple[int, float]:
+        """`kind` and `expected_ms` from one lookup: a request sent to the local socket needs
+        both (a tuple of two is returned unboxed between compiled functions)."""
         learned = self.routes.get(route)
+        ms = learned.ms if learned is not None and learned.taught else 0.0
+        if self._slow and target.startswith(self._slow):
+            return KNOWN_SLOW, ms
+        if self._fast and target.startswith(self._fast):
+            return KNOWN_FAST, ms
+        if not self.learn:
+            return KNOWN_FAST, ms  # every route not listed slow is fast, by the operator's word
         if learned is None or not learned.taught:
-            return UNKNOWN
-        return KNOWN_FAST if learned.ms <= self.slow_ms else KNOWN_SLOW
+            return UNKNOWN, ms
+        return (KNOWN_FAST if learned.ms <= self.slow_ms else KNOWN_SLOW), ms
 
     def expected_ms(self, route: str) -> float:
         """The route's learned app time; 0.0 when it has none yet."""

@@ -153,9 +153,10 @@ class Sink:
         if self._scheduled:
             return
         turn = self._turn
-        if turn is None or self._forks != _FORKS[0] or not turn.loop.is_running():
+        if turn is None or self._forks != _FORKS[0] or not (turn.held or turn.loop.is_running()):
             # asyncio.get_running_loop() makes a getpid() syscall (its fork check): once per
-            # loop, not once per loop turn; a loop cached before a fork is the parent's
+            # loop, not once per loop turn; a loop cached before a fork is the parent's. A held
+            # turn is one of a running loop (the access line is written in one, behind unicorn)
             try:
                 turn = turnend.of(asyncio.get_running_loop())
             except RuntimeError:
