@@ -201,6 +201,32 @@ def test_a_reopened_parser_is_a_new_one_for_its_new_sink(cls: Any) -> None:
 
 
 @needs_c
+def test_strings_seen_lately_are_handed_over_again_and_never_mixed_up() -> None:
+    """The Cython twin keeps the short names and values it made lately (_llhttp._recent) and
+    hands the same object over when the same bytes come again. Strings that share a slot of
+    its table (same length, same first and last four bytes) must still come out as sent, and
+    so must one longer than it keeps."""
+    def head(value: bytes, body: bytes) -> tuple[Any, ...]:
+        sink = Recorder()
+        ResponseParserC(sink).feed_data(b"HTTP/1.1 200 OK\r\nX-Same: " + value + b"\r\n"
+                                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        (got_head, got_body, _end) = sink.calls
+        lines = got_head[3]
+        return lines[2], got_body[1], lines[0]
+
+    # one slot (same length, same first and last four bytes), three strings for its two ways
+    one, two, three = (b"abcd" + c * 20 + b"wxyz" for c in (b"1", b"2", b"3"))
+    long = b"v" * 64 + b"w" * 40
+    sent = [(one, b"ok\n"), (two, b"no\n"), (one, b"ok\n"), (three, b"ok\n"), (two, b"no\n"),
+            (one, b"ok\n"), (long, long), (two, b"no\n"), (b"a", b"b")]
+    seen = [head(v, b) for v, b in sent]
+    assert [(v, b) for v, b, _ in seen] == sent
+    assert seen[0][2] == b"X-Same" and seen[0][2] is seen[1][2], "the name, made once"
+    a, b = head(b"text/plain", b"x"), head(b"text/plain", b"x")
+    assert a[0] is b[0] and a[1] is b[1], "the same value, the same object"
+
+
+@needs_c
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_the_twins_agree_however_the_bytes_are_split(name: str) -> None:
     for pieces in splits(CASES[name]):

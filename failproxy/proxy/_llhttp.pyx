@@ -15,7 +15,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
-from libc.stdint cimport uint8_t, uint16_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy
 
 from httptools import (
@@ -138,6 +138,70 @@ cdef bytes _bytes_of(const char* p, size_t n):
                 return usual
     return PyBytes_FromStringAndSize(p, n)
 cdef bytes _CONTINUE = b"100-continue"
+
+
+# -- short strings seen lately -------------------------------------------------------------------
+#
+# An app server answers with the same few header names and values over and over (Content-Type,
+# Content-Length: 2, the Date of this second), and a client asks with the same Host and
+# User-Agent: a bytes object made for each, and freed with its head, is ~200 instructions of
+# allocation a string, ~12 strings a proxied request. Up to _RECENT_LONGEST bytes, a string is
+# looked up in a direct-mapped table of the last ones seen (its slot from its length and its
+# first and last four bytes; two ways: a slot's pair keeps the last two strings of the slot)
+# and the object there is handed over again when its bytes are the same. Bytes are immutable,
+# and a kept object keeps its hash too (a Host is looked up in a set, a target in the route
+# cache). A new string takes the slot. The table holds at most _RECENT_SLOTS strings of
+# _RECENT_LONGEST bytes; what a client sends can only take slots.
+
+cdef enum:
+    _RECENT_SLOTS = 256  # the top 8 bits of a 64-bit hash
+    _RECENT_LONGEST = 64
+
+cdef PyObject* _recent_slots[_RECENT_SLOTS]  # owned references, NULL where empty
+
+
+cdef inline uint64_t _load32(const char* p) noexcept:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline bint _same(PyObject* b, const char* p, size_t n) noexcept:
+    return (<size_t>PyBytes_GET_SIZE(<object>b) == n
+            and memcmp(PyBytes_AS_STRING(<object>b), p, n) == 0)
+
+
+cdef bytes _recent(const char* p, size_t n):
+    """The bytes at p, as the object handed over last time when they are the same."""
+    cdef uint64_t v
+    cdef size_t h
+    cdef PyObject* old
+    cdef PyObject* other
+    cdef bytes made
+    if n == 0:
+        return _EMPTY
+    if n > _RECENT_LONGEST:
+        return PyBytes_FromStringAndSize(p, n)
+    if n >= 4:
+        v = _load32(p) | _load32(p + n - 4) << 32
+    else:
+        v = (<uint64_t><unsigned char>p[0] | <uint64_t><unsigned char>p[n >> 1] << 8
+             | <uint64_t><unsigned char>p[n - 1] << 16)
+    # Fibonacci hashing: the product's top bits depend on every bit of the key
+    h = <size_t>(((v ^ (<uint64_t>n << 56)) * <uint64_t>0x9E3779B97F4A7C15u) >> 56)
+    old = _recent_slots[h]
+    if old is not NULL and _same(old, p, n):
+        return <bytes>old
+    other = _recent_slots[h ^ 1]  # two ways: the slot's pair holds the one it held before
+    if other is not NULL and _same(other, p, n):
+        return <bytes>other
+    made = PyBytes_FromStringAndSize(p, n)
+    Py_INCREF(made)
+    _recent_slots[h] = <PyObject*>made
+    _recent_slots[h ^ 1] = old  # its reference moves
+    if other is not NULL:
+        Py_DECREF(<object>other)
+    return made
 
 
 # -- the name table ----------------------------------------------------------------------------
@@ -405,7 +469,7 @@ cdef int _on_body(llhttp_t* p, const char* at, size_t n) noexcept:
     if self._closed:
         return 0
     try:
-        self._on_body(self._sink, PyBytes_FromStringAndSize(at, n))
+        self._on_body(self._sink, _recent(at, n))
     except BaseException as exc:
         self._error = exc
         llhttp_set_error_reason(p, "`on_body` callback error")
@@ -523,9 +587,9 @@ cdef class ResponseParser(_Parser):
             self._value.n = 0
             return  # trailers are not relayed
         if kind == _PLAIN or kind == _LENGTH:
-            value = PyBytes_FromStringAndSize(self._value.p, self._value.n)
+            value = _recent(self._value.p, self._value.n)
             self._value.n = 0
-            self._line(PyBytes_FromStringAndSize(self._name.p, name_n), value)
+            self._line(_recent(self._name.p, name_n), value)
             if kind == _LENGTH:
                 self._length = value
             return
@@ -700,9 +764,9 @@ cdef class RequestParser(_Parser):
         if kind == _CONNECTION:
             value = _bytes_of(self._value.p, value_n)
         else:
-            value = PyBytes_FromStringAndSize(self._value.p, value_n)
+            value = _recent(self._value.p, value_n)
         if kind == _PLAIN or kind == _HOST:
-            self._line(PyBytes_FromStringAndSize(self._name.p, name_n), value)
+            self._line(_recent(self._name.p, name_n), value)
             if kind == _HOST:
                 self._host_count += 1
                 self._host = value
@@ -730,7 +794,7 @@ cdef class RequestParser(_Parser):
 
     cdef _head(self):
         cdef llhttp_t* p = &self._p
-        url = PyBytes_FromStringAndSize(self._url.p, self._url.n)
+        url = _recent(self._url.p, self._url.n)
         method = _METHODS[p.method]
         if method is None:
             method = _METHODS[p.method] = <bytes>llhttp_method_name(p.method)
