@@ -60,6 +60,24 @@ def test_the_cython_twin_writes_the_same_line() -> None:
     assert render_c(*ARGS) == LINE
 
 
+@needs_c
+def test_strings_that_come_back_are_written_as_they_are_each_time() -> None:
+    """The Cython twin keeps the escaped form of a str it meets twice (by identity: an upstream
+    address, a route): the line stays the pure twin's, whichever strings come back, which are
+    new, and whatever they hold."""
+    # str objects made at run time (not shared constants), some needing escapes
+    addresses = ["".join(["unix:/run/", name, ".sock"]) for name in ("a", 'q"uote', "b\\s")]
+    routes = ["".join(["GET /", name]) for name in ("items/:id", "t\u00e9", "x\ty")]
+    for round_ in range(4):
+        for i, (address, route) in enumerate(zip(addresses, routes, strict=True)):
+            ids = "".join(["id-", str(round_), "-", str(i)])  # new every line
+            args = list(ARGS)
+            args[2], args[9], args[10], args[16] = ids, address, (address, "10.0.0.2:8080"), route
+            assert render_c(*args) == accessline.render_py(*args), (round_, i)
+        addresses.append("".join(["10.0.0.", str(round_), ":80"]))  # one more each round
+        routes.append("".join(["GET /r", str(round_)]))
+
+
 def test_the_build_that_runs_uses_its_twin() -> None:
     expect = os.environ.get("FAILPROXY_EXPECT_BUILD", "")
     if PURE:

@@ -50,6 +50,11 @@ cdef extern from "sys/socket.h":
         SO_ERROR
 
 from libc.stdint cimport uint32_t, uint64_t
+from cpython.ref cimport PyObject, Py_INCREF
+
+cdef extern from "Python.h":
+    list PyList_New(Py_ssize_t size)
+    void _list_set "PyList_SET_ITEM"(list lst, Py_ssize_t i, PyObject* item)  # steals item
 
 cdef extern from "sys/epoll.h":
     ctypedef union epoll_data_t:
@@ -135,7 +140,13 @@ def ready(int epfd, int maxevents):
             break
         if errno != EINTR:
             return PyErr_SetFromErrno(OSError)
-    return [(_events[i].data.fd, _events[i].events) for i in range(n)]
+    # made at its size: a comprehension starts empty and grows it (one allocation more)
+    out = PyList_New(n)
+    for i in range(n):
+        item = (_events[i].data.fd, _events[i].events)
+        Py_INCREF(item)
+        _list_set(out, i, <PyObject*>item)
+    return out
 
 
 ADD = EPOLL_CTL_ADD

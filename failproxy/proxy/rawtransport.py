@@ -163,7 +163,7 @@ class BatchEnd:
 class Poller:
     """The epoll set of one loop's upstream sockets, watched by the loop as one fd."""
 
-    __slots__ = ("_after", "_ep", "_epfd", "_loop", "_turn", "_watched", "batching")
+    __slots__ = ("_after", "_ep", "_epfd", "_loop", "_nafter", "_turn", "_watched", "batching")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -175,13 +175,17 @@ class Poller:
         # index are native list operations, where a dict's took ~0.2k instructions each
         # (boxing, hashing, probing; bench.profiles.lockstep).
         self._watched: list[SocketTransport | None] = []
-        self._after: list[BatchEnd] = []
+        # Those waiting for the batch's end: the first `_nafter` entries (kept: turnend.put()).
+        self._after: list[BatchEnd | None] = []
+        self._nafter = 0
         self.batching = False  # inside _ready: after_batch() work waits for its end
         loop.add_reader(self._ep.fileno(), self._ready)
 
     def after_batch(self, waiter: BatchEnd) -> None:
         """Call `waiter.batch_ended()` when the batch under way ends (only while `batching`)."""
-        self._after.append(waiter)
+        n = self._nafter
+        turnend.put(self._after, n, waiter)
+        self._nafter = n + 1
 
     def end_batch(self) -> None:
         """The batch is over: tell those waiting for its end (in the order they asked), then
@@ -189,11 +193,20 @@ class Poller:
         self.batching = False
         after = self._after
         try:
-            if after:
-                for waiter in after:
+            i = 0
+            while i < self._nafter:
+                waiter = after[i]
+                after[i] = None
+                i += 1
+                if waiter is None:
+                    continue
+                try:
                     waiter.batch_ended()
-                after.clear()
+                except Exception as exc:  # one waiter's failure must not keep the others waiting
+                    self._loop.call_exception_handler(
+                        {"message": "failproxy: batch end failed", "exception": exc})
         finally:
+            self._nafter = 0
             self._turn.release()
 
     def set(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:

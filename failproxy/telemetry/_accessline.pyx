@@ -14,7 +14,8 @@ formatting; any other float goes through Python's own repr formatter. Non-finite
 null, as orjson writes them.
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
 from libc.math cimport llround, isfinite
 from libc.stdlib cimport malloc, realloc
 from libc.stdint cimport uint64_t
@@ -150,13 +151,52 @@ cdef int _escaped(const unsigned char* s, Py_ssize_t size, bint latin1) except -
     return 0
 
 
-cdef inline int _str(object s) except -1:
-    cdef Py_ssize_t size
+# The same str objects come back line after line: a server's address (twice a line: `upstream`
+# and `upstreams`), a route key, a client's address for each of its requests. Each kept here with
+# its escaped form (the quotes included), by identity: a line copies the escaped bytes, where
+# escaping takes ~150 instructions a string of ~40 bytes. The table holds a reference to each
+# str it keeps, so an address it keys by is never another object's.
+cdef enum:
+    _SEEN_SLOTS = 16  # a power of two
+    _SEEN_LONGEST = 256
+cdef PyObject* _seen_str[_SEEN_SLOTS]  # owned references, NULL where empty
+cdef PyObject* _seen_json[_SEEN_SLOTS]  # ... and the bytes of each, escaped
+# The address of the last str that missed in each slot (no reference): a str is kept only when
+# seen twice, so the request ids, new each line, do not churn the table.
+cdef size_t _seen_once[_SEEN_SLOTS]
+
+
+cdef int _str(object s) except -1:
+    global _n
+    cdef Py_ssize_t size, start
     cdef const char* data
+    cdef size_t slot
+    cdef PyObject* old
+    cdef PyObject* old_json
+    cdef bytes json
     if s is None:
         return _raw(b"null", 4)
+    slot = ((<size_t><PyObject*>s) >> 4) & (_SEEN_SLOTS - 1)
+    if _seen_str[slot] == <PyObject*>s:
+        json = <bytes>_seen_json[slot]
+        return _raw(PyBytes_AS_STRING(json), PyBytes_GET_SIZE(json))
     data = PyUnicode_AsUTF8AndSize(s, &size)
-    return _escaped(<const unsigned char*>data, size, False)
+    start = _n
+    _escaped(<const unsigned char*>data, size, False)
+    if _seen_once[slot] != <size_t><PyObject*>s:
+        _seen_once[slot] = <size_t><PyObject*>s
+    elif size <= _SEEN_LONGEST:
+        json = PyBytes_FromStringAndSize(_buf + start, _n - start)
+        old = _seen_str[slot]
+        old_json = _seen_json[slot]
+        Py_INCREF(s)
+        Py_INCREF(json)
+        _seen_str[slot] = <PyObject*>s
+        _seen_json[slot] = <PyObject*>json
+        if old is not NULL:
+            Py_DECREF(<object>old)
+            Py_DECREF(<object>old_json)
+    return 0
 
 
 cdef inline int _latin1(bytes b) except -1:

@@ -97,8 +97,8 @@ class Sink:
     `buffer` bytes are gathered or the oldest has waited `flush_after` seconds; outside a loop
     (the master, exit paths) they are written at once."""
 
-    __slots__ = ("_buf", "_fd", "_file", "_flush", "_forks", "_limit", "_pipe", "_scheduled",
-                 "_size", "_timer", "_turn", "flush_after", "path")
+    __slots__ = ("_buf", "_fd", "_file", "_flush", "_forks", "_limit", "_n", "_pipe",
+                 "_scheduled", "_size", "_timer", "_turn", "flush_after", "path")
 
     def __init__(self, file: TextIO | None, path: str, buffer: int = 0,
                  flush_after: float = 1.0) -> None:
@@ -106,7 +106,10 @@ class Sink:
         self._file = open(path, "ab", buffering=0) if path else None  # noqa: SIM115
         self._fd = self._file.fileno() if self._file else (file or sys.stderr).fileno()
         self._pipe = _is_pipe(self._fd)
+        # The lines gathered: the first `_n` entries (the list is kept: turnend.put(); one line
+        # a turn, behind unicorn).
         self._buf: list[bytes] = []
+        self._n = 0
         self._scheduled = False
         self._limit = buffer
         self.flush_after = flush_after
@@ -144,7 +147,9 @@ class Sink:
         self.flush_after = flush_after
 
     def write(self, line: bytes) -> None:
-        self._buf.append(line)
+        n = self._n
+        turnend.put(self._buf, n, line)
+        self._n = n + 1
         if self._limit:
             self._size += len(line)
             if self._size >= self._limit:
@@ -176,11 +181,19 @@ class Sink:
         if timer is not None:
             self._timer = None
             timer.cancel()
-        if not self._buf:
+        n = self._n
+        if not n:
             return
-        lines = self._buf
-        self._buf = []
+        buf = self._buf
+        self._n = 0
         self._size = 0
+        if n == 1:
+            line = buf[0]
+            buf[0] = b""
+            self._write(line)  # a batch of one (to a pipe, batches are cut only between lines)
+            return
+        lines = buf[:n]
+        self._buf = []  # a burst's list goes with it
         if not self._pipe:
             self._write(b"".join(lines))
             return
