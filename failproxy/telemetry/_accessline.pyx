@@ -157,7 +157,7 @@ cdef int _escaped(const unsigned char* s, Py_ssize_t size, bint latin1) except -
 # escaping takes ~150 instructions a string of ~40 bytes. The table holds a reference to each
 # str it keeps, so an address it keys by is never another object's.
 cdef enum:
-    _SEEN_SLOTS = 16  # a power of two
+    _SEEN_SLOTS = 64  # the top 6 bits of a 64-bit hash; two ways (a slot and its pair)
     _SEEN_LONGEST = 256
 cdef PyObject* _seen_str[_SEEN_SLOTS]  # owned references, NULL where empty
 cdef PyObject* _seen_json[_SEEN_SLOTS]  # ... and the bytes of each, escaped
@@ -166,29 +166,39 @@ cdef PyObject* _seen_json[_SEEN_SLOTS]  # ... and the bytes of each, escaped
 cdef size_t _seen_once[_SEEN_SLOTS]
 
 
+cdef inline int _kept(Py_ssize_t slot) except -1:
+    cdef bytes json = <bytes>_seen_json[slot]
+    return _raw(PyBytes_AS_STRING(json), PyBytes_GET_SIZE(json))
+
+
 cdef int _str(object s) except -1:
     global _n
     cdef Py_ssize_t size, start
     cdef const char* data
-    cdef size_t slot
+    cdef size_t key = <size_t><PyObject*>s
+    cdef Py_ssize_t slot
     cdef PyObject* old
     cdef PyObject* old_json
     cdef bytes json
     if s is None:
         return _raw(b"null", 4)
-    slot = ((<size_t><PyObject*>s) >> 4) & (_SEEN_SLOTS - 1)
+    slot = <Py_ssize_t>((<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15u) >> 58)
     if _seen_str[slot] == <PyObject*>s:
-        json = <bytes>_seen_json[slot]
-        return _raw(PyBytes_AS_STRING(json), PyBytes_GET_SIZE(json))
+        return _kept(slot)
+    if _seen_str[slot ^ 1] == <PyObject*>s:
+        return _kept(slot ^ 1)
     data = PyUnicode_AsUTF8AndSize(s, &size)
     start = _n
     _escaped(<const unsigned char*>data, size, False)
-    if _seen_once[slot] != <size_t><PyObject*>s:
-        _seen_once[slot] = <size_t><PyObject*>s
+    if _seen_once[slot] != key:
+        _seen_once[slot] = key
     elif size <= _SEEN_LONGEST:
+        # kept in the slot; the one there moves to its pair, whose own is let go
         json = PyBytes_FromStringAndSize(_buf + start, _n - start)
-        old = _seen_str[slot]
-        old_json = _seen_json[slot]
+        old = _seen_str[slot ^ 1]
+        old_json = _seen_json[slot ^ 1]
+        _seen_str[slot ^ 1] = _seen_str[slot]
+        _seen_json[slot ^ 1] = _seen_json[slot]
         Py_INCREF(s)
         Py_INCREF(json)
         _seen_str[slot] = <PyObject*>s
