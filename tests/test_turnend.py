@@ -93,3 +93,33 @@ def test_a_held_turn_end_runs_what_its_batch_deferred_at_release_without_a_handl
     seen, before = uvloop.run(main())
     assert seen == ["log", "after release", "queued in the batch"]
     assert before == ["after release", "metrics, before the batch", "log, in the batch"]
+
+
+def test_a_writer_deferred_by_a_writer_runs_in_the_same_pass_and_turns_stay_apart() -> None:
+    """The writers' list is kept from turn to turn with a count (turnend.put): one deferred
+    while the others run is run in that pass, after them; the next turn's writers are only its
+    own, however many the turn before had."""
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        turn = turnend.of(loop)
+        seen: list[str] = []
+
+        def first() -> None:
+            seen.append("first")
+            turn.defer(lambda: seen.append("deferred by first"))
+
+        turn.defer(first)
+        turn.defer(lambda: seen.append("second"))
+        turn.defer(lambda: seen.append("third"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        seen.append("| next turn")
+        turn.defer(lambda: seen.append("only"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return seen
+
+    assert uvloop.run(main()) == ["first", "second", "third", "deferred by first",
+                                  "| next turn", "only"]
