@@ -122,30 +122,15 @@ cdef object _valid_host = valid_host
 cdef bytes _SEP = b": "
 cdef bytes _CRLF = b"\r\n"
 cdef bytes _EMPTY = b""
-# The usual Connection values and reason phrase, handed over as these objects rather than a new
-# one each message: their hash (a Connection value is looked up in a set, upstream.py) is
-# computed once, and no object is made and freed per message (~0.3k instructions a response).
-cdef tuple _USUAL = (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade",
-                     b"OK")
-
-
-cdef bytes _bytes_of(const char* p, size_t n):
-    """The bytes at p: one of _USUAL when equal to it, else a new object."""
-    cdef bytes usual
-    if 2 <= n <= 10:
-        for usual in _USUAL:
-            if <size_t>len(usual) == n and memcmp(<const char*>usual, p, n) == 0:
-                return usual
-    return PyBytes_FromStringAndSize(p, n)
 cdef bytes _CONTINUE = b"100-continue"
 
 
 # -- short strings seen lately -------------------------------------------------------------------
 #
 # An app server answers with the same few header names and values over and over (Content-Type,
-# Content-Length: 2, the Date of this second), and a client asks with the same Host and
-# User-Agent: a bytes object made for each, and freed with its head, is ~200 instructions of
-# allocation a string, ~12 strings a proxied request. Up to _RECENT_LONGEST bytes, a string is
+# Content-Length: 2, the Date of this second, Connection: close, the reason OK), and a client
+# asks with the same Host and User-Agent: a bytes object made for each, and freed with its head,
+# is ~200 instructions of allocation a string, ~12 strings a proxied request. Up to _RECENT_LONGEST bytes, a string is
 # looked up in a direct-mapped table of the last ones seen (its slot from its length and its
 # first and last four bytes; two ways: a slot's pair keeps the last two strings of the slot)
 # and the object there is handed over again when its bytes are the same. Bytes are immutable,
@@ -593,10 +578,7 @@ cdef class ResponseParser(_Parser):
             if kind == _LENGTH:
                 self._length = value
             return
-        if kind == _CONNECTION:
-            value = _bytes_of(self._value.p, self._value.n)
-        else:
-            value = PyBytes_FromStringAndSize(self._value.p, self._value.n)
+        value = _recent(self._value.p, self._value.n)
         self._value.n = 0
         if kind == _CONNECTION:
             self._connection = self._connection + (value,)
@@ -611,7 +593,7 @@ cdef class ResponseParser(_Parser):
         # other hop-by-hop headers are dropped
 
     cdef _head(self):
-        reason = _bytes_of(self._reason.p, self._reason.n)
+        reason = _recent(self._reason.p, self._reason.n)
         self._reason.n = 0
         lines = self._lines()
         connection = self._connection
@@ -761,10 +743,7 @@ cdef class RequestParser(_Parser):
         self._head_size += name_n + value_n + 4
         if kind == _DROP or kind == _UNDERSCORE:
             return  # hop-by-hop, set by failproxy itself, or with an underscore
-        if kind == _CONNECTION:
-            value = _bytes_of(self._value.p, value_n)
-        else:
-            value = _recent(self._value.p, value_n)
+        value = _recent(self._value.p, value_n)
         if kind == _PLAIN or kind == _HOST:
             self._line(_recent(self._name.p, name_n), value)
             if kind == _HOST:
