@@ -763,15 +763,16 @@ def _seed_throughput(t: dict[str, Any]) -> str:
     rows = []
     for name, x in t["targets"].items():
         if x.get("error"):
-            rows.append([x["label"], "**did not start**"] + [""] * 6)
+            rows.append([x["label"], "**did not start**"] + [""] * 7)
             continue
         rows.append([x["label"], fmt(x["req_s"], 0), fmt(x["p50_ms"], 2), fmt(x["p99_ms"], 2),
                      _x(x["ratio_direct"]),
                      "–" if name == "direct" else fmt(x.get("front_cpu_us_per_req"), 0),
+                     "–" if name == "direct" else fmt(x.get("front_user_us_per_req"), 0),
                      fmt(x.get("unicorn_cpu_us_per_req"), 0), str(x["errors"])])
     pair = t.get("failproxy_vs_old_req_s")
     return ("### No overload: throughput through the fronts vs unicorn directly\n\n"
-            f"`{t['wrk']}`, fast action only; 4 connections per host never fill the UNIX "
+            f"`{t['wrk']}`, fast action only; a few connections per host never fill the UNIX "
             "backlog. *direct* goes to unicorn's TCP ports (a new connection per request, "
             "unicorn closes each); through a front the client keeps its connection and the "
             "front connects over the UNIX socket. Everything shares the same CPUs. CPU "
@@ -779,7 +780,7 @@ def _seed_throughput(t: dict[str, Any]) -> str:
             + (f" failproxy over failproxy-old, paired round by round: {_spread(pair)}."
                if pair else "") + "\n\n"
             + _table(["target", "req/s", "p50 ms", "p99 ms", "× direct", "fronts CPU µs/req",
-                      "unicorns CPU µs/req", "errors"], rows))
+                      "of it user", "unicorns CPU µs/req", "errors"], rows))
 
 
 def _seed_console(r: dict[str, Any], scenarios: dict[str, Any]) -> list[str]:

@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                        "(seed full: 60, quick: 10; slowclients full: 60, quick: 20)")
     group.add_argument("--throughput-duration", type=float, help="seconds per wrk run of the "
                        "no-overload check (full: 10, quick: 3; 0 = skip it)")
+    group.add_argument("--wrk-conns", type=int, help="wrk connections per host in the "
+                       "no-overload check (4): fewer leave the app servers idle more often, "
+                       "which makes each of their requests dearer")
     group.add_argument("--baseline", help="failproxy-old's source: a tree holding failproxy/, "
                        f"or a git revision of this repository (default {seed.BASELINE_DEFAULT}); "
                        "given, the throughput scenario measures it too (failproxy1-base)")
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             params["seed"] = seed.with_options(
                 params["seed"], mixes=args.mixes, fronts=args.fronts, rounds=args.rounds,
                 duration=args.duration, throughput_duration=args.throughput_duration,
-                baseline=args.baseline)
+                baseline=args.baseline, wrk_conns=args.wrk_conns)
         except ValueError as exc:
             parser.error(str(exc))
     if args.baseline is not None and "throughput" in params:

@@ -198,14 +198,14 @@ class Params:
         if bad:
             raise ValueError(f"unknown mix/front {bad}; mixes: {', '.join(MIXES)}; "
                              f"fronts: {', '.join(FRONTS)}")
-        if self.rounds < 1 or self.duration <= 0:
-            raise ValueError("rounds >= 1 and duration > 0 please")
+        if self.rounds < 1 or self.duration <= 0 or self.wrk_conns_per_host < 1:
+            raise ValueError("rounds >= 1, duration > 0 and wrk connections >= 1 please")
 
 
 def with_options(p: Params, *, mixes: str | None = None, fronts: str | None = None,
                  rounds: int | None = None, duration: float | None = None,
                  throughput_duration: float | None = None,
-                 baseline: str | None = None) -> Params:
+                 baseline: str | None = None, wrk_conns: int | None = None) -> Params:
     """The command line's overrides (runner.py): comma-separated names, numbers."""
     changes: dict[str, Any] = {}
     if mixes:
@@ -213,7 +213,8 @@ def with_options(p: Params, *, mixes: str | None = None, fronts: str | None = No
     if fronts:
         changes["fronts"] = tuple(x.strip() for x in fronts.split(",") if x.strip())
     for key, value in (("rounds", rounds), ("duration", duration),
-                       ("throughput_duration", throughput_duration), ("baseline", baseline)):
+                       ("throughput_duration", throughput_duration), ("baseline", baseline),
+                       ("wrk_conns_per_host", wrk_conns)):
         if value is not None:
             changes[key] = value
     out = dataclasses.replace(p, **changes)
@@ -726,6 +727,12 @@ def paired(fronts: dict[str, dict[str, Any]], reference: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- no overload: wrk
 
+def _cpu_split(procs: list[Proc]) -> tuple[float, float]:
+    """(user, system) CPU seconds of `procs` together."""
+    splits = [p.cpu_split() for p in procs]
+    return sum(u for u, _ in splits), sum(s for _, s in splits)
+
+
 def _throughput(params: Params, procs: Processes, uport: int, live: list[str],
                 envs: dict[str, dict[str, str] | None], socks: dict[str, str],
                 unicorns: list[Proc]) -> dict[str, Any]:
@@ -755,21 +762,27 @@ def _throughput(params: Params, procs: Processes, uport: int, live: list[str],
                                       [(ip, port) for ip in ips])
             wrk.run(f"http://{ips[0]}:{port}/fast", script=script, duration=1.0,
                     connections=conns, threads=len(HOSTS))
-            front_cpu0 = sum(p.cpu_seconds() for p in fronts[name])
+            front_split0 = _cpu_split(fronts[name])
             app_cpu0 = sum(p.cpu_seconds() for p in unicorns)
             res = wrk.run(f"http://{ips[0]}:{port}/fast", script=script,
                           duration=params.throughput_duration, connections=conns,
                           threads=len(HOSTS))
-            front_cpu = sum(p.cpu_seconds() for p in fronts[name]) - front_cpu0
+            front_user, front_sys = (b - a for a, b in zip(front_split0,
+                                                           _cpu_split(fronts[name]),
+                                                           strict=True))
             app_cpu = sum(p.cpu_seconds() for p in unicorns) - app_cpu0
             row = res.as_dict()
             row["round"] = r + 1
-            row["front_cpu_us_per_req"] = front_cpu * 1e6 / res.requests if res.requests else 0
+            per_req = 1e6 / res.requests if res.requests else 0.0
+            row["front_cpu_us_per_req"] = (front_user + front_sys) * per_req
+            row["front_user_us_per_req"] = front_user * per_req
+            row["front_system_us_per_req"] = front_sys * per_req
             row["unicorn_cpu_us_per_req"] = app_cpu * 1e6 / res.requests if res.requests else 0
             runs.setdefault(name, []).append(row)
             log(f"  round {r + 1}/{params.rounds} no-overload {name:<18} "
                 f"{res.req_s:>8,.0f} req/s  p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms"
                 f"  CPU µs/req fronts {row['front_cpu_us_per_req']:.0f} "
+                f"(user {row['front_user_us_per_req']:.0f}) "
                 f"unicorns {row['unicorn_cpu_us_per_req']:.0f}  errors {res.errors}")
             time.sleep(0.3)
     for name in targets[1:]:
@@ -784,6 +797,9 @@ def _throughput(params: Params, procs: Processes, uport: int, live: list[str],
                      "req_s": req_s, "p50_ms": median([x["p50_ms"] for x in rs]),
                      "p99_ms": median([x["p99_ms"] for x in rs]),
                      "front_cpu_us_per_req": median([x["front_cpu_us_per_req"] for x in rs]),
+                     "front_user_us_per_req": median([x["front_user_us_per_req"] for x in rs]),
+                     "front_system_us_per_req": median([x["front_system_us_per_req"]
+                                                        for x in rs]),
                      "unicorn_cpu_us_per_req": median([x["unicorn_cpu_us_per_req"]
                                                        for x in rs]),
                      "errors": sum(x["errors"] for x in rs),
