@@ -167,6 +167,31 @@ def test_what_is_known_of_a_route_needs_learning_or_a_prefix() -> None:
         assert t.known(route, target) == (t.kind(route, target), t.expected_ms(route)), route
     assert t.known("GET /r", b"/reports/") == (routes.KNOWN_SLOW, 900.0), "a prefix keeps the time"
     assert t.known("GET /new", b"/new") == (routes.UNKNOWN, 0.0)
+    # the overflow policy takes is_slow() from known() (exchange.start): the same answer
+    for tab in (t, table(learn=False, slow=("/reports/",)), table(fast=("/big",))):
+        for route, target in (("GET /items/:id", b"/items/2"), ("GET /big", b"/big"),
+                              ("GET /health", b"/health"), ("GET /r", b"/reports/"),
+                              ("GET /new", b"/new")):
+            is_slow = tab.is_slow(route, target)
+            assert is_slow == (tab.known(route, target)[0] == routes.KNOWN_SLOW), route
+
+
+def test_answered_returns_the_learned_time_before_and_after_it() -> None:
+    """What exchange._learn reads from the one lookup answered() makes: expected_ms() just
+    before the answer and just after it, whatever the answer did (first, unclean, an outlier,
+    learning off)."""
+    t = table()
+    now = 0.0
+    steps = [("GET /a", 5.0, False), ("GET /a", 7.0, True), ("GET /a", 9.0, True),
+             ("GET /a", 900.0, True), ("GET /a", 3.0, False), ("GET /b", 40.0, True)]
+    steps += [("GET /a", 900.0, True)] * routes.OUTLIERS_IN_A_ROW
+    for route, ms, clean in steps:
+        now += 0.5
+        before = t.expected_ms(route)
+        got = t.answered(route, ms, now, clean)
+        assert got == (before, t.expected_ms(route)), (route, ms, clean)
+    assert t.expected_ms("GET /a") > 100.0, "the outliers in a row were learned at last"
+    assert table(learn=False).answered("GET /a", 5.0, 0.0) == (0.0, 0.0)
 
 
 def test_an_answer_that_waited_for_a_worker_is_not_the_routes_time() -> None:

@@ -48,7 +48,7 @@ from failproxy.proxy.upstream import (
 from failproxy.routing import policy
 from failproxy.routing.balance import Holdable
 from failproxy.routing.peer import Peer
-from failproxy.routing.routes import route_key
+from failproxy.routing.routes import KNOWN_SLOW, UNKNOWN, route_key
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
@@ -158,6 +158,9 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         "reasons",
         "req",
         "route",
+        "route_at",
+        "route_kind",
+        "route_ms",
         "sent_at",
         "sent_load",
         "slot",
@@ -183,6 +186,12 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         self.phase = NEW
         self.route = route_key(req.method, req.url)  # SPEC 4.4: logged, and learned from
         self.slow = False  # a slow route, as the overflow policy sees it (set in start)
+        # What the route table knew of the route when the overflow policy looked (start), and
+        # when: a local attempt at that same instant uses it, not a second lookup (a held
+        # request is sent later, when more may be known, and looks again).
+        self.route_kind = UNKNOWN
+        self.route_ms = 0.0
+        self.route_at = -1.0
         self.sent_load = 0  # ours awaiting the answering peer when it was sent (capacity.py)
         self.clean = True  # sent where a worker was free, as far as known: its answer teaches
         # The server order this walk goes through, as it was when the request came: a new peer
@@ -240,7 +249,11 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         # The overflow policy reasons about the local socket's workers; one marked down
         # (fail_timeout > 0) is skipped by the plain walk below, as nginx would.
         if room is not None and self.order[0] is room.local and not room.local.is_down(now):
-            slow = self.ctx.routes.is_slow(self.route, self.req.url)
+            kind, route_ms = self.ctx.routes.known(self.route, self.req.url)
+            self.route_kind = kind
+            self.route_ms = route_ms
+            self.route_at = now
+            slow = kind == KNOWN_SLOW  # as routes.is_slow says
             self.slow = slow
             peer, reason = room.route(self, now, slow)
             if peer is None:
@@ -373,7 +386,10 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         room = self.ctx.room
         if room is not None:
             if peer is room.local:
-                kind, route_ms = self.ctx.routes.known(self.route, self.req.url)
+                if now == self.route_at:
+                    kind, route_ms = self.route_kind, self.route_ms
+                else:
+                    kind, route_ms = self.ctx.routes.known(self.route, self.req.url)
                 room.local_sent(self, now, kind, route_ms)
             else:
                 self.sent_load = room.busy(peer)  # what its answer teaches (capacity.py)
@@ -842,13 +858,12 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         `routes.learn` off there is no route time: the destination's own service time is the
         reference (before, its concurrency never grew past this box's worker count)."""
         routes = self.ctx.routes
-        route_ms = routes.expected_ms(self.route)
-        routes.answered(self.route, ms, now, self.clean)
+        route_ms, learned_ms = routes.answered(self.route, ms, now, self.clean)
         room = self.ctx.room
         if room is not None:
             if not route_ms:
                 if routes.learn:
-                    route_ms = routes.expected_ms(self.route)
+                    route_ms = learned_ms
                 elif self.clean:
                     route_ms = room.service_ms(peer) or ms
             room.answered(peer, self.sent_load, ms, route_ms, self.slow, now)

@@ -134,20 +134,23 @@ class RouteTable:
         learned = self.routes.get(route)
         return learned.ms if learned is not None and learned.taught else 0.0
 
-    def answered(self, route: str, ms: float, now: float, clean: bool = True) -> None:
+    def answered(self, route: str, ms: float, now: float,
+                 clean: bool = True) -> tuple[float, float]:
         """An answer of `route` took `ms`. Only a `clean` one (sent where a worker was free)
-        may teach the route's time; every answer is counted."""
+        may teach the route's time; every answer is counted. Returns the route's learned time
+        before and after it (`expected_ms`, 0.0 for none), from the one lookup this makes."""
         if not self.learn:
-            return
+            return 0.0, 0.0
         routes = self.routes
         learned = routes.get(route)
         if learned is None:
             if len(routes) >= self.max_routes:
                 del routes[next(iter(routes))]  # the least recently answered
             # an unclean first time may include a wait for a worker: counted, not learned
-            routes[route] = Learned(ms, now, 1 if clean else 0)
+            learned = routes[route] = Learned(ms, now, 1 if clean else 0)
             self._newest = route
-            return
+            return 0.0, (learned.ms if learned.taught else 0.0)
+        before = learned.ms if learned.taught else 0.0
         if route != self._newest:
             # Taken out, put back below as the most recently answered (get and del are native
             # dict operations in the compiled build; .pop(route, None) is a method call by
@@ -159,7 +162,7 @@ class RouteTable:
             if not learned.taught:
                 learned.ms = ms
             routes[route] = learned
-            return
+            return before, before
         if learned.taught and ms > OUTLIER * learned.ms + OUTLIER_MS:
             # Most likely time spent waiting for a worker (an accept queue behind someone else's
             # work), not the route's own: at capacity, fast routes whose answers queued were
@@ -168,7 +171,7 @@ class RouteTable:
             learned.outliers += 1
             if learned.outliers < OUTLIERS_IN_A_ROW:
                 routes[route] = learned
-                return
+                return before, before
         else:
             learned.outliers = 0
         taught = learned.taught + 1
@@ -182,6 +185,7 @@ class RouteTable:
         learned.taught = taught
         learned.at = now
         routes[route] = learned
+        return before, learned.ms
 
     def slowest(self, limit: int = 50) -> list[dict[str, object]]:
         """The slowest routes, as /status lists them; those not learned yet (no answer sent
