@@ -16,7 +16,7 @@ null, as orjson writes them.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
-from libc.math cimport llround, isfinite
+from libc.math cimport isfinite
 from libc.stdlib cimport malloc, realloc
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
@@ -220,29 +220,41 @@ cdef const char* _PAIRS = (b"000102030405060708091011121314151617181920212223242
 
 
 cdef int _int(long long v) except -1:
-    cdef char tmp[24]
-    cdef int i = 24
+    """The digits written straight into the buffer, from the last: their count is found first
+    (a buffer of its own and a copy cost a memcpy call a number, ten numbers a line)."""
+    global _n
     cdef bint neg = v < 0
     cdef unsigned long long u = <unsigned long long>(-v) if neg else <unsigned long long>v
+    cdef unsigned long long t = u
+    cdef int digits = 1
     cdef unsigned int pair
+    cdef char* out
+    while t >= 100:
+        t //= 100
+        digits += 2
+    if t >= 10:
+        digits += 1
+    _reserve(digits + 1)
+    if neg:
+        _buf[_n] = b'-'
+        _n += 1
+    out = _buf + _n + digits  # one past the last digit
+    _n += digits
     while u >= 100:
         pair = <unsigned int>(u % 100) * 2
         u //= 100
-        i -= 2
-        tmp[i] = _PAIRS[pair]
-        tmp[i + 1] = _PAIRS[pair + 1]
+        out -= 2
+        out[0] = _PAIRS[pair]
+        out[1] = _PAIRS[pair + 1]
     if u >= 10:
         pair = <unsigned int>u * 2
-        i -= 2
-        tmp[i] = _PAIRS[pair]
-        tmp[i + 1] = _PAIRS[pair + 1]
+        out -= 2
+        out[0] = _PAIRS[pair]
+        out[1] = _PAIRS[pair + 1]
     else:
-        i -= 1
-        tmp[i] = <char>(48 + u)
-    if neg:
-        i -= 1
-        tmp[i] = b'-'
-    return _raw(tmp + i, 24 - i)
+        out -= 1
+        out[0] = <char>(48 + u)
+    return 0
 
 
 cdef int _ms(object value) except -1:
@@ -251,6 +263,7 @@ cdef int _ms(object value) except -1:
     global _n
     cdef double x
     cdef long long us, whole, frac
+    cdef double scaled
     cdef char digits[3]
     cdef int keep
     cdef char* text
@@ -260,7 +273,10 @@ cdef int _ms(object value) except -1:
     if not isfinite(x):
         return _raw(b"null", 4)  # as orjson writes it
     if -1e12 < x < 1e12:
-        us = llround(x * 1000.0)
+        # llround's result without its call into libm: |x * 1000| < 2 ** 52, so the half added
+        # is exact, and the check below sends any value this gets wrong to repr() anyway
+        scaled = x * 1000.0
+        us = <long long>(scaled + 0.5) if scaled >= 0.0 else <long long>(scaled - 0.5)
         if <double>us / 1000.0 == x:
             if us < 0:
                 _raw(b"-", 1)
