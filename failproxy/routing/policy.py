@@ -30,6 +30,7 @@ def idempotent(method: bytes) -> bool:
     return method == b"GET" or method in IDEMPOTENT_METHODS
 
 # Response statuses that may trigger a failover, by status code.
+# (exchange.on_response_head asks only for statuses >= 502: tests/test_failover.py keeps it so)
 STATUS_REASONS: Final = {502: "http_502", 503: "http_503", 504: "http_504"}
 
 _ERRNO_REASONS = {
