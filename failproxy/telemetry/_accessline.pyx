@@ -157,13 +157,25 @@ cdef int _escaped(const unsigned char* s, Py_ssize_t size, bint latin1) except -
 # escaping takes ~150 instructions a string of ~40 bytes. The table holds a reference to each
 # str it keeps, so an address it keys by is never another object's.
 cdef enum:
-    _SEEN_SLOTS = 64  # the top 6 bits of a 64-bit hash; two ways (a slot and its pair)
+    _SEEN_SLOTS = 256  # the top 8 bits of a 64-bit hash; two ways (a slot and its pair)
     _SEEN_LONGEST = 256
 cdef PyObject* _seen_str[_SEEN_SLOTS]  # owned references, NULL where empty
 cdef PyObject* _seen_json[_SEEN_SLOTS]  # ... and the bytes of each, escaped
-# The address of the last str that missed in each slot (no reference): a str is kept only when
-# seen twice, so the request ids, new each line, do not churn the table.
+# The mark of the last str that missed in each slot (no reference): a str is kept only when
+# seen twice, so the request ids, new each line, do not churn the table. The mark is its address
+# mixed with its length and last bytes: a request id freed at the end of one line and the next
+# one made at the same address (the allocator's way) are not one string seen twice (keyed by
+# address alone they were, and each kept one pushed a server's address out of its slot).
 cdef size_t _seen_once[_SEEN_SLOTS]
+
+
+cdef inline size_t _mark(size_t key, const char* data, Py_ssize_t size) noexcept:
+    cdef uint64_t tail = 0
+    if size >= 8:
+        memcpy(&tail, data + size - 8, 8)
+    else:
+        memcpy(&tail, data, size)
+    return key ^ <size_t>(tail * <uint64_t>0x9E3779B97F4A7C15u) ^ <size_t>size
 
 
 cdef inline int _kept(Py_ssize_t slot) except -1:
@@ -176,13 +188,14 @@ cdef int _str(object s) except -1:
     cdef Py_ssize_t size, start
     cdef const char* data
     cdef size_t key = <size_t><PyObject*>s
+    cdef size_t mark
     cdef Py_ssize_t slot
     cdef PyObject* old
     cdef PyObject* old_json
     cdef bytes json
     if s is None:
         return _raw(b"null", 4)
-    slot = <Py_ssize_t>((<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15u) >> 58)
+    slot = <Py_ssize_t>((<uint64_t>key * <uint64_t>0x9E3779B97F4A7C15u) >> 56)
     if _seen_str[slot] == <PyObject*>s:
         return _kept(slot)
     if _seen_str[slot ^ 1] == <PyObject*>s:
@@ -190,8 +203,9 @@ cdef int _str(object s) except -1:
     data = PyUnicode_AsUTF8AndSize(s, &size)
     start = _n
     _escaped(<const unsigned char*>data, size, False)
-    if _seen_once[slot] != key:
-        _seen_once[slot] = key
+    mark = _mark(key, data, size)
+    if _seen_once[slot] != mark:
+        _seen_once[slot] = mark
     elif size <= _SEEN_LONGEST:
         # kept in the slot; the one there moves to its pair, whose own is let go
         json = PyBytes_FromStringAndSize(_buf + start, _n - start)
