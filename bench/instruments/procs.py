@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +59,23 @@ class Proc:
         return sum(u for u, _ in splits), sum(s for _, s in splits)
 
 
+def _exit_on_term(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @dataclass
 class Processes:
-    """The servers of one scenario, all stopped by `close()`."""
+    """The servers of one scenario, all stopped by `close()`. A bench stopped with TERM (kill,
+    pkill, timeout) exits through its `finally` too, as it does on Ctrl-C: TERM's default
+    action ended the bench at once and left its servers running, each in its own session."""
 
     workdir: Path
     procs: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, _exit_on_term)
 
     def start(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> Proc:
