@@ -619,10 +619,3 @@ def test_max_queue_skips_a_socket_with_a_waiting_connection(proxy, backend) -> N
     resp = p.request("GET", "/drained")
     assert resp.body == b"app GET /drained", "an empty queue: the socket is tried again"
 
-
-def test_the_statuses_that_may_move_a_request_on_are_502_and_up() -> None:
-    """exchange.on_response_head looks a status up in policy.STATUS_REASONS only from 502:
-    a status below that added to the table would never be seen."""
-    from failproxy.routing import policy
-
-    assert min(policy.STATUS_REASONS) >= 502

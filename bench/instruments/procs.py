@@ -173,6 +173,29 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def cpu_split_of(procs: list[Proc]) -> tuple[float, float]:
+    """(user, system) seconds of `procs`' live processes (workers included), summed."""
+    splits = [p.cpu_split() for p in procs]
+    return sum(u for u, _ in splits), sum(s for _, s in splits)
+
+
+def switches(pids: list[int]) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of these processes so far, summed: a
+    voluntary one is a sleep and a wake-up, an involuntary one a preemption."""
+    vol = invol = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                invol += int(line.split()[1])
+    return vol, invol
+
+
 def children(pid: int) -> list[int]:
     out = []
     for p in _pids():

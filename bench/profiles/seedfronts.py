@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.instruments import wrk
-from bench.instruments.procs import Proc, Processes
+from bench.instruments.procs import Proc, Processes, cpu_split_of, switches
 from bench.instruments.stats import median, round_order
 from bench.instruments.system import free_port
 from bench.profiles.newconn import BARE
@@ -72,26 +72,8 @@ def parse(spec: str) -> Variant:
     return Variant(spec, front, OPTIONS.get(option, {}), tree, python)
 
 
-def switches(procs: list[Proc]) -> tuple[int, int]:
-    """(voluntary, involuntary) context switches of `procs`' live processes, summed."""
-    vol = invol = 0
-    for proc in procs:
-        for pid in proc.session_pids():
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("voluntary_ctxt_switches"):
-                            vol += int(line.split()[1])
-                        elif line.startswith("nonvoluntary_ctxt_switches"):
-                            invol += int(line.split()[1])
-            except OSError:
-                continue
-    return vol, invol
-
-
-def cpu(procs: list[Proc]) -> tuple[float, float]:
-    splits = [p.cpu_split() for p in procs]
-    return sum(u for u, _ in splits), sum(s for _, s in splits)
+def front_switches(procs: list[Proc]) -> tuple[int, int]:
+    return switches([pid for proc in procs for pid in proc.session_pids()])
 
 
 def start(procs: Processes, variants: list[Variant], uport: int,
@@ -147,10 +129,10 @@ def main() -> None:
                     url = f"http://{ips[0]}:{port}/fast"
                     wrk.run(url, script=script, duration=1.0, connections=conns,
                             threads=len(ips))
-                    f0, a0, s0 = cpu(ps), cpu(unicorns), switches(ps)
+                    f0, a0, s0 = cpu_split_of(ps), cpu_split_of(unicorns), front_switches(ps)
                     res = wrk.run(url, script=script, duration=args.seconds, connections=conns,
                                   threads=len(ips))
-                    f1, a1, s1 = cpu(ps), cpu(unicorns), switches(ps)
+                    f1, a1, s1 = cpu_split_of(ps), cpu_split_of(unicorns), front_switches(ps)
                     n = max(1, res.requests)
                     assert res.errors == 0, f"{name}: {res.errors} errors"
                     row = (res.req_s, (f1[0] - f0[0]) * 1e6 / n, (f1[1] - f0[1]) * 1e6 / n,

@@ -22,24 +22,10 @@ import tempfile
 from pathlib import Path
 
 from bench.instruments import wrk
-from bench.instruments.procs import Processes
+from bench.instruments.procs import Processes, switches
 from bench.instruments.system import free_port
 from bench.scenarios.throughput import LABELS, fast_upstream, starter
 from bench.targets import servers
-
-
-def _switches(pids: list[int]) -> int:
-    """Voluntary context switches of these processes so far (each a sleep and a wake-up)."""
-    total = 0
-    for pid in pids:
-        try:
-            text = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("voluntary_ctxt_switches:"):
-                total += int(line.split()[1])
-    return total
 
 
 def measured(target: servers.Target, script: Path, seconds: float) -> tuple[float, float, float]:
@@ -47,10 +33,10 @@ def measured(target: servers.Target, script: Path, seconds: float) -> tuple[floa
     assert target.proc is not None
     pids = target.proc.session_pids()
     before_wrk = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw
-    before_proxy = _switches(pids)
+    before_proxy = switches(pids)[0]
     res = wrk.run(target.url, script=script, duration=seconds, connections=50)
     wrk_switches = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw - before_wrk
-    proxy_switches = _switches(pids) - before_proxy
+    proxy_switches = switches(pids)[0] - before_proxy
     n = max(res.requests, 1)
     return res.requests / seconds, wrk_switches / n, proxy_switches / n
 

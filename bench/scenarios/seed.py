@@ -51,7 +51,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.instruments import openloop, wrk
-from bench.instruments.procs import Proc, Processes, StartError, announce, http_get, wait_http
+from bench.instruments.procs import (
+    Proc,
+    Processes,
+    StartError,
+    announce,
+    cpu_split_of,
+    http_get,
+    wait_http,
+)
 from bench.instruments.stats import median, percentile, round_order
 from bench.instruments.system import free_port, log, which
 from bench.targets import servers
@@ -727,12 +735,6 @@ def paired(fronts: dict[str, dict[str, Any]], reference: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- no overload: wrk
 
-def _cpu_split(procs: list[Proc]) -> tuple[float, float]:
-    """(user, system) CPU seconds of `procs` together."""
-    splits = [p.cpu_split() for p in procs]
-    return sum(u for u, _ in splits), sum(s for _, s in splits)
-
-
 def _throughput(params: Params, procs: Processes, uport: int, live: list[str],
                 envs: dict[str, dict[str, str] | None], socks: dict[str, str],
                 unicorns: list[Proc]) -> dict[str, Any]:
@@ -762,13 +764,13 @@ def _throughput(params: Params, procs: Processes, uport: int, live: list[str],
                                       [(ip, port) for ip in ips])
             wrk.run(f"http://{ips[0]}:{port}/fast", script=script, duration=1.0,
                     connections=conns, threads=len(HOSTS))
-            front_split0 = _cpu_split(fronts[name])
+            front_split0 = cpu_split_of(fronts[name])
             app_cpu0 = sum(p.cpu_seconds() for p in unicorns)
             res = wrk.run(f"http://{ips[0]}:{port}/fast", script=script,
                           duration=params.throughput_duration, connections=conns,
                           threads=len(HOSTS))
             front_user, front_sys = (b - a for a, b in zip(front_split0,
-                                                           _cpu_split(fronts[name]),
+                                                           cpu_split_of(fronts[name]),
                                                            strict=True))
             app_cpu = sum(p.cpu_seconds() for p in unicorns) - app_cpu0
             row = res.as_dict()

@@ -604,9 +604,8 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
     def on_response_head(
         self, conn: UpstreamConnection, status: int, reason: bytes, lines: list[bytes]
     ) -> None:
-        # (policy.STATUS_REASONS holds 502-504 only: a lookup with a boxed key, ~160
-        # instructions, is left to the answers that may be among them)
-        status_reason = policy.STATUS_REASONS.get(status) if status >= 502 else None
+        status_reason = (policy.STATUS_REASONS.get(status)
+                         if status >= policy.STATUS_REASON_MIN else None)
         if status_reason is not None:
             nxt = self._next_upstream(status_reason)
             if nxt is not None:
