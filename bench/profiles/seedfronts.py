@@ -14,37 +14,56 @@ A variant is a front of the seed check (`failproxy`, `nginx-seed`, ...) with opt
 `:nolog` (failproxy, access log off), `:devnull` (access log on, written to /dev/null: the line
 made and written, no file system), `:logbuf` (the log's lines gathered up to 64 KiB or a second,
 as nginx's `access_log ... buffer=64k flush=1s`), `:bare` (failproxy, none of the four headers
-it adds upstream by default), `@TREE` (failproxy from another checkout, built in place), and
-`@TREE@PYTHON` (that checkout run by another interpreter, whose own venv has failproxy's
-dependencies).
+it adds upstream by default), `:nolearn` (routes not learned, `[routes] learn = false`), several
+of them joined by `+` (`:nolog+bare`); `@TREE` (failproxy from another checkout, built in
+place), and `@TREE@PYTHON` (that checkout run by another interpreter, whose own venv has
+failproxy's dependencies).
+
+Two more are not fronts of the seed check: `direct` (wrk straight to the unicorns' TCP ports,
+the check's reference) and `floor` (bench/targets/floor_proxy.py `--per-request`: uvloop and
+httptools with a new UNIX connection a request and nothing else, the least this stack costs in
+the seed's layout); `floor:compiled` is the same module compiled by Cython as it is. And
+`cfloor` (bench/targets/cfloor.pyx): the same pass-through in C on its own epoll loop, no uvloop
+and no Python a request: the ceiling of a relay core in C.
+
+`--strace` and `--perf TOP` add one more run of each variant after the rounds, under `strace -c
+-f` (system calls a request, by name) or `perf record` (the TOP symbols, kernel and user).
 
     python -m bench.profiles.seedfronts failproxy failproxy:nolog nginx-seed
-        [--rounds 6] [--seconds 6] [--conns 4]
+        [--rounds 6] [--seconds 6] [--conns 4] [--strace] [--perf 40]
     python -m bench.profiles.seedfronts failproxy failproxy@/work/wt/deb@/work/venv-deb/bin/python
+    python -m bench.profiles.seedfronts direct floor nginx-seed failproxy failproxy:nolog+bare
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.instruments import wrk
-from bench.instruments.procs import Proc, Processes, cpu_split_of, switches
+from bench.instruments.procs import Proc, Processes, cpu_split_of, switches, wait_http
 from bench.instruments.stats import median, round_order
 from bench.instruments.system import free_port
 from bench.profiles.newconn import BARE
+from bench.profiles.syscalls import parse_summary
 from bench.scenarios import seed
+from bench.targets.servers import REPO, python_env
 
 # Each merged into the config's section of that name.
 OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "nolog": {"log": {"file": "/dev/null", "access": False}},
     "devnull": {"log": {"file": "/dev/null"}},
     "logbuf": {"log": {"buffer": 65536, "flush": 1.0}},
-    "bare": {"headers": BARE}}
+    "bare": {"headers": BARE},
+    "nolearn": {"routes": {"learn": False}}}
 COLUMNS = ("req/s", "front user", "front system", "unicorn user", "unicorn system",
            "front voluntary", "front involuntary")
 
@@ -58,18 +77,31 @@ class Variant:
     python: str | None
 
 
+# Not fronts of the seed check: wrk straight to the unicorns, and the stack's floor.
+OWN = ("direct", "floor", "cfloor")
+
+
 def parse(spec: str) -> Variant:
+    if spec in OWN or spec == "floor:compiled":
+        return Variant(spec, spec.partition(":")[0], {"compiled": {}} if ":" in spec else {},
+                       None, None)
     head, *where = spec.split("@")
     front, _, option = head.partition(":")
+    options = option.split("+") if option else []
     if front not in seed.FRONTS:
         raise SystemExit(f"{spec}: no front {front!r}; fronts: {', '.join(seed.FRONTS)}")
-    if option and option not in OPTIONS:
-        raise SystemExit(f"{spec}: no option {option!r}; options: {', '.join(OPTIONS)}")
-    if (option or where) and seed.FRONTS[front].kind != "failproxy":
+    for name in options:
+        if name not in OPTIONS:
+            raise SystemExit(f"{spec}: no option {name!r}; options: {', '.join(OPTIONS)}")
+    if (options or where) and seed.FRONTS[front].kind != "failproxy":
         raise SystemExit(f"{spec}: options, trees and interpreters are failproxy's only")
     tree = Path(where[0]) if where else None
     python = where[1] if len(where) > 1 else None
-    return Variant(spec, front, OPTIONS.get(option, {}), tree, python)
+    config: dict[str, dict[str, Any]] = {}
+    for name in options:
+        for section, keys in OPTIONS[name].items():
+            config[section] = {**config.get(section, {}), **keys}
+    return Variant(spec, front, config, tree, python)
 
 
 def front_switches(procs: list[Proc]) -> tuple[int, int]:
@@ -81,8 +113,32 @@ def start(procs: Processes, variants: list[Variant], uport: int,
     """Each variant's three fronts: (their port, their processes)."""
     ips = [ip for _, ip in seed.HOSTS]
     config_of = seed._front_config
-    out = {}
+    out: dict[str, tuple[int, list[Proc]]] = {}
     for i, v in enumerate(variants):
+        if v.front == "direct":
+            out[v.name] = (uport, [])
+            continue
+        if v.front in ("floor", "cfloor"):
+            port = free_port(*ips)
+            run = ["-m", "bench.targets.floor_proxy", "--per-request"]
+            floor_env = python_env()
+            if v.config or v.front == "cfloor":
+                module = "cfloor.pyx" if v.front == "cfloor" else "floor_proxy.py"
+                where = compiled(procs.workdir, module)
+                stem = module.split(".")[0]
+                run = ["-c", f"import {stem}; {stem}.main()"]
+                if v.front == "floor":
+                    run.append("--per-request")
+                floor_env["PYTHONPATH"] = str(where)
+            floors = [procs.start(f"v{i}-{name}", [
+                sys.executable, *run, "--listen", f"{ip}:{port}",
+                "--upstream", f"unix:{socks[name]}"], env=floor_env)
+                for name, ip in seed.HOSTS]
+            for proc, ip in zip(floors, ips, strict=True):
+                wait_http(proc, ip, port, "/fast", timeout=20.0)
+            out[v.name] = (port, floors)
+            continue
+
         def front_config(*args: Any, v: Variant = v) -> tuple[str, Any, Path]:
             kind, conf, log = config_of(*args)
             if kind == "failproxy":
@@ -105,12 +161,29 @@ def start(procs: Processes, variants: list[Variant], uport: int,
     return out
 
 
+def compiled(workdir: Path, module: str) -> Path:
+    """bench/targets/MODULE compiled by Cython in place, in a directory of its own."""
+    where = workdir / module.replace(".", "-")
+    where.mkdir(exist_ok=True)
+    shutil.copy(REPO / "bench" / "targets" / module, where / module)
+    cythonize = Path(sys.executable).parent / "cythonize"
+    subprocess.run([str(cythonize), "-i", "-3", "-q", module], cwd=where, check=True,
+                   stdout=subprocess.DEVNULL)
+    return where
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--conns", type=int, default=4, help="wrk connections per host")
+    parser.add_argument("--strace", action="store_true",
+                        help="after the rounds, one more run of each front under `strace -c -f`"
+                        ": its system calls a request, by name")
+    parser.add_argument("--perf", type=int, metavar="TOP", default=0,
+                        help="after the rounds, one more run of each front under `perf record`"
+                        ": its TOP symbols (kernel and user)")
     args = parser.parse_args()
     variants = [parse(s) for s in args.variants]
     ips = [ip for _, ip in seed.HOSTS]
@@ -143,8 +216,17 @@ def main() -> None:
                           f"{row[1]:5.1f} system {row[2]:5.1f} µs/req  unicorn user "
                           f"{row[3]:5.1f} system {row[4]:5.1f}  switches {row[5]:.2f} / "
                           f"{row[6]:.2f}", flush=True)
+            if args.perf:
+                for name, (port, ps) in fronts.items():
+                    if ps:
+                        profile(name, port, ps, ips, conns, args.seconds, Path(tmp), args.perf)
+            if args.strace:
+                traced = {name: trace(port, ps, ips, conns, args.seconds, Path(tmp))
+                          for name, (port, ps) in fronts.items() if ps}
         finally:
             procs.close()
+    if args.strace:
+        print_traced(traced)
     print(f"\nwrk -t{len(ips)} -c{conns} -d{args.seconds:g}s, {args.rounds} rounds, medians; "
           "CPU in µs a request, switches (voluntary, involuntary) a request\n")
     print("| variant | " + " | ".join(COLUMNS) + " |")
@@ -155,6 +237,60 @@ def main() -> None:
         ratio = f" ({m[0] / first:.2f}x)" if first else ""
         print(f"| {v.name} | {m[0]:,.0f}{ratio} | " + " | ".join(f"{x:.1f}" for x in m[1:5])
               + f" | {m[5]:.2f} | {m[6]:.2f} |")
+
+
+def trace(port: int, ps: list[Proc], ips: list[str], conns: int, seconds: float,
+          tmp: Path) -> dict[str, float]:
+    """System calls a request of one variant's fronts over one wrk run under strace."""
+    exe = shutil.which("strace")
+    assert exe is not None, "strace is not installed (Debian package strace)"
+    out = tmp / "strace.out"
+    argv = [exe, "-c", "-f", "-o", str(out)]
+    for pid in (pid for proc in ps for pid in proc.session_pids()):
+        argv += ["-p", str(pid)]
+    script = wrk.write_script(tmp / "w.lua", [(ip, port) for ip in ips])
+    strace = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # strace attaches to each process before the load begins
+        res = wrk.run(f"http://{ips[0]}:{port}/fast", script=script, duration=seconds,
+                      connections=conns, threads=len(ips))
+    finally:
+        strace.send_signal(signal.SIGINT)
+        strace.wait(timeout=30)
+    n = max(1, res.requests)
+    return {name: calls / n for name, calls in parse_summary(out.read_text()).items()}
+
+
+def profile(name: str, port: int, ps: list[Proc], ips: list[str], conns: int, seconds: float,
+            tmp: Path, top: int) -> None:
+    """`perf record` on one variant's fronts over one wrk run; its top symbols, printed."""
+    data = tmp / "perf.data"
+    pids = ",".join(str(pid) for proc in ps for pid in proc.session_pids())
+    script = wrk.write_script(tmp / "w.lua", [(ip, port) for ip in ips])
+    rec = subprocess.Popen(["perf", "record", "-q", "-F", "2999", "-o", str(data), "-p", pids,
+                            "--", "sleep", str(seconds)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    res = wrk.run(f"http://{ips[0]}:{port}/fast", script=script, duration=seconds - 1.0,
+                  connections=conns, threads=len(ips))
+    rec.wait()
+    print(f"\nperf record on {name}'s fronts ({res.req_s:,.0f} req/s under perf)")
+    for sort, n in (("dso", 10), ("dso,sym", top)):
+        out = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", sort,
+                              "--percent-limit", "0.3"], capture_output=True, text=True,
+                             check=True).stdout
+        lines = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("#")]
+        print("\n".join(lines[:n]))
+
+
+def print_traced(traced: dict[str, dict[str, float]]) -> None:
+    names = sorted({k for calls in traced.values() for k, v in calls.items() if v >= 0.01})
+    print("\nsystem calls a request (strace -c -f on the fronts, one more run each)\n")
+    print("| variant | all | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 2) + "|")
+    for variant, calls in traced.items():
+        print(f"| {variant} | {sum(calls.values()):.2f} | "
+              + " | ".join(f"{calls.get(k, 0.0):.2f}" for k in names) + " |")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,21 @@ and httptools' parsers cost per request, so every throughput run can show failpr
 nginx, HAProxy *and* the lowest cost this stack can reach.
 
     python -m bench.targets.floor_proxy --listen 127.0.0.1:8080 --upstream unix:/tmp/up.sock
+
+`--per-request` is the floor of the seed's layout instead: unicorn closes its connection after
+every answer, so each request gets a new UNIX connection (a non-blocking socket, connect(),
+the request's bytes sent, the answer read until the app closes), and the client's connection is
+kept alive: the answer's `Connection: close` line is taken out of its head, as nginx does. The
+upstream sockets wait in one epoll set of the process's own that uvloop watches as one reader
+(failproxy's Poller, in plain Python: uvloop's `add_reader` per socket costs six epoll_ctl
+calls a request). Still no header rules, failover, timers, log or metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import select
 import socket
 
 import httptools
@@ -112,13 +121,149 @@ class Client:
             upstream.transport.resume_reading()  # type: ignore[union-attr]
 
 
-async def serve(host: str, port: int, upstream_path: str) -> None:
+class Upstreams:
+    """The process's upstream sockets in one epoll set, uvloop watching the set's fd."""
+
+    __slots__ = ("epoll", "waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.epoll = select.epoll()
+        self.waiting: dict[int, PerRequestClient] = {}
+        loop.add_reader(self.epoll.fileno(), self._ready)
+
+    def watch(self, sock: socket.socket, client: PerRequestClient) -> None:
+        fd = sock.fileno()
+        self.waiting[fd] = client
+        self.epoll.register(fd, select.EPOLLIN)
+
+    def forget(self, sock: socket.socket) -> None:
+        """Before the socket is closed (closing it takes it out of the set)."""
+        del self.waiting[sock.fileno()]
+
+    def _ready(self) -> None:
+        waiting = self.waiting
+        for fd, _ in self.epoll.poll(0):
+            client = waiting.get(fd)
+            if client is not None:
+                client.readable()
+
+
+class PerRequestClient:
+    """One client connection; each of its requests gets a new upstream connection (unicorn's
+    way). Requests are answered in order: one at a time, the next waits in `pending`."""
+
+    __slots__ = ("answered", "head_done", "keep_alive", "parser", "pending", "sock",
+                 "transport", "upstream_path", "upstreams", "waiting")
+
+    def __init__(self, upstream_path: str, upstreams: Upstreams) -> None:
+        self.upstream_path = upstream_path
+        self.upstreams = upstreams
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending = bytearray()  # request bytes not yet sent upstream
+        # whole requests behind the one upstream now, and whether the client keeps alive after
+        self.waiting: list[tuple[bytes, bool]] = []
+        self.sock: socket.socket | None = None
+        self.keep_alive = True
+        self.head_done = False
+        self.answered = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.pending += data
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        request = bytes(self.pending)
+        self.pending.clear()
+        keep_alive = self.parser.should_keep_alive()
+        if self.sock is None:
+            self._send(request, keep_alive)
+        else:
+            self.waiting.append((request, keep_alive))
+
+    def _send(self, request: bytes, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.connect(self.upstream_path)
+            sock.send(request)
+        except OSError:
+            sock.close()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.sock = sock
+        self.head_done = False
+        self.upstreams.watch(sock, self)
+
+    def readable(self) -> None:
+        """Read until the app closes or has no more for now (an answer and its end often come
+        in one wake-up)."""
+        sock = self.sock
+        assert sock is not None
+        transport = self.transport
+        while True:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                break
+            if self.head_done:
+                if transport is not None:
+                    transport.write(data)
+                continue
+            self.answered += data
+            end = self.answered.find(b"\r\n\r\n")
+            if end < 0:
+                continue
+            self.head_done = True
+            head = bytes(self.answered[:end + 2])
+            rest = bytes(self.answered[end + 2:])
+            self.answered.clear()
+            lines = [line for line in head.split(b"\r\n")
+                     if line.lower() != b"connection: close"]
+            if transport is not None:
+                transport.write(b"\r\n".join(lines) + rest)
+        self.upstreams.forget(sock)
+        sock.close()
+        self.sock = None
+        if not self.keep_alive:
+            if transport is not None:
+                transport.close()
+        elif self.waiting:
+            self._send(*self.waiting.pop(0))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        sock = self.sock
+        if sock is not None:
+            self.upstreams.forget(sock)
+            sock.close()
+            self.sock = None
+
+
+async def serve(host: str, port: int, upstream_path: str, per_request: bool = False) -> None:
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = await loop.create_server(lambda: Client(upstream_path), sock=sock,  # type: ignore
-                                      backlog=1024)
+    if per_request:
+        upstreams = Upstreams(loop)
+        server = await loop.create_server(  # not a BaseProtocol
+            lambda: PerRequestClient(upstream_path, upstreams),  # type: ignore[arg-type,return-value]
+            sock=sock, backlog=1024)
+    else:
+        server = await loop.create_server(lambda: Client(upstream_path),  # type: ignore
+                                          sock=sock, backlog=1024)
     async with server:
         await server.serve_forever()
 
@@ -127,11 +272,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--upstream", required=True, help="unix:/path")
+    parser.add_argument("--per-request", action="store_true",
+                        help="a new upstream connection a request (unicorn's way)")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     if not args.upstream.startswith("unix:"):
         parser.error("--upstream must be unix:/path")
-    uvloop.run(serve(host, int(port), args.upstream[len("unix:"):]))
+    uvloop.run(serve(host, int(port), args.upstream[len("unix:"):], args.per_request))
 
 
 if __name__ == "__main__":
