@@ -24,7 +24,9 @@ the check's reference) and `floor` (bench/targets/floor_proxy.py `--per-request`
 httptools with a new UNIX connection a request and nothing else, the least this stack costs in
 the seed's layout); `floor:compiled` is the same module compiled by Cython as it is. And
 `cfloor` (bench/targets/cfloor.pyx): the same pass-through in C on its own epoll loop, no uvloop
-and no Python a request: the ceiling of a relay core in C.
+and no Python a request: the ceiling of a relay core in C; `cfloor:call` and `cfloor:objects`
+call a Python function as each request starts and ends (an empty one; one that makes and
+drops a small object).
 
 `--strace` and `--perf TOP` add one more run of each variant after the rounds, under `strace -c
 -f` (system calls a request, by name) or `perf record` (the TOP symbols, kernel and user).
@@ -82,9 +84,9 @@ OWN = ("direct", "floor", "cfloor")
 
 
 def parse(spec: str) -> Variant:
-    if spec in OWN or spec == "floor:compiled":
-        return Variant(spec, spec.partition(":")[0], {"compiled": {}} if ":" in spec else {},
-                       None, None)
+    if spec in OWN or spec in ("floor:compiled", "cfloor:call", "cfloor:objects"):
+        front, _, option = spec.partition(":")
+        return Variant(spec, front, {option: {}} if option else {}, None, None)
     head, *where = spec.split("@")
     front, _, option = head.partition(":")
     options = option.split("+") if option else []
@@ -129,6 +131,8 @@ def start(procs: Processes, variants: list[Variant], uport: int,
                 run = ["-c", f"import {stem}; {stem}.main()"]
                 if v.front == "floor":
                     run.append("--per-request")
+                else:
+                    run += ["--hook", next(iter(v.config), "none")]
                 floor_env["PYTHONPATH"] = str(where)
             floors = [procs.start(f"v{i}-{name}", [
                 sys.executable, *run, "--listen", f"{ip}:{port}",

@@ -14,7 +14,9 @@ cfloor`), beside the floor of the stack failproxy is built on.
     cythonize -i -3 cfloor.pyx     # in a directory of its own (seedfronts does it)
     python -c "import cfloor; cfloor.main()" --listen 127.0.0.1:8080 --upstream unix:/tmp/up.sock
 
-TERM's default action stops it (the loop never returns to Python).
+TERM's default action stops it (the loop never returns to Python). `--hook call` calls an
+empty Python function as each request starts and as it ends, `--hook objects` one that makes
+and drops a small object there: what a Python callback costs a request in this layout.
 """
 
 from libc.errno cimport EAGAIN, EINTR, errno
@@ -80,6 +82,7 @@ cdef socklen_t upstream_len
 cdef int epfd
 cdef char rbuf[BUF]
 cdef const char *CLOSE_LINE = b"Connection: close\r\n"
+cdef object hook = None       # --hook: a Python call as a request starts (fd) and ends (-fd)
 
 
 cdef void watch(int fd):
@@ -158,6 +161,8 @@ cdef void dispatch(int fd):
     kind[up] = UPSTREAM
     head_done[up] = 0
     watch(up)
+    if hook is not None:
+        hook(up)
 
 
 cdef void upstream_readable(int up):
@@ -193,6 +198,8 @@ cdef void upstream_readable(int up):
     close(up)
     kind[up] = CLOSED
     peer[up] = -1
+    if hook is not None:
+        hook(-up)
     if client >= 0:
         peer[client] = -1
         if close_after[client]:
@@ -232,12 +239,52 @@ cdef void serve(int listen_fd) noexcept:
                 client_readable(fd)
 
 
+class _Exchange:
+    __slots__ = ("fd", "method", "target", "status", "sent", "started", "peer", "route",
+                 "attempt", "bytes_sent")
+
+
+_live: dict = {}
+
+
+def _call(fd: int) -> None:
+    pass
+
+
+def _objects(fd: int) -> None:
+    """A little of what a relay in Python does a request: an object with ten fields, a dict
+    entry for it, a small bytes join; undone at the end."""
+    if fd > 0:
+        ex = _Exchange()
+        ex.fd = fd
+        ex.method = b"GET"
+        ex.target = b"/fast"
+        ex.status = 0
+        ex.sent = 0
+        ex.started = 0.0
+        ex.peer = None
+        ex.route = "/fast"
+        ex.attempt = 1
+        ex.bytes_sent = len(b"".join([b"GET ", ex.target, b" HTTP/1.1\r\n"]))
+        _live[fd] = ex
+    else:
+        ex = _live.pop(-fd)
+        ex.status = 200
+
+
+HOOKS = {"none": None, "call": _call, "objects": _objects}
+
+
 def main() -> None:
-    global peer, kind, head_done, close_after, held, bufs, epfd, upstream_len
+    global peer, kind, head_done, close_after, hook, held, bufs, epfd, upstream_len
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--upstream", required=True, help="unix:/path")
+    parser.add_argument("--hook", choices=list(HOOKS), default="none",
+                        help="a Python function called as each request starts and ends: "
+                        "none, an empty one (call), or one that makes an object (objects)")
     args = parser.parse_args()
+    hook = HOOKS[args.hook]
     host, _, port = args.listen.rpartition(":")
     path = args.upstream[len("unix:"):].encode()
     assert args.upstream.startswith("unix:") and len(path) < 108
