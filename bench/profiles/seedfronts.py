@@ -19,14 +19,15 @@ of them joined by `+` (`:nolog+bare`); `@TREE` (failproxy from another checkout,
 place), and `@TREE@PYTHON` (that checkout run by another interpreter, whose own venv has
 failproxy's dependencies).
 
-Two more are not fronts of the seed check: `direct` (wrk straight to the unicorns' TCP ports,
-the check's reference) and `floor` (bench/targets/floor_proxy.py `--per-request`: uvloop and
+Some are not fronts of the seed check: `direct` (wrk straight to the unicorns' TCP ports, the
+check's reference) and `floor` (bench/targets/floor_proxy.py `--per-request`: uvloop and
 httptools with a new UNIX connection a request and nothing else, the least this stack costs in
-the seed's layout); `floor:compiled` is the same module compiled by Cython as it is. And
-`cfloor` (bench/targets/cfloor.pyx): the same pass-through in C on its own epoll loop, no uvloop
-and no Python a request: the ceiling of a relay core in C; `cfloor:call` and `cfloor:objects`
-call a Python function as each request starts and ends (an empty one; one that makes and
-drops a small object).
+the seed's layout); `floor:compiled` is the same module compiled by Cython as it is, `floor:raw`
+the same with its clients' sockets in its own epoll set too, read and written with plain socket
+calls instead of uvloop's transports. And `cfloor` (bench/targets/cfloor.pyx): the same
+pass-through in C on its own epoll loop, no uvloop and no Python a request: the ceiling of a
+relay core in C; `cfloor:call` and `cfloor:objects` call a Python function as each request
+starts and ends (an empty one; one that makes and drops a small object).
 
 `--strace` and `--perf TOP` add one more run of each variant after the rounds, under `strace -c
 -f` (system calls a request, by name) or `perf record` (the TOP symbols, kernel and user).
@@ -84,7 +85,7 @@ OWN = ("direct", "floor", "cfloor")
 
 
 def parse(spec: str) -> Variant:
-    if spec in OWN or spec in ("floor:compiled", "cfloor:call", "cfloor:objects"):
+    if spec in OWN or spec in ("floor:compiled", "floor:raw", "cfloor:call", "cfloor:objects"):
         front, _, option = spec.partition(":")
         return Variant(spec, front, {option: {}} if option else {}, None, None)
     head, *where = spec.split("@")
@@ -124,7 +125,9 @@ def start(procs: Processes, variants: list[Variant], uport: int,
             port = free_port(*ips)
             run = ["-m", "bench.targets.floor_proxy", "--per-request"]
             floor_env = python_env()
-            if v.config or v.front == "cfloor":
+            if "raw" in v.config:
+                run.append("--raw-clients")
+            elif v.config or v.front == "cfloor":
                 module = "cfloor.pyx" if v.front == "cfloor" else "floor_proxy.py"
                 where = compiled(procs.workdir, module)
                 stem = module.split(".")[0]

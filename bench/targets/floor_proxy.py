@@ -15,7 +15,9 @@ the request's bytes sent, the answer read until the app closes), and the client'
 kept alive: the answer's `Connection: close` line is taken out of its head, as nginx does. The
 upstream sockets wait in one epoll set of the process's own that uvloop watches as one reader
 (failproxy's Poller, in plain Python: uvloop's `add_reader` per socket costs six epoll_ctl
-calls a request). Still no header rules, failover, timers, log or metrics.
+calls a request). Still no header rules, failover, timers, log or metrics. `--raw-clients`
+puts the listener and the clients' sockets in that set too, read and written with plain socket
+calls instead of uvloop's transports: what taking the clients off uvloop gives alone.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import select
 import socket
+from typing import Protocol
 
 import httptools
 import uvloop
@@ -121,17 +124,22 @@ class Client:
             upstream.transport.resume_reading()  # type: ignore[union-attr]
 
 
+class Readable(Protocol):
+    def readable(self) -> None: ...
+
+
 class Upstreams:
-    """The process's upstream sockets in one epoll set, uvloop watching the set's fd."""
+    """The process's upstream sockets in one epoll set, uvloop watching the set's fd (and, with
+    `--raw-clients`, the listener and the client sockets too)."""
 
     __slots__ = ("epoll", "waiting")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.epoll = select.epoll()
-        self.waiting: dict[int, PerRequestClient] = {}
+        self.waiting: dict[int, Readable] = {}
         loop.add_reader(self.epoll.fileno(), self._ready)
 
-    def watch(self, sock: socket.socket, client: PerRequestClient) -> None:
+    def watch(self, sock: socket.socket, client: Readable) -> None:
         fd = sock.fileno()
         self.waiting[fd] = client
         self.epoll.register(fd, select.EPOLLIN)
@@ -251,11 +259,92 @@ class PerRequestClient:
             self.sock = None
 
 
-async def serve(host: str, port: int, upstream_path: str, per_request: bool = False) -> None:
+class RawClientTransport:
+    """A client socket in the same epoll set as the upstreams, read and written with plain
+    socket calls: what PerRequestClient asks of a transport (write, close), not uvloop's."""
+
+    __slots__ = ("client", "sock", "upstreams")
+
+    def __init__(self, sock: socket.socket, upstreams: Upstreams,
+                 client: PerRequestClient) -> None:
+        self.sock: socket.socket | None = sock
+        self.upstreams = upstreams
+        self.client = client
+
+    def readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.client.data_received(data)
+
+    def write(self, data: bytes) -> None:
+        """Answers here are small: the socket takes them whole, or the client is given up."""
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            sent = sock.send(data)
+        except OSError:
+            sent = -1
+        if sent != len(data):
+            self.close()
+
+    def close(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        self.sock = None
+        self.upstreams.forget(sock)
+        sock.close()
+        self.client.connection_lost(None)
+
+
+class Acceptor:
+    """The listener in the epoll set: each new client a RawClientTransport."""
+
+    __slots__ = ("listener", "upstream_path", "upstreams")
+
+    def __init__(self, listener: socket.socket, upstream_path: str,
+                 upstreams: Upstreams) -> None:
+        self.listener = listener
+        self.upstream_path = upstream_path
+        self.upstreams = upstreams
+
+    def readable(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvloop's
+            client = PerRequestClient(self.upstream_path, self.upstreams)
+            transport = RawClientTransport(sock, self.upstreams, client)
+            self.upstreams.watch(sock, transport)
+            client.connection_made(transport)  # type: ignore[arg-type]  # not a Transport
+
+
+async def serve(host: str, port: int, upstream_path: str, per_request: bool = False,
+                raw_clients: bool = False) -> None:
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    if raw_clients:
+        sock.listen(1024)
+        sock.setblocking(False)
+        upstreams = Upstreams(loop)
+        upstreams.watch(sock, Acceptor(sock, upstream_path, upstreams))
+        await asyncio.Event().wait()  # forever
     if per_request:
         upstreams = Upstreams(loop)
         server = await loop.create_server(  # not a BaseProtocol
@@ -274,11 +363,16 @@ def main() -> None:
     parser.add_argument("--upstream", required=True, help="unix:/path")
     parser.add_argument("--per-request", action="store_true",
                         help="a new upstream connection a request (unicorn's way)")
+    parser.add_argument("--raw-clients", action="store_true",
+                        help="with --per-request: the clients' sockets in the upstreams' epoll "
+                        "set too, read and written with plain socket calls, not uvloop's "
+                        "transports")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     if not args.upstream.startswith("unix:"):
         parser.error("--upstream must be unix:/path")
-    uvloop.run(serve(host, int(port), args.upstream[len("unix:"):], args.per_request))
+    uvloop.run(serve(host, int(port), args.upstream[len("unix:"):], args.per_request,
+                     args.raw_clients))
 
 
 if __name__ == "__main__":
