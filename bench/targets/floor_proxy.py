@@ -124,6 +124,16 @@ class Client:
             upstream.transport.resume_reading()  # type: ignore[union-attr]
 
 
+def receive(sock: socket.socket) -> bytes | None:
+    """What a non-blocking socket has: None when nothing yet, b"" when it ended or failed."""
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 class Readable(Protocol):
     def readable(self) -> None: ...
 
@@ -214,12 +224,9 @@ class PerRequestClient:
         assert sock is not None
         transport = self.transport
         while True:
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:
+            data = receive(sock)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 break
             if self.head_done:
@@ -275,12 +282,9 @@ class RawClientTransport:
         sock = self.sock
         if sock is None:
             return
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
+        data = receive(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.close()
             return
