@@ -27,7 +27,8 @@ the same with its clients' sockets in its own epoll set too, read and written wi
 calls instead of uvloop's transports. And `cfloor` (bench/targets/cfloor.pyx): the same
 pass-through in C on its own epoll loop, no uvloop and no Python a request: the ceiling of a
 relay core in C; `cfloor:call` and `cfloor:objects` call a Python function as each request
-starts and ends (an empty one; one that makes and drops a small object).
+starts and ends (an empty one; one that makes and drops a small object), `cfloor:log` makes
+failproxy's access line for each request and writes a loop turn's lines at once.
 
 `--strace` and `--perf TOP` add one more run of each variant after the rounds, under `strace -c
 -f` (system calls a request, by name) or `perf record` (the TOP symbols, kernel and user).
@@ -41,6 +42,7 @@ starts and ends (an empty one; one that makes and drops a small object).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import subprocess
@@ -85,7 +87,8 @@ OWN = ("direct", "floor", "cfloor")
 
 
 def parse(spec: str) -> Variant:
-    if spec in OWN or spec in ("floor:compiled", "floor:raw", "cfloor:call", "cfloor:objects"):
+    if spec in OWN or spec in ("floor:compiled", "floor:raw", "cfloor:call", "cfloor:objects",
+                               "cfloor:log"):
         front, _, option = spec.partition(":")
         return Variant(spec, front, {option: {}} if option else {}, None, None)
     head, *where = spec.split("@")
@@ -136,7 +139,7 @@ def start(procs: Processes, variants: list[Variant], uport: int,
                     run.append("--per-request")
                 else:
                     run += ["--hook", next(iter(v.config), "none")]
-                floor_env["PYTHONPATH"] = str(where)
+                floor_env["PYTHONPATH"] = f"{where}{os.pathsep}{floor_env['PYTHONPATH']}"
             floors = [procs.start(f"v{i}-{name}", [
                 sys.executable, *run, "--listen", f"{ip}:{port}",
                 "--upstream", f"unix:{socks[name]}"], env=floor_env)

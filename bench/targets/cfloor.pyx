@@ -16,7 +16,9 @@ cfloor`), beside the floor of the stack failproxy is built on.
 
 TERM's default action stops it (the loop never returns to Python). `--hook call` calls an
 empty Python function as each request starts and as it ends, `--hook objects` one that makes
-and drops a small object there: what a Python callback costs a request in this layout.
+and drops a small object there: what a Python callback costs a request in this layout. `--hook
+log` makes failproxy's access line for each request with failproxy's renderer and writes a
+loop turn's lines with one write(), as failproxy does (failproxy importable: PYTHONPATH).
 """
 
 from libc.errno cimport EAGAIN, EINTR, errno
@@ -83,6 +85,7 @@ cdef int epfd
 cdef char rbuf[BUF]
 cdef const char *CLOSE_LINE = b"Connection: close\r\n"
 cdef object hook = None       # --hook: a Python call as a request starts (fd) and ends (-fd)
+cdef object turn_end = None   # --hook log: a Python call after each epoll_wait's events
 
 
 cdef void watch(int fd):
@@ -237,6 +240,8 @@ cdef void serve(int listen_fd) noexcept:
                 upstream_readable(fd)
             elif kind[fd] == CLIENT:
                 client_readable(fd)
+        if turn_end is not None:
+            turn_end()
 
 
 class _Exchange:
@@ -272,19 +277,61 @@ def _objects(fd: int) -> None:
         ex.status = 200
 
 
-HOOKS = {"none": None, "call": _call, "objects": _objects}
+class _AccessLog:
+    """failproxy's access line, made by its own renderer (`failproxy.telemetry.accessline`,
+    the Cython one in a compiled build) as each request ends, with the fields it has in the
+    seed's layout, and written with one write() a loop turn, as failproxy's sink does."""
+
+    def __init__(self) -> None:
+        import os
+        import time
+
+        from failproxy.telemetry.accessline import render
+        self.render = render
+        self.now = time.monotonic
+        self.write = os.write
+        self.fd = os.open(f"cfloor-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                          0o644)
+        self.pid = os.getpid()
+        self.started: dict = {}
+        self.lines: list = []
+        self.seq = 0
+
+    def hook(self, fd: int) -> None:
+        if fd > 0:
+            self.started[fd] = self.now()
+            return
+        now = self.now()
+        ms = round((now - self.started.pop(-fd)) * 1e6) / 1000
+        self.seq += 1
+        self.lines.append(self.render(
+            None, self.pid, f"cf{self.pid}-{self.seq}", b"GET", b"/fast", 200, 107, ms,
+            "127.0.1.1", "unix:/tmp/h1.sock", ("unix:/tmp/h1.sock",), 1, False, 0.04, None,
+            ms - 0.05, "GET /fast", 0, False))
+
+    def turn_end(self) -> None:
+        if self.lines:
+            self.write(self.fd, b"".join(self.lines))
+            self.lines.clear()
+
+
+HOOKS = {"none": None, "call": _call, "objects": _objects, "log": None}
 
 
 def main() -> None:
-    global peer, kind, head_done, close_after, hook, held, bufs, epfd, upstream_len
+    global peer, kind, head_done, close_after, hook, turn_end, held, bufs, epfd, upstream_len
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--upstream", required=True, help="unix:/path")
     parser.add_argument("--hook", choices=list(HOOKS), default="none",
                         help="a Python function called as each request starts and ends: "
-                        "none, an empty one (call), or one that makes an object (objects)")
+                        "none, an empty one (call), one that makes an object (objects), or "
+                        "failproxy's access line for each request, written each loop turn (log)")
     args = parser.parse_args()
     hook = HOOKS[args.hook]
+    if args.hook == "log":
+        log = _AccessLog()
+        hook, turn_end = log.hook, log.turn_end
     host, _, port = args.listen.rpartition(":")
     path = args.upstream[len("unix:"):].encode()
     assert args.upstream.startswith("unix:") and len(path) < 108
