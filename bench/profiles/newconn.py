@@ -146,9 +146,9 @@ def main() -> None:
             print("|---|---|---|---|---|---|---|")
             for name, rs in rows.items():
                 req_s = median([x[0] for x in rs])
-                front = " | ".join("-" if name == "direct" else f"{median([x[i] for x in rs]):.1f}"
+                cells = " | ".join("-" if name == "direct" else f"{median([x[i] for x in rs]):.1f}"
                                    for i in (1, 2, 3))
-                print(f"| {name} | {req_s:,.0f} | {req_s / direct:.2f}x | {front} | "
+                print(f"| {name} | {req_s:,.0f} | {req_s / direct:.2f}x | {cells} | "
                       f"{median([x[4] for x in rs]):.1f} |")
             if args.perf:
                 print(f"\nperf record -g on the {args.perf} worker, round 1 (under perf):")

@@ -166,7 +166,7 @@ def start(procs: Processes, variants: list[Variant], uport: int,
             running = seed.start_fronts(procs, v.front, port, uport, socks, f"v{i}", env, 1)
         finally:
             sys.executable = saved
-            seed._front_config = config_of  # type: ignore[assignment]
+            seed._front_config = config_of
         out[v.name] = (port, running.procs)
     return out
 
