@@ -56,10 +56,11 @@ def main() -> None:
             procs.close()
 
 
-def record(pid: int, seconds: float, data: Path) -> subprocess.Popen[bytes]:
-    """`perf record -g` on process `pid` for `seconds`, started now (wait() for it)."""
+def record(pids: int | list[int], seconds: float, data: Path) -> subprocess.Popen[bytes]:
+    """`perf record -g` on a process (or several) for `seconds`, started now (wait() for it)."""
+    which = ",".join(str(pid) for pid in ([pids] if isinstance(pids, int) else pids))
     return subprocess.Popen(
-        ["perf", "record", "-q", "-F", "1999", "-g", "-o", str(data), "-p", str(pid),
+        ["perf", "record", "-q", "-F", "1999", "-g", "-o", str(data), "-p", which,
          "--", "sleep", str(seconds)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

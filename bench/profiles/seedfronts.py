@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -57,8 +56,9 @@ from bench.instruments import wrk
 from bench.instruments.procs import Proc, Processes, cpu_split_of, switches, wait_http
 from bench.instruments.stats import median, round_order
 from bench.instruments.system import free_port
+from bench.profiles import perfrun
 from bench.profiles.newconn import BARE
-from bench.profiles.syscalls import parse_summary
+from bench.profiles.syscalls import attached
 from bench.scenarios import seed
 from bench.targets.servers import REPO, python_env
 
@@ -82,14 +82,16 @@ class Variant:
     python: str | None
 
 
-# Not fronts of the seed check: wrk straight to the unicorns, and the stack's floor.
-OWN = ("direct", "floor", "cfloor")
+# Not fronts of the seed check: wrk straight to the unicorns, the stack's floor and the
+# pass-through in C, with the options each takes.
+OWN = {"direct": (), "floor": ("compiled", "raw"), "cfloor": ("call", "objects", "log")}
 
 
 def parse(spec: str) -> Variant:
-    if spec in OWN or spec in ("floor:compiled", "floor:raw", "cfloor:call", "cfloor:objects",
-                               "cfloor:log"):
-        front, _, option = spec.partition(":")
+    front, _, option = spec.partition(":")
+    if front in OWN:
+        if option and option not in OWN[front]:
+            raise SystemExit(f"{spec}: {front} takes {', '.join(OWN[front]) or 'no option'}")
         return Variant(spec, front, {option: {}} if option else {}, None, None)
     head, *where = spec.split("@")
     front, _, option = head.partition(":")
@@ -252,45 +254,26 @@ def main() -> None:
 def trace(port: int, ps: list[Proc], ips: list[str], conns: int, seconds: float,
           tmp: Path) -> dict[str, float]:
     """System calls a request of one variant's fronts over one wrk run under strace."""
-    exe = shutil.which("strace")
-    assert exe is not None, "strace is not installed (Debian package strace)"
-    out = tmp / "strace.out"
-    argv = [exe, "-c", "-f", "-o", str(out)]
-    for pid in (pid for proc in ps for pid in proc.session_pids()):
-        argv += ["-p", str(pid)]
     script = wrk.write_script(tmp / "w.lua", [(ip, port) for ip in ips])
-    strace = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1.0)  # strace attaches to each process before the load begins
-        res = wrk.run(f"http://{ips[0]}:{port}/fast", script=script, duration=seconds,
-                      connections=conns, threads=len(ips))
-    finally:
-        strace.send_signal(signal.SIGINT)
-        strace.wait(timeout=30)
-    n = max(1, res.requests)
-    return {name: calls / n for name, calls in parse_summary(out.read_text()).items()}
+    calls, requests = attached(
+        [pid for proc in ps for pid in proc.session_pids()], tmp / "strace.out",
+        lambda: wrk.run(f"http://{ips[0]}:{port}/fast", script=script, duration=seconds,
+                        connections=conns, threads=len(ips)).requests)
+    return {name: n / max(1, requests) for name, n in calls.items()}
 
 
 def profile(name: str, port: int, ps: list[Proc], ips: list[str], conns: int, seconds: float,
             tmp: Path, top: int) -> None:
-    """`perf record` on one variant's fronts over one wrk run; its top symbols, printed."""
+    """`perf record` on one variant's fronts over one wrk run; where their samples went."""
     data = tmp / "perf.data"
-    pids = ",".join(str(pid) for proc in ps for pid in proc.session_pids())
     script = wrk.write_script(tmp / "w.lua", [(ip, port) for ip in ips])
-    rec = subprocess.Popen(["perf", "record", "-q", "-F", "2999", "-o", str(data), "-p", pids,
-                            "--", "sleep", str(seconds)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rec = perfrun.record([pid for proc in ps for pid in proc.session_pids()], seconds, data)
     time.sleep(0.3)
     res = wrk.run(f"http://{ips[0]}:{port}/fast", script=script, duration=seconds - 1.0,
                   connections=conns, threads=len(ips))
     rec.wait()
     print(f"\nperf record on {name}'s fronts ({res.req_s:,.0f} req/s under perf)")
-    for sort, n in (("dso", 10), ("dso,sym", top)):
-        out = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", sort,
-                              "--percent-limit", "0.3"], capture_output=True, text=True,
-                             check=True).stdout
-        lines = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("#")]
-        print("\n".join(lines[:n]))
+    perfrun.report(data, top)
 
 
 def print_traced(traced: dict[str, dict[str, float]]) -> None:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.instruments import wrk
@@ -45,20 +46,27 @@ def parse_summary(text: str) -> dict[str, int]:
 def traced(target: servers.Target, script: Path, seconds: float, out: Path
            ) -> tuple[dict[str, int], int]:
     """Calls by name over one wrk run with strace attached, and the requests wrk completed."""
+    assert target.proc is not None
+    return attached(target.proc.session_pids(), out, lambda: wrk.run(
+        target.url, script=script, duration=seconds, connections=50).requests)
+
+
+def attached(pids: list[int], out: Path, load: Callable[[], int]) -> tuple[dict[str, int], int]:
+    """Calls by name of the processes `pids` while `load` runs (it returns the requests it
+    made), `strace -c -f` attached to them for it."""
     exe = which("strace")
     assert exe is not None, "strace is not installed (Debian package strace)"
-    assert target.proc is not None
     argv = [exe, "-c", "-f", "-o", str(out)]
-    for pid in target.proc.session_pids():
+    for pid in pids:
         argv += ["-p", str(pid)]
     strace = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.0)  # strace attaches to each process before the load begins
-        res = wrk.run(target.url, script=script, duration=seconds, connections=50)
+        requests = load()
     finally:
         strace.send_signal(signal.SIGINT)
         strace.wait(timeout=30)
-    return parse_summary(out.read_text()), res.requests
+    return parse_summary(out.read_text()), requests
 
 
 def main() -> None:
