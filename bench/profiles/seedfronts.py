@@ -28,7 +28,11 @@ calls instead of uvloop's transports. And `cfloor` (bench/targets/cfloor.pyx): t
 pass-through in C on its own epoll loop, no uvloop and no Python a request: the ceiling of a
 relay core in C; `cfloor:call` and `cfloor:objects` call a Python function as each request
 starts and ends (an empty one; one that makes and drops a small object), `cfloor:log` makes
-failproxy's access line for each request and writes a loop turn's lines at once.
+failproxy's access line for each request and writes a loop turn's lines at once (`cfloor:render`
+only makes it, `cfloor:write` only writes a line of its size, `cfloor:cline` makes one of the
+same fields in C with snprintf and writes a turn's lines at once);
+`cfloor:uvloop` leaves its clients to uvloop's transports (a Cython protocol, answers through
+`transport.write`) with the upstreams in C as before; options join with `+` (`cfloor:uvloop+log`).
 
 `--strace` and `--perf TOP` add one more run of each variant after the rounds, under `strace -c
 -f` (system calls a request, by name) or `perf record` (the TOP symbols, kernel and user).
@@ -84,15 +88,18 @@ class Variant:
 
 # Not fronts of the seed check: wrk straight to the unicorns, the stack's floor and the
 # pass-through in C, with the options each takes.
-OWN = {"direct": (), "floor": ("compiled", "raw"), "cfloor": ("call", "objects", "log")}
+OWN = {"direct": (), "floor": ("compiled", "raw"),
+       "cfloor": ("call", "objects", "log", "render", "write", "cline",
+                  "uvloop")}
 
 
 def parse(spec: str) -> Variant:
     front, _, option = spec.partition(":")
     if front in OWN:
-        if option and option not in OWN[front]:
+        chosen = option.split("+") if option else []
+        if any(name not in OWN[front] for name in chosen):
             raise SystemExit(f"{spec}: {front} takes {', '.join(OWN[front]) or 'no option'}")
-        return Variant(spec, front, {option: {}} if option else {}, None, None)
+        return Variant(spec, front, {name: {} for name in chosen}, None, None)
     head, *where = spec.split("@")
     front, _, option = head.partition(":")
     options = option.split("+") if option else []
@@ -140,7 +147,10 @@ def start(procs: Processes, variants: list[Variant], uport: int,
                 if v.front == "floor":
                     run.append("--per-request")
                 else:
-                    run += ["--hook", next(iter(v.config), "none")]
+                    hooks = [name for name in v.config if name != "uvloop"]
+                    run += ["--hook", hooks[0] if hooks else "none"]
+                    if "uvloop" in v.config:
+                        run += ["--clients", "uvloop"]
                 floor_env["PYTHONPATH"] = f"{where}{os.pathsep}{floor_env['PYTHONPATH']}"
             floors = [procs.start(f"v{i}-{name}", [
                 sys.executable, *run, "--listen", f"{ip}:{port}",

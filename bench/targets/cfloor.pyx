@@ -18,10 +18,20 @@ TERM's default action stops it (the loop never returns to Python). `--hook call`
 empty Python function as each request starts and as it ends, `--hook objects` one that makes
 and drops a small object there: what a Python callback costs a request in this layout. `--hook
 log` makes failproxy's access line for each request with failproxy's renderer and writes a
-loop turn's lines with one write(), as failproxy does (failproxy importable: PYTHONPATH).
+loop turn's lines with one write(), as failproxy does (failproxy importable: PYTHONPATH);
+`--hook render` only makes the line, `--hook write` only writes one of the same size, `--hook
+cline` makes a line of the same fields in C (snprintf) and writes a turn's lines at once.
+
+`--clients uvloop` leaves the clients to uvloop, as failproxy does: a uvloop server whose
+protocol (a Cython class) hands each read to the same C code, answers written with the
+transport's `write()`, and the upstream sockets in the epoll set of their own, which uvloop
+watches as one reader (failproxy's Poller). What the client side costs a C core that keeps
+uvloop's transports (TLS, flow control, reloads) instead of owning its clients' sockets.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc
 from libc.string cimport memcpy, memmove, memset, strlen
 from posix.unistd cimport close, read, write
@@ -62,6 +72,50 @@ cdef extern from "sys/un.h":
         unsigned short sun_family
         char sun_path[108]
 
+cdef extern from "time.h":
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    int CLOCK_MONOTONIC, CLOCK_REALTIME
+
+cdef extern from "unistd.h":
+    int getpid()
+
+
+cdef double now_mono():
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef void c_line(int up):
+    """--hook cline: failproxy's access line's fields, formatted by snprintf into the turn's
+    buffer (what a core keeping its record in C would do)."""
+    global loglen, seq
+    cdef timespec wall
+    cdef double ms = (now_mono() - started[up]) * 1000.0
+    if loglen > 65536 - 1024:
+        return
+    clock_gettime(CLOCK_REALTIME, &wall)
+    seq += 1
+    loglen += snprintf(logbuf + loglen, 1024,
+        b'{"event":"request","level":"info","timestamp":%ld.%06ld,"pid":%d,'
+        b'"request_id":"cf%d-%lu","method":"GET","path":"/fast","status":200,'
+        b'"bytes_sent":107,"duration_ms":%.3f,"client":"127.0.1.1",'
+        b'"upstream":"unix:/tmp/h1.sock","upstreams":["unix:/tmp/h1.sock"],"tries":1,'
+        b'"overflowed":false,"connect_ms":0.04,"upstream_ms":%.3f,"route":"GET /fast",'
+        b'"spilled_bytes":0,"static":false}\n',
+        wall.tv_sec, wall.tv_nsec // 1000, getpid(), getpid(), seq, ms, ms - 0.05)
+
+
+cdef void c_lines_written():
+    global loglen
+    if loglen:
+        write(logfd, logbuf, loglen)
+        loglen = 0
+
+
 cdef extern from "string.h":
     void *memmem(const void *hay, size_t hlen, const void *needle, size_t nlen)
 
@@ -86,6 +140,14 @@ cdef char rbuf[BUF]
 cdef const char *CLOSE_LINE = b"Connection: close\r\n"
 cdef object hook = None       # --hook: a Python call as a request starts (fd) and ends (-fd)
 cdef object turn_end = None   # --hook log: a Python call after each epoll_wait's events
+cdef bint c_lines = False     # --hook cline: an access line made in C, written at turn end
+cdef char logbuf[65536]
+cdef int loglen = 0
+cdef int logfd = -1
+cdef double started[65536]    # --hook cline: per upstream fd, when its request was sent
+cdef unsigned long seq = 0
+cdef bint on_uvloop = False   # --clients uvloop: clients are uvloop's transports
+cdef list transports = []     # --clients uvloop: per client fd, its transport
 
 
 cdef void watch(int fd):
@@ -95,8 +157,9 @@ cdef void watch(int fd):
     epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev)
 
 
-cdef void drop(int fd):
-    """Close a client and the upstream it waits on (closing takes both out of the set)."""
+cdef void forget(int fd):
+    """A client's state gone, and the upstream it waits on closed (closing takes it out of the
+    set)."""
     cdef int up = peer[fd]
     if up >= 0:
         close(up)
@@ -105,12 +168,24 @@ cdef void drop(int fd):
     peer[fd] = -1
     held[fd] = 0
     kind[fd] = CLOSED
-    close(fd)
+
+
+cdef void drop(int fd):
+    """Close a client and the upstream it waits on."""
+    forget(fd)
+    if on_uvloop:
+        transports[fd].close()
+        transports[fd] = None
+    else:
+        close(fd)
 
 
 cdef bint send_all(int fd, const char *data, ssize_t n):
     """Answers here are small: a client socket takes them whole, or the floor gives it up."""
     cdef ssize_t w
+    if on_uvloop:
+        transports[fd].write(PyBytes_FromStringAndSize(data, n))
+        return True
     while n > 0:
         w = write(fd, data, n)
         if w <= 0:
@@ -164,6 +239,8 @@ cdef void dispatch(int fd):
     kind[up] = UPSTREAM
     head_done[up] = 0
     watch(up)
+    if c_lines:
+        started[up] = now_mono()
     if hook is not None:
         hook(up)
 
@@ -201,6 +278,8 @@ cdef void upstream_readable(int up):
     close(up)
     kind[up] = CLOSED
     peer[up] = -1
+    if c_lines:
+        c_line(up)
     if hook is not None:
         hook(-up)
     if client >= 0:
@@ -209,6 +288,70 @@ cdef void upstream_readable(int up):
             drop(client)
         elif held[client]:
             dispatch(client)
+
+
+cdef void upstream_events() noexcept:
+    """--clients uvloop: the upstream set's ready sockets, read as uvloop reports the set
+    readable."""
+    cdef epoll_event events[256]
+    cdef int i, k
+    k = epoll_wait(epfd, events, 256, 0)
+    for i in range(k):
+        if kind[events[i].data.fd] == UPSTREAM:
+            upstream_readable(events[i].data.fd)
+    if c_lines:
+        c_lines_written()
+    if turn_end is not None:
+        turn_end()
+
+
+def _upstream_events() -> None:
+    upstream_events()
+
+
+cdef class Client:
+    """--clients uvloop: a client connection's protocol; its bytes go to the C state of its fd."""
+    cdef int fd
+
+    def connection_made(self, transport):
+        self.fd = transport.get_extra_info("socket").fileno()
+        if self.fd >= MAXFD:
+            transport.abort()
+            self.fd = -1
+            return
+        transports[self.fd] = transport
+        peer[self.fd] = -1
+        held[self.fd] = 0
+        kind[self.fd] = CLIENT
+
+    def data_received(self, bytes data):
+        cdef int fd = self.fd
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        if fd < 0 or kind[fd] != CLIENT:
+            return
+        if n > BUF - held[fd]:
+            drop(fd)
+            return
+        memcpy(bufs + <size_t>fd * BUF + held[fd], PyBytes_AS_STRING(data), n)
+        held[fd] += <int>n
+        if peer[fd] < 0:
+            dispatch(fd)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        cdef int fd = self.fd
+        if fd < 0 or kind[fd] != CLIENT:
+            return
+        forget(fd)
+        transports[fd] = None
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
 
 
 cdef void serve(int listen_fd) noexcept:
@@ -240,6 +383,8 @@ cdef void serve(int listen_fd) noexcept:
                 upstream_readable(fd)
             elif kind[fd] == CLIENT:
                 client_readable(fd)
+        if c_lines:
+            c_lines_written()
         if turn_end is not None:
             turn_end()
 
@@ -296,18 +441,38 @@ class _AccessLog:
         self.started: dict = {}
         self.lines: list = []
         self.seq = 0
+        self.fixed = self.line_sample()
+
+    def line_sample(self) -> bytes:
+        self.started[0] = self.now()
+        return self.line(0)
 
     def hook(self, fd: int) -> None:
         if fd > 0:
             self.started[fd] = self.now()
             return
+        self.lines.append(self.line(-fd))
+
+    def line(self, fd: int) -> bytes:
         now = self.now()
-        ms = round((now - self.started.pop(-fd)) * 1e6) / 1000
+        ms = round((now - self.started.pop(fd)) * 1e6) / 1000
         self.seq += 1
-        self.lines.append(self.render(
+        return self.render(  # type: ignore[no-any-return]
             None, self.pid, f"cf{self.pid}-{self.seq}", b"GET", b"/fast", 200, 107, ms,
             "127.0.1.1", "unix:/tmp/h1.sock", ("unix:/tmp/h1.sock",), 1, False, 0.04, None,
-            ms - 0.05, "GET /fast", 0, False))
+            ms - 0.05, "GET /fast", 0, False)
+
+    def render_only(self, fd: int) -> None:
+        """--hook render: the line made and dropped, nothing written."""
+        if fd > 0:
+            self.started[fd] = self.now()
+        else:
+            self.line(-fd)
+
+    def write_only(self, fd: int) -> None:
+        """--hook write: a line of the same size written each loop turn, none made."""
+        if fd < 0:
+            self.lines.append(self.fixed)
 
     def turn_end(self) -> None:
         if self.lines:
@@ -315,7 +480,8 @@ class _AccessLog:
             self.lines.clear()
 
 
-HOOKS = {"none": None, "call": _call, "objects": _objects, "log": None}
+HOOKS = {"none": None, "call": _call, "objects": _objects, "log": None, "render": None,
+         "write": None, "cline": None}
 
 
 def main() -> None:
@@ -323,15 +489,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--upstream", required=True, help="unix:/path")
+    parser.add_argument("--clients", choices=["epoll", "uvloop"], default="epoll",
+                        help="clients in the loop's own epoll set (epoll) or uvloop's transports")
     parser.add_argument("--hook", choices=list(HOOKS), default="none",
                         help="a Python function called as each request starts and ends: "
                         "none, an empty one (call), one that makes an object (objects), or "
                         "failproxy's access line for each request, written each loop turn (log)")
     args = parser.parse_args()
     hook = HOOKS[args.hook]
-    if args.hook == "log":
+    if args.hook in ("log", "render", "write"):
         log = _AccessLog()
-        hook, turn_end = log.hook, log.turn_end
+        hook = {"log": log.hook, "render": log.render_only, "write": log.write_only}[args.hook]
+        turn_end = log.turn_end
+    global c_lines, logfd
+    if args.hook == "cline":
+        import os
+        c_lines = True
+        logfd = os.open(f"cfloor-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                        0o644)
     host, _, port = args.listen.rpartition(":")
     path = args.upstream[len("unix:"):].encode()
     assert args.upstream.startswith("unix:") and len(path) < 108
@@ -353,4 +528,14 @@ def main() -> None:
     sock.listen(1024)
     sock.setblocking(False)
     epfd = epoll_create1(0)
-    serve(sock.fileno())
+    if args.clients == "epoll":
+        serve(sock.fileno())
+        return
+    global on_uvloop
+    import uvloop
+    on_uvloop = True
+    transports.extend([None] * MAXFD)
+    loop = uvloop.new_event_loop()
+    loop.add_reader(epfd, _upstream_events)
+    loop.run_until_complete(loop.create_server(Client, sock=sock, backlog=1024))
+    loop.run_forever()
