@@ -32,7 +32,10 @@ failproxy's access line for each request and writes a loop turn's lines at once 
 only makes it, `cfloor:write` only writes a line of its size, `cfloor:cline` makes one of the
 same fields in C with snprintf and writes a turn's lines at once);
 `cfloor:uvloop` leaves its clients to uvloop's transports (a Cython protocol, answers through
-`transport.write`) with the upstreams in C as before; options join with `+` (`cfloor:uvloop+log`).
+`transport.write`) with the upstreams in C as before; `cfloor:uvloop+decide` asks failproxy's
+own decision objects (route table, `room` policy, slot, counters), made from the host's
+failproxy config, what failproxy's exchange asks of them for each request; options join with
+`+` (`cfloor:uvloop+log`).
 
 `--strace` and `--perf TOP` add one more run of each variant after the rounds, under `strace -c
 -f` (system calls a request, by name) or `perf record` (the TOP symbols, kernel and user).
@@ -64,7 +67,7 @@ from bench.profiles import perfrun
 from bench.profiles.newconn import BARE
 from bench.profiles.syscalls import attached
 from bench.scenarios import seed
-from bench.targets.servers import REPO, python_env
+from bench.targets.servers import REPO, python_env, toml_dumps
 
 # Each merged into the config's section of that name.
 OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
@@ -90,7 +93,7 @@ class Variant:
 # pass-through in C, with the options each takes.
 OWN = {"direct": (), "floor": ("compiled", "raw"),
        "cfloor": ("call", "objects", "log", "render", "write", "cline",
-                  "uvloop")}
+                  "uvloop", "decide")}
 
 
 def parse(spec: str) -> Variant:
@@ -147,15 +150,23 @@ def start(procs: Processes, variants: list[Variant], uport: int,
                 if v.front == "floor":
                     run.append("--per-request")
                 else:
-                    hooks = [name for name in v.config if name != "uvloop"]
+                    hooks = [name for name in v.config if name not in ("uvloop", "decide")]
                     run += ["--hook", hooks[0] if hooks else "none"]
                     if "uvloop" in v.config:
                         run += ["--clients", "uvloop"]
                 floor_env["PYTHONPATH"] = f"{where}{os.pathsep}{floor_env['PYTHONPATH']}"
-            floors = [procs.start(f"v{i}-{name}", [
-                sys.executable, *run, "--listen", f"{ip}:{port}",
-                "--upstream", f"unix:{socks[name]}"], env=floor_env)
-                for name, ip in seed.HOSTS]
+            floors = []
+            for name, ip in seed.HOSTS:
+                decide = []
+                if "decide" in v.config:  # failproxy's own config for this host, as its front
+                    _, conf, _ = config_of("failproxy", name, ip, port, uport, socks[name],
+                                           procs.workdir, f"v{i}-{name}", 1)
+                    path = procs.workdir / f"v{i}-{name}-decide.toml"
+                    path.write_text(toml_dumps(conf))
+                    decide = ["--decide", str(path)]
+                floors.append(procs.start(f"v{i}-{name}", [
+                    sys.executable, *run, "--listen", f"{ip}:{port}",
+                    "--upstream", f"unix:{socks[name]}", *decide], env=floor_env))
             for proc, ip in zip(floors, ips, strict=True):
                 wait_http(proc, ip, port, "/fast", timeout=20.0)
             out[v.name] = (port, floors)
@@ -229,7 +240,10 @@ def main() -> None:
                                   threads=len(ips))
                     f1, a1, s1 = cpu_split_of(ps), cpu_split_of(unicorns), front_switches(ps)
                     n = max(1, res.requests)
-                    assert res.errors == 0, f"{name}: {res.errors} errors"
+                    if res.errors:
+                        tails = "\n".join(f"{p.name} ({'alive' if p.alive() else 'exited'}):\n"
+                                          f"{p.log_tail()}" for p in ps)
+                        raise SystemExit(f"{name}: {res.errors} errors\n{tails}")
                     row = (res.req_s, (f1[0] - f0[0]) * 1e6 / n, (f1[1] - f0[1]) * 1e6 / n,
                            (a1[0] - a0[0]) * 1e6 / n, (a1[1] - a0[1]) * 1e6 / n,
                            (s1[0] - s0[0]) / n, (s1[1] - s0[1]) / n)

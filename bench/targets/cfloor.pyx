@@ -22,6 +22,9 @@ loop turn's lines with one write(), as failproxy does (failproxy importable: PYT
 `--hook render` only makes the line, `--hook write` only writes one of the same size, `--hook
 cline` makes a line of the same fields in C (snprintf) and writes a turn's lines at once.
 
+`--decide CONFIG` (with `--clients uvloop`) asks failproxy's own decision objects, made from a
+failproxy config, what failproxy's exchange asks of them for each request (Decisions).
+
 `--clients uvloop` leaves the clients to uvloop, as failproxy does: a uvloop server whose
 protocol (a Cython class) hands each read to the same C code, answers written with the
 transport's `write()`, and the upstream sockets in the epoll set of their own, which uvloop
@@ -38,6 +41,7 @@ from posix.unistd cimport close, read, write
 
 import argparse
 import socket
+import sys
 
 
 cdef extern from "sys/epoll.h":
@@ -146,6 +150,7 @@ cdef int loglen = 0
 cdef int logfd = -1
 cdef double started[65536]    # --hook cline: per upstream fd, when its request was sent
 cdef unsigned long seq = 0
+cdef object decisions = None  # --decide CONFIG: failproxy's own decisions a request (Decisions)
 cdef bint on_uvloop = False   # --clients uvloop: clients are uvloop's transports
 cdef list transports = []     # --clients uvloop: per client fd, its transport
 
@@ -241,6 +246,8 @@ cdef void dispatch(int fd):
     watch(up)
     if c_lines:
         started[up] = now_mono()
+    if decisions is not None:
+        decisions.start(up)
     if hook is not None:
         hook(up)
 
@@ -280,6 +287,8 @@ cdef void upstream_readable(int up):
     peer[up] = -1
     if c_lines:
         c_line(up)
+    if decisions is not None:
+        decisions.end(up)
     if hook is not None:
         hook(-up)
     if client >= 0:
@@ -480,6 +489,74 @@ class _AccessLog:
             self.lines.clear()
 
 
+class Decisions:
+    """--decide CONFIG: what failproxy's exchange asks of its decision objects for a request
+    that goes to the local socket and is answered 200 (exchange.py: start, _try_peer, _open,
+    _send_request, on_response_head, _learn, _end_attempt, events.request's counters), asked of
+    the real objects of a WorkerContext made from a failproxy config: the route table, the
+    `room` policy, the peer's slot and the metrics. Each a Python call from here, as a core in
+    C would make them before they are batched."""
+
+    def __init__(self, path: str, loop: object) -> None:
+        from failproxy import config
+        from failproxy.proxy.context import WorkerContext
+        from failproxy.routing.routes import KNOWN_SLOW, route_key
+        from failproxy.telemetry.metrics import WorkerMetrics
+        import time
+        cfg = config.load(path)
+        self.ctx = ctx = WorkerContext(cfg, WorkerMetrics(len(cfg.upstream.servers)), loop)
+        assert ctx.room is not None, "--decide: a config with the room policy (backups)"
+        self.room = ctx.room
+        self.routes = ctx.routes
+        self.events = ctx.events
+        self.metrics = ctx.metrics
+        self.now = time.monotonic
+        self.key = route_key
+        self.slow_kind = KNOWN_SLOW
+        self.sent: dict = {}
+        self.count = 0
+        self.away = 0
+
+    def start(self, fd: int) -> None:
+        now = self.now()
+        route = self.key(b"GET", b"/fast")
+        kind, route_ms = self.routes.known(route, b"/fast")
+        slow = kind == self.slow_kind
+        peer, reason = self.room.choose(now, slow)
+        if peer is not self.room.local:
+            # the policy would send it elsewhere or hold it; this pass-through has one upstream
+            self.away += 1
+            peer = self.room.local
+        self.count += 1
+        if self.count % 100000 == 0:
+            print(f"decide: {self.count} requests, {self.away} not sent home by the policy",
+                  file=sys.stderr, flush=True)
+        peer.acquire()
+        self.room.local_sent(fd, now, kind, route_ms)
+        self.events.connected(peer, 0.00004)
+        self.events.upstream_request(peer)
+        self.sent[fd] = (now, route, peer, slow)
+
+    def end(self, fd: int) -> None:
+        now = self.now()
+        sent, route, peer, slow = self.sent.pop(fd)
+        room = self.room
+        peer.answered()
+        room.local_answered(fd, now)
+        ms = int((now - sent) * 1_000_000) / 1000
+        route_ms, learned_ms = self.routes.answered(route, ms, now, True)
+        room.answered(peer, 0, ms, route_ms or learned_ms, slow, now)
+        peer.release(True)
+        room.release()
+        self.metrics.request(200, ms / 1000.0)
+
+
+def _stop_decisions(loop: object) -> None:
+    print(f"decide: {decisions.count} requests, {decisions.away} not sent home by the policy",
+          file=sys.stderr, flush=True)
+    loop.stop()
+
+
 HOOKS = {"none": None, "call": _call, "objects": _objects, "log": None, "render": None,
          "write": None, "cline": None}
 
@@ -489,6 +566,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--upstream", required=True, help="unix:/path")
+    parser.add_argument("--decide", metavar="CONFIG",
+                        help="a failproxy config: make failproxy's decisions for each request "
+                        "on a WorkerContext of it (with --clients uvloop)")
     parser.add_argument("--clients", choices=["epoll", "uvloop"], default="epoll",
                         help="clients in the loop's own epoll set (epoll) or uvloop's transports")
     parser.add_argument("--hook", choices=list(HOOKS), default="none",
@@ -496,6 +576,8 @@ def main() -> None:
                         "none, an empty one (call), one that makes an object (objects), or "
                         "failproxy's access line for each request, written each loop turn (log)")
     args = parser.parse_args()
+    if args.decide and args.clients != "uvloop":
+        parser.error("--decide runs with --clients uvloop")
     hook = HOOKS[args.hook]
     if args.hook in ("log", "render", "write"):
         log = _AccessLog()
@@ -536,6 +618,12 @@ def main() -> None:
     on_uvloop = True
     transports.extend([None] * MAXFD)
     loop = uvloop.new_event_loop()
+    global decisions
+    if args.decide:
+        decisions = Decisions(args.decide, loop)
     loop.add_reader(epfd, _upstream_events)
+    if decisions is not None:  # its counts on stderr as it stops
+        import signal
+        loop.add_signal_handler(signal.SIGTERM, _stop_decisions, loop)
     loop.run_until_complete(loop.create_server(Client, sock=sock, backlog=1024))
     loop.run_forever()
