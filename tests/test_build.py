@@ -37,6 +37,35 @@ def test_the_hot_modules_are_compiled() -> None:
     assert {n: f for n, f in cython.items() if not f.endswith(suffix)} == {}
 
 
+@pytest.mark.skipif(EXPECT != "compiled", reason="FAILPROXY_EXPECT_BUILD is not 'compiled'")
+def test_no_instrumented_build_is_left() -> None:
+    """The profile-guided build (setup.py) compiles twice; what runs must be the second one. An
+    instrumented extension left in place would run slower and write its counts on every exit."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    files = list(Path(failproxy.__file__).parent.rglob(f"*{suffix}"))
+    assert files
+    assert [str(f) for f in files if b"__gcov_" in f.read_bytes()] == []
+
+
+@pytest.mark.skipif(EXPECT != "compiled", reason="FAILPROXY_EXPECT_BUILD is not 'compiled'")
+def test_the_training_load_runs_on_this_build() -> None:
+    """The load the profile-guided build trains on (failproxy._pgo) still gets every request
+    answered 200 through this code: a load broken by a later change would fail `make build`
+    under FAILPROXY_STRICT_BUILD, or train an install on error paths."""
+    out = subprocess.run([sys.executable, "-m", "failproxy._pgo", "400"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == f"failproxy._pgo: 400 requests through the {failproxy.BUILD} build\n"
+
+
+@pytest.mark.skipif(EXPECT != "pure", reason="FAILPROXY_EXPECT_BUILD is not 'pure'")
+def test_the_training_load_refuses_the_pure_build() -> None:
+    out = subprocess.run([sys.executable, "-m", "failproxy._pgo", "40"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0
+    assert "nothing to train" in out.stderr
+
+
 @pytest.mark.skipif(EXPECT != "pure", reason="FAILPROXY_EXPECT_BUILD is not 'pure'")
 def test_the_hot_modules_are_pure_python() -> None:
     assert failproxy.BUILD.startswith("pure Python")
