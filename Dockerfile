@@ -14,10 +14,11 @@
 # BUILD=compiled (the default): the image runs failproxy's hot modules compiled by mypyc and its
 # Cython modules, or the build fails and says why; it never ships the slower pure-Python build
 # unannounced. With GCC (the build stage's) the compile is profile-guided: setup.py compiles
-# twice around a training load on loopback (failproxy/_pgo.py), which --network=none allows. Built from
-# source (no wheelhouse/), the build stage installs gcc for that when the base has no compiler
-# (the final stage gets neither). BUILD=pure accepts the pure-Python build on purpose: from source
-# it needs no compiler (FAILPROXY_PURE_BUILD=1); from a wheelhouse it is whatever wheel is there.
+# twice around a training load on loopback (failproxy/_pgo.py), which --network=none allows.
+# Built from source (no wheelhouse/), the build stage installs gcc for that when the base has no
+# compiler (the final stage gets neither). BUILD=pure accepts the pure-Python build on purpose:
+# from source it needs no compiler (FAILPROXY_PURE_BUILD=1); from a wheelhouse it is whatever
+# wheel is there.
 ARG BASE=python:3.11-slim
 
 # -- build: a virtualenv with failproxy and its dependencies --------------------------------------
