@@ -22,6 +22,11 @@ PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py 
 	tests/test_learning.py tests/test_version.py tests/test_slot.py tests/test_heads.py tests/test_sockio.py \
 	tests/test_requestid.py tests/test_responseparser.py tests/test_requestparser.py tests/test_edge.py \
 	tests/test_loadshare.py
+# The relay's suites that meet the C core's hand-over moments (a connection's first byte, its
+# header deadline, a half-close, a drain, TLS), run again with the core on (FAILPROXY_CORE=1,
+# failproxy/proxy/_core.pyx); tests/test_core.py turns it on itself.
+CORE_TESTS := tests/test_http.py tests/test_edge.py tests/test_tls.py tests/test_slowclients.py \
+	tests/test_unicorn.py
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.
 DEB_PACKAGES := nginx-light unicorn wrk haproxy prometheus httperf iproute2 openssl curl \
@@ -96,8 +101,9 @@ docker-test: $(TEST_STAMP)
 
 # After ruff and mypy, three runs at once: the whole suite on the compiled build in the foreground;
 # the Docker test and the pure-Python run in the background (each mostly waits, on dockerd or on
-# sockets, and the suite must pass on a busy machine anyway), each into a log printed when the
-# foreground run ends. Fails when any of the three failed; Ctrl-C stops all three.
+# sockets, and the suite must pass on a busy machine anyway), the pure-Python run followed by the
+# C core's (CORE_TESTS), each into a log printed when the foreground run ends. Fails when any of
+# them failed; Ctrl-C stops them all.
 test: $(BUILD_STAMP) deb-deps
 	$(BIN)/ruff check failproxy tests bench
 	$(BIN)/mypy failproxy
@@ -106,17 +112,24 @@ test: $(BUILD_STAMP) deb-deps
 	trap 'kill $$docker $$pure 2>/dev/null; wait; exit 130' INT TERM; \
 	DOCKER_TEST_SKIP_OK=1 PYTHON=$(BIN)/python bash tests/docker-test.sh >"$$logs/docker" 2>&1 & \
 	docker=$$!; \
-	FAILPROXY_PURE=1 FAILPROXY_EXPECT_BUILD=pure $(BIN)/pytest -q -p no:cacheprovider \
-		$(PURE_MARKS) $(PURE_TESTS) tests/test_build.py >"$$logs/pure" 2>&1 & \
+	{ FAILPROXY_PURE=1 FAILPROXY_EXPECT_BUILD=pure $(BIN)/pytest -q -p no:cacheprovider \
+		$(PURE_MARKS) $(PURE_TESTS) tests/test_build.py >"$$logs/pure" 2>&1; pure_rc=$$?; \
+	  if [ -n "$(HAVE_CC)" ]; then FAILPROXY_CORE=1 FAILPROXY_EXPECT_BUILD=compiled \
+		$(BIN)/pytest -q -p no:cacheprovider $(CORE_TESTS) >"$$logs/core" 2>&1; \
+	  else echo "SKIP: no compiled build, no core" >"$$logs/core"; fi; core_rc=$$?; \
+	  echo $$core_rc >"$$logs/core_rc"; exit $$pure_rc; } & \
 	pure=$$!; \
 	echo "== pytest, compiled build (the pure-Python run and docker-test go on meanwhile)"; \
 	FAILPROXY_EXPECT_BUILD=$(if $(HAVE_CC),compiled,pure) $(BIN)/pytest -q; compiled_rc=$$?; \
 	wait $$pure; pure_rc=$$?; \
 	echo "== pytest, pure-Python build: $(PURE_TESTS) tests/test_build.py"; cat "$$logs/pure"; \
+	echo "== pytest, compiled build with the C core on: $(CORE_TESTS)"; \
+	cat "$$logs/core" 2>/dev/null; core_rc=$$(cat "$$logs/core_rc" 2>/dev/null || echo 1); \
 	wait $$docker; docker_rc=$$?; \
 	echo "== docker-test"; cat "$$logs/docker"; \
-	echo "== exit status: compiled pytest $$compiled_rc, pure pytest $$pure_rc, docker-test $$docker_rc"; \
-	[ $$compiled_rc = 0 ] && [ $$pure_rc = 0 ] && [ $$docker_rc = 0 ]
+	echo "== exit status: compiled pytest $$compiled_rc, pure pytest $$pure_rc," \
+		"core pytest $$core_rc, docker-test $$docker_rc"; \
+	[ $$compiled_rc = 0 ] && [ $$pure_rc = 0 ] && [ $$core_rc = 0 ] && [ $$docker_rc = 0 ]
 
 # `make test` on a loaded machine (issue 19): two busy loops keep the CPUs busy while the same
 # steps run; STRESS_RUNS=N runs them N times in a row, stopping at the first failure. The loops

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 _GIVEN: set[int] = set()
+
+
+def active_connections(admin_port: int) -> int:
+    """failproxy_connections_active, from the admin endpoint's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("failproxy_connections_active"):
+                return int(float(line.split()[-1]))
+    raise AssertionError("no failproxy_connections_active in /metrics")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -17,13 +17,20 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from backends import HTTPBackend, Reply
 from strict_backend import StrictBackend
-from support import REPO, IncompleteResponse, Proxy, RawConn, build_request, free_port
+from support import (
+    REPO,
+    IncompleteResponse,
+    Proxy,
+    RawConn,
+    active_connections,
+    build_request,
+    free_port,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -86,14 +93,6 @@ def _normal_traffic(fp: Proxy, seconds: float, max_requests: int = 20000) -> tup
     return lat, errors
 
 
-def _active_connections(admin_port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("failproxy_connections_active"):
-                return int(float(line.split()[-1]))
-    raise AssertionError("no failproxy_connections_active in /metrics")
-
-
 @pytest.fixture
 def strict_app():
     app = StrictBackend()  # answers in one write with TCP_NODELAY: no Nagle in the figures
@@ -122,12 +121,12 @@ def test_slowloris_does_not_slow_normal_traffic(proxy, strict_app) -> None:
         assert ready.get("connected") == n_slow, ready
         held, deadline = 0, time.monotonic() + 10
         while held < n_slow and time.monotonic() < deadline:  # accepted from the backlog yet?
-            held = _active_connections(admin)
+            held = active_connections(admin)
             time.sleep(0.05)
         assert held >= n_slow, f"the worker holds {held} connections, not the {n_slow} slow ones"
         time.sleep(2.0)  # a full trickle round: every slow connection has sent another byte
         loaded, loaded_err = _normal_traffic(fp, 3.0)
-        held_after = _active_connections(admin)
+        held_after = active_connections(admin)
         loris.stdin.close()
         done = json.loads(loris.stdout.readline() or "{}")
     finally:

@@ -69,6 +69,7 @@ from failproxy.discovery.watch import Discovery
 from failproxy.process import listeners, scrape
 from failproxy.process.admin import AdminServer
 from failproxy.process.listeners import ListenError, ListenerSet
+from failproxy.proxy.core import core_class
 from failproxy.routing.loadshare import LoadShare
 from failproxy.telemetry import logs
 from failproxy.telemetry.metrics import Snapshot, Totals, WorkerMetrics, render
@@ -583,7 +584,8 @@ class Master:
         if not self.serving:
             self.serving = True
             self.log.info("started", workers=self.num_workers,
-                          listen=[a.text for a in listeners.configured(self.cfg)])
+                          listen=[a.text for a in listeners.configured(self.cfg)],
+                          core=core_class() is not None)
             self._notify_old_master()
 
     def _older_still_accepting(self) -> bool:

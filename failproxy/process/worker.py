@@ -23,7 +23,7 @@ from failproxy.config import Config
 from failproxy.discovery.peertable import PeerTable, PeerWatch
 from failproxy.proxy import rawtransport
 from failproxy.proxy.context import WorkerContext
-from failproxy.proxy.downstream import ClientConnection
+from failproxy.proxy.core import connection_factory
 from failproxy.routing.loadshare import LoadShare, LoadSharing, LoadView
 from failproxy.telemetry import jsonlog, logs
 from failproxy.telemetry.metrics import WorkerMetrics
@@ -99,7 +99,7 @@ class Worker:
                 ssl_ctx = server_context(server_cfg)
             dup = sock.dup()
             dup.setblocking(False)
-            factory = _factory(self.ctx, tls)
+            factory = connection_factory(self.ctx, tls)
             if dup.family == socket.AF_UNIX:
                 srv = await self.loop.create_unix_server(
                     factory, sock=dup, ssl=ssl_ctx if tls else None, backlog=server_cfg.backlog
@@ -181,13 +181,6 @@ def _title_stopping() -> None:
     title = getproctitle()
     if title.startswith("failproxy worker[") and not title.endswith(" (stopping)"):
         setproctitle(title + " (stopping)")
-
-
-def _factory(ctx: WorkerContext, tls: bool) -> Any:
-    def make() -> ClientConnection:
-        return ClientConnection(ctx, tls)
-
-    return make
 
 
 def _sock_address(sock: socket.socket) -> str:

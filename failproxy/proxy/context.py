@@ -298,6 +298,12 @@ class WorkerContext:
             if self.hooks is not None:
                 self.hooks.pause_accepting()
 
+    def connection_replaced(self, old: Connection, new: Connection) -> None:
+        """The C core handed a connection to the Python relay: the same connection, so no
+        event and no count changes (proxy/_core.pyx)."""
+        self.connections.discard(old)
+        self.connections.add(new)
+
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self.events.connection_closed()

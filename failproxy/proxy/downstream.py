@@ -173,6 +173,35 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
         if self.ctx.draining:  # accepted just before the listener closed
             self.drain(self.ctx.idle_grace)
 
+    def adopt(self, transport: asyncio.BaseTransport, data: bytes, eof: bool, began: float,
+              deadline: float, write_paused: bool) -> bool | None:
+        """Take over a connection the C core (proxy/_core.pyx) accepted, at a request boundary:
+        `data` is what the client sent since its last answer (unparsed: parsed again here),
+        `began` when that request's first byte came (0.0: none yet), `deadline` the core's
+        timer (the head's, counted from the connection's start, as connection_made counts it),
+        `eof` whether the client has half-closed. The core made this object the transport's
+        protocol and swapped it in the worker's books (WorkerContext.connection_replaced).
+        Returns what eof_received would: None closes."""
+        self.transport = transport  # type: ignore[assignment]
+        self._send = self.transport.write  # type: ignore[union-attr]
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        self.client_addr = self.client_ip.encode()
+        self.write_paused = write_paused
+        self.timer.set(deadline)
+        if data:
+            self.data_received(data)
+            req = self.req
+            if began and req is not None and self.in_head:
+                req.started = began  # a head begun under the core: its clock runs from then
+        if self.closed:
+            return None
+        if eof:
+            return self.eof_received()
+        if self.ctx.draining and not data:
+            self.drain(self.ctx.idle_grace)
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._send = None
