@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.stamp-bench
 BUILD_STAMP := $(VENV)/.stamp-build
 # The hot modules are compiled by mypyc in place (setup.py); an edit makes the build stale, and
 # failproxy then runs its .py files (failproxy/_build.py) until `make build` runs again.
-SOURCES := $(wildcard failproxy/*.py failproxy/*/*.py failproxy/*/*.pyx vendor/llhttp/*/*.[ch]) setup.py
+SOURCES := $(wildcard failproxy/*.py failproxy/*/*.py failproxy/*/*.pyx failproxy/*/*.pxd vendor/llhttp/*/*.[ch]) setup.py
 HAVE_CC := $(shell command -v cc >/dev/null 2>&1 && echo yes)
 # The tests that also run on the pure-Python build (what users without a compiler get), less
 # the overflow policy's shares of real traffic (`shares`, tests/conftest.py): the same code,
@@ -22,10 +22,12 @@ PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py 
 	tests/test_learning.py tests/test_version.py tests/test_slot.py tests/test_heads.py tests/test_sockio.py \
 	tests/test_requestid.py tests/test_responseparser.py tests/test_requestparser.py tests/test_edge.py \
 	tests/test_loadshare.py
-# The relay's suites that meet the C core's hand-over moments (a connection's first byte, its
-# header deadline, a half-close, a drain, TLS), run again with the core on (FAILPROXY_CORE=1,
-# failproxy/proxy/_core.pyx); tests/test_core.py turns it on itself.
+# The relay's suites that meet the C core (failproxy/proxy/_core.pyx): the requests it answers
+# and those it hands over (a head not whole by its deadline, a half-close, a drain, TLS, bodies,
+# unicorn's answers), run again with it on (FAILPROXY_CORE=1); tests/test_core.py turns it on
+# itself.
 CORE_TESTS := tests/test_http.py tests/test_edge.py tests/test_tls.py tests/test_slowclients.py \
+	tests/test_failover.py tests/test_room.py \
 	tests/test_unicorn.py
 
 # Debian packages the tests and the benchmark drive, and a command each one provides.

@@ -44,6 +44,7 @@ COMPILED = (
     "proxy.request",
     "proxy.events",
     "proxy.context",
+    "proxy.corebooks",
     "proxy.exchange",
     "proxy.downstream",
 )
@@ -61,12 +62,11 @@ CYTHON = (
 )
 # C sources compiled into a Cython module beside its .pyx, and their include directories
 # (relative to the repository): llhttp, the parser httptools bundles, at httptools' version.
-CYTHON_C = {
-    "proxy._llhttp": (
-        ("vendor/llhttp/src/llhttp.c", "vendor/llhttp/src/api.c", "vendor/llhttp/src/http.c"),
-        ("vendor/llhttp/include",),
-    ),
-}
+_LLHTTP = (
+    ("vendor/llhttp/src/llhttp.c", "vendor/llhttp/src/api.c", "vendor/llhttp/src/http.c"),
+    ("vendor/llhttp/include",),
+)
+CYTHON_C = {"proxy._llhttp": _LLHTTP, "proxy._core": _LLHTTP}
 
 
 def _shared_library(package_dir: Path) -> Path | None:
@@ -85,9 +85,11 @@ def _stale(package_dir: Path, library: Path) -> bool:
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     for name in CYTHON:
         extension = package_dir.joinpath(*name.split(".")).with_suffix(suffix)
-        pyx = extension.with_name(extension.name[: -len(suffix)] + ".pyx")
-        if extension.exists() and pyx.exists() and pyx.stat().st_mtime > extension.stat().st_mtime:
-            return True
+        for kind in (".pyx", ".pxd"):
+            source = extension.with_name(extension.name[: -len(suffix)] + kind)
+            if (extension.exists() and source.exists()
+                    and source.stat().st_mtime > extension.stat().st_mtime):
+                return True
     # The extension of a module no longer compiled would shadow its source.
     return any(
         _dotted(package_dir, path)[: -len(suffix)] not in COMPILED + CYTHON

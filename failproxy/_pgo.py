@@ -12,7 +12,8 @@ a client on keep-alive TCP connections, failproxy's WorkerContext and ClientConn
 seed's upstream section (the local UNIX socket first, two peers' TCP ports and this box's own as
 backups, so the `room` policy decides), the access log on, the default headers, route learning;
 the upstream answers as unicorn does (a new connection a request, closed after its answer), then
-as a pooled app server does (keep-alive). Mostly GETs of a few routes, some POSTs with a body, a
+as a pooled app server does (keep-alive), then as unicorn does again with the C core in front
+(proxy/_core.pyx) where the build has it. Mostly GETs of a few routes, some POSTs with a body, a
 chunked answer now and then. It is a load, not a test: it checks only that every request was
 answered, so that a broken build does not train on error paths unnoticed.
 
@@ -194,16 +195,23 @@ async def run(requests: int) -> None:
         cfg = config.loads(CONFIG.format(path=path, peer1=addr[0], peer2=addr[1], own=addr[2],
                                          log=os.path.join(tmp, "access.log")))
         logs.configure(cfg.log)
+        # unicorn's way, then a pooled app server's, then unicorn's way through the C core
+        # where the build has it (proxy/_core.pyx: what it does not answer it hands over)
+        phases = [(True, None), (False, None)]
+        core = _core()
+        if core is not None:
+            phases.append((True, core))
         try:
-            for close in (True, False):  # unicorn's way, then a pooled app server's
-                await _phase(cfg, path, peers, close, requests // 2)
+            for close, front in phases:
+                await _phase(cfg, path, peers, close, requests // len(phases), front)
         finally:
             for sock in peers:
                 sock.close()
 
 
 async def _phase(cfg: config.Config, path: str, peers: list[socket.socket], close: bool,
-                 requests: int) -> None:
+                 requests: int, core: Any) -> WorkerContext:
+    """`requests` through a new worker context (returned: its counters tell what ran)."""
     loop = asyncio.get_running_loop()
     servers = [await loop.create_unix_server(lambda: Upstream(close), path, backlog=64)]
     for sock in peers:
@@ -212,7 +220,7 @@ async def _phase(cfg: config.Config, path: str, peers: list[socket.socket], clos
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(128)
-    front = await loop.create_server(_factory(ctx), sock=lsock)
+    front = await loop.create_server(_factory(ctx, core), sock=lsock)
     port = lsock.getsockname()[1]
     left = [requests]
     done: asyncio.Future[None] = loop.create_future()
@@ -225,14 +233,26 @@ async def _phase(cfg: config.Config, path: str, peers: list[socket.socket], clos
         for server in servers:
             server.close()
         os.unlink(path)
+    return ctx
 
 
-def _factory(ctx: WorkerContext) -> Any:
+def _factory(ctx: WorkerContext, core: Any) -> Any:
     """As the worker's (process/worker.py, which this build environment may not import)."""
-    def make() -> ClientConnection:
+    def make() -> Any:
+        if core is not None:
+            return core(ctx, False, ClientConnection)
         return ClientConnection(ctx, False)
 
     return make
+
+
+def _core() -> Any:
+    """The C core's protocol class, where this build has it (proxy/core.py asks the same)."""
+    try:
+        from failproxy.proxy._core import CoreConnection  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return CoreConnection
 
 
 def _client(left: list[int], done: asyncio.Future[None], offset: int) -> Any:

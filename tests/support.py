@@ -30,13 +30,17 @@ REPO = Path(__file__).resolve().parents[1]
 _GIVEN: set[int] = set()
 
 
-def active_connections(admin_port: int) -> int:
-    """failproxy_connections_active, from the admin endpoint's /metrics."""
+def metric(admin_port: int, name: str) -> int:
+    """The value of the unlabelled sample `name`, from the admin endpoint's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith("failproxy_connections_active"):
+            if line.startswith(name + " "):
                 return int(float(line.split()[-1]))
-    raise AssertionError("no failproxy_connections_active in /metrics")
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def active_connections(admin_port: int) -> int:
+    return metric(admin_port, "failproxy_connections_active")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

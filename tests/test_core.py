@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
-from support import active_connections, build_request, free_port
+from backends import HANG, RESET, HTTPBackend, Reply, Request
+from support import Proxy, active_connections, build_request, free_port, metric
 
 EXPECT = os.environ.get("FAILPROXY_EXPECT_BUILD", "")
 compiled_only = pytest.mark.skipif(EXPECT != "compiled",
@@ -175,3 +178,243 @@ def test_a_drained_idle_connection_still_gets_its_request_answered(core, proxy, 
         assert "close" in resp.connection_tokens
     assert fp.wait_exit(5) == 0
     assert [r.target for r in app.requests] == ["/warm", "/during"]
+
+
+# ---- the core's own answers against the relay's -------------------------------------------------
+
+def _reply(req: Request) -> Reply | str:
+    """The upstream's answer for each case below, by target. Each closes its connection, as
+    unicorn does: a connection the relay pooled would make the next requests the relay's too
+    (CoreBooks.begin leaves a socket with an idle connection to it to the relay)."""
+    target = req.target
+    if target.startswith("/chunked"):
+        return Reply(body=[b"one", b"two"], chunked=True, close=True)
+    if target.startswith("/to-close"):
+        return Reply(body=b"until the end", close_delimited=True)
+    if target.startswith("/204"):
+        return Reply(204, no_length=True, close=True)
+    if target.startswith("/304"):
+        return Reply(304, no_length=True, close=True)
+    if target.startswith("/503"):
+        return Reply(503, body=b"busy", close=True)
+    if target.startswith("/404"):
+        return Reply(404, body=b"no such thing", close=True)
+    if target.startswith("/interim"):
+        return Reply(body=b"after hints", close=True,
+                     interim=[b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"])
+    if target.startswith("/reset"):
+        return RESET
+    if target.startswith("/listed"):
+        return Reply(body=b"x", headers=[("Connection", "X-Private"), ("X-Private", "1")],
+                     close=True)
+    if target.startswith("/big"):
+        return Reply(body=b"b" * 300_000, close=True)
+    if target.startswith("/split"):
+        return Reply(body=[b"first half, ", b"second half"], content_length=23, part_delay=0.05,
+                     close=True)
+    if target.startswith("/accel"):
+        return Reply(body=b"x", headers=[("X-Accel-Buffering", "no")], close=True)
+    return Reply(body=b"plain " + target.encode(), headers=[("X-App", "a"), ("Set-Cookie", "c=1")],
+                 close=True)
+
+
+def _get(target: str, *extra: str, version: str = "1.1", host: bool = True,
+         method: str = "GET") -> bytes:
+    lines = [f"{method} {target} HTTP/{version}"] + (["Host: core.test"] if host else [])
+    return ("\r\n".join([*lines, *extra]) + "\r\n\r\n").encode()
+
+
+# (name, what the client sends, responses it reads, how many of them the core answers)
+CASES: list[tuple[str, bytes, list[str], int]] = [
+    ("plain", _get("/a?x=1", "User-Agent: t", "Accept: */*"), ["GET"], 1),
+    ("head", _get("/a", method="HEAD"), ["HEAD"], 1),
+    ("close", _get("/a", "Connection: close"), ["GET"], 1),
+    ("spelled", _get("/a", "CONNECTION: Keep-Alive"), ["GET"], 1),
+    ("http10-keep", _get("/a", "Connection: keep-alive", version="1.0"), ["GET"], 1),
+    ("http10", _get("/a", version="1.0"), ["GET"], 1),
+    ("http10-no-host", _get("/a", version="1.0", host=False), ["GET"], 0),
+    ("pipelined", _get("/p1") + _get("/p2"), ["GET", "GET"], 2),
+    ("dropped", _get("/a", "Keep-Alive: 5", "X_Under: 1", "Proxy-Connection: close"), ["GET"], 1),
+    ("204", _get("/204"), ["GET"], 1),
+    ("304", _get("/304"), ["GET"], 1),
+    ("404", _get("/404"), ["GET"], 1),
+    ("split", _get("/split"), ["GET"], 1),
+    ("chunked", _get("/chunked"), ["GET"], 1),
+    ("chunked-http10", _get("/chunked", version="1.0"), ["GET"], 1),
+    ("chunked-head", _get("/chunked", method="HEAD"), ["HEAD"], 1),
+    # the relay's, from the request
+    ("xff", _get("/a", "X-Forwarded-For: 192.0.2.1"), ["GET"], 0),
+    ("request-id", _get("/a", "X-Request-Id: mine"), ["GET"], 0),
+    ("body", _get("/a", "Content-Length: 3") + b"abc", ["GET"], 0),
+    ("post", _get("/a", "Content-Length: 0", method="POST"), ["POST"], 0),
+    ("listed", _get("/a", "Connection: keep-alive, X-Mine", "X-Mine: 1"), ["GET"], 0),
+    ("absolute", b"GET http://core.test/a HTTP/1.1\r\nHost: core.test\r\n\r\n", ["GET"], 0),
+    ("two-hosts", _get("/a", "Host: other.test"), ["GET"], 0),
+    # the relay's, from the answer (handed over in flight)
+    ("to-close", _get("/to-close"), ["GET"], 0),
+    ("503", _get("/503"), ["GET"], 0),
+    ("interim", _get("/interim"), ["GET"], 0),
+    ("reset", _get("/reset"), ["GET"], 0),
+    ("listed-answer", _get("/listed"), ["GET"], 0),
+    ("big", _get("/big"), ["GET"], 0),
+    ("accel", _get("/accel"), ["GET"], 0),
+]
+
+
+def _same_across(name: str, value: str) -> str:
+    """What differs between the two proxies by design: the request id, and the address the
+    client reached (a Host for a request that sent none)."""
+    if name.lower() == "x-request-id":
+        return "<id>"
+    if name.lower() == "host" and value.startswith("127.0.0.1:"):
+        return "<the proxy>"
+    return value
+
+
+def _seen(app: HTTPBackend, since: int) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    return [(r.method, r.target, [(k, _same_across(k, v)) for k, v in r.headers])
+            for r in app.requests[since:]]
+
+
+def _exchange(fp: Proxy, data: bytes, methods: list[str]) -> list[tuple[object, ...]]:
+    out: list[tuple[object, ...]] = []
+    with fp.connect(timeout=10) as c:
+        c.send(data)
+        for method in methods:
+            r = c.read_response(method)
+            out.append((r.status, r.reason, r.version,
+                        [(k, _same_across(k, v)) for k, v in r.headers], r.body,
+                        [i.status for i in r.interim]))
+    return out
+
+
+def _core_requests(admin: int) -> int:
+    return metric(admin, "failproxy_core_requests_total")
+
+
+@compiled_only
+def test_the_core_answers_as_the_relay_does(proxy, backend, monkeypatch) -> None:
+    """Every case twice, through a worker with the core and one without, to the same upstream
+    on a UNIX socket: the client reads the same answers, the upstream sees the same requests,
+    and the core answered exactly the common ones (the rest were handed over, before the
+    request went upstream or with it in flight)."""
+    app = backend("app", unix=True, handler=_reply)
+    admin_core, admin_relay = free_port(), free_port()
+    monkeypatch.setenv("FAILPROXY_CORE", "1")
+    core = proxy([app], admin={"listen": f"127.0.0.1:{admin_core}"})
+    monkeypatch.delenv("FAILPROXY_CORE")
+    relay = proxy([app], admin={"listen": f"127.0.0.1:{admin_relay}"})
+    answered = 0
+    for name, data, methods, by_core in CASES:
+        mark = len(app.requests)
+        got_core = _exchange(core, data, methods)
+        seen_core = _seen(app, mark)
+        mark = len(app.requests)
+        got_relay = _exchange(relay, data, methods)
+        seen_relay = _seen(app, mark)
+        assert got_core == got_relay, name
+        assert seen_core == seen_relay, name
+        answered += by_core
+        assert _core_requests(admin_core) == answered, name
+    assert _core_requests(admin_relay) == 0
+    lines_core = [e for e in core.log.find("request")]
+    lines_relay = [e for e in relay.log.find("request")]
+    keys = ("method", "path", "status", "bytes_sent", "upstream", "upstreams", "tries",
+            "overflowed", "route", "spilled_bytes", "static")
+    assert [{k: e.get(k) for k in keys} for e in lines_core] == \
+        [{k: e.get(k) for k in keys} for e in lines_relay]
+
+
+_LOGGED = ("method", "path", "status", "bytes_sent", "upstream", "upstreams", "tries",
+           "overflowed", "route", "spilled_bytes", "static")
+
+
+def _pair(proxy: Any, app: HTTPBackend, monkeypatch: pytest.MonkeyPatch, admin: int = 0,
+          **kw: Any) -> tuple[Proxy, Proxy]:
+    """A worker with the core (its admin endpoint on port `admin`, if any) and one without, in
+    front of `app`."""
+    monkeypatch.setenv("FAILPROXY_CORE", "1")
+    core = proxy([app], admin={"listen": f"127.0.0.1:{admin}"} if admin else {}, **kw)
+    monkeypatch.delenv("FAILPROXY_CORE")
+    return core, proxy([app], **kw)
+
+
+@compiled_only
+def test_a_client_gone_with_its_request_in_flight(proxy, backend, monkeypatch) -> None:
+    """The client resets while the upstream has not answered: logged 499 as the relay logs it,
+    and the slot given back (the next request is the core's again)."""
+    app = backend("app", unix=True,
+                  handler=lambda r: HANG if r.target == "/hang" else Reply(close=True))
+    admin = free_port()
+    core, relay = _pair(proxy, app, monkeypatch, admin)
+    lines = []
+    for fp in (core, relay):
+        mark = len(app.requests)
+        with fp.connect() as c:
+            c.send(_get("/hang"))
+            app.wait_requests(mark + 1)
+            # a reset: a FIN alone is a half-close, after which the answer is still owed
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        lines.append({k: v for k, v in fp.log.wait_for_event("request", path="/hang").items()
+                      if k in _LOGGED})
+    assert lines[0] == lines[1]
+    assert lines[0]["status"] == 499
+    assert core.request("GET", "/after").status == 200
+    assert _core_requests(admin) == 1
+
+
+@compiled_only
+def test_the_read_deadline_with_the_request_in_flight(proxy, backend, monkeypatch) -> None:
+    """The upstream takes longer than read_timeout: the core hands the request over and the
+    relay answers 504, as it would have."""
+    app = backend("app", unix=True, handler=lambda r: Reply(body=b"late", delay=1.0, close=True))
+    core, relay = _pair(proxy, app, monkeypatch, upstream={"read_timeout": 0.3})
+    got = []
+    for fp in (core, relay):
+        with fp.connect() as c:
+            c.send(_get("/slow"))
+            r = c.read_response()
+            got.append((r.status, r.headers, r.body))
+        got.append({k: v for k, v in fp.log.wait_for_event("request", path="/slow").items()
+                    if k in _LOGGED})
+    assert got[0] == got[2] and got[1] == got[3]
+    assert got[0][0] == 504
+
+
+@compiled_only
+def test_a_drain_with_the_request_in_flight_closes_after_its_answer(proxy, backend,
+                                                                    monkeypatch) -> None:
+    app = backend("app", unix=True,
+                  handler=lambda r: Reply(body=b"done", delay=0.5, close=True))
+    monkeypatch.setenv("FAILPROXY_CORE", "1")
+    fp = proxy([app])
+    with fp.connect() as c:
+        c.send(_get("/inflight"))
+        app.wait_requests(1)
+        mark = fp.log.mark()
+        fp.send_signal(signal.SIGQUIT)
+        fp.log.wait_for_event("worker_stopping", since=mark)
+        r = c.read_response()
+        assert (r.status, r.body) == (200, b"done")
+        assert "close" in r.connection_tokens
+        assert c.wait_closed(3) == b""
+    assert fp.wait_exit(5) == 0
+
+
+@compiled_only
+def test_the_relay_gives_the_connection_back_between_requests(proxy, backend,
+                                                              monkeypatch) -> None:
+    """A request that is not the core's is the relay's, and so is the connection until its
+    answer; the next common request on it is the core's again."""
+    app = backend("app", unix=True, handler=_reply)
+    admin = free_port()
+    monkeypatch.setenv("FAILPROXY_CORE", "1")
+    fp = proxy([app], admin={"listen": f"127.0.0.1:{admin}"})
+    with fp.connect() as c:
+        for i, data in enumerate((_get("/one"), _get("/two", "Content-Length: 3") + b"abc",
+                                  _get("/three"), _get("/chunked", "X-Forwarded-For: 192.0.2.9"),
+                                  _get("/four"))):
+            c.send(data)
+            assert c.read_response().status == 200, i
+    assert [r.target for r in app.requests] == ["/one", "/two", "/three", "/chunked", "/four"]
+    assert _core_requests(admin) == 3

@@ -14,10 +14,10 @@ A variant is a front of the seed check (`failproxy`, `nginx-seed`, ...) with opt
 `:nolog` (failproxy, access log off), `:devnull` (access log on, written to /dev/null: the line
 made and written, no file system), `:logbuf` (the log's lines gathered up to 64 KiB or a second,
 as nginx's `access_log ... buffer=64k flush=1s`), `:bare` (failproxy, none of the four headers
-it adds upstream by default), `:nolearn` (routes not learned, `[routes] learn = false`), several
-of them joined by `+` (`:nolog+bare`); `@TREE` (failproxy from another checkout, built in
-place), and `@TREE@PYTHON` (that checkout run by another interpreter, whose own venv has
-failproxy's dependencies).
+it adds upstream by default), `:nolearn` (routes not learned, `[routes] learn = false`),
+`:core` (the C core on: `FAILPROXY_CORE=1`), several of them joined by `+` (`:nolog+bare`);
+`@TREE` (failproxy from another checkout, built in place), and `@TREE@PYTHON` (that checkout
+run by another interpreter, whose own venv has failproxy's dependencies).
 
 Some are not fronts of the seed check: `direct` (wrk straight to the unicorns' TCP ports, the
 check's reference) and `floor` (bench/targets/floor_proxy.py `--per-request`: uvloop and
@@ -55,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,9 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "logbuf": {"log": {"buffer": 65536, "flush": 1.0}},
     "bare": {"headers": BARE},
     "nolearn": {"routes": {"learn": False}}}
+# Options that are failproxy's environment, not its config: `:core`, the C core
+# (failproxy/proxy/_core.pyx).
+ENV_OPTIONS: dict[str, dict[str, str]] = {"core": {"FAILPROXY_CORE": "1"}}
 COLUMNS = ("req/s", "front user", "front system", "unicorn user", "unicorn system",
            "front voluntary", "front involuntary")
 
@@ -87,6 +90,7 @@ class Variant:
     config: dict[str, dict[str, Any]]  # merged into these sections of its failproxy config
     tree: Path | None
     python: str | None
+    env: dict[str, str] = field(default_factory=dict)  # added to failproxy's environment
 
 
 # Not fronts of the seed check: wrk straight to the unicorns, the stack's floor and the
@@ -109,17 +113,20 @@ def parse(spec: str) -> Variant:
     if front not in seed.FRONTS:
         raise SystemExit(f"{spec}: no front {front!r}; fronts: {', '.join(seed.FRONTS)}")
     for name in options:
-        if name not in OPTIONS:
-            raise SystemExit(f"{spec}: no option {name!r}; options: {', '.join(OPTIONS)}")
+        if name not in OPTIONS and name not in ENV_OPTIONS:
+            raise SystemExit(f"{spec}: no option {name!r}; options: "
+                             f"{', '.join([*OPTIONS, *ENV_OPTIONS])}")
     if (options or where) and seed.FRONTS[front].kind != "failproxy":
         raise SystemExit(f"{spec}: options, trees and interpreters are failproxy's only")
     tree = Path(where[0]) if where else None
     python = where[1] if len(where) > 1 else None
     config: dict[str, dict[str, Any]] = {}
+    env: dict[str, str] = {}
     for name in options:
-        for section, keys in OPTIONS[name].items():
+        env.update(ENV_OPTIONS.get(name, {}))
+        for section, keys in OPTIONS.get(name, {}).items():
             config[section] = {**config.get(section, {}), **keys}
-    return Variant(spec, front, config, tree, python)
+    return Variant(spec, front, config, tree, python, env)
 
 
 def front_switches(procs: list[Proc]) -> tuple[int, int]:
@@ -180,6 +187,8 @@ def start(procs: Processes, variants: list[Variant], uport: int,
             return kind, conf, log
 
         env = None if seed.FRONTS[v.front].kind == "nginx" else seed.front_env(v.tree)
+        if env is not None:
+            env.update(v.env)
         port = free_port(*ips)
         saved = sys.executable
         seed._front_config = front_config  # type: ignore[assignment]

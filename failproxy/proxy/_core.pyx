@@ -1,4 +1,4 @@
-# cython: language_level=3
+# cython: language_level=3, boundscheck=False, wraparound=False
 """The C core: the client connection's protocol where the compiled build runs it
 (`FAILPROXY_CORE=1`, off by default while it is being built; bench/PROFILE.md, "The plan for
 the core").
@@ -6,43 +6,465 @@ the core").
 Why a core in C at all: in the seed's layout a request costs what the Python it runs costs
 after the other processes cooled the caches, not what it executes (PROFILE.md); the same relay
 with its events handled in C and its state in C data measured 1.0-1.1x unicorn direct, where
-failproxy's Python relay is at 0.86x. The core is meant to answer the common request itself (a
-body-less GET or HEAD to the local socket, answered with a length) and to hand everything else
-to the Python relay, which stays the one place where the rest is written: bodies, static files,
-error pages, failovers, held requests, retries.
+failproxy's Python relay is at 0.86x. The core answers the common request itself and hands
+everything else to the Python relay, which stays the one place where the rest is written:
+bodies, static files, error pages, failovers, held requests, retries.
 
-A hand-over happens at a request boundary, before any byte of that request reached an upstream:
-a `downstream.ClientConnection` becomes the transport's protocol, takes the core's place in the
-worker's books (`WorkerContext.connection_replaced`: the same connection, no event), and is fed
-the bytes the client sent since its last answer, which it parses again (`adopt`). It keeps the
-connection from then on. The core's timer becomes the connection's: a head that has not come
-by the time the core's timer fires is the Python relay's 408, as it would have been.
+The common request: a GET or HEAD without a body, HTTP/1.1 or 1.0, its target in origin form,
+one valid Host, no header the relay reads but Host and a plain `Connection: close` or
+`keep-alive`, that the overflow policy sends home by its common verdict (CoreBooks.begin), to
+a local UNIX socket that takes the connection at once; answered with a status the walk would
+not retry on, a Content-Length within what the core holds, and no header the relay reads but
+that and a plain Connection. Its bytes are parsed with llhttp's C callbacks into spans of one
+buffer; the heads both ways are written by the relay's own writers (headers.py, `_heads.pyx`),
+so a request forwarded by the core and one forwarded by the relay are the same bytes; the books
+(slot, policy, learning, counters, the access line) are kept by corebooks.CoreBooks, four calls
+a request.
 
-What the core does itself so far: it owns a connection from its accept to its first byte (an
-idle connection costs this object and a timer) and hands it over then, or when its timer fires,
-when the client half-closes, or when the worker drains. The request path in C comes next, one
-case at a time, each behind the same hand-over.
+Two hand-overs, each to a `downstream.ClientConnection`, which becomes the transport's protocol,
+takes the core's place in the worker's books (`WorkerContext.connection_replaced`: the same
+connection, no event) and keeps the connection until it is idle again after an answer: then it
+gives it back (`take_back`), and the core reads the next request.
+- at a request boundary, before any byte of the request reached an upstream: it is fed the bytes
+  the client sent since its last answer and parses them again (`adopt`). So for a request that
+  is not the common one, for a head that takes longer than a read (when its deadline passes),
+  for a half-close or a drain with nothing in flight;
+- with the request in flight (an answer that is not the common one, or an end, a reset or the
+  read deadline before it was whole): the request's bytes are parsed again as well, and its
+  exchange takes the upstream socket and the answer's bytes read so far (`Exchange.adopt`).
 """
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memchr, memcpy, memmove
+from posix.unistd cimport close, read, write
+
+from failproxy.proxy._llhttp cimport (
+    F_CHUNKED,
+    F_CONTENT_LENGTH,
+    F_TRANSFER_ENCODING,
+    HPE_OK,
+    HPE_PAUSED,
+    HPE_USER,
+    HTTP_GET,
+    HTTP_HEAD,
+    HTTP_REQUEST,
+    HTTP_RESPONSE,
+    Names,
+    _recent,
+    llhttp_execute,
+    llhttp_get_error_pos,
+    llhttp_init,
+    llhttp_settings_init,
+    llhttp_settings_t,
+    llhttp_should_keep_alive,
+    llhttp_t,
+)
 
 from time import monotonic as _monotonic
 
+from failproxy.proxy._llhttp import Names as _Names
+from failproxy.proxy.connect import start_connect as _start_connect
+from failproxy.proxy.corebooks import CoreBooks, InFlight
+from failproxy.proxy.headers import (
+    H_CONNECTION,
+    H_DROP,
+    H_EXPECT,
+    H_HOST,
+    H_KEEPALIVE,
+    H_LENGTH,
+    H_PLAIN,
+    H_REQUEST_ID,
+    H_TE,
+    H_UPGRADE,
+    H_VIA,
+    H_XFF,
+    KNOWN_HOSTS,
+    STATUS_LINES,
+    response_head as _response_head,
+    response_kind_names,
+    valid_host as _valid_host,
+)
 from failproxy.proxy.timer import take_timer
+from failproxy.routing.policy import STATUS_REASON_MIN, STATUS_REASONS
+
+cdef extern from "sys/epoll.h" nogil:
+    ctypedef union epoll_data_t:
+        int fd
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    enum:
+        EPOLLIN
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
 
 cdef object monotonic = _monotonic
+cdef object start_connect = _start_connect
+cdef object response_head = _response_head
+cdef object valid_host = _valid_host
+cdef set _KNOWN_HOSTS = KNOWN_HOSTS
+cdef dict _STATUS_LINES = STATUS_LINES
+cdef dict _STATUS_REASONS = STATUS_REASONS
+cdef int _REASON_MIN = STATUS_REASON_MIN
+cdef Names _RESPONSE_NAMES = _Names(response_kind_names())
 
+cdef int _PLAIN = H_PLAIN
+cdef int _HOST = H_HOST
+cdef int _LENGTH = H_LENGTH
+cdef int _CONNECTION = H_CONNECTION
+cdef int _DROP = H_DROP
+cdef int _KEEPALIVE = H_KEEPALIVE
+cdef int _TE = H_TE
+# The request headers the relay reads (requestparser.py): a request with one is the relay's.
+cdef int _READ_BY_RELAY = (1 << H_LENGTH | 1 << H_XFF | 1 << H_VIA | 1 << H_EXPECT
+                           | 1 << H_REQUEST_ID | 1 << H_TE | 1 << H_UPGRADE)
+
+cdef bytes _GET = b"GET"
+cdef bytes _HEAD = b"HEAD"
+cdef bytes _SEP = b": "
+cdef bytes _CRLF = b"\r\n"
+cdef bytes _EMPTY = b""
+cdef bytes _CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+cdef enum:
+    MAX_FIELDS = 64  # more headers than this: the relay's
+    MAX_PIECES = 64  # more body pieces (chunks) than this: the relay's
+    ANSWER_MOST = 262144  # a longer answer is the relay's (it spools what a client cannot take)
+    HOLD_MOST = 65536  # client bytes held while a request is in flight: reading pauses past it
+    READ_SIZE = 65536
+    BATCH = 64
+
+# What a connection is doing.
+cdef enum:
+    IDLE = 0  # between requests (or before the first): its bytes are a head not yet whole
+    SENT = 1  # a request in flight: its answer is read on the upstream socket
+    LINGER = 2  # closed by the core after an answer: what the client still sends is dropped
+    GONE = 3  # handed over, or closed
+
+
+# -- parsing into spans ------------------------------------------------------------------------
+
+cdef struct Span:
+    size_t at
+    size_t n
+
+
+cdef struct Parse:
+    const char* base  # the buffer llhttp runs over (one call, so every span is in one piece)
+    Span first  # the request target, or the response's reason
+    Span names[MAX_FIELDS]
+    Span values[MAX_FIELDS]
+    int n
+    bint in_field  # a field's name began and its value has not ended
+    bint odd  # something the core does not take: the relay's
+    bint head_done  # the head is whole
+    bint done  # the message ended (llhttp paused there)
+    bint skip_body  # a response to HEAD: llhttp is told there is no body
+    Span pieces[MAX_PIECES]  # the body as llhttp hands it over: a chunk each, when chunked
+    int npieces
+    size_t body_n
+
+
+cdef inline void _span(Parse* ps, Span* sp, const char* at, size_t n) noexcept:
+    sp.at = at - ps.base
+    sp.n = n
+
+
+cdef int _on_first(llhttp_t* p, const char* at, size_t n) noexcept:
+    cdef Parse* ps = <Parse*>p.data
+    if ps.first.n:
+        ps.odd = True  # in two pieces: cannot be, in one buffer; not the core's either way
+    _span(ps, &ps.first, at, n)
+    return 0
+
+
+cdef int _on_field(llhttp_t* p, const char* at, size_t n) noexcept:
+    cdef Parse* ps = <Parse*>p.data
+    if ps.in_field or ps.n >= MAX_FIELDS:
+        ps.odd = True
+        return HPE_USER
+    ps.in_field = True
+    _span(ps, &ps.names[ps.n], at, n)
+    ps.values[ps.n].at = 0
+    ps.values[ps.n].n = 0
+    return 0
+
+
+cdef int _on_value(llhttp_t* p, const char* at, size_t n) noexcept:
+    cdef Parse* ps = <Parse*>p.data
+    if ps.values[ps.n].n:
+        ps.odd = True
+        return HPE_USER
+    _span(ps, &ps.values[ps.n], at, n)
+    return 0
+
+
+cdef int _on_value_complete(llhttp_t* p) noexcept:
+    cdef Parse* ps = <Parse*>p.data
+    ps.in_field = False
+    ps.n += 1
+    return 0
+
+
+cdef int _on_request_headers(llhttp_t* p) noexcept:
+    if p.upgrade or p.flags & (F_CONTENT_LENGTH | F_CHUNKED | F_TRANSFER_ENCODING):
+        # a body (or an upgrade) follows: the relay's, at once (it may owe 100 Continue)
+        (<Parse*>p.data).odd = True
+        return HPE_USER
+    return 0
+
+
+cdef int _on_response_headers(llhttp_t* p) noexcept:
+    cdef Parse* ps = <Parse*>p.data
+    ps.head_done = True
+    return 1 if ps.skip_body else 0  # 1: no body follows (HEAD)
+
+
+cdef int _on_request_body(llhttp_t* p, const char* at, size_t n) noexcept:
+    (<Parse*>p.data).odd = True
+    return HPE_USER
+
+
+cdef int _on_response_body(llhttp_t* p, const char* at, size_t n) noexcept:
+    cdef Parse* ps = <Parse*>p.data
+    if ps.npieces >= MAX_PIECES:
+        ps.odd = True  # many small chunks: the relay's
+        return HPE_USER
+    _span(ps, &ps.pieces[ps.npieces], at, n)
+    ps.npieces += 1
+    ps.body_n += n
+    return 0
+
+
+cdef int _on_complete(llhttp_t* p) noexcept:
+    (<Parse*>p.data).done = True
+    return HPE_PAUSED  # stop there: what follows is the next request's (or is not wanted)
+
+
+cdef llhttp_settings_t _REQUEST
+llhttp_settings_init(&_REQUEST)
+_REQUEST.on_url = _on_first
+_REQUEST.on_header_field = _on_field
+_REQUEST.on_header_value = _on_value
+_REQUEST.on_header_value_complete = _on_value_complete
+_REQUEST.on_headers_complete = _on_request_headers
+_REQUEST.on_body = _on_request_body
+_REQUEST.on_message_complete = _on_complete
+
+cdef llhttp_settings_t _RESPONSE
+llhttp_settings_init(&_RESPONSE)
+_RESPONSE.on_status = _on_first
+_RESPONSE.on_header_field = _on_field
+_RESPONSE.on_header_value = _on_value
+_RESPONSE.on_header_value_complete = _on_value_complete
+_RESPONSE.on_headers_complete = _on_response_headers
+_RESPONSE.on_body = _on_response_body
+_RESPONSE.on_message_complete = _on_complete
+
+
+cdef int _parse(llhttp_t* p, Parse* ps, int kind, const char* base, size_t n,
+                bint skip_body) noexcept:
+    """Run llhttp over `base[:n]` from a fresh state. Returns the message's length (its end),
+    0 when it is not whole yet, -1 when it is not the core's (bad, or `odd`)."""
+    cdef int err
+    ps.base = base
+    ps.first.n = 0
+    ps.n = 0
+    ps.in_field = False
+    ps.odd = False
+    ps.done = False
+    ps.head_done = False
+    ps.skip_body = skip_body
+    ps.npieces = 0
+    ps.body_n = 0
+    llhttp_init(p, HTTP_REQUEST if kind == 0 else HTTP_RESPONSE,
+                &_REQUEST if kind == 0 else &_RESPONSE)
+    p.data = <void*>ps
+    err = llhttp_execute(p, base, n)
+    if ps.odd:
+        return -1
+    if err == HPE_PAUSED and ps.done:
+        return <int>(llhttp_get_error_pos(p) - base)
+    if err == HPE_OK:
+        return 0
+    return -1
+
+
+cdef const char* _HEXDIGITS = b"0123456789abcdef"
+
+
+cdef inline int _hex_size(size_t n) noexcept:
+    cdef int k = 1
+    while n >= 16:
+        n >>= 4
+        k += 1
+    return k
+
+
+cdef inline int _hex(char* out, size_t n) noexcept:
+    """`n` in hex and CRLF, as b"%x\\r\\n" writes it; returns its length."""
+    cdef int k = _hex_size(n)
+    cdef int i
+    for i in range(k - 1, -1, -1):
+        out[i] = _HEXDIGITS[n & 15]
+        n >>= 4
+    out[k] = b"\r"
+    out[k + 1] = b"\n"
+    return k + 2
+
+
+cdef inline bint _is_token(const char* p, size_t n, const char* lower, size_t m) noexcept:
+    """p[:n], ASCII case folded, is `lower` (m bytes)."""
+    cdef size_t i
+    cdef unsigned char c
+    if n != m:
+        return False
+    for i in range(n):
+        c = <unsigned char>p[i]
+        if 65 <= c <= 90:
+            c += 32
+        if c != <unsigned char>lower[i]:
+            return False
+    return True
+
+
+# -- the upstream sockets --------------------------------------------------------------------------
+
+cdef class _Upstreams:
+    """The core's upstream sockets of one loop, in one epoll set the loop watches as one fd (as
+    rawtransport.Poller does for the relay's): a socket the relay takes over leaves it."""
+
+    cdef int epfd
+    cdef dict waiting  # fd -> the CoreConnection whose answer it carries
+    cdef object loop
+
+    def __cinit__(self, loop):
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1")
+        self.waiting = {}
+        self.loop = loop
+        loop.add_reader(self.epfd, self._ready)
+
+    cdef int watch(self, int fd, CoreConnection conn) except -1:
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl")
+        self.waiting[fd] = conn
+        return 0
+
+    cdef void forget(self, int fd) noexcept:
+        """Out of the set, the socket still open (handed to the relay, or about to close)."""
+        cdef epoll_event ev
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &ev)
+        try:
+            del self.waiting[fd]
+        except KeyError:
+            pass
+
+    def _ready(self):
+        cdef epoll_event events[BATCH]
+        cdef int i, n
+        cdef CoreConnection conn
+        n = epoll_wait(self.epfd, events, BATCH, 0)
+        for i in range(n):
+            found = self.waiting.get(events[i].data.fd)
+            if found is None:
+                continue  # taken out by an earlier one of this batch
+            conn = <CoreConnection>found
+            conn._upstream_ready()
+
+
+cdef dict _UPSTREAMS = {}
+
+
+cdef _Upstreams _upstreams(loop):
+    found = _UPSTREAMS.get(loop)
+    if found is None:
+        for old in [lp for lp in _UPSTREAMS if lp.is_closed()]:
+            del _UPSTREAMS[old]
+        found = _UPSTREAMS[loop] = _Upstreams(loop)
+    return <_Upstreams>found
+
+
+cdef dict _BOOKS = {}  # WorkerContext -> its CoreBooks
+
+
+cdef object _books(ctx):
+    books = _BOOKS.get(ctx)
+    if books is None:
+        books = _BOOKS[ctx] = CoreBooks(ctx)
+    return books
+
+
+cdef char _readbuf[READ_SIZE]
+
+
+cdef int _grow(char** buf, size_t* cap, size_t want) except -1:
+    cdef size_t size
+    cdef char* grown
+    if want <= cap[0]:
+        return 0
+    size = cap[0] * 2 if cap[0] else 1024
+    while size < want:
+        size *= 2
+    grown = <char*>PyMem_Realloc(buf[0], size)
+    if grown is NULL:
+        raise MemoryError()
+    buf[0] = grown
+    cap[0] = size
+    return 0
+
+
+# -- the connection ----------------------------------------------------------------------------------
 
 cdef class CoreConnection:
     """One client connection until it is handed over (asyncio calls its methods)."""
 
     cdef object ctx
+    cdef object books
     cdef object _make_client
     cdef object transport
     cdef object timer
     cdef object _handed  # the ClientConnection it was given to, once it was
+    cdef object client_ip  # str, as the relay logs it
+    cdef bytes client_addr  # ... as bytes, for X-Forwarded-For
+    cdef _Upstreams upstreams
     cdef bint tls
-    cdef bint closed
+    cdef bint eof
     cdef bint write_paused
-    cdef double deadline  # the head's, from the connection's start (as ClientConnection's)
+    cdef bint reading
+    cdef bint _in_eof  # inside eof_received: its return value closes, or not
+    cdef int state
+    cdef int served
+    cdef double deadline  # the client timer's (the head's), or the upstream read's while SENT
+    cdef double began  # when the head under way began to arrive (0.0: none yet)
+    # the client's bytes since its last answer
+    cdef char* inbuf
+    cdef size_t in_n, in_cap
+    cdef llhttp_t parser
+    cdef Parse ps
+    # the request in flight
+    cdef int fd
+    cdef size_t req_len
+    cdef object peer, route, request_id, method, url
+    cdef bint head_request, keep_alive, http10, chunked_answer, clean
+    cdef bytes keepalive_hint  # the answer's Keep-Alive value, for the pooled connection
+    cdef int route_kind
+    cdef double route_ms, sent_at, connect_ms
+    # its answer so far
+    cdef char* abuf
+    cdef size_t a_n, a_cap
 
     def __cinit__(self, ctx, bint tls, make_client):
         """`make_client(ctx, tls)`: the Python relay's connection (downstream.ClientConnection),
@@ -50,12 +472,23 @@ cdef class CoreConnection:
         self.ctx = ctx
         self.tls = tls
         self._make_client = make_client
+        self.fd = -1
+        self.reading = True
+
+    def __dealloc__(self):
+        PyMem_Free(self.inbuf)
+        PyMem_Free(self.abuf)
 
     # -- asyncio protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport):
         ctx = self.ctx
         self.transport = transport
+        self.books = _books(ctx)
+        self.upstreams = _upstreams(ctx.loop)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        self.client_addr = self.client_ip.encode()
         ctx.connection_opened(self)
         self.deadline = monotonic() + ctx.header_timeout
         self.timer = take_timer(ctx.loop, self._on_timer)
@@ -64,24 +497,42 @@ cdef class CoreConnection:
             self.drain(ctx.idle_grace)
 
     def data_received(self, data):
+        cdef size_t n = PyBytes_GET_SIZE(data)
+        if self.state >= LINGER:
+            return  # lingering: what a client sends after the core closed is dropped
         try:
-            self._hand_over(data, False)
+            _grow(&self.inbuf, &self.in_cap, self.in_n + n)
+            memcpy(self.inbuf + self.in_n, PyBytes_AS_STRING(data), n)
+            self.in_n += n
+            if self.state == IDLE:
+                self._serve()
+            elif self.in_n > HOLD_MOST and self.reading:
+                self.reading = False
+                self.transport.pause_reading()
         except Exception as exc:
             self._internal_error(exc, "core read")
 
     def eof_received(self):
-        if self.closed:
+        if self.state >= LINGER:
             return None
+        if self.state == SENT:
+            self.eof = True  # answered first; then closed, or handed over with what is left
+            return True
+        self._in_eof = True
         try:
-            return self._hand_over(b"", True)
+            return self._hand_over(True)
         except Exception as exc:
             self._internal_error(exc, "core eof")
             return None
+        finally:
+            self._in_eof = False
 
     def connection_lost(self, exc):
         if self._handed is not None:
             return  # uvloop tells the protocol it has now: this only if the swap raced
-        self.closed = True
+        if self.state == SENT:
+            self._abandon()
+        self.state = GONE
         timer = self.timer
         if timer is not None:
             self.timer = None
@@ -97,47 +548,436 @@ cdef class CoreConnection:
     # -- the worker's calls (context.Connection) ----------------------------------------------
 
     def drain(self, double grace):
-        """Graceful stop: the Python relay's rules for an idle connection (ClientConnection
-        .drain) apply as they are, so it is handed over and told."""
-        if self.closed:
+        """Graceful stop: with a request in flight, its answer says `Connection: close`
+        (keep_alive_after reads `draining`); an idle connection follows the relay's rules
+        (ClientConnection.drain), so it is handed over and told."""
+        if self.state != IDLE:
             return
         client = self._hand_over_client()
         if client is not None:
             client.drain(grace)
 
-    def abort(self):
-        if not self.closed and self.transport is not None:
-            self.closed = True
-            self.transport.abort()
+    def take_back(self, transport, int served, double deadline):
+        """The relay is done with the connection it took (downstream.ClientConnection
+        ._give_back): idle, nothing of a next request read, the transport this object's again."""
+        self.transport = transport
+        self._handed = None
+        self.state = IDLE
+        self.served = served
+        self.in_n = 0
+        self.began = 0.0
+        self.eof = False
+        self.write_paused = False
+        self.reading = True
+        self.deadline = deadline
+        self.timer = take_timer(self.ctx.loop, self._on_timer)
+        self.timer.set(deadline)
 
-    # -- the hand-over --------------------------------------------------------------------------
+    def abort(self):
+        if self.state != GONE and self.transport is not None:
+            self.transport.abort()  # connection_lost follows, and abandons what is in flight
+
+    # -- serving -------------------------------------------------------------------------------
+
+    cdef int _serve(self) except -1:
+        """The head under way, if it is whole: sent upstream when it is the common request,
+        handed over when it is not."""
+        cdef int end
+        cdef double now
+        if self.began == 0.0:
+            now = monotonic()
+            self.began = now
+            if self.served:  # the first head's deadline runs from the accept (as the relay's)
+                self.deadline = now + self.ctx.header_timeout
+                self.timer.set(self.deadline)
+        end = _parse(&self.parser, &self.ps, 0, self.inbuf, self.in_n, False)
+        if end == 0:
+            if self.in_n > <size_t>self.ctx.max_header_bytes:
+                self._hand_over(False)  # the relay's 431
+            return 0
+        if end < 0 or not self._request(end):
+            self._hand_over(False)
+        return 0
+
+    cdef bint _request(self, int end) except -1:
+        """Send the parsed request upstream when it is the core's: False, with nothing done
+        and nothing sent, when it is not."""
+        cdef llhttp_t* p = &self.parser
+        cdef Parse* ps = &self.ps
+        cdef const char* base = self.inbuf
+        cdef int i, kind, hosts = 0
+        cdef size_t head_size = 0
+        cdef bint close_tok = False, keep_tok = False
+        cdef Span host
+        host.at = host.n = 0
+        cdef Names names
+        ctx = self.ctx
+        if p.method != HTTP_GET and p.method != HTTP_HEAD:
+            return False
+        if p.http_major != 1 or p.http_minor > 1:
+            return False
+        if (ps.first.n == 0 or base[ps.first.at] != b"/"
+                or memchr(base + ps.first.at, b"#", ps.first.n) != NULL
+                or ps.first.n > <size_t>ctx.max_uri_bytes):
+            return False
+        names = <Names?>ctx.request_names
+        lines = []
+        for i in range(ps.n):
+            kind = names._lookup(base + ps.names[i].at, ps.names[i].n)
+            head_size += ps.names[i].n + ps.values[i].n + 4
+            if kind == _PLAIN or kind == _HOST:
+                if kind == _HOST:
+                    hosts += 1
+                    host = ps.values[i]
+                lines += (_recent(base + ps.names[i].at, ps.names[i].n), _SEP,
+                          _recent(base + ps.values[i].at, ps.values[i].n), _CRLF)
+            elif kind == _CONNECTION:
+                if _is_token(base + ps.values[i].at, ps.values[i].n, b"close", 5):
+                    close_tok = True
+                elif _is_token(base + ps.values[i].at, ps.values[i].n, b"keep-alive", 10):
+                    keep_tok = True
+                else:
+                    return False
+            elif _READ_BY_RELAY >> kind & 1:
+                return False  # a length, Expect, X-Forwarded-For, Via, a request id, Upgrade
+            # else dropped, as the relay drops it (hop-by-hop, underscored, Proxy-Connection)
+        if hosts != 1 or head_size + ps.first.n > <size_t>ctx.max_header_bytes:
+            return False
+        host_value = _recent(base + host.at, host.n)
+        if host_value not in _KNOWN_HOSTS and not valid_host(host_value):
+            return False
+        self.http10 = p.http_minor == 0
+        self.keep_alive = not close_tok and (not self.http10 or keep_tok)
+        self.head_request = p.method == HTTP_HEAD
+        method = _HEAD if self.head_request else _GET
+        url = _recent(base + ps.first.at, ps.first.n)
+        now = monotonic()
+        books = self.books
+        peer = books.begin(self, method, url, now)
+        if peer is None:
+            return False
+        request_id = ctx.new_request_id() if ctx.rid_header else ""
+        head = ctx.build_head(method, url, lines, host_value, self.client_addr, self.tls,
+                              request_id, _EMPTY, _EMPTY, _EMPTY, _EMPTY)
+        fd, err = start_connect(peer)
+        if fd < 0 or err:
+            if fd >= 0:
+                close(fd)  # in progress (a TCP socket): the relay's to wait for
+            books.undo(self, peer, monotonic())
+            return False
+        if write(fd, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) != PyBytes_GET_SIZE(head):
+            close(fd)  # nothing or part of it went: a GET, safe to send again from the relay
+            books.undo(self, peer, monotonic())
+            return False
+        self.sent_at = monotonic()
+        self.connect_ms = int((self.sent_at - now) * 1_000_000 + 0.5) / 1000.0
+        books.sent(peer, self.sent_at - now)
+        self.upstreams.watch(fd, self)
+        self.fd = fd
+        self.peer = peer
+        self.route = books.route
+        self.route_kind = books.route_kind
+        self.route_ms = books.route_ms
+        self.clean = books.clean
+        self.request_id = request_id
+        self.method = method
+        self.url = url
+        self.req_len = end
+        self.a_n = 0
+        self.state = SENT
+        self.deadline = self.sent_at + ctx.read_timeout
+        self.timer.set(self.deadline)
+        return True
+
+    cdef int _upstream_ready(self) except -1:
+        """The upstream socket has bytes (or its end): the answer, whole, is written to the
+        client; one that is not the core's is handed over."""
+        cdef ssize_t got
+        try:
+            while True:
+                got = read(self.fd, _readbuf, READ_SIZE)
+                if got < 0 and errno == EINTR:
+                    continue
+                break
+            if got < 0:
+                if errno == EAGAIN:
+                    return 0
+                self._hand_over_in_flight()  # the relay reads the same error's end again
+                return 0
+            if got == 0:
+                self._hand_over_in_flight()  # an end before the answer was whole
+                return 0
+            _grow(&self.abuf, &self.a_cap, self.a_n + got)
+            memcpy(self.abuf + self.a_n, _readbuf, got)
+            self.a_n += got
+            self._answer()
+        except Exception as exc:
+            self._internal_error(exc, "core upstream read")
+        return 0
+
+    cdef int _answer(self) except -1:
+        cdef int end, status
+        cdef Parse* ps = &self.ps
+        cdef llhttp_t* p = &self.parser
+        cdef bint keep
+        cdef size_t most
+        ctx = self.ctx
+        end = _parse(p, ps, 1, self.abuf, self.a_n, self.head_request)
+        if end < 0:
+            self._hand_over_in_flight()
+            return 0
+        lines = self._answer_lines() if ps.head_done else None
+        if ps.head_done and lines is None:
+            self._hand_over_in_flight()  # known from its head already: not the core's
+            return 0
+        if end == 0:
+            most = ANSWER_MOST
+            if ctx.response_buffering and <size_t>ctx.response_buffer_bytes < most:
+                most = ctx.response_buffer_bytes
+            if self.a_n > most:
+                self._hand_over_in_flight()
+                return 0
+            self.deadline = monotonic() + ctx.read_timeout  # per read, as the relay's
+            self.timer.set(self.deadline)
+            return 0
+        status = p.status_code
+        reusable = (llhttp_should_keep_alive(p) != 0 and <size_t>end == self.a_n
+                    and not (self.head_request and ps.npieces))
+        now = monotonic()
+        books = self.books
+        peer = self.peer
+        books.answered(self, peer, now)
+        keep = (self.keep_alive and not ctx.draining
+                and self.served + 1 < ctx.keepalive_requests)
+        chunked = self.chunked_answer and not self.head_request
+        framing = _EMPTY
+        if chunked:
+            if self.http10:
+                keep = False  # its end is the connection's end (as the relay frames it)
+                chunked = False
+            else:
+                framing = _CHUNKED
+        extra = peer.header_line if ctx.upstream_header else _EMPTY
+        head = response_head(status, _EMPTY, lines, framing, keep, self.http10, extra)
+        out = self._framed(head, chunked)
+        if reusable:
+            self._pool_upstream(now)
+        else:
+            self._close_upstream()
+        self.transport.write(out)
+        books.finish(peer, self.route, self.clean, now, self.began, self.sent_at, status,
+                     self.request_id, self.method, self.url, PyBytes_GET_SIZE(out),
+                     self.client_ip, self.connect_ms)
+        self.peer = None
+        self.served += 1
+        self._next_request(keep)
+        return 0
+
+    cdef bytes _framed(self, bytes head, bint chunked):
+        """The head and the body as the client gets them: as they came, or re-chunked (a chunk
+        for each piece llhttp handed over, as the relay writes one for each body call)."""
+        cdef Parse* ps = &self.ps
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(head) + ps.body_n
+        cdef int i
+        cdef char* out
+        cdef char line[24]
+        cdef int k
+        if chunked:
+            for i in range(ps.npieces):
+                size += _hex_size(ps.pieces[i].n) + 4
+            size += 5
+        made = PyBytes_FromStringAndSize(NULL, size)
+        out = PyBytes_AS_STRING(made)
+        memcpy(out, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
+        out += PyBytes_GET_SIZE(head)
+        for i in range(ps.npieces):
+            if chunked:
+                k = _hex(line, ps.pieces[i].n)
+                memcpy(out, line, k)
+                out += k
+            memcpy(out, self.abuf + ps.pieces[i].at, ps.pieces[i].n)
+            out += ps.pieces[i].n
+            if chunked:
+                out[0] = b"\r"
+                out[1] = b"\n"
+                out += 2
+        if chunked:
+            memcpy(out, b"0\r\n\r\n", 5)
+        return made
+
+    cdef object _answer_lines(self):
+        """The relayed header lines of the answer's head (as the relay's parser gathers them),
+        or None when the answer is not the core's: an interim or 101, a status the walk may
+        retry on or replace with an error page, no length, a header the relay reads."""
+        cdef Parse* ps = &self.ps
+        cdef llhttp_t* p = &self.parser
+        cdef const char* base = self.abuf
+        cdef int i, kind
+        cdef int status = p.status_code
+        ctx = self.ctx
+        if status < 200 or status == 101 or status not in _STATUS_LINES:
+            return None
+        if status >= _REASON_MIN and status in _STATUS_REASONS:
+            return None
+        if ctx.intercept_errors and status >= 400:
+            return None
+        self.chunked_answer = p.flags & F_CHUNKED != 0
+        if not self.head_request and status != 204 and status != 304:
+            if not p.flags & (F_CONTENT_LENGTH | F_CHUNKED):
+                return None  # to the connection's end
+        lines = []
+        self.keepalive_hint = _EMPTY
+        for i in range(ps.n):
+            kind = _RESPONSE_NAMES._lookup(base + ps.names[i].at, ps.names[i].n)
+            if kind == _PLAIN or kind == _LENGTH:
+                lines += (_recent(base + ps.names[i].at, ps.names[i].n), _SEP,
+                          _recent(base + ps.values[i].at, ps.values[i].n), _CRLF)
+            elif kind == _CONNECTION:
+                if not (_is_token(base + ps.values[i].at, ps.values[i].n, b"close", 5)
+                        or _is_token(base + ps.values[i].at, ps.values[i].n, b"keep-alive", 10)):
+                    return None
+            elif kind == _TE:
+                if not _is_token(base + ps.values[i].at, ps.values[i].n, b"chunked", 7):
+                    return None  # another coding: the relay refuses it (502)
+            elif kind == _KEEPALIVE:
+                self.keepalive_hint = _recent(base + ps.values[i].at, ps.values[i].n)
+            elif kind != _DROP:
+                return None  # read by the relay (Upgrade, X-Accel-Buffering)
+        return lines
+
+    cdef int _next_request(self, bint keep) except -1:
+        """The answer is out: on to what the client sent meanwhile, or idle, or closed."""
+        cdef size_t rest = self.in_n - self.req_len
+        memmove(self.inbuf, self.inbuf + self.req_len, rest)
+        self.in_n = rest
+        self.req_len = 0
+        self.began = 0.0
+        self.state = IDLE
+        if not keep:
+            self._close()
+            return 0
+        if not self.reading:
+            self.reading = True
+            self.transport.resume_reading()
+        if self.write_paused:
+            self._hand_over(self.eof)  # a client behind on its answers: the relay's timers
+            return 0
+        if rest:
+            self._serve()
+            return 0
+        if self.eof:
+            self._close()
+            return 0
+        self.deadline = monotonic() + self.ctx.keepalive_timeout
+        self.timer.set(self.deadline)
+        return 0
+
+    cdef int _pool_upstream(self, double now) except -1:
+        """The upstream keeps the connection alive: it goes to the relay's pool, as the
+        relay's own would (the next request to that socket is then the relay's)."""
+        fd = self.fd
+        self.upstreams.forget(fd)
+        self.fd = -1
+        self.books.pool(self.peer, fd, self.keepalive_hint, now)
+        return 0
+
+    cdef void _close_upstream(self) noexcept:
+        if self.fd >= 0:
+            self.upstreams.forget(self.fd)
+            close(self.fd)
+            self.fd = -1
+
+    cdef int _close(self) except -1:
+        """As ClientConnection.close: our FIN, then what the client still sends is read and
+        dropped until it closes or LINGER passes (closing with unread input resets)."""
+        transport = self.transport
+        self.state = LINGER
+        if self.eof or not transport.can_write_eof():
+            transport.close()
+            return 0
+        transport.write_eof()
+        if not self.reading:
+            self.reading = True
+            transport.resume_reading()
+        self.ctx.loop.call_later(2.0, transport.close)
+        return 0
+
+    cdef int _abandon(self) except -1:
+        """The client left with its request in flight: the relay's client_gone (499)."""
+        now = monotonic()
+        peer = self.peer
+        self._close_upstream()
+        self.peer = None
+        self.books.gone(self, peer, self.route, now, self.began, self.request_id, self.method,
+                        self.url, self.client_ip, self.connect_ms)
+        return 0
+
+    # -- timers ---------------------------------------------------------------------------------
 
     def _on_timer(self):
-        if self.closed:
+        if self.state >= LINGER:
             return
         try:
-            self._hand_over_client()  # the deadline has passed: its timer fires at once
+            if self.state == SENT:
+                self._hand_over_in_flight()  # the read deadline passed: the relay's 504
+            elif self.served and not self.in_n:
+                self._close()  # keepalive_timeout, nothing of a next request: as the relay
+            else:
+                self._hand_over(False)  # the head's deadline: the relay's 408
         except Exception as exc:
             self._internal_error(exc, "core timer")
 
+    # -- the hand-overs --------------------------------------------------------------------------
+
     cdef object _hand_over_client(self):
-        if self._handed is None and not self.closed:
-            self._hand_over(b"", False)
+        if self._handed is None and self.state != GONE:
+            self._hand_over(False)
         return self._handed
 
-    cdef object _hand_over(self, bytes data, bint eof):
+    cdef object _hand_over(self, bint eof):
         """Give the connection to the Python relay (the module docstring says when)."""
+        return self._give(eof, None)
+
+    cdef int _hand_over_in_flight(self) except -1:
+        peer = self.peer
+        fd = self.fd
+        self.upstreams.forget(fd)
+        self.fd = -1
+        self.peer = None
+        inflight = InFlight(self, peer, fd, self.abuf[:self.a_n], self.sent_at,
+                            self.connect_ms, self.route_kind, self.route_ms, self.clean,
+                            self.request_id, self.deadline)
+        self._give(self.eof, inflight)
+        return 0
+
+    cdef object _give(self, bint eof, inflight):
         cdef object client
+        cdef bytes data = self.inbuf[:self.in_n]
         timer = self.timer
         if timer is not None:
             self.timer = None
             timer.give_back()  # the client's own is taken in its constructor: reused, not new
+        self.state = GONE
         client = self._make_client(self.ctx, self.tls)
         self._handed = client
         self.ctx.connection_replaced(self, client)
-        self.transport.set_protocol(client)
-        return client.adopt(self.transport, data, eof, 0.0, self.deadline, self.write_paused)
+        transport = self.transport
+        transport.set_protocol(client)
+        if not self.reading:
+            transport.resume_reading()
+        keep = client.adopt(transport, data, eof, self.began, self.deadline, self.write_paused,
+                            self.served, inflight, self)
+        if keep is None and eof and not self._in_eof:
+            transport.close()  # what eof_received's None would have done, had it been asked
+        return keep
 
     cdef _internal_error(self, exc, str where):
+        """The catch-all: a bug costs this connection (and what it has in flight), never the
+        worker."""
         self.ctx.events.internal_error(None, exc, where)
-        self.abort()
+        if self._handed is not None or self.state == GONE:
+            return
+        if self.state == SENT:
+            self._abandon()
+        self.state = LINGER
+        self.transport.abort()

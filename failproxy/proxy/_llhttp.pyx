@@ -9,6 +9,9 @@ the same dict as the pure twin's table), and Python sees one call per head, one 
 and one per message end (and, for a request, one at its first byte). llhttp is the version
 httptools bundles (vendor/llhttp), so both twins accept and refuse the same bytes; the errors
 are httptools' classes with httptools' messages, raised where httptools raises them.
+
+llhttp's declarations, `Names` and `_recent` are in _llhttp.pxd, for the C core
+(proxy/_core.pyx) to parse with the same parser and classify with the same tables.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -48,52 +51,6 @@ from failproxy.proxy.headers import (
     response_kind_names,
     valid_host,
 )
-
-cdef extern from "llhttp.h":
-    ctypedef struct llhttp_t:
-        void* data
-        uint8_t method
-        uint8_t http_major
-        uint8_t http_minor
-        uint8_t upgrade
-        uint16_t status_code
-    ctypedef int (*llhttp_data_cb)(llhttp_t*, const char* at, size_t length) noexcept
-    ctypedef int (*llhttp_cb)(llhttp_t*) noexcept
-    ctypedef struct llhttp_settings_t:
-        llhttp_cb on_message_begin
-        llhttp_data_cb on_url
-        llhttp_data_cb on_status
-        llhttp_data_cb on_header_field
-        llhttp_data_cb on_header_value
-        llhttp_cb on_headers_complete
-        llhttp_data_cb on_body
-        llhttp_cb on_message_complete
-        llhttp_cb on_header_field_complete
-        llhttp_cb on_header_value_complete
-    ctypedef enum llhttp_type_t:
-        HTTP_REQUEST
-        HTTP_RESPONSE
-    ctypedef enum llhttp_errno_t:
-        HPE_OK
-        HPE_INVALID_STATUS
-        HPE_INVALID_METHOD
-        HPE_INVALID_URL
-        HPE_CB_MESSAGE_BEGIN
-        HPE_CB_HEADERS_COMPLETE
-        HPE_CB_MESSAGE_COMPLETE
-        HPE_CB_CHUNK_HEADER
-        HPE_CB_CHUNK_COMPLETE
-        HPE_PAUSED_UPGRADE
-        HPE_USER
-    void llhttp_settings_init(llhttp_settings_t* settings)
-    void llhttp_init(llhttp_t* parser, llhttp_type_t type, const llhttp_settings_t* settings)
-    llhttp_errno_t llhttp_execute(llhttp_t* parser, const char* data, size_t len)
-    int llhttp_should_keep_alive(const llhttp_t* parser)
-    const char* llhttp_get_error_reason(const llhttp_t* parser)
-    void llhttp_set_error_reason(llhttp_t* parser, const char* reason)
-    const char* llhttp_get_error_pos(const llhttp_t* parser)
-    void llhttp_resume_after_upgrade(llhttp_t* parser)
-    const char* llhttp_method_name(uint8_t method)
 
 cdef extern from "Python.h":
     list PyList_New(Py_ssize_t size)
@@ -204,13 +161,6 @@ cdef class Names:
     the ones of length n, so a name is compared (folding ASCII case) only with the one or two of
     its own length: ~60 instructions a header, where a bounded dict of spellings as they arrived
     (NameTable) needs the name as a bytes object first."""
-
-    cdef bytes _store
-    cdef size_t* _offsets
-    cdef int* _kinds
-    cdef int* _first
-    cdef size_t _longest
-    cdef bint _underscore
 
     def __cinit__(self, dict by_lower, bint underscore=False):
         cdef Py_ssize_t i

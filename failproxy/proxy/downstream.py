@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 import httptools
 
 from failproxy.proxy import rawtransport
-from failproxy.proxy.context import WorkerContext
+from failproxy.proxy.context import Connection, WorkerContext
+from failproxy.proxy.corebooks import InFlight
 from failproxy.proxy.exchange import Downstream, Exchange
 from failproxy.proxy.headers import (
     BadRequest,
@@ -81,6 +82,12 @@ CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HASH: Final = ord("#")
 
 
+class CoreSide(Connection, Protocol):
+    """The C core, as the connection it handed over gives it back (proxy/_core.pyx)."""
+
+    def take_back(self, transport: asyncio.Transport, served: int, deadline: float) -> None: ...
+
+
 class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
     """One client connection: an asyncio protocol (uvloop calls its methods; no base class)."""
 
@@ -89,15 +96,18 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
         "_held",
         "_send",
         "active",
+        "began",
         "client_addr",
         "client_ip",
         "close_after",
         "closed",
+        "core",
         "ctx",
         "eof",
         "error",
         "head_raw",
         "in_head",
+        "inflight",
         "last_parsed",
         "loop",
         "parser",
@@ -156,6 +166,11 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
         self.resume: Request | None = None  # an upgrade request llhttp stopped at, not tunnelled
         self.timer = take_timer(ctx.loop, self._on_timer)
         self.timer_kind = HEAD
+        # The first request of what the C core hands over, when the core sent it (adopt), and
+        # when its first byte came (0.0 once it is parsed, or with no core).
+        self.inflight: InFlight | None = None
+        self.began = 0.0
+        self.core: CoreSide | None = None  # the C core that handed it over, to give it back
         # What an upstream batch wrote, sent at the batch's end (write): None when nothing is.
         self._held: bytes | None = None
         self._batch = ctx.poller
@@ -174,26 +189,34 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
             self.drain(self.ctx.idle_grace)
 
     def adopt(self, transport: asyncio.BaseTransport, data: bytes, eof: bool, began: float,
-              deadline: float, write_paused: bool) -> bool | None:
+              deadline: float, write_paused: bool, served: int, inflight: InFlight | None,
+              core: CoreSide) -> bool | None:
         """Take over a connection the C core (proxy/_core.pyx) accepted, at a request boundary:
         `data` is what the client sent since its last answer (unparsed: parsed again here),
         `began` when that request's first byte came (0.0: none yet), `deadline` the core's
         timer (the head's, counted from the connection's start, as connection_made counts it),
-        `eof` whether the client has half-closed. The core made this object the transport's
-        protocol and swapped it in the worker's books (WorkerContext.connection_replaced).
-        Returns what eof_received would: None closes."""
+        `eof` whether the client has half-closed, `served` the requests the core answered on
+        it. `inflight`: the core sent the first request of `data` upstream already, and its
+        answer is this connection's to relay (Exchange.adopt). The core made this object the
+        transport's protocol and swapped it in the worker's books
+        (WorkerContext.connection_replaced); idle again after an answer, the connection goes
+        back to it (`_give_back`). Returns what eof_received would: None closes."""
         self.transport = transport  # type: ignore[assignment]
         self._send = self.transport.write  # type: ignore[union-attr]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.client_addr = self.client_ip.encode()
         self.write_paused = write_paused
+        self.served = served
+        self.inflight = inflight
+        self.core = core
         self.timer.set(deadline)
         if data:
+            self.began = began  # on_message_begin's clock for the first request
             self.data_received(data)
-            req = self.req
-            if began and req is not None and self.in_head:
-                req.started = began  # a head begun under the core: its clock runs from then
+            self.began = 0.0
+        if self.inflight is not None:
+            raise RuntimeError("the core handed over an in-flight request the relay did not parse")
         if self.closed:
             return None
         if eof:
@@ -307,7 +330,8 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
     # -- the parser's calls (requestparser.RequestSink) ------------------------------------
 
     def on_message_begin(self) -> None:
-        now = monotonic()
+        now = self.began or monotonic()  # the first request the C core handed over began then
+        self.began = 0.0
         self.req = Request(now)
         self.in_head = True
         self.head_raw = 0
@@ -462,7 +486,12 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
             self.timer_kind = BODY
             self.timer.set(now + self.ctx.body_timeout)
         self.active = exchange = Exchange(self.ctx, self, req)
-        exchange.start(now)
+        inflight = self.inflight
+        if inflight is not None:
+            self.inflight = None
+            exchange.adopt(inflight)
+        else:
+            exchange.start(now)
 
     def exchange_done(self, exchange: Exchange, keep_alive: bool, now: float) -> None:
         """The active request was answered: start the next pipelined one, idle, or close."""
@@ -496,6 +525,27 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
             self.timer_kind = HEAD
             self.timer.set(self.req.started + self.ctx.header_timeout)
         self._resume(BUFFER_FULL)
+        core = self.core
+        if (core is not None and self.req is None and not self.paused and not self.write_paused
+                and not self.eof and not self.slow and self.tunnel is None):
+            self._give_back(core, now)
+
+    def _give_back(self, core: CoreSide, now: float) -> None:
+        """Idle between requests: the connection goes back to the C core that handed it over
+        (adopt), which answers the next request if it is the common one. This object is done
+        with it then: what it held is written, its timer and parser let go."""
+        self.flush_held()
+        transport = self.transport
+        self.core = None
+        self.closed = True  # inert from here: the transport calls the core
+        self._send = None
+        self.transport = None
+        self.parser.close()
+        self.timer = self.timer.give_back()
+        self.ctx.connection_replaced(self, core)
+        if transport is not None:
+            transport.set_protocol(core)  # type: ignore[arg-type]
+            core.take_back(transport, self.served, now + self.ctx.keepalive_timeout)
 
     def keep_alive_after(self, req: Request) -> bool:
         """May this connection carry another request after answering `req`?"""
@@ -571,7 +621,9 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
                     self.req = Request(req.started)  # takes llhttp's early message-complete
         req.upgrade = upgrade  # what a 101 may name
         if not req.request_id and ctx.rid_header:
-            req.request_id = ctx.new_request_id()
+            inflight = self.inflight
+            # sent upstream by the C core with its own: the same id here (adopt)
+            req.request_id = ctx.new_request_id() if inflight is None else inflight.request_id
         if req.has_body and ctx.request_buffering:
             req.body = RequestBody(ctx.request_buffer_bytes, ctx.temp_dir, ctx.metrics)
             if req.chunked:

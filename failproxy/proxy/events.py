@@ -195,22 +195,29 @@ class Events:
 
     def request(self, ex: ExchangeView, now: float) -> None:
         """The access-log line and the request counters, once per answered request."""
-        duration = int((now - ex.started) * 1_000_000) / 1000
-        status = ex.status
+        req = ex.req
+        self.answered(now, ex.started, ex.status, req.request_id, req.method, req.url,
+                      ex.bytes_sent, ex.client_ip, ex.answered_by, ex.tried, ex.attempt,
+                      ex.connect_ms, ex.held_ms, ex.upstream_ms, ex.route, ex.spilled, ex.static)
+
+    def answered(self, now: float, started: float, status: int, request_id: str, method: bytes,
+                 url: bytes, bytes_sent: int, client_ip: str, answered: Peer | None,
+                 tried: tuple[str, ...], attempt: int, connect_ms: float | None,
+                 held_ms: float | None, upstream_ms: float | None, route: str, spilled: int,
+                 static: bool) -> None:
+        """`request` from the values themselves: what the C core calls for a request it
+        answered (corebooks.py), with no walk to read them from."""
+        duration = int((now - started) * 1_000_000) / 1000
         self.metrics.request(status, duration / 1000.0)
         emitter = self._request
         if not self.access or not emitter.enabled:
             return
-        req = ex.req
-        answered = ex.answered_by
         # times are whole µs already (round(x, 3) costs ~2.5k instructions); the timestamp,
         # None, is the render's own (now)
-        line = _render(None, emitter.pid, req.request_id or None, req.method, req.url,
-                       status, ex.bytes_sent, duration, ex.client_ip,
-                       answered.address if answered is not None else None, ex.tried,
-                       ex.attempt, answered is not None and answered is not self._first,
-                       ex.connect_ms, ex.held_ms, ex.upstream_ms, ex.route, ex.spilled,
-                       ex.static)
+        line = _render(None, emitter.pid, request_id or None, method, url, status, bytes_sent,
+                       duration, client_ip, answered.address if answered is not None else None,
+                       tried, attempt, answered is not None and answered is not self._first,
+                       connect_ms, held_ms, upstream_ms, route, spilled, static)
         sink = emitter.sink
         if sink is not None:
             sink.write(line)

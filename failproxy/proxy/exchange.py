@@ -31,6 +31,7 @@ from mypy_extensions import trait
 from failproxy.proxy.compress import Gzipper, GzipSource
 from failproxy.proxy.connect import start_connect, when_connected
 from failproxy.proxy.context import WorkerContext
+from failproxy.proxy.corebooks import InFlight, learn, peer_ok
 from failproxy.proxy.events import ExchangeView
 from failproxy.proxy.headers import BadRequest, http_date, response_head
 from failproxy.proxy.rawtransport import close_fd
@@ -266,6 +267,50 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             self._exhausted(None)
             return
         self._try_peer(peer, now)
+
+    def adopt(self, inflight: InFlight) -> None:
+        """Take over a request the C core sent to the local socket and does not answer itself
+        (proxy/_core.pyx hands over an answer that is not its common case: an interim or
+        chunked one, one without a length or too long for it, a status the walk may retry on,
+        an invalid head, an end or a timeout before the answer is whole). From here the walk
+        is this one's, as if it had sent the request itself: the bytes read so far are parsed
+        again, and what the socket says next (its end, a reset) or the read deadline that has
+        passed comes as it would have."""
+        peer = inflight.peer
+        now = inflight.sent_at
+        self.route_kind = inflight.route_kind
+        self.route_ms = inflight.route_ms
+        self.route_at = now
+        self.clean = inflight.clean  # as the policy's verdict had it (CoreBooks.begin)
+        self.attempt = 1
+        self.pos = 0  # the first of the order: a failure walks on from there
+        self.peer = peer
+        self.tried = (peer.address,)
+        self.slot = peer  # the slot the core took, given back by this walk's _end_attempt
+        self.slot_answered = False
+        room = self.ctx.room
+        if room is not None and peer is room.local:
+            room.rekey(inflight.key, self)  # the policy's books of it are this walk's now
+        self.connect_ms = inflight.connect_ms
+        self._enter(CONNECTING)
+        try:
+            conn = open_connection(peer, self.ctx.loop, inflight.fd)
+        except OSError as exc:
+            close_fd(inflight.fd)
+            self._next(policy.classify_connect_errno(exc.errno), exc.errno)
+            return
+        self._enter(WAITING)
+        self.conn = conn
+        conn.exchange = self
+        conn.reused = False
+        conn.timer.set(inflight.deadline)
+        self.sent_at = now
+        self.req.sink = conn  # the head went out whole, from the core
+        client = self.client
+        if client.write_paused:
+            conn.pause_reading()
+        if inflight.answer:
+            conn.data_received(inflight.answer)
 
     def _serve_file(self, static: StaticFiles) -> bool:
         """SPEC 10: a GET or HEAD that a file under static.root answers is served from disk, and
@@ -585,11 +630,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
 
     def _peer_ok(self, peer: Peer) -> None:
         """A success clears a failure count or a down mark."""
-        if peer.down_until and peer.record_success():
-            self.ctx.events.peer_up(peer)
-        elif peer.fails:
-            peer.fails = 0
-            self.ctx.events.peer_fails(peer)
+        peer_ok(self.ctx.events, peer)
 
     # -- events from the upstream connection ------------------------------------------------------
 
@@ -858,16 +899,7 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
         third of the overflow instead of half (tests/test_learning.py, 13 against 27). With
         `routes.learn` off there is no route time: the destination's own service time is the
         reference (before, its concurrency never grew past this box's worker count)."""
-        routes = self.ctx.routes
-        route_ms, learned_ms = routes.answered(self.route, ms, now, self.clean)
-        room = self.ctx.room
-        if room is not None:
-            if not route_ms:
-                if routes.learn:
-                    route_ms = learned_ms
-                elif self.clean:
-                    route_ms = room.service_ms(peer) or ms
-            room.answered(peer, self.sent_load, ms, route_ms, self.slow, now)
+        learn(self.ctx, self.route, self.clean, self.sent_load, self.slow, peer, ms, now)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream closed or reset the connection before the response was complete."""

@@ -464,6 +464,10 @@ class UpstreamConnection(HeadSink, Pooled, Receiver):
         if exchange is not None:
             exchange.on_response_complete(self, reusable)
 
+    def keepalive_hint_from(self, value: bytes) -> None:
+        """`Keep-Alive: timeout=N` of an answer read by the C core (corebooks.CoreBooks.pool)."""
+        self._keepalive_hint(value)
+
     def _keepalive_hint(self, value: bytes) -> None:
         """`Keep-Alive: timeout=N` tells when the upstream will close an idle connection."""
         for part in value.split(b","):

@@ -259,6 +259,16 @@ class Room:
         reason = "queued" if verdict == AWAY_QUEUED else "workers_busy"
         return self._best_peer(now, (), slow), reason
 
+    def home_now(self, now: float) -> bool:
+        """Would `route` send a fast-route request home now? True, with what `choose` does
+        then (a probe started, `clean` set), for the C core (proxy/corebooks.py); False where
+        it would hold it or send it elsewhere: the relay then asks `route` itself (`choose`'s
+        reading of the queue is kept for the turn, its random draw is drawn again)."""
+        if self.held:
+            return False
+        peer, _ = self.choose(now)
+        return peer is self.local
+
     def _may_probe(self, now: float, slow: bool) -> bool:
         """May this request be the probe for a worker beyond W? A probe that finds none waits
         in the accept queue for the first of ours in service there to end, so only a fast-route
@@ -316,6 +326,21 @@ class Room:
         self._local_sent[key] = (now, math.inf if unsure else now + route_ms / 1000.0)
         if kind != KNOWN_FAST:
             self._local_unsure.add(key)
+
+    def rekey(self, old: object, new: object) -> None:
+        """A local attempt changed hands (the C core's request, taken over by the relay's
+        exchange: Exchange.adopt): its books follow it."""
+        books = self._local_sent
+        if old not in books:
+            return
+        # in the same place: the oldest first is what _fast_box and _may_probe read
+        items = [(new if key is old else key, sent) for key, sent in books.items()]
+        books.clear()
+        books.update(items)
+        unsure = self._local_unsure
+        if old in unsure:
+            unsure.discard(old)
+            unsure.add(new)
 
     def local_answered(self, key: object, now: float) -> None:
         """That attempt's response head arrived (its worker is done with it)."""

@@ -57,6 +57,7 @@ class _Layout:
         "active",
         "buffering",
         "connect",
+        "core",
         "down",
         "duration",
         "exhausted",
@@ -83,6 +84,7 @@ class _Layout:
         self.status = take(_STATUSES)
         self.duration = take(len(DURATION_BUCKETS) + 1)
         self.exhausted = take(1)
+        self.core = take(1)
         self.active = take(1)
         self.ready = take(1)
         self.temp_bytes = take(1)
@@ -162,6 +164,10 @@ class WorkerMetrics:
 
     def exhausted(self) -> None:
         self._w.add(self._layout.exhausted, 1)
+
+    def core_answered(self) -> None:
+        """A request the C core answered itself (proxy/_core.pyx)."""
+        self._w.add(self._layout.core, 1)
 
     def connect_duration(self, server: int, seconds: float) -> None:
         self._count_connect(server, seconds)
@@ -319,6 +325,7 @@ class Totals:
     held: int = 0
     fails: Counter[str] = field(default_factory=Counter)
     down: Counter[str] = field(default_factory=Counter)  # how many workers hold it down
+    core: int = 0  # answered by the C core
 
     def copy(self) -> Totals:
         return Totals(
@@ -326,7 +333,7 @@ class Totals:
             Counter(self.server_requests), Counter(self.server_failovers), Counter(self.failovers),
             {k: list(v) for k, v in self.connect.items()}, dict(self.connect_sum),
             self.active, self.temp_bytes, self.buffering, self.held, Counter(self.fails),
-            Counter(self.down),
+            Counter(self.down), self.core,
         )
 
     def add(self, metrics: WorkerMetrics, addresses: Sequence[str | None], *, gauges: bool,
@@ -369,6 +376,7 @@ class Totals:
             self.duration[i] += q[layout.duration + i]
         self.duration_sum += d[0]
         self.exhausted += q[layout.exhausted]
+        self.core += q[layout.core]
         width = len(CONNECT_BUCKETS) + 1
         named = [(i, a) for i, a in enumerate(addresses[:n]) if a is not None]
         for i, address in named:
@@ -475,6 +483,9 @@ def render(totals: Totals, servers: Iterable[str], workers: int) -> str:
     page.family("failproxy_upstream_exhausted_total", "counter",
                 "Requests that reached no server (answered 502/504).")
     page.sample("failproxy_upstream_exhausted_total", totals.exhausted)
+    page.family("failproxy_core_requests_total", "counter",
+                "Requests the C core answered itself (FAILPROXY_CORE=1), of all requests.")
+    page.sample("failproxy_core_requests_total", totals.core)
     page.family("failproxy_upstream_connect_duration_seconds", "histogram",
                 "Time to connect to an upstream server.")
     for address in known:
