@@ -397,14 +397,55 @@ cdef _Upstreams _upstreams(loop):
     return <_Upstreams>found
 
 
-cdef dict _BOOKS = {}  # WorkerContext -> its CoreBooks
+cdef class _Worker:
+    """What the core reads of its worker on every request, read once: the settings as C values,
+    the books' methods bound (an attribute of a Python object read from here is a lookup by name
+    each time: ~150 instructions, ~30 of them a request before these were kept)."""
+
+    cdef object ctx
+    cdef object books
+    cdef Names names
+    cdef double header_timeout, keepalive_timeout, read_timeout
+    cdef size_t max_uri, max_header, answer_most
+    cdef long keepalive_requests
+    cdef bint intercept_errors, upstream_header, rid
+    cdef object build_head, new_request_id, begin, undo, sent, answered, finish, gone, pool
+
+    def __cinit__(self, ctx):
+        self.ctx = ctx
+        books = self.books = CoreBooks(ctx)
+        self.names = <Names?>ctx.request_names
+        self.header_timeout = ctx.header_timeout
+        self.keepalive_timeout = ctx.keepalive_timeout
+        self.read_timeout = ctx.read_timeout
+        self.max_uri = ctx.max_uri_bytes
+        self.max_header = ctx.max_header_bytes
+        self.answer_most = ANSWER_MOST
+        if ctx.response_buffering and <size_t>ctx.response_buffer_bytes < self.answer_most:
+            self.answer_most = ctx.response_buffer_bytes
+        self.keepalive_requests = ctx.keepalive_requests
+        self.intercept_errors = ctx.intercept_errors
+        self.upstream_header = ctx.upstream_header
+        self.rid = bool(ctx.rid_header)
+        self.build_head = ctx.build_head
+        self.new_request_id = ctx.new_request_id
+        self.begin = books.begin
+        self.undo = books.undo
+        self.sent = books.sent
+        self.answered = books.answered
+        self.finish = books.finish
+        self.gone = books.gone
+        self.pool = books.pool
 
 
-cdef object _books(ctx):
-    books = _BOOKS.get(ctx)
-    if books is None:
-        books = _BOOKS[ctx] = CoreBooks(ctx)
-    return books
+cdef dict _WORKERS = {}  # WorkerContext -> its _Worker
+
+
+cdef _Worker _worker(ctx):
+    found = _WORKERS.get(ctx)
+    if found is None:
+        found = _WORKERS[ctx] = _Worker(ctx)
+    return <_Worker>found
 
 
 cdef char _readbuf[READ_SIZE]
@@ -432,8 +473,10 @@ cdef class CoreConnection:
     """One client connection until it is handed over (asyncio calls its methods)."""
 
     cdef object ctx
-    cdef object books
+    cdef _Worker w
     cdef object _make_client
+    cdef object _write  # transport.write, bound once
+    cdef object _timer_set  # timer.set, bound once a timer
     cdef object transport
     cdef object timer
     cdef object _handed  # the ClientConnection it was given to, once it was
@@ -484,15 +527,15 @@ cdef class CoreConnection:
     def connection_made(self, transport):
         ctx = self.ctx
         self.transport = transport
-        self.books = _books(ctx)
+        self._write = transport.write
+        self.w = _worker(ctx)
         self.upstreams = _upstreams(ctx.loop)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.client_addr = self.client_ip.encode()
         ctx.connection_opened(self)
-        self.deadline = monotonic() + ctx.header_timeout
-        self.timer = take_timer(ctx.loop, self._on_timer)
-        self.timer.set(self.deadline)
+        self.deadline = monotonic() + self.w.header_timeout
+        self._take_timer()
         if ctx.draining:  # accepted just before the listener closed
             self.drain(ctx.idle_grace)
 
@@ -570,8 +613,14 @@ cdef class CoreConnection:
         self.write_paused = False
         self.reading = True
         self.deadline = deadline
+        self._write = transport.write
+        self._take_timer()
+
+    cdef int _take_timer(self) except -1:
         self.timer = take_timer(self.ctx.loop, self._on_timer)
-        self.timer.set(deadline)
+        self._timer_set = self.timer.set
+        self._timer_set(self.deadline)
+        return 0
 
     def abort(self):
         if self.state != GONE and self.transport is not None:
@@ -588,11 +637,11 @@ cdef class CoreConnection:
             now = monotonic()
             self.began = now
             if self.served:  # the first head's deadline runs from the accept (as the relay's)
-                self.deadline = now + self.ctx.header_timeout
-                self.timer.set(self.deadline)
+                self.deadline = now + self.w.header_timeout
+                self._timer_set(self.deadline)
         end = _parse(&self.parser, &self.ps, 0, self.inbuf, self.in_n, False)
         if end == 0:
-            if self.in_n > <size_t>self.ctx.max_header_bytes:
+            if self.in_n > self.w.max_header:
                 self._hand_over(False)  # the relay's 431
             return 0
         if end < 0 or not self._request(end):
@@ -611,16 +660,17 @@ cdef class CoreConnection:
         cdef Span host
         host.at = host.n = 0
         cdef Names names
-        ctx = self.ctx
+        cdef list lines
+        cdef _Worker w = self.w
         if p.method != HTTP_GET and p.method != HTTP_HEAD:
             return False
         if p.http_major != 1 or p.http_minor > 1:
             return False
         if (ps.first.n == 0 or base[ps.first.at] != b"/"
                 or memchr(base + ps.first.at, b"#", ps.first.n) != NULL
-                or ps.first.n > <size_t>ctx.max_uri_bytes):
+                or ps.first.n > w.max_uri):
             return False
-        names = <Names?>ctx.request_names
+        names = w.names
         lines = []
         for i in range(ps.n):
             kind = names._lookup(base + ps.names[i].at, ps.names[i].n)
@@ -629,8 +679,10 @@ cdef class CoreConnection:
                 if kind == _HOST:
                     hosts += 1
                     host = ps.values[i]
-                lines += (_recent(base + ps.names[i].at, ps.names[i].n), _SEP,
-                          _recent(base + ps.values[i].at, ps.values[i].n), _CRLF)
+                lines.append(_recent(base + ps.names[i].at, ps.names[i].n))
+                lines.append(_SEP)
+                lines.append(_recent(base + ps.values[i].at, ps.values[i].n))
+                lines.append(_CRLF)
             elif kind == _CONNECTION:
                 if _is_token(base + ps.values[i].at, ps.values[i].n, b"close", 5):
                     close_tok = True
@@ -641,7 +693,7 @@ cdef class CoreConnection:
             elif _READ_BY_RELAY >> kind & 1:
                 return False  # a length, Expect, X-Forwarded-For, Via, a request id, Upgrade
             # else dropped, as the relay drops it (hop-by-hop, underscored, Proxy-Connection)
-        if hosts != 1 or head_size + ps.first.n > <size_t>ctx.max_header_bytes:
+        if hosts != 1 or head_size + ps.first.n > w.max_header:
             return False
         host_value = _recent(base + host.at, host.n)
         if host_value not in _KNOWN_HOSTS and not valid_host(host_value):
@@ -652,29 +704,29 @@ cdef class CoreConnection:
         method = _HEAD if self.head_request else _GET
         url = _recent(base + ps.first.at, ps.first.n)
         now = monotonic()
-        books = self.books
-        peer = books.begin(self, method, url, now)
+        peer = w.begin(self, method, url, now)
         if peer is None:
             return False
-        request_id = ctx.new_request_id() if ctx.rid_header else ""
-        head = ctx.build_head(method, url, lines, host_value, self.client_addr, self.tls,
-                              request_id, _EMPTY, _EMPTY, _EMPTY, _EMPTY)
+        request_id = w.new_request_id() if w.rid else ""
+        head = w.build_head(method, url, lines, host_value, self.client_addr, self.tls,
+                            request_id, _EMPTY, _EMPTY, _EMPTY, _EMPTY)
         fd, err = start_connect(peer)
         if fd < 0 or err:
             if fd >= 0:
                 close(fd)  # in progress (a TCP socket): the relay's to wait for
-            books.undo(self, peer, monotonic())
+            w.undo(self, peer, monotonic())
             return False
         if write(fd, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) != PyBytes_GET_SIZE(head):
             close(fd)  # nothing or part of it went: a GET, safe to send again from the relay
-            books.undo(self, peer, monotonic())
+            w.undo(self, peer, monotonic())
             return False
         self.sent_at = monotonic()
         self.connect_ms = int((self.sent_at - now) * 1_000_000 + 0.5) / 1000.0
-        books.sent(peer, self.sent_at - now)
+        w.sent(peer, self.sent_at - now)
         self.upstreams.watch(fd, self)
         self.fd = fd
         self.peer = peer
+        books = w.books
         self.route = books.route
         self.route_kind = books.route_kind
         self.route_ms = books.route_ms
@@ -685,8 +737,8 @@ cdef class CoreConnection:
         self.req_len = end
         self.a_n = 0
         self.state = SENT
-        self.deadline = self.sent_at + ctx.read_timeout
-        self.timer.set(self.deadline)
+        self.deadline = self.sent_at + w.read_timeout
+        self._timer_set(self.deadline)
         return True
 
     cdef int _upstream_ready(self) except -1:
@@ -720,8 +772,7 @@ cdef class CoreConnection:
         cdef Parse* ps = &self.ps
         cdef llhttp_t* p = &self.parser
         cdef bint keep
-        cdef size_t most
-        ctx = self.ctx
+        cdef _Worker w = self.w
         end = _parse(p, ps, 1, self.abuf, self.a_n, self.head_request)
         if end < 0:
             self._hand_over_in_flight()
@@ -731,24 +782,20 @@ cdef class CoreConnection:
             self._hand_over_in_flight()  # known from its head already: not the core's
             return 0
         if end == 0:
-            most = ANSWER_MOST
-            if ctx.response_buffering and <size_t>ctx.response_buffer_bytes < most:
-                most = ctx.response_buffer_bytes
-            if self.a_n > most:
+            if self.a_n > w.answer_most:
                 self._hand_over_in_flight()
                 return 0
-            self.deadline = monotonic() + ctx.read_timeout  # per read, as the relay's
-            self.timer.set(self.deadline)
+            self.deadline = monotonic() + w.read_timeout  # per read, as the relay's
+            self._timer_set(self.deadline)
             return 0
         status = p.status_code
         reusable = (llhttp_should_keep_alive(p) != 0 and <size_t>end == self.a_n
                     and not (self.head_request and ps.npieces))
         now = monotonic()
-        books = self.books
         peer = self.peer
-        books.answered(self, peer, now)
-        keep = (self.keep_alive and not ctx.draining
-                and self.served + 1 < ctx.keepalive_requests)
+        w.answered(self, peer, now)
+        keep = (self.keep_alive and self.served + 1 < w.keepalive_requests
+                and not self.ctx.draining)
         chunked = self.chunked_answer and not self.head_request
         framing = _EMPTY
         if chunked:
@@ -757,17 +804,17 @@ cdef class CoreConnection:
                 chunked = False
             else:
                 framing = _CHUNKED
-        extra = peer.header_line if ctx.upstream_header else _EMPTY
+        extra = peer.header_line if w.upstream_header else _EMPTY
         head = response_head(status, _EMPTY, lines, framing, keep, self.http10, extra)
         out = self._framed(head, chunked)
         if reusable:
             self._pool_upstream(now)
         else:
             self._close_upstream()
-        self.transport.write(out)
-        books.finish(peer, self.route, self.clean, now, self.began, self.sent_at, status,
-                     self.request_id, self.method, self.url, PyBytes_GET_SIZE(out),
-                     self.client_ip, self.connect_ms)
+        self._write(out)
+        w.finish(peer, self.route, self.clean, now, self.began, self.sent_at, status,
+                 self.request_id, self.method, self.url, PyBytes_GET_SIZE(out), self.client_ip,
+                 self.connect_ms)
         self.peer = None
         self.served += 1
         self._next_request(keep)
@@ -814,12 +861,12 @@ cdef class CoreConnection:
         cdef const char* base = self.abuf
         cdef int i, kind
         cdef int status = p.status_code
-        ctx = self.ctx
+        cdef list lines
         if status < 200 or status == 101 or status not in _STATUS_LINES:
             return None
         if status >= _REASON_MIN and status in _STATUS_REASONS:
             return None
-        if ctx.intercept_errors and status >= 400:
+        if self.w.intercept_errors and status >= 400:
             return None
         self.chunked_answer = p.flags & F_CHUNKED != 0
         if not self.head_request and status != 204 and status != 304:
@@ -830,8 +877,10 @@ cdef class CoreConnection:
         for i in range(ps.n):
             kind = _RESPONSE_NAMES._lookup(base + ps.names[i].at, ps.names[i].n)
             if kind == _PLAIN or kind == _LENGTH:
-                lines += (_recent(base + ps.names[i].at, ps.names[i].n), _SEP,
-                          _recent(base + ps.values[i].at, ps.values[i].n), _CRLF)
+                lines.append(_recent(base + ps.names[i].at, ps.names[i].n))
+                lines.append(_SEP)
+                lines.append(_recent(base + ps.values[i].at, ps.values[i].n))
+                lines.append(_CRLF)
             elif kind == _CONNECTION:
                 if not (_is_token(base + ps.values[i].at, ps.values[i].n, b"close", 5)
                         or _is_token(base + ps.values[i].at, ps.values[i].n, b"keep-alive", 10)):
@@ -868,8 +917,8 @@ cdef class CoreConnection:
         if self.eof:
             self._close()
             return 0
-        self.deadline = monotonic() + self.ctx.keepalive_timeout
-        self.timer.set(self.deadline)
+        self.deadline = monotonic() + self.w.keepalive_timeout
+        self._timer_set(self.deadline)
         return 0
 
     cdef int _pool_upstream(self, double now) except -1:
@@ -878,7 +927,7 @@ cdef class CoreConnection:
         fd = self.fd
         self.upstreams.forget(fd)
         self.fd = -1
-        self.books.pool(self.peer, fd, self.keepalive_hint, now)
+        self.w.pool(self.peer, fd, self.keepalive_hint, now)
         return 0
 
     cdef void _close_upstream(self) noexcept:
@@ -908,8 +957,8 @@ cdef class CoreConnection:
         peer = self.peer
         self._close_upstream()
         self.peer = None
-        self.books.gone(self, peer, self.route, now, self.began, self.request_id, self.method,
-                        self.url, self.client_ip, self.connect_ms)
+        self.w.gone(self, peer, self.route, now, self.began, self.request_id, self.method,
+                    self.url, self.client_ip, self.connect_ms)
         return 0
 
     # -- timers ---------------------------------------------------------------------------------
