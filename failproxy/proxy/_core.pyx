@@ -63,7 +63,6 @@ from failproxy.proxy._llhttp cimport (
     llhttp_t,
 )
 
-from time import monotonic as _monotonic
 
 from failproxy.proxy._llhttp import Names as _Names
 from failproxy.proxy.connect import start_connect as _start_connect
@@ -106,7 +105,23 @@ cdef extern from "sys/epoll.h" nogil:
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
 
-cdef object monotonic = _monotonic
+cdef extern from "time.h" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec* tp)
+    enum:
+        CLOCK_MONOTONIC
+
+
+cdef inline double _now() noexcept:
+    """time.monotonic(), the same double (CPython: the nanoseconds over 1e9), without a call
+    into Python (~150 instructions each, five a request)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>(<long long>ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9
+
 cdef object start_connect = _start_connect
 cdef object response_head = _response_head
 cdef object valid_host = _valid_host
@@ -534,7 +549,7 @@ cdef class CoreConnection:
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.client_addr = self.client_ip.encode()
         ctx.connection_opened(self)
-        self.deadline = monotonic() + self.w.header_timeout
+        self.deadline = _now() + self.w.header_timeout
         self._take_timer()
         if ctx.draining:  # accepted just before the listener closed
             self.drain(ctx.idle_grace)
@@ -634,7 +649,7 @@ cdef class CoreConnection:
         cdef int end
         cdef double now
         if self.began == 0.0:
-            now = monotonic()
+            now = _now()
             self.began = now
             if self.served:  # the first head's deadline runs from the accept (as the relay's)
                 self.deadline = now + self.w.header_timeout
@@ -703,7 +718,7 @@ cdef class CoreConnection:
         self.head_request = p.method == HTTP_HEAD
         method = _HEAD if self.head_request else _GET
         url = _recent(base + ps.first.at, ps.first.n)
-        now = monotonic()
+        now = _now()
         peer = w.begin(self, method, url, now)
         if peer is None:
             return False
@@ -714,13 +729,13 @@ cdef class CoreConnection:
         if fd < 0 or err:
             if fd >= 0:
                 close(fd)  # in progress (a TCP socket): the relay's to wait for
-            w.undo(self, peer, monotonic())
+            w.undo(self, peer, _now())
             return False
         if write(fd, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) != PyBytes_GET_SIZE(head):
             close(fd)  # nothing or part of it went: a GET, safe to send again from the relay
-            w.undo(self, peer, monotonic())
+            w.undo(self, peer, _now())
             return False
-        self.sent_at = monotonic()
+        self.sent_at = _now()
         self.connect_ms = int((self.sent_at - now) * 1_000_000 + 0.5) / 1000.0
         w.sent(peer, self.sent_at - now)
         self.upstreams.watch(fd, self)
@@ -785,13 +800,13 @@ cdef class CoreConnection:
             if self.a_n > w.answer_most:
                 self._hand_over_in_flight()
                 return 0
-            self.deadline = monotonic() + w.read_timeout  # per read, as the relay's
+            self.deadline = _now() + w.read_timeout  # per read, as the relay's
             self._timer_set(self.deadline)
             return 0
         status = p.status_code
         reusable = (llhttp_should_keep_alive(p) != 0 and <size_t>end == self.a_n
                     and not (self.head_request and ps.npieces))
-        now = monotonic()
+        now = _now()
         peer = self.peer
         w.answered(self, peer, now)
         keep = (self.keep_alive and self.served + 1 < w.keepalive_requests
@@ -917,7 +932,7 @@ cdef class CoreConnection:
         if self.eof:
             self._close()
             return 0
-        self.deadline = monotonic() + self.w.keepalive_timeout
+        self.deadline = _now() + self.w.keepalive_timeout
         self._timer_set(self.deadline)
         return 0
 
@@ -953,7 +968,7 @@ cdef class CoreConnection:
 
     cdef int _abandon(self) except -1:
         """The client left with its request in flight: the relay's client_gone (499)."""
-        now = monotonic()
+        now = _now()
         peer = self.peer
         self._close_upstream()
         self.peer = None
