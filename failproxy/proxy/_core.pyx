@@ -14,12 +14,13 @@ The common request: a GET or HEAD without a body, HTTP/1.1 or 1.0, its target in
 one valid Host, no header the relay reads but Host and a plain `Connection: close` or
 `keep-alive`, that the overflow policy sends home by its common verdict (CoreBooks.begin), to
 a local UNIX socket that takes the connection at once; answered with a status the walk would
-not retry on, a Content-Length within what the core holds, and no header the relay reads but
-that and a plain Connection. Its bytes are parsed with llhttp's C callbacks into spans of one
+not retry on or replace, a Content-Length or chunked body within what the core holds (a chunked
+one re-chunked for the client as the relay does), and no header the relay reads but those, a
+plain Connection and Keep-Alive. Its bytes are parsed with llhttp's C callbacks into spans of one
 buffer; the heads both ways are written by the relay's own writers (headers.py, `_heads.pyx`),
 so a request forwarded by the core and one forwarded by the relay are the same bytes; the books
 (slot, policy, learning, counters, the access line) are kept by corebooks.CoreBooks, four calls
-a request.
+a request, through a `_Worker` that holds the worker's settings as C values.
 
 Two hand-overs, each to a `downstream.ClientConnection`, which becomes the transport's protocol,
 takes the core's place in the worker's books (`WorkerContext.connection_replaced`: the same
