@@ -9,6 +9,7 @@ Real processes and sockets: a worker started with the core, a raw client.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -16,11 +17,18 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from backends import HANG, RESET, HTTPBackend, Reply, Request
+from inprocess import FakeTransport, Harness, request
 from support import Proxy, active_connections, build_request, free_port, metric
+
+from failproxy.proxy.corebooks import InFlight
+from failproxy.proxy.downstream import ClientConnection
+from failproxy.routing.peer import Peer
 
 EXPECT = os.environ.get("FAILPROXY_EXPECT_BUILD", "")
 compiled_only = pytest.mark.skipif(EXPECT != "compiled",
@@ -418,3 +426,79 @@ def test_the_relay_gives_the_connection_back_between_requests(proxy, backend,
             assert c.read_response().status == 200, i
     assert [r.target for r in app.requests] == ["/one", "/two", "/three", "/chunked", "/four"]
     assert _core_requests(admin) == 3
+
+
+# ---- the relay's side of the hand-over, in-process (both builds: it is the relay's code) --------
+
+def _in_flight(tmp_path: Path, data: bytes, answer: bytes,
+               then: Callable[[ClientConnection | None, FakeTransport, Peer, socket.socket],
+                              Awaitable[None]]) -> None:
+    """A request the core sent to a real UNIX listener (`answer`: what the core read of its
+    answer), handed to a ClientConnection with `data` as what the client had sent; `then` checks
+    what follows, with the upstream's end of the socket (the connection is None when adopt
+    raised)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        path = tmp_path / "up.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.listen(4)
+        h = Harness(f'[[upstream.server]]\naddress = "unix:{path}"\n', tmp_path / "log", loop)
+        peer = h.ctx.order[0]
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        sock.setblocking(False)
+        up, _ = listener.accept()
+        peer.acquire()  # what CoreBooks.begin did
+        client: ClientConnection | None = ClientConnection(h.ctx, False)
+        transport = FakeTransport()
+        inflight = InFlight(object(), peer, sock.detach(), answer, loop.time(), 0.1, 0, 0.0,
+                            True, "", loop.time() + 5)
+        try:
+            try:
+                client.adopt(transport, data, False, 0.0, loop.time() + 5,  # type: ignore
+                             False, 0, inflight, None)
+            except RuntimeError as exc:
+                assert "did not parse" in str(exc)
+                client = None
+            await then(client, transport, peer, up)
+        finally:
+            up.close()
+            listener.close()
+
+    asyncio.run(main())
+
+
+def test_adopt_relays_the_answer_of_a_request_the_core_sent(tmp_path: Path) -> None:
+    """The relay parses the request again, its exchange takes the upstream socket and the
+    answer's first bytes and reads the rest there, and the slot the core took is given back."""
+
+    async def then(client: ClientConnection | None, out: FakeTransport, peer: Peer,
+                   up: socket.socket) -> None:
+        assert client is not None
+        up.sendall(b"ngth: 2\r\n\r\nok")
+        for _ in range(500):
+            if out.data().endswith(b"ok"):
+                break
+            await asyncio.sleep(0.01)
+        assert out.data().startswith(b"HTTP/1.1 200 OK\r\n"), out.data()
+        assert out.data().endswith(b"\r\n\r\nok"), out.data()
+        assert peer.inflight == 0
+
+    _in_flight(tmp_path, request("/x"), b"HTTP/1.1 200 OK\r\nContent-Le", then)
+
+
+def test_adopt_lets_go_of_a_request_in_flight_it_cannot_parse(tmp_path: Path) -> None:
+    """Were the two parsers ever to disagree (the core sent what the relay does not take as a
+    request to start), adopt raises for the catch-all, and what the core held is let go first:
+    the upstream socket closed (the upstream reads its end), the slot given back."""
+
+    async def then(client: ClientConnection | None, out: FakeTransport, peer: Peer,
+                   up: socket.socket) -> None:
+        assert client is None, "adopt did not raise"
+        up.settimeout(5)
+        assert up.recv(100) == b""
+        assert peer.inflight == 0
+
+    _in_flight(tmp_path, b"GET /x HTTP/1.1\r\nHost: a\r\n", b"", then)

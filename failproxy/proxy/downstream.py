@@ -23,7 +23,7 @@ import httptools
 
 from failproxy.proxy import rawtransport
 from failproxy.proxy.context import Connection, WorkerContext
-from failproxy.proxy.corebooks import InFlight
+from failproxy.proxy.corebooks import CoreBooks, InFlight
 from failproxy.proxy.exchange import Downstream, Exchange
 from failproxy.proxy.headers import (
     BadRequest,
@@ -34,6 +34,7 @@ from failproxy.proxy.headers import (
     without_h2c,
     without_names,
 )
+from failproxy.proxy.rawtransport import close_fd
 from failproxy.proxy.request import Request
 from failproxy.proxy.requestparser import RequestParser, RequestSink
 from failproxy.proxy.spool import RequestBody
@@ -190,7 +191,7 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
 
     def adopt(self, transport: asyncio.BaseTransport, data: bytes, eof: bool, began: float,
               deadline: float, write_paused: bool, served: int, inflight: InFlight | None,
-              core: CoreSide) -> bool | None:
+              core: CoreSide | None) -> bool | None:
         """Take over a connection the C core (proxy/_core.pyx) accepted, at a request boundary:
         `data` is what the client sent since its last answer (unparsed: parsed again here),
         `began` when that request's first byte came (0.0: none yet), `deadline` the core's
@@ -215,7 +216,14 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
             self.began = began  # on_message_begin's clock for the first request
             self.data_received(data)
             self.began = 0.0
-        if self.inflight is not None:
+        inflight = self.inflight
+        if inflight is not None:
+            # The core sent a request this parser did not take as one to start: a bug (the two
+            # must agree on every byte they accept). What it holds is let go before the catch-all
+            # ends the connection: the upstream socket, the slot and the policy's books.
+            self.inflight = None
+            close_fd(inflight.fd)
+            CoreBooks(self.ctx).undo(inflight.key, inflight.peer, monotonic())
             raise RuntimeError("the core handed over an in-flight request the relay did not parse")
         if self.closed:
             return None
