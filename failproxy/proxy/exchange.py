@@ -270,12 +270,12 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
 
     def adopt(self, inflight: InFlight) -> None:
         """Take over a request the C core sent to the local socket and does not answer itself
-        (proxy/_core.pyx hands over an answer that is not its common case: an interim or
-        chunked one, one without a length or too long for it, a status the walk may retry on,
-        an invalid head, an end or a timeout before the answer is whole). From here the walk
-        is this one's, as if it had sent the request itself: the bytes read so far are parsed
-        again, and what the socket says next (its end, a reset) or the read deadline that has
-        passed comes as it would have."""
+        (proxy/_core.pyx hands over an answer that is not its common case: an interim one,
+        one to the connection's end or too long for it, a status the walk may retry on or an
+        error page replaces, an invalid head, an end or a timeout before the answer is whole).
+        From here the walk is this one's, as if it had sent the request itself: the bytes read
+        so far are parsed again, and what the socket says next (its end, a reset) or the read
+        deadline that has passed comes as it would have."""
         peer = inflight.peer
         now = inflight.sent_at
         self.route_kind = inflight.route_kind
