@@ -274,7 +274,7 @@ CASES: list[tuple[str, bytes, list[str], int]] = [
 def _same_across(name: str, value: str) -> str:
     """What differs between the two proxies by design: the request id, and the address the
     client reached (a Host for a request that sent none)."""
-    if name.lower() == "x-request-id":
+    if name.lower() in ("x-request-id", "x-trace"):
         return "<id>"
     if name.lower() == "host" and value.startswith("127.0.0.1:"):
         return "<the proxy>"
@@ -298,6 +298,20 @@ def _exchange(fp: Proxy, data: bytes, methods: list[str]) -> list[tuple[object, 
     return out
 
 
+def _same_through_both(core: Proxy, relay: Proxy, app: HTTPBackend, name: str, data: bytes,
+                       methods: list[str]) -> None:
+    """`data` sent through the core, then through the relay: the client reads the same
+    answers and the app sees the same requests."""
+    mark = len(app.requests)
+    got_core = _exchange(core, data, methods)
+    seen_core = _seen(app, mark)
+    mark = len(app.requests)
+    got_relay = _exchange(relay, data, methods)
+    seen_relay = _seen(app, mark)
+    assert got_core == got_relay, name
+    assert seen_core == seen_relay, name
+
+
 def _core_requests(admin: int) -> int:
     return metric(admin, "failproxy_core_requests_total")
 
@@ -316,14 +330,7 @@ def test_the_core_answers_as_the_relay_does(proxy, backend, monkeypatch) -> None
     relay = proxy([app], admin={"listen": f"127.0.0.1:{admin_relay}"})
     answered = 0
     for name, data, methods, by_core in CASES:
-        mark = len(app.requests)
-        got_core = _exchange(core, data, methods)
-        seen_core = _seen(app, mark)
-        mark = len(app.requests)
-        got_relay = _exchange(relay, data, methods)
-        seen_relay = _seen(app, mark)
-        assert got_core == got_relay, name
-        assert seen_core == seen_relay, name
+        _same_through_both(core, relay, app, name, data, methods)
         answered += by_core
         assert _core_requests(admin_core) == answered, name
     assert _core_requests(admin_relay) == 0
@@ -333,6 +340,33 @@ def test_the_core_answers_as_the_relay_does(proxy, backend, monkeypatch) -> None
             "overflowed", "route", "spilled_bytes", "static")
     assert [{k: e.get(k) for k in keys} for e in lines_core] == \
         [{k: e.get(k) for k in keys} for e in lines_relay]
+
+
+# Every header setting away from its default, twice over: the heads the core writes are the
+# relay's writers' pieces (`_heads.pxd`) around the fields it forwards.
+OTHER_HEADERS = [
+    {"x_forwarded_for": "append", "x_forwarded_proto": False, "x_forwarded_host": True,
+     "via": False, "request_id": "X-Trace", "upstream_header": True},
+    {"x_forwarded_for": "off", "x_forwarded_host": True, "request_id": ""},
+]
+
+
+@compiled_only
+@pytest.mark.parametrize("headers", OTHER_HEADERS)
+def test_the_core_writes_the_relays_heads_whatever_the_header_settings(
+        proxy, backend, monkeypatch, headers: dict[str, Any]) -> None:
+    """The common cases through a worker with the core and one without, with the header
+    settings changed: the same requests reach the app, the same answers the client, and the
+    core answered them."""
+    app = backend("app", unix=True, handler=_reply)
+    admin = free_port()
+    core, relay = _pair(proxy, app, monkeypatch, admin, headers=headers)
+    common = [case for case in CASES if case[3]]
+    for name, data, methods, _ in common:
+        _same_through_both(core, relay, app, name, data, methods)
+    assert _core_requests(admin) == sum(case[3] for case in common)
+    named = [any(k.lower() == "x-trace" for k, _ in fields) for _, _, fields in _seen(app, 0)]
+    assert named == [bool(headers["request_id"])] * len(app.requests)
 
 
 _LOGGED = ("method", "path", "status", "bytes_sent", "upstream", "upstreams", "tries",

@@ -17,8 +17,9 @@ a local UNIX socket that takes the connection at once; answered with a status th
 not retry on or replace, a Content-Length or chunked body within what the core holds (a chunked
 one re-chunked for the client as the relay does), and no header the relay reads but those, a
 plain Connection and Keep-Alive. Its bytes are parsed with llhttp's C callbacks into spans of one
-buffer; the heads both ways are written by the relay's own writers (headers.py, `_heads.pyx`),
-so a request forwarded by the core and one forwarded by the relay are the same bytes; the books
+buffer; the heads both ways are written from the relay's own writers' pieces (`_heads.pxd`)
+with the forwarded fields copied from those spans, so a request forwarded by the core and one
+forwarded by the relay are the same bytes, and no Python object is made for a header; the books
 (slot, policy, learning, counters, the access line) are kept by corebooks.CoreBooks, four calls
 a request, through a `_Worker` that holds the worker's settings as C values.
 
@@ -37,11 +38,13 @@ gives it back (`take_back`), and the core reads the next request.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memmove
 from posix.unistd cimport close, read, write
 
+from failproxy.proxy._heads cimport Pieces, RequestHead, ResponseHead, copy_bytes, copy_pieces
 from failproxy.proxy._llhttp cimport (
     F_CHUNKED,
     F_CONTENT_LENGTH,
@@ -82,7 +85,6 @@ from failproxy.proxy.headers import (
     H_VIA,
     H_XFF,
     KNOWN_HOSTS,
-    STATUS_LINES,
     response_head as _response_head,
     response_kind_names,
     valid_host as _valid_host,
@@ -124,10 +126,9 @@ cdef inline double _now() noexcept:
     return <double>(<long long>ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9
 
 cdef object start_connect = _start_connect
-cdef object response_head = _response_head
+cdef ResponseHead _RESPONSE_HEAD = _response_head.__self__  # the relay's writer's own
 cdef object valid_host = _valid_host
 cdef set _KNOWN_HOSTS = KNOWN_HOSTS
-cdef dict _STATUS_LINES = STATUS_LINES
 cdef dict _STATUS_REASONS = STATUS_REASONS
 cdef int _REASON_MIN = STATUS_REASON_MIN
 cdef Names _RESPONSE_NAMES = _Names(response_kind_names())
@@ -145,10 +146,7 @@ cdef int _READ_BY_RELAY = (1 << H_LENGTH | 1 << H_XFF | 1 << H_VIA | 1 << H_EXPE
 
 cdef bytes _GET = b"GET"
 cdef bytes _HEAD = b"HEAD"
-cdef bytes _SEP = b": "
-cdef bytes _CRLF = b"\r\n"
 cdef bytes _EMPTY = b""
-cdef bytes _CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 cdef enum:
     MAX_FIELDS = 64  # more headers than this: the relay's
@@ -178,6 +176,8 @@ cdef struct Parse:
     Span first  # the request target, or the response's reason
     Span names[MAX_FIELDS]
     Span values[MAX_FIELDS]
+    bint keep[MAX_FIELDS]  # the field is forwarded as it came (set by the head's reader)
+    Py_ssize_t kept_n  # ... and the bytes of the forwarded lines
     int n
     bint in_field  # a field's name began and its value has not ended
     bint odd  # something the core does not take: the relay's
@@ -209,6 +209,7 @@ cdef int _on_field(llhttp_t* p, const char* at, size_t n) noexcept:
         return HPE_USER
     ps.in_field = True
     _span(ps, &ps.names[ps.n], at, n)
+    ps.keep[ps.n] = False
     ps.values[ps.n].at = 0
     ps.values[ps.n].n = 0
     return 0
@@ -294,6 +295,7 @@ cdef int _parse(llhttp_t* p, Parse* ps, int kind, const char* base, size_t n,
     ps.base = base
     ps.first.n = 0
     ps.n = 0
+    ps.kept_n = 0
     ps.in_field = False
     ps.odd = False
     ps.done = False
@@ -350,6 +352,34 @@ cdef inline bint _is_token(const char* p, size_t n, const char* lower, size_t m)
         if c != <unsigned char>lower[i]:
             return False
     return True
+
+
+cdef inline void _keep(Parse* ps, int i) noexcept:
+    """Field `i` is forwarded as it came: `name: value` and CRLF, as the relay's lines."""
+    ps.keep[i] = True
+    ps.kept_n += ps.names[i].n + ps.values[i].n + 4
+
+
+cdef char* _write_head(char* dst, Pieces* p, int before, Parse* ps) noexcept:
+    """A head: the writer's pieces with the forwarded fields (`_keep`) where it puts the
+    lines; returns the end. `dst` holds `p.total + ps.kept_n` bytes."""
+    cdef int i
+    cdef const char* base = ps.base
+    dst = copy_pieces(dst, p, 0, before)
+    for i in range(ps.n):
+        if ps.keep[i]:
+            dst = copy_bytes(dst, base + ps.names[i].at, ps.names[i].n)
+            dst[0] = b":"
+            dst[1] = b" "
+            dst = copy_bytes(dst + 2, base + ps.values[i].at, ps.values[i].n)
+            dst[0] = b"\r"
+            dst[1] = b"\n"
+            dst += 2
+    return copy_pieces(dst, p, before, p.n)
+
+
+cdef char* _headbuf = NULL  # the request head under way (written to the upstream at once)
+cdef size_t _headcap = 0
 
 
 # -- the upstream sockets --------------------------------------------------------------------------
@@ -425,7 +455,8 @@ cdef class _Worker:
     cdef size_t max_uri, max_header, answer_most
     cdef long keepalive_requests
     cdef bint intercept_errors, upstream_header, rid
-    cdef object build_head, new_request_id, begin, undo, sent, answered, finish, gone, pool
+    cdef RequestHead heads  # the relay's request head writer's own (ctx.build_head)
+    cdef object new_request_id, begin, undo, sent, answered, finish, gone, pool
 
     def __cinit__(self, ctx):
         self.ctx = ctx
@@ -443,7 +474,7 @@ cdef class _Worker:
         self.intercept_errors = ctx.intercept_errors
         self.upstream_header = ctx.upstream_header
         self.rid = bool(ctx.rid_header)
-        self.build_head = ctx.build_head
+        self.heads = ctx.build_head.__self__
         self.new_request_id = ctx.new_request_id
         self.begin = books.begin
         self.undo = books.undo
@@ -676,8 +707,11 @@ cdef class CoreConnection:
         cdef Span host
         host.at = host.n = 0
         cdef Names names
-        cdef list lines
         cdef _Worker w = self.w
+        cdef Pieces pieces
+        cdef int before
+        cdef const char* rid = NULL
+        cdef Py_ssize_t rid_n = 0, size
         if p.method != HTTP_GET and p.method != HTTP_HEAD:
             return False
         if p.http_major != 1 or p.http_minor > 1:
@@ -687,7 +721,6 @@ cdef class CoreConnection:
                 or ps.first.n > w.max_uri):
             return False
         names = w.names
-        lines = []
         for i in range(ps.n):
             kind = names._lookup(base + ps.names[i].at, ps.names[i].n)
             head_size += ps.names[i].n + ps.values[i].n + 4
@@ -695,10 +728,7 @@ cdef class CoreConnection:
                 if kind == _HOST:
                     hosts += 1
                     host = ps.values[i]
-                lines.append(_recent(base + ps.names[i].at, ps.names[i].n))
-                lines.append(_SEP)
-                lines.append(_recent(base + ps.values[i].at, ps.values[i].n))
-                lines.append(_CRLF)
+                _keep(ps, i)
             elif kind == _CONNECTION:
                 if _is_token(base + ps.values[i].at, ps.values[i].n, b"close", 5):
                     close_tok = True
@@ -723,16 +753,33 @@ cdef class CoreConnection:
         peer = w.begin(self, method, url, now)
         if peer is None:
             return False
-        request_id = w.new_request_id() if w.rid else ""
-        head = w.build_head(method, url, lines, host_value, self.client_addr, self.tls,
-                            request_id, _EMPTY, _EMPTY, _EMPTY, _EMPTY)
+        if w.rid:
+            request_id = w.new_request_id()
+            rid = PyUnicode_AsUTF8AndSize(request_id, &rid_n)
+        else:
+            request_id = ""
+        # the head as the relay's writer writes it (no framing, upgrade or prior XFF / Via:
+        # a request with any of them is the relay's)
+        before = w.heads.pieces(
+            &pieces, PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method), base + ps.first.at,
+            ps.first.n, base + host.at, host.n, PyBytes_AS_STRING(self.client_addr),
+            PyBytes_GET_SIZE(self.client_addr), self.tls, rid, rid_n, NULL, 0, NULL, 0, NULL, 0,
+            NULL, 0)
+        size = pieces.total + ps.kept_n
+        if <size_t>size > _headcap:
+            try:
+                _grow(&_headbuf, &_headcap, size)
+            except MemoryError:
+                w.undo(self, peer, _now())
+                raise
+        _write_head(_headbuf, &pieces, before, ps)
         fd, err = start_connect(peer)
         if fd < 0 or err:
             if fd >= 0:
                 close(fd)  # in progress (a TCP socket): the relay's to wait for
             w.undo(self, peer, _now())
             return False
-        if write(fd, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) != PyBytes_GET_SIZE(head):
+        if write(fd, _headbuf, size) != size:
             close(fd)  # nothing or part of it went: a GET, safe to send again from the relay
             w.undo(self, peer, _now())
             return False
@@ -787,14 +834,17 @@ cdef class CoreConnection:
         cdef int end, status
         cdef Parse* ps = &self.ps
         cdef llhttp_t* p = &self.parser
-        cdef bint keep
+        cdef bint keep, chunked
         cdef _Worker w = self.w
+        cdef Pieces pieces
+        cdef int before
+        cdef const char* framing = NULL
+        cdef Py_ssize_t framing_n = 0
         end = _parse(p, ps, 1, self.abuf, self.a_n, self.head_request)
         if end < 0:
             self._hand_over_in_flight()
             return 0
-        lines = self._answer_lines() if ps.head_done else None
-        if ps.head_done and lines is None:
+        if ps.head_done and not self._answer_kept():
             self._hand_over_in_flight()  # known from its head already: not the core's
             return 0
         if end == 0:
@@ -813,16 +863,18 @@ cdef class CoreConnection:
         keep = (self.keep_alive and self.served + 1 < w.keepalive_requests
                 and not self.ctx.draining)
         chunked = self.chunked_answer and not self.head_request
-        framing = _EMPTY
         if chunked:
             if self.http10:
                 keep = False  # its end is the connection's end (as the relay frames it)
                 chunked = False
             else:
-                framing = _CHUNKED
+                framing = b"Transfer-Encoding: chunked\r\n"
+                framing_n = 28
         extra = peer.header_line if w.upstream_header else _EMPTY
-        head = response_head(status, _EMPTY, lines, framing, keep, self.http10, extra)
-        out = self._framed(head, chunked)
+        before = _RESPONSE_HEAD.pieces(&pieces, status, framing, framing_n,
+                                       PyBytes_AS_STRING(extra), PyBytes_GET_SIZE(extra), keep,
+                                       self.http10)  # a status with a line: `_answer_kept`
+        out = self._framed(&pieces, before, chunked)
         if reusable:
             self._pool_upstream(now)
         else:
@@ -836,11 +888,11 @@ cdef class CoreConnection:
         self._next_request(keep)
         return 0
 
-    cdef bytes _framed(self, bytes head, bint chunked):
+    cdef bytes _framed(self, Pieces* head, int before, bint chunked):
         """The head and the body as the client gets them: as they came, or re-chunked (a chunk
         for each piece llhttp handed over, as the relay writes one for each body call)."""
         cdef Parse* ps = &self.ps
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(head) + ps.body_n
+        cdef Py_ssize_t size = head.total + ps.kept_n + ps.body_n
         cdef int i
         cdef char* out
         cdef char line[24]
@@ -850,9 +902,7 @@ cdef class CoreConnection:
                 size += _hex_size(ps.pieces[i].n) + 4
             size += 5
         made = PyBytes_FromStringAndSize(NULL, size)
-        out = PyBytes_AS_STRING(made)
-        memcpy(out, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
-        out += PyBytes_GET_SIZE(head)
+        out = _write_head(PyBytes_AS_STRING(made), head, before, ps)
         for i in range(ps.npieces):
             if chunked:
                 k = _hex(line, ps.pieces[i].n)
@@ -868,47 +918,42 @@ cdef class CoreConnection:
             memcpy(out, b"0\r\n\r\n", 5)
         return made
 
-    cdef object _answer_lines(self):
-        """The relayed header lines of the answer's head (as the relay's parser gathers them),
-        or None when the answer is not the core's: an interim or 101, a status the walk may
-        retry on or replace with an error page, no length, a header the relay reads."""
+    cdef bint _answer_kept(self) except -1:
+        """Is the answer the core's (its forwarded fields marked, `_keep`)? Not an interim or
+        101, a status the walk may retry on or replace with an error page or that has no status
+        line of failproxy's own, an answer without a length, a header the relay reads."""
         cdef Parse* ps = &self.ps
         cdef llhttp_t* p = &self.parser
         cdef const char* base = self.abuf
         cdef int i, kind
         cdef int status = p.status_code
-        cdef list lines
-        if status < 200 or status == 101 or status not in _STATUS_LINES:
-            return None
+        if status < 200 or status == 101 or status >= 600 or _RESPONSE_HEAD._line_at[status] == NULL:
+            return False
         if status >= _REASON_MIN and status in _STATUS_REASONS:
-            return None
+            return False
         if self.w.intercept_errors and status >= 400:
-            return None
+            return False
         self.chunked_answer = p.flags & F_CHUNKED != 0
         if not self.head_request and status != 204 and status != 304:
             if not p.flags & (F_CONTENT_LENGTH | F_CHUNKED):
-                return None  # to the connection's end
-        lines = []
+                return False  # to the connection's end
         self.keepalive_hint = _EMPTY
         for i in range(ps.n):
             kind = _RESPONSE_NAMES._lookup(base + ps.names[i].at, ps.names[i].n)
             if kind == _PLAIN or kind == _LENGTH:
-                lines.append(_recent(base + ps.names[i].at, ps.names[i].n))
-                lines.append(_SEP)
-                lines.append(_recent(base + ps.values[i].at, ps.values[i].n))
-                lines.append(_CRLF)
+                _keep(ps, i)
             elif kind == _CONNECTION:
                 if not (_is_token(base + ps.values[i].at, ps.values[i].n, b"close", 5)
                         or _is_token(base + ps.values[i].at, ps.values[i].n, b"keep-alive", 10)):
-                    return None
+                    return False
             elif kind == _TE:
                 if not _is_token(base + ps.values[i].at, ps.values[i].n, b"chunked", 7):
-                    return None  # another coding: the relay refuses it (502)
+                    return False  # another coding: the relay refuses it (502)
             elif kind == _KEEPALIVE:
                 self.keepalive_hint = _recent(base + ps.values[i].at, ps.values[i].n)
             elif kind != _DROP:
-                return None  # read by the relay (Upgrade, X-Accel-Buffering)
-        return lines
+                return False  # read by the relay (Upgrade, X-Accel-Buffering)
+        return True
 
     cdef int _next_request(self, bint keep) except -1:
         """The answer is out: on to what the client sent meanwhile, or idle, or closed."""
