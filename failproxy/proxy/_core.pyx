@@ -20,7 +20,7 @@ plain Connection and Keep-Alive. Its bytes are parsed with llhttp's C callbacks 
 buffer; the heads both ways are written from the relay's own writers' pieces (`_heads.pxd`)
 with the forwarded fields copied from those spans, so a request forwarded by the core and one
 forwarded by the relay are the same bytes, and no Python object is made for a header; the books
-(slot, policy, learning, counters, the access line) are kept by corebooks.CoreBooks, four calls
+(slot, policy, learning, counters, the access line) are kept by corebooks.CoreBooks, two calls
 a request, through a `_Worker` that holds the worker's settings as C values.
 
 Two hand-overs, each to a `downstream.ClientConnection`, which becomes the transport's protocol,
@@ -69,7 +69,6 @@ from failproxy.proxy._llhttp cimport (
 
 
 from failproxy.proxy._llhttp import Names as _Names
-from failproxy.proxy.connect import start_connect as _start_connect
 from failproxy.proxy.corebooks import CoreBooks, InFlight
 from failproxy.proxy.headers import (
     H_CONNECTION,
@@ -90,6 +89,7 @@ from failproxy.proxy.headers import (
     valid_host as _valid_host,
 )
 from failproxy.proxy.timer import take_timer
+from failproxy.telemetry.turnend import of as turnend_of
 from failproxy.routing.policy import STATUS_REASON_MIN, STATUS_REASONS
 
 cdef extern from "sys/epoll.h" nogil:
@@ -125,7 +125,6 @@ cdef inline double _now() noexcept:
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>(<long long>ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9
 
-cdef object start_connect = _start_connect
 cdef ResponseHead _RESPONSE_HEAD = _response_head.__self__  # the relay's writer's own
 cdef object valid_host = _valid_host
 cdef set _KNOWN_HOSTS = KNOWN_HOSTS
@@ -391,6 +390,7 @@ cdef class _Upstreams:
     cdef int epfd
     cdef dict waiting  # fd -> the CoreConnection whose answer it carries
     cdef object loop
+    cdef object _hold, _release  # the loop's turn end (turnend.TurnEnd), held for a batch
 
     def __cinit__(self, loop):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -398,6 +398,9 @@ cdef class _Upstreams:
             raise OSError(errno, "epoll_create1")
         self.waiting = {}
         self.loop = loop
+        turn = turnend_of(loop)
+        self._hold = turn.hold
+        self._release = turn.release
         loop.add_reader(self.epfd, self._ready)
 
     cdef int watch(self, int fd, CoreConnection conn) except -1:
@@ -410,9 +413,15 @@ cdef class _Upstreams:
         return 0
 
     cdef void forget(self, int fd) noexcept:
-        """Out of the set, the socket still open (handed to the relay, or about to close)."""
+        """Out of the set, the socket still open (handed to the relay, or pooled)."""
         cdef epoll_event ev
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &ev)
+        self.closing(fd)
+
+    cdef void closing(self, int fd) noexcept:
+        """`fd` is about to be closed: closing takes it out of the set (the socket is the
+        core's alone, never dup'ed), so only the map is updated, as rawtransport.Poller.forget
+        does (one epoll_ctl a request saved)."""
         try:
             del self.waiting[fd]
         except KeyError:
@@ -422,13 +431,19 @@ cdef class _Upstreams:
         cdef epoll_event events[BATCH]
         cdef int i, n
         cdef CoreConnection conn
-        n = epoll_wait(self.epfd, events, BATCH, 0)
-        for i in range(n):
-            found = self.waiting.get(events[i].data.fd)
-            if found is None:
-                continue  # taken out by an earlier one of this batch
-            conn = <CoreConnection>found
-            conn._upstream_ready()
+        # The turn's writers (the access line, the counters) run at the batch's end, not from a
+        # Handle of their own (turnend.py: ~2k instructions a request behind unicorn).
+        self._hold()
+        try:
+            n = epoll_wait(self.epfd, events, BATCH, 0)
+            for i in range(n):
+                found = self.waiting.get(events[i].data.fd)
+                if found is None:
+                    continue  # taken out by an earlier one of this batch
+                conn = <CoreConnection>found
+                conn._upstream_ready()
+        finally:
+            self._release()
 
 
 cdef dict _UPSTREAMS = {}
@@ -456,7 +471,7 @@ cdef class _Worker:
     cdef long keepalive_requests
     cdef bint intercept_errors, upstream_header, rid
     cdef RequestHead heads  # the relay's request head writer's own (ctx.build_head)
-    cdef object new_request_id, begin, undo, sent, answered, finish, gone, pool
+    cdef object begin, undo, finish, gone, pool
 
     def __cinit__(self, ctx):
         self.ctx = ctx
@@ -475,11 +490,8 @@ cdef class _Worker:
         self.upstream_header = ctx.upstream_header
         self.rid = bool(ctx.rid_header)
         self.heads = ctx.build_head.__self__
-        self.new_request_id = ctx.new_request_id
         self.begin = books.begin
         self.undo = books.undo
-        self.sent = books.sent
-        self.answered = books.answered
         self.finish = books.finish
         self.gone = books.gone
         self.pool = books.pool
@@ -712,6 +724,7 @@ cdef class CoreConnection:
         cdef int before
         cdef const char* rid = NULL
         cdef Py_ssize_t rid_n = 0, size
+        cdef int fd
         if p.method != HTTP_GET and p.method != HTTP_HEAD:
             return False
         if p.http_major != 1 or p.http_minor > 1:
@@ -750,14 +763,13 @@ cdef class CoreConnection:
         method = _HEAD if self.head_request else _GET
         url = _recent(base + ps.first.at, ps.first.n)
         now = _now()
-        peer = w.begin(self, method, url, now)
-        if peer is None:
+        sending = w.begin(self, method, url, now)
+        if sending is None:
             return False
+        peer, fd, request_id, self.route, self.route_kind, self.route_ms, self.clean = \
+            <tuple>sending
         if w.rid:
-            request_id = w.new_request_id()
             rid = PyUnicode_AsUTF8AndSize(request_id, &rid_n)
-        else:
-            request_id = ""
         # the head as the relay's writer writes it (no framing, upgrade or prior XFF / Via:
         # a request with any of them is the relay's)
         before = w.heads.pieces(
@@ -770,30 +782,19 @@ cdef class CoreConnection:
             try:
                 _grow(&_headbuf, &_headcap, size)
             except MemoryError:
+                close(fd)
                 w.undo(self, peer, _now())
                 raise
         _write_head(_headbuf, &pieces, before, ps)
-        fd, err = start_connect(peer)
-        if fd < 0 or err:
-            if fd >= 0:
-                close(fd)  # in progress (a TCP socket): the relay's to wait for
-            w.undo(self, peer, _now())
-            return False
         if write(fd, _headbuf, size) != size:
             close(fd)  # nothing or part of it went: a GET, safe to send again from the relay
             w.undo(self, peer, _now())
             return False
         self.sent_at = _now()
         self.connect_ms = int((self.sent_at - now) * 1_000_000 + 0.5) / 1000.0
-        w.sent(peer, self.sent_at - now)
         self.upstreams.watch(fd, self)
         self.fd = fd
         self.peer = peer
-        books = w.books
-        self.route = books.route
-        self.route_kind = books.route_kind
-        self.route_ms = books.route_ms
-        self.clean = books.clean
         self.request_id = request_id
         self.method = method
         self.url = url
@@ -859,7 +860,6 @@ cdef class CoreConnection:
                     and not (self.head_request and ps.npieces))
         now = _now()
         peer = self.peer
-        w.answered(self, peer, now)
         keep = (self.keep_alive and self.served + 1 < w.keepalive_requests
                 and not self.ctx.draining)
         chunked = self.chunked_answer and not self.head_request
@@ -880,7 +880,7 @@ cdef class CoreConnection:
         else:
             self._close_upstream()
         self._write(out)
-        w.finish(peer, self.route, self.clean, now, self.began, self.sent_at, status,
+        w.finish(self, peer, self.route, self.clean, now, self.began, self.sent_at, status,
                  self.request_id, self.method, self.url, PyBytes_GET_SIZE(out), self.client_ip,
                  self.connect_ms)
         self.peer = None
@@ -993,7 +993,7 @@ cdef class CoreConnection:
 
     cdef void _close_upstream(self) noexcept:
         if self.fd >= 0:
-            self.upstreams.forget(self.fd)
+            self.upstreams.closing(self.fd)
             close(self.fd)
             self.fd = -1
 

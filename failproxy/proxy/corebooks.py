@@ -3,20 +3,24 @@ overflow policy's local books, route learning, peer health, counters and the acc
 by the same calls, in the same order, that an Exchange makes for the one walk the core takes:
 the local socket, first and only attempt, sent home by the policy's common verdict.
 
-Four calls a request, so the core crosses into Python as little as it can while the books are
+Two calls a request, so the core crosses into Python as little as it can while the books are
 Python objects (bench/PROFILE.md, "The plan for the core": their common path moves to C data
-next): `begin` decides and takes the slot, `undo` gives it back when the connect failed (the
-request then goes to the relay, which walks from the start and logs the failover), `answered`
-at the response head, `finish` once the answer is written. What the Exchange and the core both
-do after an answer (`learn`, `peer_ok`) is written here once.
+next; each crossing costs its arguments boxed and parsed, ~1k instructions): `begin` decides,
+takes the slot, connects and counts the attempt; `finish`, once the answer is read whole and
+written, ends the worker's part and the request's. `undo` gives the slot back when the head
+could not be written (the request then goes to the relay, which walks from the start). What
+the Exchange and the core both do after an answer (`learn`, `peer_ok`) is written here once.
 """
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import Final
 
+from failproxy.proxy.connect import start_connect
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.events import Events
+from failproxy.proxy.rawtransport import close_fd
 from failproxy.proxy.upstream import open_connection
 from failproxy.routing.peer import Peer
 from failproxy.routing.routes import KNOWN_SLOW, UNKNOWN, route_key
@@ -73,26 +77,27 @@ class InFlight:
         self.deadline = deadline  # the read deadline the core had set (read_timeout per read)
 
 
+# What `begin` gives the core for a request it sends: the peer, the connected socket, the
+# request id ("" when off), the route key, its kind and learned time, and whether the answer
+# teaches (the one in flight per connection is the core's to keep and pass back).
+Sending = tuple[Peer, int, str, str, int, float, bool]
+
+
 class CoreBooks:
     """One worker's: the core holds it, and passes each request's own values back in."""
 
-    __slots__ = ("clean", "ctx", "route", "route_kind", "route_ms")
+    __slots__ = ("ctx",)
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
-        # What `begin` learned of the request it let through, read by the core at once (the
-        # one in flight per connection is the core's to keep).
-        self.route = ""
-        self.route_kind = 0
-        self.route_ms = 0.0
-        self.clean = True
 
-    def begin(self, key: object, method: bytes, url: bytes, now: float) -> Peer | None:
-        """The first server's peer, a local UNIX socket, with its slot taken, where the relay
-        would send this request there now as its first and only choice (Exchange.start: the
-        overflow policy's common verdict, or the first of the order when there is no policy);
-        None, with nothing done, where anything else may happen: the relay takes the
-        request then."""
+    def begin(self, key: object, method: bytes, url: bytes, now: float) -> Sending | None:
+        """The request sent to the first server, a local UNIX socket, where the relay would
+        send it there now as its first and only choice (Exchange.start: the overflow policy's
+        common verdict, or the first of the order when there is no policy): its slot taken,
+        connected, the attempt counted. None, with nothing done, where anything else may
+        happen (the relay takes the request then): also when the connect failed, which the
+        relay sees again and logs as its failover."""
         ctx = self.ctx
         order = ctx.order
         if not order or ctx.static is not None or ctx.compress is not None:
@@ -112,19 +117,24 @@ class CoreBooks:
             kind, route_ms = ctx.routes.known(route, url)
             if kind == KNOWN_SLOW or not room.home_now(now):
                 return None
+        fd, err = start_connect(local)
+        if fd < 0 or err:
+            if fd >= 0:
+                close_fd(fd)  # in progress (a TCP socket): the relay's to wait for
+            return None
+        ctx.events.connected(local, monotonic() - now)
         # sent where a worker was free, as far as known: its answer teaches (Exchange._go)
-        self.clean = room.clean if room is not None else True
-        self.route = route
-        self.route_kind = kind
-        self.route_ms = route_ms
+        clean = room.clean if room is not None else True
         local.acquire()
         if room is not None:
             room.local_sent(key, now, kind, route_ms)
-        return local
+        ctx.events.upstream_request(local)
+        request_id = ctx.new_request_id() if ctx.rid_header else ""
+        return local, fd, request_id, route, kind, route_ms, clean
 
     def undo(self, key: object, peer: Peer, now: float) -> None:
-        """`begin`'s request never reached the peer (its connect failed): the attempt ends
-        with no answer, as Exchange._end_attempt ends one."""
+        """`begin`'s request never reached the peer (its head could not be written): the
+        attempt ends with no answer, as Exchange._end_attempt ends one."""
         peer.release(False)
         room = self.ctx.room
         if room is not None:
@@ -153,28 +163,20 @@ class CoreBooks:
         else:
             conn.close()
 
-    def sent(self, peer: Peer, connect_seconds: float) -> None:
-        events = self.ctx.events
-        events.connected(peer, connect_seconds)
-        events.upstream_request(peer)
-
-    def answered(self, key: object, peer: Peer, now: float) -> None:
-        """The response head came: its worker is done with the request."""
+    def finish(self, key: object, peer: Peer, route: str, clean: bool, now: float,
+               started: float, sent_at: float, status: int, request_id: str, method: bytes,
+               url: bytes, bytes_sent: int, client_ip: str, connect_ms: float) -> None:
+        """The answer was read whole (`now`) and written to the client: its worker is done
+        with the request (as at the response head: the core reads the answer in one piece),
+        learn, give the slot back, clear the peer's failures, log."""
+        ctx = self.ctx
         peer.answered()
-        room = self.ctx.room
+        room = ctx.room
         if room is not None:
             room.local_answered(key, now)
-
-    def finish(self, peer: Peer, route: str, clean: bool, now: float, started: float,
-               sent_at: float, status: int, request_id: str, method: bytes, url: bytes,
-               bytes_sent: int, client_ip: str, connect_ms: float) -> None:
-        """The answer was read whole and written to the client: learn, give the slot back,
-        clear the peer's failures, log."""
-        ctx = self.ctx
         ms = int((now - sent_at) * 1_000_000) / 1000
         learn(ctx, route, clean, 0, False, peer, ms, now)
         peer.release(True)
-        room = ctx.room
         if room is not None:
             room.release()
         events = ctx.events
