@@ -340,6 +340,10 @@ def test_the_core_answers_as_the_relay_does(proxy, backend, monkeypatch) -> None
             "overflowed", "route", "spilled_bytes", "static")
     assert [{k: e.get(k) for k in keys} for e in lines_core] == \
         [{k: e.get(k) for k in keys} for e in lines_relay]
+    # the rest (ids, times, pids) differ by value only: the same keys in the same order, each
+    # value of the same JSON type (a time in ms a float, or null where the relay's is)
+    assert [[(k, type(v)) for k, v in e.items()] for e in lines_core] == \
+        [[(k, type(v)) for k, v in e.items()] for e in lines_relay]
 
 
 # Every header setting away from its default, twice over: the heads the core writes are the

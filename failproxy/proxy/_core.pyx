@@ -40,10 +40,12 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.errno cimport EAGAIN, EINTR, errno
+from libc.math cimport NAN
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memmove
 from posix.unistd cimport close, read, write
 
+from failproxy.telemetry._accessline cimport line as access_line
 from failproxy.proxy._heads cimport Pieces, RequestHead, ResponseHead, copy_bytes, copy_pieces
 from failproxy.proxy._llhttp cimport (
     F_CHUNKED,
@@ -470,6 +472,9 @@ cdef class _Worker:
     cdef size_t max_uri, max_header, answer_most
     cdef long keepalive_requests
     cdef bint intercept_errors, upstream_header, rid
+    cdef bint lines  # the access log's lines are written (the core renders them)
+    cdef long long pid  # as the lines name it
+    cdef object line_peer, line_address  # the last peer a line named, and its address
     cdef RequestHead heads  # the relay's request head writer's own (ctx.build_head)
     cdef object begin, undo, finish, gone, pool
 
@@ -489,6 +494,8 @@ cdef class _Worker:
         self.intercept_errors = ctx.intercept_errors
         self.upstream_header = ctx.upstream_header
         self.rid = bool(ctx.rid_header)
+        self.lines = ctx.events.lines
+        self.pid = ctx.events.pid
         self.heads = ctx.build_head.__self__
         self.begin = books.begin
         self.undo = books.undo
@@ -880,9 +887,22 @@ cdef class CoreConnection:
         else:
             self._close_upstream()
         self._write(out)
-        w.finish(self, peer, self.route, self.clean, now, self.began, self.sent_at, status,
-                 self.request_id, self.method, self.url, PyBytes_GET_SIZE(out), self.client_ip,
-                 self.connect_ms)
+        # times in ms are whole µs, as Events.answered makes them
+        duration_ms = <long long>((now - self.began) * 1_000_000) / 1000.0
+        if w.lines:
+            if peer is not w.line_peer:
+                w.line_peer = peer
+                w.line_address = peer.address
+            # one try, at the first server in order: not overflowed
+            line = access_line(None, w.pid, self.request_id or None, self.method, self.url,
+                               status, PyBytes_GET_SIZE(out), duration_ms, self.client_ip,
+                               w.line_address, None, 1, False, self.connect_ms, NAN,
+                               <long long>((now - self.sent_at) * 1_000_000) / 1000.0,
+                               self.route, 0, False)
+        else:
+            line = None
+        w.finish(self, peer, self.route, self.clean, now, self.sent_at, status, duration_ms,
+                 line)
         self.peer = None
         self.served += 1
         self._next_request(keep)

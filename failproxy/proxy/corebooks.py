@@ -164,11 +164,11 @@ class CoreBooks:
             conn.close()
 
     def finish(self, key: object, peer: Peer, route: str, clean: bool, now: float,
-               started: float, sent_at: float, status: int, request_id: str, method: bytes,
-               url: bytes, bytes_sent: int, client_ip: str, connect_ms: float) -> None:
+               sent_at: float, status: int, duration_ms: float, line: bytes | None) -> None:
         """The answer was read whole (`now`) and written to the client: its worker is done
         with the request (as at the response head: the core reads the answer in one piece),
-        learn, give the slot back, clear the peer's failures, log."""
+        learn, give the slot back, clear the peer's failures, count and log (`line`: the access
+        line the core rendered, None when the log is off: Events.lines)."""
         ctx = self.ctx
         peer.answered()
         room = ctx.room
@@ -182,6 +182,5 @@ class CoreBooks:
         events = ctx.events
         if peer.down_until or peer.fails:
             peer_ok(events, peer)
-        events.answered(now, started, status, request_id, method, url, bytes_sent, client_ip,
-                        peer, (peer.address,), 1, connect_ms, None, ms, route, 0, False)
+        events.rendered(status, duration_ms, line)
         ctx.metrics.core_answered()

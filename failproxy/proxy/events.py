@@ -224,6 +224,30 @@ class Events:
         else:  # the console format: structlog renders the event's fields
             emitter.emit(_loads(line))
 
+    @property
+    def lines(self) -> bool:
+        """Is a `request` line written for each request (the access log on, and its event
+        emitted)? Read once a worker by the C core, which renders its lines itself."""
+        return self.access and self._request.enabled
+
+    @property
+    def pid(self) -> int:
+        """The pid a `request` line names."""
+        return self._request.pid
+
+    def rendered(self, status: int, duration_ms: float, line: bytes | None) -> None:
+        """`request` of a request the C core answered and rendered the line of (`lines`;
+        None when off): counted, and the line written."""
+        self.metrics.request(status, duration_ms / 1000.0)
+        if line is None:
+            return
+        emitter = self._request
+        sink = emitter.sink
+        if sink is not None:
+            sink.write(line)
+        else:  # the console format: structlog renders the event's fields
+            emitter.emit(_loads(line))
+
     def connection_opened(self) -> None:
         self.metrics.connection_opened()
 

@@ -16,7 +16,7 @@ null, as orjson writes them.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
-from libc.math cimport isfinite
+from libc.math cimport NAN, isfinite
 from libc.stdlib cimport malloc, realloc
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
@@ -271,19 +271,23 @@ cdef int _int(long long v) except -1:
     return 0
 
 
-cdef int _ms(object value) except -1:
+cdef inline double _ms_of(object value) except? -1.0:
+    """A time in ms as `_ms` takes it: None is NaN (written null)."""
+    if value is None:
+        return NAN
+    return value
+
+
+cdef int _ms(double x) except -1:
     """A time in ms that is a whole number of µs (as failproxy keeps them): its shortest form,
-    as repr() and orjson write it; any other float through repr()'s own formatter."""
+    as repr() and orjson write it; any other float through repr()'s own formatter; NaN (None)
+    and the other non-finite ones null."""
     global _n
-    cdef double x
     cdef long long us, whole, frac
     cdef double scaled
     cdef char digits[3]
     cdef int keep
     cdef char* text
-    if value is None:
-        return _raw(b"null", 4)
-    x = value
     if not isfinite(x):
         return _raw(b"null", 4)  # as orjson writes it
     if -1e12 < x < 1e12:
@@ -356,6 +360,19 @@ def render(object timestamp, long long pid, object request_id, bytes method, byt
            long long spilled_bytes, bint static):
     """The line, newline-terminated, byte for byte what orjson makes of the same record;
     `timestamp` None: now."""
+    return line(timestamp, pid, request_id, method, path, status, bytes_sent,
+                _ms_of(duration_ms), client, upstream, upstreams, tries, overflowed,
+                _ms_of(connect_ms), _ms_of(held_ms), _ms_of(upstream_ms), route, spilled_bytes,
+                static)
+
+
+cdef bytes line(object timestamp, long long pid, object request_id, bytes method, bytes path,
+                long long status, long long bytes_sent, double duration_ms, str client,
+                object upstream, tuple upstreams, long long tries, bint overflowed,
+                double connect_ms, double held_ms, double upstream_ms, str route,
+                long long spilled_bytes, bint static):
+    """`render`'s line from C values, for the C core (`_accessline.pxd`): a time in ms is a
+    double, NaN for None; `upstreams` None is `(upstream,)`."""
     global _n
     cdef Py_ssize_t i
     _n = 0
@@ -383,10 +400,13 @@ def render(object timestamp, long long pid, object request_id, bytes method, byt
     _raw(b',"upstream":', 12)
     _str(upstream)
     _raw(b',"upstreams":[', 14)
-    for i in range(len(upstreams)):
-        if i:
-            _raw(b",", 1)
-        _str(upstreams[i])
+    if upstreams is None:
+        _str(upstream)
+    else:
+        for i in range(len(upstreams)):
+            if i:
+                _raw(b",", 1)
+            _str(upstreams[i])
     _raw(b'],"tries":', 10)
     _int(tries)
     _raw(b',"overflowed":', 14)
