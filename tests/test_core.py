@@ -334,6 +334,10 @@ def test_the_core_answers_as_the_relay_does(proxy, backend, monkeypatch) -> None
         answered += by_core
         assert _core_requests(admin_core) == answered, name
     assert _core_requests(admin_relay) == 0
+    # each case it did not answer, it handed over once (a connection that ends with nothing of
+    # a request is not a request handed over)
+    assert metric(admin_core, "failproxy_core_handovers_total") == \
+        sum(1 for case in CASES if not case[3])
     lines_core = [e for e in core.log.find("request")]
     lines_relay = [e for e in relay.log.find("request")]
     keys = ("method", "path", "status", "bytes_sent", "upstream", "upstreams", "tries",
@@ -466,6 +470,27 @@ def test_the_relay_gives_the_connection_back_between_requests(proxy, backend,
             assert c.read_response().status == 200, i
     assert [r.target for r in app.requests] == ["/one", "/two", "/three", "/chunked", "/four"]
     assert _core_requests(admin) == 3
+    assert metric(admin, "failproxy_core_handovers_total") == 2
+
+
+@compiled_only
+def test_behind_an_upstream_that_keeps_connections_the_relay_keeps_the_client(
+        proxy, backend, monkeypatch) -> None:
+    """The core connects anew for each request and leaves a socket with a pooled connection
+    to the relay: the first request is the core's (its upstream connection then pooled), the
+    second is handed over, and the relay keeps the client connection from then on instead of
+    giving it back to have it handed over again with each request."""
+    app = backend("app", unix=True, handler=lambda r: Reply(body=r.target.encode()))
+    admin = free_port()
+    monkeypatch.setenv("FAILPROXY_CORE", "1")
+    fp = proxy([app], admin={"listen": f"127.0.0.1:{admin}"})
+    with fp.connect() as c:
+        for i in range(5):
+            c.send(_get(f"/{i}"))
+            r = c.read_response()
+            assert (r.status, r.body) == (200, f"/{i}".encode()), i
+    assert _core_requests(admin) == 1
+    assert metric(admin, "failproxy_core_handovers_total") == 1
 
 
 # ---- the relay's side of the hand-over, in-process (both builds: it is the relay's code) --------

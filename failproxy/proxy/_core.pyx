@@ -476,7 +476,7 @@ cdef class _Worker:
     cdef long long pid  # as the lines name it
     cdef object line_peer, line_address  # the last peer a line named, and its address
     cdef RequestHead heads  # the relay's request head writer's own (ctx.build_head)
-    cdef object begin, undo, finish, gone, pool
+    cdef object begin, undo, finish, gone, pool, handed_over
 
     def __cinit__(self, ctx):
         self.ctx = ctx
@@ -502,6 +502,7 @@ cdef class _Worker:
         self.finish = books.finish
         self.gone = books.gone
         self.pool = books.pool
+        self.handed_over = ctx.metrics.core_handed_over
 
 
 cdef dict _WORKERS = {}  # WorkerContext -> its _Worker
@@ -554,6 +555,7 @@ cdef class CoreConnection:
     cdef bint write_paused
     cdef bint reading
     cdef bint _in_eof  # inside eof_received: its return value closes, or not
+    cdef bint draining  # the worker drains (told by `drain`, or seen at the accept or take-back)
     cdef int state
     cdef int served
     cdef double deadline  # the client timer's (the head's), or the upstream read's while SENT
@@ -660,6 +662,7 @@ cdef class CoreConnection:
         """Graceful stop: with a request in flight, its answer says `Connection: close`
         (keep_alive_after reads `draining`); an idle connection follows the relay's rules
         (ClientConnection.drain), so it is handed over and told."""
+        self.draining = True
         if self.state != IDLE:
             return
         client = self._hand_over_client()
@@ -680,6 +683,7 @@ cdef class CoreConnection:
         self.reading = True
         self.deadline = deadline
         self._write = transport.write
+        self.draining = self.ctx.draining
         self._take_timer()
 
     cdef int _take_timer(self) except -1:
@@ -798,7 +802,7 @@ cdef class CoreConnection:
             w.undo(self, peer, _now())
             return False
         self.sent_at = _now()
-        self.connect_ms = int((self.sent_at - now) * 1_000_000 + 0.5) / 1000.0
+        self.connect_ms = <long long>((self.sent_at - now) * 1_000_000 + 0.5) / 1000.0
         self.upstreams.watch(fd, self)
         self.fd = fd
         self.peer = peer
@@ -868,7 +872,7 @@ cdef class CoreConnection:
         now = _now()
         peer = self.peer
         keep = (self.keep_alive and self.served + 1 < w.keepalive_requests
-                and not self.ctx.draining)
+                and not self.draining)
         chunked = self.chunked_answer and not self.head_request
         if chunked:
             if self.http10:
@@ -1088,6 +1092,8 @@ cdef class CoreConnection:
             self.timer = None
             timer.give_back()  # the client's own is taken in its constructor: reused, not new
         self.state = GONE
+        if self.in_n or inflight is not None:
+            self.w.handed_over()  # a request, or part of one, for the relay to answer
         client = self._make_client(self.ctx, self.tls)
         self._handed = client
         self.ctx.connection_replaced(self, client)

@@ -63,6 +63,7 @@ class _Layout:
         "exhausted",
         "failovers",
         "fails",
+        "handovers",
         "held",
         "n_d",
         "n_q",
@@ -85,6 +86,7 @@ class _Layout:
         self.duration = take(len(DURATION_BUCKETS) + 1)
         self.exhausted = take(1)
         self.core = take(1)
+        self.handovers = take(1)
         self.active = take(1)
         self.ready = take(1)
         self.temp_bytes = take(1)
@@ -168,6 +170,11 @@ class WorkerMetrics:
     def core_answered(self) -> None:
         """A request the C core answered itself (proxy/_core.pyx)."""
         self._w.add(self._layout.core, 1)
+
+    def core_handed_over(self) -> None:
+        """A request the C core gave to the Python relay to answer, with its connection (at a
+        request boundary, its head whole or not, or with the request in flight)."""
+        self._w.add(self._layout.handovers, 1)
 
     def connect_duration(self, server: int, seconds: float) -> None:
         self._count_connect(server, seconds)
@@ -326,6 +333,7 @@ class Totals:
     fails: Counter[str] = field(default_factory=Counter)
     down: Counter[str] = field(default_factory=Counter)  # how many workers hold it down
     core: int = 0  # answered by the C core
+    handovers: int = 0  # requests the C core handed to the relay
 
     def copy(self) -> Totals:
         return Totals(
@@ -333,7 +341,7 @@ class Totals:
             Counter(self.server_requests), Counter(self.server_failovers), Counter(self.failovers),
             {k: list(v) for k, v in self.connect.items()}, dict(self.connect_sum),
             self.active, self.temp_bytes, self.buffering, self.held, Counter(self.fails),
-            Counter(self.down), self.core,
+            Counter(self.down), self.core, self.handovers,
         )
 
     def add(self, metrics: WorkerMetrics, addresses: Sequence[str | None], *, gauges: bool,
@@ -377,6 +385,7 @@ class Totals:
         self.duration_sum += d[0]
         self.exhausted += q[layout.exhausted]
         self.core += q[layout.core]
+        self.handovers += q[layout.handovers]
         width = len(CONNECT_BUCKETS) + 1
         named = [(i, a) for i, a in enumerate(addresses[:n]) if a is not None]
         for i, address in named:
@@ -486,6 +495,10 @@ def render(totals: Totals, servers: Iterable[str], workers: int) -> str:
     page.family("failproxy_core_requests_total", "counter",
                 "Requests the C core answered itself (FAILPROXY_CORE=1), of all requests.")
     page.sample("failproxy_core_requests_total", totals.core)
+    page.family("failproxy_core_handovers_total", "counter",
+                "Requests the C core handed to the Python relay to answer, with their "
+                "connection: whole, in part, or in flight (FAILPROXY_CORE=1).")
+    page.sample("failproxy_core_handovers_total", totals.handovers)
     page.family("failproxy_upstream_connect_duration_seconds", "histogram",
                 "Time to connect to an upstream server.")
     for address in known:
