@@ -522,6 +522,11 @@ cdef _Worker _worker(ctx):
 
 
 cdef char _readbuf[READ_SIZE]
+# The parse state: used only inside the call that parses (a head is parsed from its start each
+# time, and what the core keeps of it is copied out before any Python runs that could come back
+# into the core), so one for all connections: ~3 KiB a connection less.
+cdef llhttp_t _parser
+cdef Parse _ps
 
 
 cdef int _grow(char** buf, size_t* cap, size_t want) except -1:
@@ -569,8 +574,6 @@ cdef class CoreConnection:
     # the client's bytes since its last answer
     cdef char* inbuf
     cdef size_t in_n, in_cap
-    cdef llhttp_t parser
-    cdef Parse ps
     # the request in flight
     cdef int fd
     cdef size_t req_len
@@ -715,7 +718,7 @@ cdef class CoreConnection:
             if self.served:  # the first head's deadline runs from the accept (as the relay's)
                 self.deadline = now + self.w.header_timeout
                 self._timer_set(self.deadline)
-        end = _parse(&self.parser, &self.ps, 0, self.inbuf, self.in_n, False)
+        end = _parse(&_parser, &_ps, 0, self.inbuf, self.in_n, False)
         if end == 0:
             if self.in_n > self.w.max_header:
                 self._hand_over(False)  # the relay's 431
@@ -727,8 +730,8 @@ cdef class CoreConnection:
     cdef bint _request(self, int end) except -1:
         """Send the parsed request upstream when it is the core's: False, with nothing done
         and nothing sent, when it is not."""
-        cdef llhttp_t* p = &self.parser
-        cdef Parse* ps = &self.ps
+        cdef llhttp_t* p = &_parser
+        cdef Parse* ps = &_ps
         cdef const char* base = self.inbuf
         cdef int i, kind, hosts = 0
         cdef size_t head_size = 0
@@ -840,40 +843,51 @@ cdef class CoreConnection:
             if got == 0:
                 self._hand_over_in_flight()  # an end before the answer was whole
                 return 0
-            _grow(&self.abuf, &self.a_cap, self.a_n + got)
-            memcpy(self.abuf + self.a_n, _readbuf, got)
-            self.a_n += got
-            self._answer()
+            if not self.a_n:  # the common case: the answer whole in one read, parsed there
+                self._answer(_readbuf, got)
+            else:
+                _grow(&self.abuf, &self.a_cap, self.a_n + got)
+                memcpy(self.abuf + self.a_n, _readbuf, got)
+                self.a_n += got
+                self._answer(self.abuf, self.a_n)
         except Exception as exc:
             self._internal_error(exc, "core upstream read")
         return 0
 
-    cdef int _answer(self) except -1:
+    cdef int _keep_answer(self, const char* base, size_t n) except -1:
+        """The answer so far, `base[:n]`, into the connection's own buffer (it was parsed where
+        it was read): for a next read, or for the relay."""
+        if base != self.abuf:
+            _grow(&self.abuf, &self.a_cap, n)
+            memcpy(self.abuf, base, n)
+            self.a_n = n
+        return 0
+
+    cdef int _answer(self, const char* base, size_t n) except -1:
+        """The answer so far is `base[:n]`: written to the client when it is whole and the
+        core's, kept for the next read, or handed over."""
         cdef int end, status
-        cdef Parse* ps = &self.ps
-        cdef llhttp_t* p = &self.parser
+        cdef Parse* ps = &_ps
+        cdef llhttp_t* p = &_parser
         cdef bint keep, chunked
         cdef _Worker w = self.w
         cdef Pieces pieces
         cdef int before
         cdef const char* framing = NULL
         cdef Py_ssize_t framing_n = 0
-        end = _parse(p, ps, 1, self.abuf, self.a_n, self.head_request)
-        if end < 0:
+        end = _parse(p, ps, 1, base, n, self.head_request)
+        if end < 0 or (ps.head_done and not self._answer_kept()) or (end == 0 and n > w.answer_most):
+            # bad, or not the core's (known from its head already), or too long
+            self._keep_answer(base, n)
             self._hand_over_in_flight()
             return 0
-        if ps.head_done and not self._answer_kept():
-            self._hand_over_in_flight()  # known from its head already: not the core's
-            return 0
         if end == 0:
-            if self.a_n > w.answer_most:
-                self._hand_over_in_flight()
-                return 0
+            self._keep_answer(base, n)
             self.deadline = _now() + w.read_timeout  # per read, as the relay's
             self._timer_set(self.deadline)
             return 0
         status = p.status_code
-        reusable = (llhttp_should_keep_alive(p) != 0 and <size_t>end == self.a_n
+        reusable = (llhttp_should_keep_alive(p) != 0 and <size_t>end == n
                     and not (self.head_request and ps.npieces))
         now = _now()
         peer = self.peer
@@ -892,6 +906,7 @@ cdef class CoreConnection:
                                        PyBytes_AS_STRING(extra), PyBytes_GET_SIZE(extra), keep,
                                        self.http10)  # a status with a line: `_answer_kept`
         out = self._framed(&pieces, before, chunked)
+        self._drop_answer()
         if reusable:
             self._pool_upstream(now)
         else:
@@ -913,15 +928,24 @@ cdef class CoreConnection:
             line = None
         w.finish(self, peer, self.route, self.clean, now, self.sent_at, status, duration_ms,
                  line)
-        self.peer = None
+        self.peer = self.request_id = self.url = self.route = None  # an idle one holds none
         self.served += 1
         self._next_request(keep)
         return 0
 
+    cdef void _drop_answer(self) noexcept:
+        """The answer is written out: its buffer, if it took one (an answer in several reads),
+        is let go, so an idle connection holds none."""
+        self.a_n = 0
+        if self.abuf != NULL:
+            PyMem_Free(self.abuf)
+            self.abuf = NULL
+            self.a_cap = 0
+
     cdef bytes _framed(self, Pieces* head, int before, bint chunked):
         """The head and the body as the client gets them: as they came, or re-chunked (a chunk
         for each piece llhttp handed over, as the relay writes one for each body call)."""
-        cdef Parse* ps = &self.ps
+        cdef Parse* ps = &_ps
         cdef Py_ssize_t size = head.total + ps.kept_n + ps.body_n
         cdef int i
         cdef char* out
@@ -938,7 +962,7 @@ cdef class CoreConnection:
                 k = _hex(line, ps.pieces[i].n)
                 memcpy(out, line, k)
                 out += k
-            memcpy(out, self.abuf + ps.pieces[i].at, ps.pieces[i].n)
+            memcpy(out, ps.base + ps.pieces[i].at, ps.pieces[i].n)
             out += ps.pieces[i].n
             if chunked:
                 out[0] = b"\r"
@@ -952,9 +976,9 @@ cdef class CoreConnection:
         """Is the answer the core's (its forwarded fields marked, `_keep`)? Not an interim or
         101, a status the walk may retry on or replace with an error page or that has no status
         line of failproxy's own, an answer without a length, a header the relay reads."""
-        cdef Parse* ps = &self.ps
-        cdef llhttp_t* p = &self.parser
-        cdef const char* base = self.abuf
+        cdef Parse* ps = &_ps
+        cdef llhttp_t* p = &_parser
+        cdef const char* base = ps.base
         cdef int i, kind
         cdef int status = p.status_code
         if status < 200 or status == 101 or status >= 600 or _RESPONSE_HEAD._line_at[status] == NULL:
@@ -993,6 +1017,10 @@ cdef class CoreConnection:
         self.req_len = 0
         self.began = 0.0
         self.state = IDLE
+        if not rest and self.inbuf != NULL:  # idle: it holds no buffer (as nginx's keep-alive)
+            PyMem_Free(self.inbuf)
+            self.inbuf = NULL
+            self.in_cap = 0
         if not keep:
             self._close()
             return 0

@@ -535,16 +535,19 @@ class ClientConnection(RequestSink, Downstream, rawtransport.BatchEnd):
         self._resume(BUFFER_FULL)
         core = self.core
         if (core is not None and self.req is None and not self.paused and not self.write_paused
-                and not self.eof and not self.slow and self.tunnel is None
-                and self._core_would_answer()):
-            self._give_back(core, now)
+                and not self.eof and not self.slow and self.tunnel is None):
+            if self._core_would_answer():
+                self._give_back(core, now)
+            else:
+                self.core = None  # the relay's for good: an idle connection holds one object
 
     def _core_would_answer(self) -> bool:
         """Might the core answer this connection's next request itself? Not while the first
         server has idle pooled connections: the core connects anew for each request and leaves
         a socket with a connection to reuse to the relay, so a connection given back would come
         back with its next request, a hand-over both ways a request (behind an upstream that
-        keeps connections alive: 0.6x the relay's own throughput, `bench throughput`)."""
+        keeps connections alive: 0.6x the relay's own throughput, `bench throughput`). The
+        connection then stays the relay's."""
         order = self.ctx.order
         return not order or not order[0].has_idle()
 
