@@ -205,8 +205,9 @@ class Events:
                  tried: tuple[str, ...], attempt: int, connect_ms: float | None,
                  held_ms: float | None, upstream_ms: float | None, route: str, spilled: int,
                  static: bool) -> None:
-        """`request` from the values themselves: what the C core calls for a request it
-        answered (corebooks.py), with no walk to read them from."""
+        """`request` from the values themselves, with no walk to read them from: a request the
+        C core let go of with its client (corebooks.py, logged 499). One it answered it renders
+        itself (`rendered`)."""
         duration = int((now - started) * 1_000_000) / 1000
         self.metrics.request(status, duration / 1000.0)
         emitter = self._request
