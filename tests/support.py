@@ -39,6 +39,18 @@ def metric(admin_port: int, name: str) -> int:
     raise AssertionError(f"no {name} in /metrics")
 
 
+def settled_metric(admin_port: int, name: str, expected: int, timeout: float = 5.0) -> int:
+    """The counter `name` once it reached `expected`, or its value when `timeout` passed (the
+    caller asserts on it). A worker publishes its counters at the end of its loop turn, which
+    may come after the client read the answer that counted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = metric(admin_port, name)
+        if value >= expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
+
+
 def active_connections(admin_port: int) -> int:
     return metric(admin_port, "failproxy_connections_active")
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from backends import HANG, RESET, HTTPBackend, Reply, Request
 from inprocess import FakeTransport, Harness, request
-from support import Proxy, active_connections, build_request, free_port, metric
+from support import Proxy, active_connections, build_request, free_port, settled_metric
 
 from failproxy.proxy.corebooks import InFlight
 from failproxy.proxy.downstream import ClientConnection
@@ -312,8 +312,13 @@ def _same_through_both(core: Proxy, relay: Proxy, app: HTTPBackend, name: str, d
     assert seen_core == seen_relay, name
 
 
-def _core_requests(admin: int) -> int:
-    return metric(admin, "failproxy_core_requests_total")
+def _core_requests(admin: int, expected: int = 0) -> int:
+    """The core's answers, once they reached `expected` (or not, within a few seconds)."""
+    return settled_metric(admin, "failproxy_core_requests_total", expected)
+
+
+def _handovers(admin: int, expected: int) -> int:
+    return settled_metric(admin, "failproxy_core_handovers_total", expected)
 
 
 @compiled_only
@@ -332,12 +337,12 @@ def test_the_core_answers_as_the_relay_does(proxy, backend, monkeypatch) -> None
     for name, data, methods, by_core in CASES:
         _same_through_both(core, relay, app, name, data, methods)
         answered += by_core
-        assert _core_requests(admin_core) == answered, name
+        assert _core_requests(admin_core, answered) == answered, name
     assert _core_requests(admin_relay) == 0
     # each case it did not answer, it handed over once (a connection that ends with nothing of
     # a request is not a request handed over)
-    assert metric(admin_core, "failproxy_core_handovers_total") == \
-        sum(1 for case in CASES if not case[3])
+    handed = sum(1 for case in CASES if not case[3])
+    assert _handovers(admin_core, handed) == handed
     lines_core = [e for e in core.log.find("request")]
     lines_relay = [e for e in relay.log.find("request")]
     keys = ("method", "path", "status", "bytes_sent", "upstream", "upstreams", "tries",
@@ -372,7 +377,8 @@ def test_the_core_writes_the_relays_heads_whatever_the_header_settings(
     common = [case for case in CASES if case[3]]
     for name, data, methods, _ in common:
         _same_through_both(core, relay, app, name, data, methods)
-    assert _core_requests(admin) == sum(case[3] for case in common)
+    answered = sum(case[3] for case in common)
+    assert _core_requests(admin, answered) == answered
     named = [any(k.lower() == "x-trace" for k, _ in fields) for _, _, fields in _seen(app, 0)]
     assert named == [bool(headers["request_id"])] * len(app.requests)
 
@@ -412,7 +418,7 @@ def test_a_client_gone_with_its_request_in_flight(proxy, backend, monkeypatch) -
     assert lines[0] == lines[1]
     assert lines[0]["status"] == 499
     assert core.request("GET", "/after").status == 200
-    assert _core_requests(admin) == 1
+    assert _core_requests(admin, 1) == 1
 
 
 @compiled_only
@@ -469,8 +475,8 @@ def test_the_relay_gives_the_connection_back_between_requests(proxy, backend,
             c.send(data)
             assert c.read_response().status == 200, i
     assert [r.target for r in app.requests] == ["/one", "/two", "/three", "/chunked", "/four"]
-    assert _core_requests(admin) == 3
-    assert metric(admin, "failproxy_core_handovers_total") == 2
+    assert _core_requests(admin, 3) == 3
+    assert _handovers(admin, 2) == 2
 
 
 @compiled_only
@@ -489,8 +495,8 @@ def test_behind_an_upstream_that_keeps_connections_the_relay_keeps_the_client(
             c.send(_get(f"/{i}"))
             r = c.read_response()
             assert (r.status, r.body) == (200, f"/{i}".encode()), i
-    assert _core_requests(admin) == 1
-    assert metric(admin, "failproxy_core_handovers_total") == 1
+    assert _core_requests(admin, 1) == 1
+    assert _handovers(admin, 1) == 1
 
 
 # ---- the relay's side of the hand-over, in-process (both builds: it is the relay's code) --------
