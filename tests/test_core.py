@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,32 @@ def _handovers(admin: int, expected: int) -> int:
     return settled_metric(admin, "failproxy_core_handovers_total", expected)
 
 
+# The counters a request makes, which the core makes as C calls into the worker's slot
+# (WorkerMetrics.core_cells) where the relay calls the metrics' methods.
+REQUEST_COUNTERS = ("failproxy_requests_total{", "failproxy_request_duration_seconds_count",
+                    "failproxy_upstream_requests_total{",
+                    "failproxy_upstream_connect_duration_seconds_count{")
+
+
+def _counts(admin: int) -> dict[str, float]:
+    """The samples of REQUEST_COUNTERS, by name and labels, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines
+            if line.startswith(REQUEST_COUNTERS)}
+
+
+def _same_counts(one: int, other: int, timeout: float = 5.0) -> tuple[dict[str, float], ...]:
+    """Both workers' request counters, once they are equal (a worker publishes them at its
+    turn's end) or `timeout` passed: the caller asserts on them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        a, b = _counts(one), _counts(other)
+        if a == b or time.monotonic() > deadline:
+            return a, b
+        time.sleep(0.02)
+
+
 @compiled_only
 def test_the_core_answers_as_the_relay_does(proxy, backend, monkeypatch) -> None:
     """Every case twice, through a worker with the core and one without, to the same upstream
@@ -343,6 +370,11 @@ def test_the_core_answers_as_the_relay_does(proxy, backend, monkeypatch) -> None
     # a request is not a request handed over)
     handed = sum(1 for case in CASES if not case[3])
     assert _handovers(admin_core, handed) == handed
+    # the same counts, by status, by server, and in the connect and duration histograms
+    counts_core, counts_relay = _same_counts(admin_core, admin_relay)
+    assert counts_core == counts_relay
+    assert counts_core[f'failproxy_upstream_requests_total{{upstream="{app.address}"}}'] >= \
+        sum(case[3] for case in CASES)
     lines_core = [e for e in core.log.find("request")]
     lines_relay = [e for e in relay.log.find("request")]
     keys = ("method", "path", "status", "bytes_sent", "upstream", "upstreams", "tries",
@@ -395,6 +427,41 @@ def _pair(proxy: Any, app: HTTPBackend, monkeypatch: pytest.MonkeyPatch, admin: 
     core = proxy([app], admin={"listen": f"127.0.0.1:{admin}"} if admin else {}, **kw)
     monkeypatch.delenv("FAILPROXY_CORE")
     return core, proxy([app], **kw)
+
+
+@compiled_only
+def test_a_connect_the_core_cannot_make_leaves_nothing_in_the_books(proxy, backend,
+                                                                    monkeypatch) -> None:
+    """A full backlog at the local socket: the core's connect fails (EAGAIN), it gives the
+    slot and the policy's entry back and hands the request over; the relay connects again and
+    logs its failover to the backup, and the local socket counts no request. Once the socket
+    takes connections again the core answers there: nothing of the failed attempts stayed in
+    the books (each would count as a request in service there, and W is 1)."""
+    primary = backend("app", unix=True, backlog=0)
+    primary.fill_backlog()
+    nxt = backend("peer")
+    admin = free_port()
+    monkeypatch.setenv("FAILPROXY_CORE", "1")
+    fp = proxy([primary, {"address": nxt.address, "backup": True}],
+               admin={"listen": f"127.0.0.1:{admin}"})
+    for i in range(3):
+        path = f"/full/{i}"
+        resp = fp.request("GET", path)
+        assert resp.status == 200
+        assert resp.body == f"{nxt.name} GET {path}".encode()
+        ev = fp.log.wait_for_event("failover", path=path)
+        assert (ev["reason"], ev["errno"]) == ("overloaded", "EAGAIN")
+    assert _handovers(admin, 3) == 3
+    assert _core_requests(admin) == 0
+    local = f'failproxy_upstream_requests_total{{upstream="{primary.address}"}}'
+    assert _counts(admin).get(local, 0.0) == 0.0
+    primary.drain()
+    for i in range(20):  # bounded: the first that goes home is the core's
+        fp.request("GET", f"/again/{i}")
+        if primary.requests:
+            break
+    assert [r.target for r in primary.requests] == [f"/again/{i}"]
+    assert _core_requests(admin, 1) == 1
 
 
 @compiled_only

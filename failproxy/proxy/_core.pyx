@@ -20,8 +20,10 @@ plain Connection and Keep-Alive. Its bytes are parsed with llhttp's C callbacks 
 buffer; the heads both ways are written from the relay's own writers' pieces (`_heads.pxd`)
 with the forwarded fields copied from those spans, so a request forwarded by the core and one
 forwarded by the relay are the same bytes, and no Python object is made for a header; the books
-(slot, policy, learning, counters, the access line) are kept by corebooks.CoreBooks, two calls
-a request, through a `_Worker` that holds the worker's settings as C values.
+(slot, policy, learning, the access line's write) are kept by corebooks.CoreBooks, two calls
+a request, through a `_Worker` that holds the worker's settings as C values; the connect (a
+UNIX socket's, done or refused at once) and the counters (C calls into the worker's slot
+writer, `_slot.pxd`) are the core's own.
 
 Two hand-overs, each to a `downstream.ClientConnection`, which becomes the transport's protocol,
 takes the core's place in the worker's books (`WorkerContext.connection_replaced`: the same
@@ -46,6 +48,7 @@ from libc.string cimport memchr, memcpy, memmove
 from posix.unistd cimport close, read, write
 
 from failproxy.telemetry._accessline cimport line as access_line
+from failproxy.telemetry._slot cimport SlotWriter
 from failproxy.proxy._heads cimport Pieces, RequestHead, ResponseHead, copy_bytes, copy_pieces
 from failproxy.proxy._llhttp cimport (
     F_CHUNKED,
@@ -109,6 +112,18 @@ cdef extern from "sys/epoll.h" nogil:
         EPOLL_CTL_ADD
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
+
+cdef extern from "sys/socket.h" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const sockaddr* addr, socklen_t addrlen)
+    enum:
+        AF_UNIX
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
 
 cdef extern from "time.h" nogil:
     ctypedef long time_t
@@ -482,7 +497,16 @@ cdef class _Worker:
     cdef long long pid  # as the lines name it
     cdef object line_peer, line_address  # the last peer a line named, and its address
     cdef RequestHead heads  # the relay's request head writer's own (ctx.build_head)
-    cdef object begin, undo, finish, gone, pool, handed_over
+    cdef object begin, undo, finish, gone, pool
+    # The counters: C calls into the worker's slot writer (None: not the compiled one, whose
+    # Python methods are called instead), at the cells WorkerMetrics.core_cells gives.
+    cdef SlotWriter slot
+    cdef object metrics
+    cdef Py_ssize_t core_cell, handover_cell
+    # The last peer connected to, and what connect(2) and the counters need of it
+    cdef object conn_peer
+    cdef bytes conn_addr
+    cdef Py_ssize_t conn_index
 
     def __cinit__(self, ctx):
         self.ctx = ctx
@@ -508,7 +532,57 @@ cdef class _Worker:
         self.finish = books.finish
         self.gone = books.gone
         self.pool = books.pool
-        self.handed_over = ctx.metrics.core_handed_over
+        metrics = self.metrics = ctx.metrics
+        writer, self.core_cell, self.handover_cell = metrics.core_cells()
+        if isinstance(writer, SlotWriter):
+            self.slot = <SlotWriter>writer
+
+    cdef int connect_to(self, peer) except -2:
+        """A socket connected to `peer`, a UNIX socket (a connect there is done or refused at
+        once): its fd, or -1 when either call failed. Where the relay's
+        start_connect keeps a refused socket for the next attempt, this one closes it: the
+        relay connects again, with its own."""
+        cdef int fd
+        if peer is not self.conn_peer:
+            self.conn_addr = peer.packed
+            self.conn_index = peer.index
+            self.conn_peer = peer
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            return -1
+        if connect(fd, <const sockaddr*>PyBytes_AS_STRING(self.conn_addr),
+                   <socklen_t>PyBytes_GET_SIZE(self.conn_addr)) < 0:
+            close(fd)
+            return -1
+        return fd
+
+    cdef int count_sent(self, double connect_s) except -1:
+        """The attempt reached the peer connected last (`connect_to`): Events.connected and
+        Events.upstream_request."""
+        if self.slot is not None:
+            self.slot.count_connect(self.conn_index, connect_s)
+            self.slot.count_upstream_request(self.conn_index)
+        else:
+            self.metrics.connect_duration(self.conn_index, connect_s)
+            self.metrics.upstream_request(self.conn_index)
+        return 0
+
+    cdef int count_answered(self, long long status, double duration_ms) except -1:
+        """The request counters (Events.answered's) and the core's own."""
+        if self.slot is not None:
+            self.slot.count_request(status, duration_ms / 1000.0)
+            self.slot.bump(self.core_cell, 1)
+        else:
+            self.metrics.request(status, duration_ms / 1000.0)
+            self.metrics.core_answered()
+        return 0
+
+    cdef int count_handover(self) except -1:
+        if self.slot is not None:
+            self.slot.bump(self.handover_cell, 1)
+        else:
+            self.metrics.core_handed_over()
+        return 0
 
 
 cdef dict _WORKERS = {}  # WorkerContext -> its _Worker
@@ -786,8 +860,13 @@ cdef class CoreConnection:
         sending = w.begin(self, method, url, now)
         if sending is None:
             return False
-        peer, fd, request_id, self.route, self.route_kind, self.route_ms, self.clean = \
+        peer, request_id, self.route, self.route_kind, self.route_ms, self.clean = \
             <tuple>sending
+        fd = w.connect_to(peer)
+        if fd < 0:
+            w.undo(self, peer, _now())
+            return False  # the relay connects again, and logs the failover
+        w.count_sent(_now() - now)
         if w.rid:
             rid = PyUnicode_AsUTF8AndSize(request_id, &rid_n)
         # the head as the relay's writer writes it (no framing, upgrade or prior XFF / Via:
@@ -926,8 +1005,8 @@ cdef class CoreConnection:
                                self.route, 0, False)
         else:
             line = None
-        w.finish(self, peer, self.route, self.clean, now, self.sent_at, status, duration_ms,
-                 line)
+        w.count_answered(status, duration_ms)
+        w.finish(self, peer, self.route, self.clean, now, self.sent_at, line)
         self.peer = self.request_id = self.url = self.route = None  # an idle one holds none
         self.served += 1
         self._next_request(keep)
@@ -1127,7 +1206,7 @@ cdef class CoreConnection:
             timer.give_back()  # the client's own is taken in its constructor: reused, not new
         self.state = GONE
         if self.in_n or inflight is not None:
-            self.w.handed_over()  # a request, or part of one, for the relay to answer
+            self.w.count_handover()  # a request, or part of one, for the relay to answer
         client = self._make_client(self.ctx, self.tls)
         self._handed = client
         self.ctx.connection_replaced(self, client)

@@ -1,26 +1,24 @@
 """The relay's books for a request the C core answers itself (proxy/_core.pyx): the slot, the
-overflow policy's local books, route learning, peer health, counters and the access line, kept
+overflow policy's local books, route learning, peer health and the access line's write, kept
 by the same calls, in the same order, that an Exchange makes for the one walk the core takes:
 the local socket, first and only attempt, sent home by the policy's common verdict.
 
 Two calls a request, so the core crosses into Python as little as it can while the books are
 Python objects (bench/PROFILE.md, "The plan for the core": their common path moves to C data
-next; each crossing costs its arguments boxed and parsed, ~1k instructions): `begin` decides,
-takes the slot, connects and counts the attempt; `finish`, once the answer is read whole and
-written, ends the worker's part and the request's. `undo` gives the slot back when the head
-could not be written (the request then goes to the relay, which walks from the start). What
-the Exchange and the core both do after an answer (`learn`, `peer_ok`) is written here once.
+next; each crossing costs its arguments boxed and parsed, ~1k instructions): `begin` decides
+and takes the slot; `finish`, once the answer is read whole and written, ends the worker's
+part and the request's. The connect and the counters are the core's own, in C. `undo` gives
+the slot back when the connect failed or the head could not be written (the request then goes
+to the relay, which walks from the start). What the Exchange and the core both do after an
+answer (`learn`, `peer_ok`) is written here once.
 """
 
 from __future__ import annotations
 
-from time import monotonic
 from typing import Final
 
-from failproxy.proxy.connect import start_connect
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.events import Events
-from failproxy.proxy.rawtransport import close_fd
 from failproxy.proxy.upstream import open_connection
 from failproxy.routing.peer import Peer
 from failproxy.routing.routes import KNOWN_SLOW, UNKNOWN, route_key
@@ -77,10 +75,10 @@ class InFlight:
         self.deadline = deadline  # the read deadline the core had set (read_timeout per read)
 
 
-# What `begin` gives the core for a request it sends: the peer, the connected socket, the
-# request id ("" when off), the route key, its kind and learned time, and whether the answer
-# teaches (the one in flight per connection is the core's to keep and pass back).
-Sending = tuple[Peer, int, str, str, int, float, bool]
+# What `begin` gives the core for a request it sends: the peer, the request id ("" when off),
+# the route key, its kind and learned time, and whether the answer teaches (the one in flight
+# per connection is the core's to keep and pass back).
+Sending = tuple[Peer, str, str, int, float, bool]
 
 
 class CoreBooks:
@@ -92,12 +90,13 @@ class CoreBooks:
         self.ctx = ctx
 
     def begin(self, key: object, method: bytes, url: bytes, now: float) -> Sending | None:
-        """The request sent to the first server, a local UNIX socket, where the relay would
+        """The request goes to the first server, a local UNIX socket, where the relay would
         send it there now as its first and only choice (Exchange.start: the overflow policy's
-        common verdict, or the first of the order when there is no policy): its slot taken,
-        connected, the attempt counted. None, with nothing done, where anything else may
-        happen (the relay takes the request then): also when the connect failed, which the
-        relay sees again and logs as its failover."""
+        common verdict, or the first of the order when there is no policy): its slot taken and
+        the attempt entered in the policy's books. None, with nothing done, where anything else
+        may happen (the relay takes the request then). The core connects then, and counts the
+        connect and the attempt; a connect that fails is `undo`ne and the request handed over:
+        the relay connects again, sees the same error and logs its failover."""
         ctx = self.ctx
         order = ctx.order
         if not order or ctx.static is not None or ctx.compress is not None:
@@ -117,24 +116,17 @@ class CoreBooks:
             kind, route_ms = ctx.routes.known(route, url)
             if kind == KNOWN_SLOW or not room.home_now(now):
                 return None
-        fd, err = start_connect(local)
-        if fd < 0 or err:
-            if fd >= 0:
-                close_fd(fd)  # in progress (a TCP socket): the relay's to wait for
-            return None
-        ctx.events.connected(local, monotonic() - now)
         # sent where a worker was free, as far as known: its answer teaches (Exchange._go)
         clean = room.clean if room is not None else True
         local.acquire()
         if room is not None:
             room.local_sent(key, now, kind, route_ms)
-        ctx.events.upstream_request(local)
         request_id = ctx.new_request_id() if ctx.rid_header else ""
-        return local, fd, request_id, route, kind, route_ms, clean
+        return local, request_id, route, kind, route_ms, clean
 
     def undo(self, key: object, peer: Peer, now: float) -> None:
-        """`begin`'s request never reached the peer (its head could not be written): the
-        attempt ends with no answer, as Exchange._end_attempt ends one."""
+        """`begin`'s request never reached the peer (the connect failed, or its head could not
+        be written): the attempt ends with no answer, as Exchange._end_attempt ends one."""
         peer.release(False)
         room = self.ctx.room
         if room is not None:
@@ -164,11 +156,11 @@ class CoreBooks:
             conn.close()
 
     def finish(self, key: object, peer: Peer, route: str, clean: bool, now: float,
-               sent_at: float, status: int, duration_ms: float, line: bytes | None) -> None:
+               sent_at: float, line: bytes | None) -> None:
         """The answer was read whole (`now`) and written to the client: its worker is done
         with the request (as at the response head: the core reads the answer in one piece),
-        learn, give the slot back, clear the peer's failures, count and log (`line`: the access
-        line the core rendered, None when the log is off: Events.lines)."""
+        learn, give the slot back, clear the peer's failures and log (`line`: the access line
+        the core rendered, None when the log is off: Events.lines). The core counts it."""
         ctx = self.ctx
         peer.answered()
         room = ctx.room
@@ -179,8 +171,7 @@ class CoreBooks:
         peer.release(True)
         if room is not None:
             room.release()
-        events = ctx.events
         if peer.down_until or peer.fails:
-            peer_ok(events, peer)
-        events.rendered(status, duration_ms, line)
-        ctx.metrics.core_answered()
+            peer_ok(ctx.events, peer)
+        if line is not None:
+            ctx.events.rendered(line)

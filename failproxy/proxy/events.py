@@ -236,12 +236,9 @@ class Events:
         """The pid a `request` line names."""
         return self._request.pid
 
-    def rendered(self, status: int, duration_ms: float, line: bytes | None) -> None:
-        """`request` of a request the C core answered and rendered the line of (`lines`;
-        None when off): counted, and the line written."""
-        self.metrics.request(status, duration_ms / 1000.0)
-        if line is None:
-            return
+    def rendered(self, line: bytes) -> None:
+        """`request`'s line for a request the C core answered, rendered there (`lines`), written.
+        The core counts the request itself, into the same cells (WorkerMetrics.core_cells)."""
         emitter = self._request
         sink = emitter.sink
         if sink is not None:

@@ -9,24 +9,13 @@ is held for the writer's life and every change is one store through a C pointer,
 there is nothing to gather and nothing to flush. Aligned 8-byte stores are single
 instructions: the master reads the slot while the worker writes it (metrics.py).
 
-Indexes are checked against the slot (IndexError), as the pure twin's list would.
+Indexes are checked against the slot (IndexError), as the pure twin's list would. The C core
+(proxy/_core.pyx) cimports the writer (`_slot.pxd`) and makes a request's counts as C calls
+into the same cells.
 """
 
-cdef enum:
-    MAX_BOUNDS = 32
-
-
 cdef class SlotWriter:
-    cdef long long[::1] _qv  # held: the mapping cannot be closed under the pointers
-    cdef double[::1] _dv
-    cdef long long* _q
-    cdef double* _d
-    cdef Py_ssize_t _nq, _nd
-    cdef Py_ssize_t _statuses, _dur_at, _sreq, _sfo, _fo, _c, _conn_w, _n, _n_reasons
-    cdef double _dur[MAX_BOUNDS]
-    cdef Py_ssize_t _n_dur
-    cdef double _conn[MAX_BOUNDS]
-    cdef Py_ssize_t _n_conn
+    # the C attributes are declared in _slot.pxd
 
     def __init__(self, q, d, layout, Py_ssize_t n_servers, Py_ssize_t n_reasons,
                  duration_bounds, connect_bounds):
@@ -57,13 +46,13 @@ cdef class SlotWriter:
             self._conn[i] = connect_bounds[i]
         self._conn_w = self._n_conn + 1
 
-    cdef inline int _bump(self, Py_ssize_t index, long long n) except -1:
+    cdef int bump(self, Py_ssize_t index, long long n) except -1:
         if index < 0 or index >= self._nq:
             raise IndexError("counter index outside the slot")
         self._q[index] += n
         return 0
 
-    cdef inline int _sum(self, Py_ssize_t index, double value) except -1:
+    cdef int _sum(self, Py_ssize_t index, double value) except -1:
         if index < 0 or index >= self._nd:
             raise IndexError("sum index outside the slot")
         self._d[index] += value
@@ -73,30 +62,41 @@ cdef class SlotWriter:
         """Nothing to gather: every change is in shared memory at once."""
 
     def add(self, Py_ssize_t index, long long n):
-        self._bump(index, n)
+        self.bump(index, n)
 
     def request(self, Py_ssize_t status, double duration):
+        self.count_request(status, duration)
+
+    cdef int count_request(self, Py_ssize_t status, double duration) except -1:
         cdef Py_ssize_t bucket = 0
         # `not <=`, as the pure twin's loop: a NaN falls past the last bound there too
         while bucket < self._n_dur and not (duration <= self._dur[bucket]):
             bucket += 1
-        self._bump(status if 0 <= status < self._statuses else 0, 1)
-        self._bump(self._dur_at + bucket, 1)
+        self.bump(status if 0 <= status < self._statuses else 0, 1)
+        self.bump(self._dur_at + bucket, 1)
         self._sum(0, duration)
+        return 0
 
     def upstream_request(self, Py_ssize_t server):
-        self._bump(self._sreq + server, 1)
+        self.count_upstream_request(server)
+
+    cdef int count_upstream_request(self, Py_ssize_t server) except -1:
+        return self.bump(self._sreq + server, 1)
 
     def failover(self, Py_ssize_t from_server, Py_ssize_t to_server, Py_ssize_t reason):
-        self._bump(self._fo + (from_server * self._n + to_server) * self._n_reasons + reason, 1)
-        self._bump(self._sfo + from_server, 1)
+        self.bump(self._fo + (from_server * self._n + to_server) * self._n_reasons + reason, 1)
+        self.bump(self._sfo + from_server, 1)
 
     def connect_duration(self, Py_ssize_t server, double seconds):
+        self.count_connect(server, seconds)
+
+    cdef int count_connect(self, Py_ssize_t server, double seconds) except -1:
         cdef Py_ssize_t bucket = 0
         while bucket < self._n_conn and not (seconds <= self._conn[bucket]):
             bucket += 1
-        self._bump(self._c + server * self._conn_w + bucket, 1)
+        self.bump(self._c + server * self._conn_w + bucket, 1)
         self._sum(1 + server, seconds)
+        return 0
 
     def flush(self):
         """Nothing gathered, nothing to write."""

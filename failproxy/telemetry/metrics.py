@@ -171,6 +171,13 @@ class WorkerMetrics:
         """A request the C core answered itself (proxy/_core.pyx)."""
         self._w.add(self._layout.core, 1)
 
+    def core_cells(self) -> tuple[SlotWriting, int, int]:
+        """The C core's way in: the writer, and the cells of `core_answered` and
+        `core_handed_over`. Where the writer is the compiled one the core makes its requests'
+        counts as C calls into it (`request`, `upstream_request`, `connect_duration` and its
+        own two), not Python calls into here; the cells are the same."""
+        return self._w, self._layout.core, self._layout.handovers
+
     def core_handed_over(self) -> None:
         """A request the C core gave to the Python relay to answer, with its connection (at a
         request boundary, its head whole or not, or with the request in flight)."""
