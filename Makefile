@@ -21,7 +21,7 @@ PURE_TESTS := tests/test_inprocess.py tests/test_http.py tests/test_failover.py 
 	tests/test_accesslog.py tests/test_accessline.py tests/test_buffering.py tests/test_capacity.py \
 	tests/test_learning.py tests/test_version.py tests/test_slot.py tests/test_heads.py tests/test_sockio.py \
 	tests/test_requestid.py tests/test_responseparser.py tests/test_requestparser.py tests/test_edge.py \
-	tests/test_loadshare.py
+	tests/test_loadshare.py tests/test_localbooks.py
 # The relay's suites that meet the C core (failproxy/proxy/_core.pyx): the requests it answers
 # and those it hands over (a head not whole by its deadline, a half-close, a drain, TLS, bodies,
 # unicorn's answers), run again with it on (FAILPROXY_CORE=1); tests/test_core.py turns it on

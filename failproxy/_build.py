@@ -32,6 +32,7 @@ COMPILED = (
     "telemetry.metrics",
     "routing.queue_depth",
     "routing.loadshare",
+    "routing.localbooks",
     "routing.peer",
     "routing.capacity",
     "routing.balance",
@@ -51,14 +52,15 @@ COMPILED = (
 # mypyc's shared library for the group, inside the package (see setup.py).
 GROUP = "failproxy._compiled"
 # Written in Cython (a .pyx each), each the twin of pure-Python code that a plain module selects
-# at import (telemetry/accessline.py, telemetry/slot.py, routing/loadshare.py, proxy/headers.py,
-# proxy/rawtransport.py, proxy/responseparser.py and proxy/requestparser.py, both from
+# at import (telemetry/accessline.py, telemetry/slot.py, routing/loadshare.py,
+# routing/localbooks.py, proxy/headers.py, proxy/rawtransport.py, proxy/responseparser.py and
+# proxy/requestparser.py, both from
 # proxy/_llhttp.pyx; proxy/_reuse.pyx has none: proxy/upstream.py reuses nothing without it, nor
 # has proxy/_core.pyx: proxy/core.py runs the Python relay alone without it):
 # compiled beside the mypyc group where Cython is present.
 CYTHON = (
-    "telemetry._accessline", "telemetry._slot", "routing._loadview", "proxy._heads",
-    "proxy._llhttp", "proxy._sockio", "proxy._reuse", "proxy._core",
+    "telemetry._accessline", "telemetry._slot", "routing._loadview", "routing._localbooks",
+    "proxy._heads", "proxy._llhttp", "proxy._sockio", "proxy._reuse", "proxy._core",
 )
 # C sources compiled into a Cython module beside its .pyx, and their include directories
 # (relative to the repository): llhttp, the parser httptools bundles, at httptools' version.

@@ -219,7 +219,7 @@ def test_a_fast_box_queues_at_home_a_slow_one_sends_to_peers(box: Any) -> None:
     local.release(False)
     listener.queue(1)  # one of ours in service, a connection queued: a worker lags back
     assert room.choose(now) == (local, ""), "a fast box: the queue is not even read"
-    room._fast_run = 0
+    room.books.fast_run = 0
     room._turn_over()
     assert room.choose(now) == (p1, "queued"), "not known to be fast: the queue decides"
     _answer_fast(room, balance.FAST_EVIDENCE, now)

@@ -49,6 +49,7 @@ from posix.unistd cimport close, read, write
 
 from failproxy.telemetry._accessline cimport line as access_line
 from failproxy.telemetry._slot cimport SlotWriter
+from failproxy.routing._localbooks cimport LocalBooks
 from failproxy.proxy._heads cimport Pieces, RequestHead, ResponseHead, copy_bytes, copy_pieces
 from failproxy.proxy._llhttp cimport (
     F_CHUNKED,
@@ -652,6 +653,7 @@ cdef class CoreConnection:
     cdef int fd
     cdef size_t req_len
     cdef object peer, route, request_id, method, url
+    cdef LocalBooks books  # the policy's local books it was entered in (None: no policy)
     cdef bint head_request, keep_alive, http10, chunked_answer, clean
     cdef bytes keepalive_hint  # the answer's Keep-Alive value, for the pooled connection
     cdef int route_kind
@@ -860,10 +862,14 @@ cdef class CoreConnection:
         sending = w.begin(self, method, url, now)
         if sending is None:
             return False
-        peer, request_id, self.route, self.route_kind, self.route_ms, self.clean = \
+        peer, request_id, self.route, self.route_kind, self.route_ms, self.clean, books = \
             <tuple>sending
+        if books is not None:  # the policy's local books (CoreBooks.c_books)
+            self.books = <LocalBooks?>books
+            self.books.enter(self, now, self.route_kind, self.route_ms)
         fd = w.connect_to(peer)
         if fd < 0:
+            self.books = None  # `undo` ends its entry (Room.local_ended)
             w.undo(self, peer, _now())
             return False  # the relay connects again, and logs the failover
         w.count_sent(_now() - now)
@@ -882,11 +888,13 @@ cdef class CoreConnection:
                 _grow(&_headbuf, &_headcap, size)
             except MemoryError:
                 close(fd)
+                self.books = None  # `undo` ends its entry (Room.local_ended)
                 w.undo(self, peer, _now())
                 raise
         _write_head(_headbuf, &pieces, before, ps)
         if write(fd, _headbuf, size) != size:
             close(fd)  # nothing or part of it went: a GET, safe to send again from the relay
+            self.books = None  # `undo` ends its entry (Room.local_ended)
             w.undo(self, peer, _now())
             return False
         self.sent_at = _now()
@@ -1006,8 +1014,10 @@ cdef class CoreConnection:
         else:
             line = None
         w.count_answered(status, duration_ms)
+        if self.books is not None:
+            self.books.done(self, now)  # its worker is done with it (Room.local_answered)
         w.finish(self, peer, self.route, self.clean, now, self.sent_at, line)
-        self.peer = self.request_id = self.url = self.route = None  # an idle one holds none
+        self.peer = self.request_id = self.url = self.route = self.books = None  # an idle one
         self.served += 1
         self._next_request(keep)
         return 0
@@ -1154,7 +1164,7 @@ cdef class CoreConnection:
         now = _now()
         peer = self.peer
         self._close_upstream()
-        self.peer = None
+        self.peer = self.books = None  # `gone` ends its entry, as `undo` does
         self.w.gone(self, peer, self.route, now, self.began, self.request_id, self.method,
                     self.url, self.client_ip, self.connect_ms)
         return 0
@@ -1190,7 +1200,7 @@ cdef class CoreConnection:
         fd = self.fd
         self.upstreams.forget(fd)
         self.fd = -1
-        self.peer = None
+        self.peer = self.books = None  # its entry passes to the exchange (Room.rekey)
         inflight = InFlight(self, peer, fd, self.abuf[:self.a_n], self.sent_at,
                             self.connect_ms, self.route_kind, self.route_ms, self.clean,
                             self.request_id, self.deadline)

@@ -20,6 +20,8 @@ from typing import Final
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.events import Events
 from failproxy.proxy.upstream import open_connection
+from failproxy.routing.localbooks import BUILT as BOOKS_BUILT
+from failproxy.routing.localbooks import LocalBooking
 from failproxy.routing.peer import Peer
 from failproxy.routing.routes import KNOWN_SLOW, UNKNOWN, route_key
 
@@ -76,18 +78,23 @@ class InFlight:
 
 
 # What `begin` gives the core for a request it sends: the peer, the request id ("" when off),
-# the route key, its kind and learned time, and whether the answer teaches (the one in flight
-# per connection is the core's to keep and pass back).
-Sending = tuple[Peer, str, str, int, float, bool]
+# the route key, its kind and learned time, whether the answer teaches (the one in flight per
+# connection is the core's to keep and pass back), and the policy's local books (None: no
+# policy).
+Sending = tuple[Peer, str, str, int, float, bool, LocalBooking | None]
 
 
 class CoreBooks:
     """One worker's: the core holds it, and passes each request's own values back in."""
 
-    __slots__ = ("ctx",)
+    __slots__ = ("c_books", "ctx")
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
+        # The policy's local books are the compiled twin's: the core enters its requests there
+        # and ends them itself, with C calls (`begin` gives it the books of the moment), and
+        # neither `begin` nor `finish` does.
+        self.c_books = BOOKS_BUILT == "cython"
 
     def begin(self, key: object, method: bytes, url: bytes, now: float) -> Sending | None:
         """The request goes to the first server, a local UNIX socket, where the relay would
@@ -119,10 +126,13 @@ class CoreBooks:
         # sent where a worker was free, as far as known: its answer teaches (Exchange._go)
         clean = room.clean if room is not None else True
         local.acquire()
+        books = None
         if room is not None:
-            room.local_sent(key, now, kind, route_ms)
+            books = room.books
+            if not self.c_books:
+                room.local_sent(key, now, kind, route_ms)
         request_id = ctx.new_request_id() if ctx.rid_header else ""
-        return local, request_id, route, kind, route_ms, clean
+        return local, request_id, route, kind, route_ms, clean, books
 
     def undo(self, key: object, peer: Peer, now: float) -> None:
         """`begin`'s request never reached the peer (the connect failed, or its head could not
@@ -164,7 +174,7 @@ class CoreBooks:
         ctx = self.ctx
         peer.answered()
         room = ctx.room
-        if room is not None:
+        if room is not None and not self.c_books:
             room.local_answered(key, now)
         ms = int((now - sent_at) * 1_000_000) / 1000
         learn(ctx, route, clean, 0, False, peer, ms, now)

@@ -45,9 +45,10 @@ from typing import Final, Protocol
 from mypy_extensions import trait
 
 from failproxy.routing.capacity import Capacity
+from failproxy.routing.localbooks import LocalBooking, LocalBooks
 from failproxy.routing.peer import Peer
 from failproxy.routing.queue_depth import QueueProbe
-from failproxy.routing.routes import KNOWN_FAST, UNKNOWN
+from failproxy.routing.routes import KNOWN_FAST
 
 # Called on the hot path, so held as module constants: in the compiled build a Final is a C
 # static, where a from-import or a module attribute is a dict lookup per call (~150-300
@@ -183,17 +184,19 @@ class Room:
         # not the route's (at capacity fast routes that queued were learned slow, and held
         # behind the slow ones).
         self.clean = True
-        self.slow_after = slow_after  # a local answer slower than this makes the box slow
-        # this worker's local attempts: when each was sent, and when it is expected to end (its
-        # route's learned time after it was sent; never, for a route not learned yet): a probe
-        # waits behind them if it finds no worker. One dict of pairs, not two dicts: a request
-        # then stores and deletes once (~0.2k instructions each).
-        self._local_sent: dict[object, tuple[float, float]] = {}
-        # ... those of a route not known to be fast (learned slow, or not learned yet): nothing
-        # waits behind them at home (_fast_box)
-        self._local_unsure: set[object] = set()
-        self._fast_run = 0  # local answers in a row that came within slow_after
-        self._slow_at = -1e9  # when a local answer last took longer than slow_after
+        # this worker's local attempts: when each was sent, and when it is expected to end; a
+        # probe waits behind them if it finds no worker, and a box is fast while they are
+        # (localbooks.py: in C in the compiled build, where the C core keeps them too). They
+        # keep `slow_after`: a local answer slower than this makes the box slow.
+        self.books: LocalBooking = LocalBooks(slow_after)
+
+    @property
+    def slow_after(self) -> float:
+        return self.books.slow_after
+
+    @slow_after.setter
+    def slow_after(self, value: float) -> None:
+        self.books.slow_after = value
 
     def configure(self, local: Peer, own: Peer | None, peers: list[Peer]) -> None:
         """A new server list (peers from DNS): the learned W and the held requests stay."""
@@ -280,15 +283,7 @@ class Room:
         whose traffic is mostly slow, or that is at capacity, learns its second worker (one
         that never probed served its own requests with one worker and left the other to the
         peers: 34-44 % of fast requests over 1 s at 125 % load, bench seed capacity1s)."""
-        if slow:
-            return False
-        margin = self.slow_after
-        for sent, end in self._local_sent.values():
-            if end == math.inf:
-                return False
-            if now > end + margin + (end - sent):
-                return False
-        return True
+        return not slow and self.books.may_probe(now)
 
     # -- fast or slow: is queueing at home cheap? ---------------------------------------------
 
@@ -298,79 +293,27 @@ class Room:
         at home waits a fraction of that, less than a hop costs (on a box serving only fast
         requests, sending half of them to peers that are as busy only added TCP hops: 0.76x the
         throughput of queueing at home)."""
-        if (
-            self.slow_after <= 0
-            or self._fast_run < FAST_EVIDENCE
-            or now - self._slow_at < SLOW_MEMORY
-            or self._local_unsure
-        ):
-            return False
-        for sent, _end in self._local_sent.values():  # the oldest first (insertion order)
-            if now - sent > self.slow_after:
-                self._slowed(now)  # a slow one is in service now: do not queue behind it
-                return False
-            break
-        return True
-
-    def _slowed(self, now: float) -> None:
-        self._slow_at = now
-        self._fast_run = 0
+        return self.books.fast_box(now, FAST_EVIDENCE, SLOW_MEMORY)
 
     def local_sent(self, key: object, now: float, kind: int = KNOWN_FAST,
                    route_ms: float = 0.0) -> None:
         """An attempt of this worker took a slot on the local socket; `kind`: what is known of
         its route (routes.KNOWN_FAST, KNOWN_SLOW or UNKNOWN), `route_ms` its learned time."""
-        # a route listed slow but not timed (routes.learn off, or no answer yet) may take any
-        # time, as one not learned yet
-        unsure = kind == UNKNOWN or (kind != KNOWN_FAST and not route_ms)
-        self._local_sent[key] = (now, math.inf if unsure else now + route_ms / 1000.0)
-        if kind != KNOWN_FAST:
-            self._local_unsure.add(key)
+        self.books.sent(key, now, kind, route_ms)
 
     def rekey(self, old: object, new: object) -> None:
         """A local attempt changed hands (the C core's request, taken over by the relay's
-        exchange: Exchange.adopt): its books follow it."""
-        books = self._local_sent
-        if old not in books:
-            return
-        # in the same place: the oldest first is what _fast_box and _may_probe read
-        items = [(new if key is old else key, sent) for key, sent in books.items()]
-        books.clear()
-        books.update(items)
-        unsure = self._local_unsure
-        if old in unsure:
-            unsure.discard(old)
-            unsure.add(new)
+        exchange: Exchange.adopt): its books follow it, in the same place (the oldest first is
+        what _fast_box and _may_probe read)."""
+        self.books.rekey(old, new)
 
     def local_answered(self, key: object, now: float) -> None:
         """That attempt's response head arrived (its worker is done with it)."""
-        sent = self._local_gone(key)
-        if sent < 0:
-            return
-        if now - sent > self.slow_after:
-            self._slowed(now)
-        else:
-            self._fast_run += 1
+        self.books.answered(key, now)
 
     def local_ended(self, key: object, now: float) -> None:
         """That attempt ended with no response head (failed, or its client left)."""
-        sent = self._local_gone(key)
-        if sent >= 0 and now - sent > self.slow_after:
-            self._slowed(now)
-
-    def _local_gone(self, key: object) -> float:
-        """Forget a local attempt; when it was sent (-1.0: not known). `get` and `del`, not
-        `pop`: the compiled build has the first two as C calls, `pop` only by name (~400
-        instructions a call, twice a request)."""
-        sent_at = self._local_sent
-        attempt = sent_at.get(key)
-        if attempt is None:
-            return -1.0
-        del sent_at[key]
-        unsure = self._local_unsure
-        if unsure:
-            unsure.discard(key)
-        return attempt[0]
+        self.books.ended(key, now)
 
     def _local(self) -> tuple[Peer | None, str]:
         if self._queued >= 0:
@@ -556,7 +499,7 @@ class Room:
         return untried[0] if untried else None  # every one is down: try them anyway
 
     def forget(self) -> None:
-        self._fast_run = 0
+        self.books.fast_run = 0
         self.workers = 1
         self._backoff = 1.0
         self._probe_at = 0.0
