@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -486,6 +488,66 @@ def test_a_client_gone_with_its_request_in_flight(proxy, backend, monkeypatch) -
     assert lines[0]["status"] == 499
     assert core.request("GET", "/after").status == 200
     assert _core_requests(admin, 1) == 1
+
+
+class _Unread:
+    """A UNIX listener whose every connection is closed, once its request arrived, with the
+    request unread: a close with bytes in its receive queue, which the other end reads as a
+    reset (ECONNRESET), where a close after reading is a plain end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.address = f"unix:{path}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.closed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                select.select([conn], [], [], 10)  # the request's first bytes, left unread
+            self.closed += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@compiled_only
+def test_a_reset_before_the_answer_is_logged_as_the_relay_logs_it(proxy, backend, sockdir,
+                                                                   monkeypatch) -> None:
+    """The upstream resets the connection with the request in flight: the core reads the
+    reset (ECONNRESET) and hands the request over; the relay's walk then ends it as it ends a
+    reset it read itself, errno and all, not as a plain end of the connection."""
+    app = _Unread(str(sockdir / "unread.sock"))
+    try:
+        nxt = backend("peer")
+        servers = [app.address, {"address": nxt.address, "backup": True}]
+        monkeypatch.setenv("FAILPROXY_CORE", "1")
+        core = proxy(servers)
+        monkeypatch.delenv("FAILPROXY_CORE")
+        relay = proxy(servers)
+        events = []
+        for fp in (core, relay):
+            resp = fp.request("GET", "/reset")
+            assert (resp.status, resp.body) == (200, f"{nxt.name} GET /reset".encode())
+            ev = fp.log.wait_for_event("failover", path="/reset")
+            events.append({k: ev.get(k) for k in ("from", "to", "reason", "errno", "attempt")})
+        assert app.closed == 2
+        assert events[0] == events[1]
+        assert (events[1]["reason"], events[1]["errno"]) == ("reset", "ECONNRESET")
+    finally:
+        app.stop()
 
 
 @compiled_only

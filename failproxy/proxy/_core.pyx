@@ -925,7 +925,7 @@ cdef class CoreConnection:
             if got < 0:
                 if errno == EAGAIN:
                     return 0
-                self._hand_over_in_flight()  # the relay reads the same error's end again
+                self._hand_over_in_flight(errno)  # the relay ends it with the same error
                 return 0
             if got == 0:
                 self._hand_over_in_flight()  # an end before the answer was whole
@@ -1195,7 +1195,7 @@ cdef class CoreConnection:
         """Give the connection to the Python relay (the module docstring says when)."""
         return self._give(eof, None)
 
-    cdef int _hand_over_in_flight(self) except -1:
+    cdef int _hand_over_in_flight(self, int error=0) except -1:
         peer = self.peer
         fd = self.fd
         self.upstreams.forget(fd)
@@ -1203,7 +1203,7 @@ cdef class CoreConnection:
         self.peer = self.books = None  # its entry passes to the exchange (Room.rekey)
         inflight = InFlight(self, peer, fd, self.abuf[:self.a_n], self.sent_at,
                             self.connect_ms, self.route_kind, self.route_ms, self.clean,
-                            self.request_id, self.deadline)
+                            self.request_id, self.deadline, error)
         self._give(self.eof, inflight)
         return 0
 

@@ -58,12 +58,12 @@ class InFlight:
     (Exchange.adopt): where it went, on which socket, what came back so far, and what `begin`
     knew of it."""
 
-    __slots__ = ("answer", "clean", "connect_ms", "deadline", "fd", "key", "peer", "request_id",
-                 "route_kind", "route_ms", "sent_at")
+    __slots__ = ("answer", "clean", "connect_ms", "deadline", "error", "fd", "key", "peer",
+                 "request_id", "route_kind", "route_ms", "sent_at")
 
     def __init__(self, key: object, peer: Peer, fd: int, answer: bytes, sent_at: float,
                  connect_ms: float, route_kind: int, route_ms: float, clean: bool,
-                 request_id: str, deadline: float) -> None:
+                 request_id: str, deadline: float, error: int = 0) -> None:
         self.key = key  # what the core's `begin` entered it under in the policy's books
         self.peer = peer
         self.fd = fd
@@ -75,6 +75,9 @@ class InFlight:
         self.clean = clean
         self.request_id = request_id  # sent upstream: the relay's log line names the same
         self.deadline = deadline  # the read deadline the core had set (read_timeout per read)
+        # the errno of the core's read that failed (a reset), 0: none; read once, the socket
+        # gives a later read its end only, so the relay is told
+        self.error = error
 
 
 # What `begin` gives the core for a request it sends: the peer, the request id ("" when off),

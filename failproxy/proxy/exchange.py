@@ -311,6 +311,8 @@ class Exchange(ResponseSink, ExchangeView, Holdable):
             conn.pause_reading()
         if inflight.answer:
             conn.data_received(inflight.answer)
+        if inflight.error:
+            conn.read_failed(inflight.error)  # a reset the core read: the socket says no more
 
     def _serve_file(self, static: StaticFiles) -> bool:
         """SPEC 10: a GET or HEAD that a file under static.root answers is served from disk, and

@@ -451,6 +451,11 @@ class SocketTransport:
         self._stop_reading()
         self._end(None)
 
+    def fail(self, exc: OSError) -> None:
+        """End as a read that failed with `exc` ends it: for a socket whose failed read someone
+        else made before this transport was made of it (the C core's, Exchange.adopt)."""
+        self._fatal(exc)
+
     def _fatal(self, exc: OSError) -> None:
         self._closing = True
         self._stop_reading()

@@ -17,6 +17,7 @@ end-of-stream call for close-delimited bodies; both are handled here.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Final
 
@@ -279,6 +280,13 @@ class UpstreamConnection(HeadSink, Pooled, Receiver):
             _ENDED.append((self, transport, self._parser))
         else:
             self.timer = self.timer.give_back()
+
+    def read_failed(self, err: int) -> None:
+        """A read of its socket failed with `err` before it was this connection's (the C core
+        read it: Exchange.adopt): the end that read would have given it."""
+        transport = self.transport
+        if isinstance(transport, SocketTransport):
+            transport.fail(OSError(err, os.strerror(err)))
 
     def eof_received(self) -> bool | None:
         # Returning falsy closes the transport, which ends in connection_lost above.
