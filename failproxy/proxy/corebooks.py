@@ -15,8 +15,6 @@ answer (`learn`, `peer_ok`) is written here once.
 
 from __future__ import annotations
 
-from typing import Final
-
 from failproxy.proxy.context import WorkerContext
 from failproxy.proxy.events import Events
 from failproxy.proxy.upstream import open_connection
@@ -24,8 +22,6 @@ from failproxy.routing.localbooks import BUILT as BOOKS_BUILT
 from failproxy.routing.localbooks import LocalBooking
 from failproxy.routing.peer import Peer
 from failproxy.routing.routes import KNOWN_SLOW, UNKNOWN, route_key
-
-_route_key: Final = route_key
 
 
 def learn(ctx: WorkerContext, route: str, clean: bool, sent_load: int, slow: bool, peer: Peer,
@@ -116,7 +112,7 @@ class CoreBooks:
             return None
         if local.busy() or local.queue_probe is not None or local.has_idle():
             return None
-        route = _route_key(method, url)
+        route = route_key(method, url)  # a native call (an alias in a Final is a generic one)
         room = ctx.room
         if room is None:
             kind, route_ms = UNKNOWN, 0.0  # the plain walk looks nothing up
