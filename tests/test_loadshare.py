@@ -65,6 +65,31 @@ def test_siblings_see_each_others_counts_by_the_turns_end(twin: Callable[..., An
     share.close()
 
 
+@pytest.mark.parametrize("twin", TWINS, ids=[t.__module__ for t in TWINS])
+def test_others_of_two_slots_is_their_sum(twin: Callable[..., Any]) -> None:
+    """The overflow policy counts a box's UNIX socket and own TCP port together: one call."""
+    share = LoadShare(3)
+    a_col, b_col, c_col = share.claim(), share.claim(), share.claim()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b, c = (twin(share, col, loop) for col in (a_col, b_col, c_col))
+        b.publish(0, 2)
+        b.publish(2, 3)
+        c.publish(2, 4)
+        a.publish(0, 9)  # a's own: never in a's others
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert a.others_of(0, 2) == 2 + 3 + 4 == a.others(0) + a.others(2)
+        assert a.others_of(0, -1) == a.others(0) == 2
+        assert a.others_of(1, 2) == 7
+        assert a.others_of(0, 7) == 2, "a slot past the table counts nothing"
+        assert b.others_of(0, 2) == 9 + 4
+
+    asyncio.run(main())
+    share.close()
+
+
 @pytest.mark.skipif(LoadViewC is None or PURE, reason="the Cython twin is not built")
 def test_the_cython_twin_refuses_a_column_outside_the_table() -> None:
     share = LoadShare(2)

@@ -43,6 +43,15 @@ cdef class LoadView:
     @cython.binding(False)
     def others(self, Py_ssize_t slot):
         """Requests the other workers have awaiting `slot`'s answer, as the table says now."""
+        return self._others(slot)
+
+    @cython.binding(False)
+    def others_of(self, Py_ssize_t slot, Py_ssize_t also):
+        """`others` of two slots at once, summed (`also` < 0: of `slot` alone): the overflow
+        policy counts a box's two sockets together, one call a choice."""
+        return self._others(slot) + (self._others(also) if also >= 0 else 0)
+
+    cdef long long _others(self, Py_ssize_t slot) noexcept:
         cdef Py_ssize_t column, columns
         cdef long long total = 0
         if slot < 0 or slot >= self._slots:

@@ -227,11 +227,7 @@ class Room:
         """A destination with a free worker as far as failproxy can tell, and why it is not the
         local socket ("" when it is); None when there is none anywhere. `slow`: a slow-route
         request, which never waits for a worker in an accept queue and never probes."""
-        local = self.local
-        n = self.busy(local)
-        own = self.own
-        if own is not None:
-            n += self.busy(own)
+        n = self._local_busy()
         workers = self.workers
         self.clean = True  # unless a path below sends it where it may wait for a worker
         if n == 0 or n < workers - 1:
@@ -370,11 +366,12 @@ class Room:
         return self._least_wait(now)[0]
 
     def _local_busy(self) -> int:
-        n = self.busy(self.local)
+        """`busy` of the box's two sockets together (the UNIX socket and the own TCP port feed
+        the same workers), with one call into the load table."""
+        local = self.local
         own = self.own
-        if own is not None:
-            n += self.busy(own)
-        return n
+        n = local.waiting + local.others_with(own)
+        return n + own.waiting if own is not None else n
 
     def _least_wait(self, now: float) -> tuple[Peer, float]:
         self.clean = False  # beyond every destination's known room: it may wait there

@@ -64,6 +64,7 @@ class LoadSharing(Protocol):
 
     def publish(self, slot: int, count: int) -> None: ...
     def others(self, slot: int) -> int: ...
+    def others_of(self, slot: int, also: int) -> int: ...
 
 
 class LoadViewPy:
@@ -102,6 +103,13 @@ class LoadViewPy:
         if not self._fresh:
             self._refresh()
         return self._others[slot]
+
+    def others_of(self, slot: int, also: int) -> int:
+        """`others` of two slots at once, summed (`also` < 0: of `slot` alone): the overflow
+        policy counts a box's two sockets together, and a call from the compiled build costs
+        more than the sum."""
+        n = self.others(slot)
+        return n + self.others(also) if also >= 0 else n
 
     def _refresh(self) -> None:
         cells = self._cells

@@ -62,6 +62,7 @@ class Peer:
     __slots__ = (
         "_older",
         "_others",
+        "_others_of",
         "_publish",
         "_warm",
         "address",
@@ -137,6 +138,7 @@ class Peer:
         # build looks the method up on each call (~150 instructions), four times a request
         self._publish: Callable[[int, int], None] | None = None
         self._others: Callable[[int], int] | None = None
+        self._others_of: Callable[[int, int], int] | None = None
         self.spare = -1  # the fd of an unconnected UNIX socket, see proxy/connect.py
         self.fails = 0
         self.first_fail = 0.0
@@ -157,6 +159,7 @@ class Peer:
         self.share = share
         self._publish = share.publish if share is not None else None
         self._others = share.others if share is not None else None
+        self._others_of = share.others_of if share is not None else None
 
     def acquire(self) -> None:
         self.inflight += 1
@@ -184,6 +187,15 @@ class Peer:
         """The other workers' requests awaiting this server's answer."""
         others = self._others
         return others(self.index) if others is not None else 0
+
+    def others_with(self, other: Peer | None) -> int:
+        """`others` of this server and `other` summed (None: this one's alone), in one call
+        into the table: the overflow policy counts a box's UNIX socket and its own TCP port
+        together, once a choice."""
+        others_of = self._others_of
+        if others_of is None:
+            return 0
+        return others_of(self.index, other.index if other is not None else -1)
 
     def busy(self) -> bool:
         """`max_conns`: that many requests of this worker already in flight to it."""
