@@ -432,6 +432,28 @@ def _pair(proxy: Any, app: HTTPBackend, monkeypatch: pytest.MonkeyPatch, admin: 
 
 
 @compiled_only
+def test_the_cores_request_ids_are_the_workers_and_never_the_relays(proxy, backend,
+                                                                    monkeypatch) -> None:
+    """The core makes its request ids itself: the worker's prefix and a counter of its own from
+    2**63, 32 hex digits as the relay's, sent upstream and logged the same; a request the
+    relay answers on the same worker gets one of the relay's (from 2**60), never the same."""
+    app = backend("app", unix=True, handler=lambda r: Reply(body=b"ok", close=True))
+    monkeypatch.setenv("FAILPROXY_CORE", "1")
+    fp = proxy([app])
+    for i in range(3):
+        assert fp.request("GET", f"/id/{i}").status == 200
+    assert fp.request("POST", "/id/relay", body=b"x").status == 200  # a body: the relay's
+    ids = [r.header("x-request-id") for r in app.requests]
+    assert all(len(rid) == 32 and rid == rid.lower() and int(rid, 16) >= 0 for rid in ids), ids
+    assert len({rid[:16] for rid in ids}) == 1, "one prefix a worker"
+    counters = [int(rid[16:], 16) for rid in ids]
+    assert counters[:3] == [(1 << 63), (1 << 63) + 1, (1 << 63) + 2], "the core's own count"
+    assert (1 << 60) <= counters[3] < (1 << 63), "the relay's"
+    logged = {e["path"]: e["request_id"] for e in fp.log.wait_for_events("request", 4)}
+    assert [logged[f"/id/{i}"] for i in range(3)] + [logged["/id/relay"]] == ids
+
+
+@compiled_only
 def test_a_connect_the_core_cannot_make_leaves_nothing_in_the_books(proxy, backend,
                                                                     monkeypatch) -> None:
     """A full backlog at the local socket: the core's connect fails (EAGAIN), it gives the

@@ -162,6 +162,7 @@ cdef int _READ_BY_RELAY = (1 << H_LENGTH | 1 << H_XFF | 1 << H_VIA | 1 << H_EXPE
                            | 1 << H_REQUEST_ID | 1 << H_TE | 1 << H_UPGRADE)
 
 cdef bytes _GET = b"GET"
+cdef const char* _HEX = b"0123456789abcdef"
 cdef bytes _HEAD = b"HEAD"
 cdef bytes _EMPTY = b""
 
@@ -504,6 +505,10 @@ cdef class _Worker:
     cdef SlotWriter slot
     cdef object metrics
     cdef Py_ssize_t core_cell, handover_cell
+    # The request ids the core makes: the worker's prefix (WorkerContext.request_id_prefix)
+    # and a counter of its own, from 2**63 (the relay's counts from 2**60: never the same id)
+    cdef bytes rid_prefix
+    cdef unsigned long long rid_next
     # The last peer connected to, and what connect(2) and the counters need of it
     cdef object conn_peer
     cdef bytes conn_addr
@@ -525,6 +530,8 @@ cdef class _Worker:
         self.intercept_errors = ctx.intercept_errors
         self.upstream_header = ctx.upstream_header
         self.rid = bool(ctx.rid_header)
+        self.rid_prefix = ctx.request_id_prefix().encode("ascii")
+        self.rid_next = 1ULL << 63
         self.lines = ctx.events.lines
         self.pid = ctx.events.pid
         self.heads = ctx.build_head.__self__
@@ -556,6 +563,21 @@ cdef class _Worker:
             close(fd)
             return -1
         return fd
+
+    cdef bytes new_request_id(self):
+        """An id as WorkerContext.new_request_id makes one: the prefix, then the counter in 16
+        hex digits."""
+        cdef Py_ssize_t k = PyBytes_GET_SIZE(self.rid_prefix)
+        cdef bytes made = PyBytes_FromStringAndSize(NULL, k + 16)
+        cdef char* out = PyBytes_AS_STRING(made)
+        cdef unsigned long long n = self.rid_next
+        cdef int i
+        self.rid_next = n + 1
+        memcpy(out, PyBytes_AS_STRING(self.rid_prefix), k)
+        for i in range(15, -1, -1):
+            out[k + i] = _HEX[n & 15]
+            n >>= 4
+        return made
 
     cdef int count_sent(self, double connect_s) except -1:
         """The attempt reached the peer connected last (`connect_to`): Events.connected and
@@ -652,7 +674,8 @@ cdef class CoreConnection:
     # the request in flight
     cdef int fd
     cdef size_t req_len
-    cdef object peer, route, request_id, method, url
+    cdef object peer, route, method, url
+    cdef bytes request_id  # as it was sent (None: the request id header is off)
     cdef LocalBooks books  # the policy's local books it was entered in (None: no policy)
     cdef bint head_request, keep_alive, http10, chunked_answer, clean
     cdef bytes keepalive_hint  # the answer's Keep-Alive value, for the pooled connection
@@ -862,8 +885,7 @@ cdef class CoreConnection:
         sending = w.begin(self, method, url, now)
         if sending is None:
             return False
-        peer, request_id, self.route, self.route_kind, self.route_ms, self.clean, books = \
-            <tuple>sending
+        peer, self.route, self.route_kind, self.route_ms, self.clean, books = <tuple>sending
         if books is not None:  # the policy's local books (CoreBooks.c_books)
             self.books = <LocalBooks?>books
             self.books.enter(self, now, self.route_kind, self.route_ms)
@@ -874,7 +896,11 @@ cdef class CoreConnection:
             return False  # the relay connects again, and logs the failover
         w.count_sent(_now() - now)
         if w.rid:
-            rid = PyUnicode_AsUTF8AndSize(request_id, &rid_n)
+            request_id = w.new_request_id()
+            rid = PyBytes_AS_STRING(request_id)
+            rid_n = PyBytes_GET_SIZE(request_id)
+        else:
+            request_id = None
         # the head as the relay's writer writes it (no framing, upgrade or prior XFF / Via:
         # a request with any of them is the relay's)
         before = w.heads.pieces(
@@ -1006,7 +1032,7 @@ cdef class CoreConnection:
                 w.line_peer = peer
                 w.line_address = peer.address
             # one try, at the first server in order: not overflowed
-            line = access_line(None, w.pid, self.request_id or None, self.method, self.url,
+            line = access_line(None, w.pid, self.request_id, self.method, self.url,
                                status, PyBytes_GET_SIZE(out), duration_ms, self.client_ip,
                                w.line_address, None, 1, False, self.connect_ms, NAN,
                                <long long>((now - self.sent_at) * 1_000_000) / 1000.0,
@@ -1165,7 +1191,7 @@ cdef class CoreConnection:
         peer = self.peer
         self._close_upstream()
         self.peer = self.books = None  # `gone` ends its entry, as `undo` does
-        self.w.gone(self, peer, self.route, now, self.began, self.request_id, self.method,
+        self.w.gone(self, peer, self.route, now, self.began, self._request_id_str(), self.method,
                     self.url, self.client_ip, self.connect_ms)
         return 0
 
@@ -1195,6 +1221,10 @@ cdef class CoreConnection:
         """Give the connection to the Python relay (the module docstring says when)."""
         return self._give(eof, None)
 
+    cdef str _request_id_str(self):
+        """The request id as the relay keeps it ("" when off): for a hand-over, and a 499."""
+        return self.request_id.decode("ascii") if self.request_id is not None else ""
+
     cdef int _hand_over_in_flight(self, int error=0) except -1:
         peer = self.peer
         fd = self.fd
@@ -1203,7 +1233,7 @@ cdef class CoreConnection:
         self.peer = self.books = None  # its entry passes to the exchange (Room.rekey)
         inflight = InFlight(self, peer, fd, self.abuf[:self.a_n], self.sent_at,
                             self.connect_ms, self.route_kind, self.route_ms, self.clean,
-                            self.request_id, self.deadline, error)
+                            self._request_id_str(), self.deadline, error)
         self._give(self.eof, inflight)
         return 0
 

@@ -288,6 +288,11 @@ class WorkerContext:
             self._rid_head = self._rid_prefix + hex(n >> 12)[2:]
         return self._rid_head + _LOW_DIGITS[low]
 
+    def request_id_prefix(self) -> str:
+        """The prefix of this worker's ids, for the C core, which makes its own after it with a
+        counter of its own from 2**63 (this one counts from 2**60: the two never meet)."""
+        return self._rid_prefix
+
     # -- connections ---------------------------------------------------------------------------
 
     def connection_opened(self, conn: Connection) -> None:

@@ -76,11 +76,11 @@ class InFlight:
         self.error = error
 
 
-# What `begin` gives the core for a request it sends: the peer, the request id ("" when off),
-# the route key, its kind and learned time, whether the answer teaches (the one in flight per
-# connection is the core's to keep and pass back), and the policy's local books (None: no
-# policy).
-Sending = tuple[Peer, str, str, int, float, bool, LocalBooking | None]
+# What `begin` gives the core for a request it sends: the peer, the route key, its kind and
+# learned time, whether the answer teaches (the one in flight per connection is the core's to
+# keep and pass back), and the policy's local books (None: no policy). The request id is the
+# core's own (WorkerContext.request_id_prefix).
+Sending = tuple[Peer, str, int, float, bool, LocalBooking | None]
 
 
 class CoreBooks:
@@ -130,8 +130,7 @@ class CoreBooks:
             books = room.books
             if not self.c_books:
                 room.local_sent(key, now, kind, route_ms)
-        request_id = ctx.new_request_id() if ctx.rid_header else ""
-        return local, request_id, route, kind, route_ms, clean, books
+        return local, route, kind, route_ms, clean, books
 
     def undo(self, key: object, peer: Peer, now: float) -> None:
         """`begin`'s request never reached the peer (the connect failed, or its head could not

@@ -372,7 +372,8 @@ cdef bytes line(object timestamp, long long pid, object request_id, bytes method
                 double connect_ms, double held_ms, double upstream_ms, str route,
                 long long spilled_bytes, bint static):
     """`render`'s line from C values, for the C core (`_accessline.pxd`): a time in ms is a
-    double, NaN for None; `upstreams` None is `(upstream,)`."""
+    double, NaN for None; `upstreams` None is `(upstream,)`; `request_id` may also be bytes
+    (latin-1, as `method` and `path`)."""
     global _n
     cdef Py_ssize_t i
     _n = 0
@@ -384,7 +385,10 @@ cdef bytes line(object timestamp, long long pid, object request_id, bytes method
     _raw(b',"pid":', 7)
     _int(pid)
     _raw(b',"request_id":', 14)
-    _str(request_id)
+    if type(request_id) is bytes:
+        _latin1(<bytes>request_id)  # the C core's own ids
+    else:
+        _str(request_id)
     _raw(b',"method":', 10)
     _latin1(method)
     _raw(b',"path":', 8)
