@@ -1,6 +1,6 @@
 """The relay's books for a request the C core answers itself (proxy/_core.pyx): the slot, the
-overflow policy's local books, route learning, peer health and the access line's write, kept
-by the same calls, in the same order, that an Exchange makes for the one walk the core takes:
+overflow policy's verdict, route learning, peer health and the access line's write, kept by
+the same calls, in the same order, that an Exchange makes for the one walk the core takes:
 the local socket, first and only attempt, sent home by the policy's common verdict.
 
 Two calls a request, so the core crosses into Python as little as it can while the books are
@@ -98,9 +98,10 @@ class CoreBooks:
     def begin(self, key: object, method: bytes, url: bytes, now: float) -> Sending | None:
         """The request goes to the first server, a local UNIX socket, where the relay would
         send it there now as its first and only choice (Exchange.start: the overflow policy's
-        common verdict, or the first of the order when there is no policy): its slot taken and
-        the attempt entered in the policy's books. None, with nothing done, where anything else
-        may happen (the relay takes the request then). The core connects then, and counts the
+        common verdict, or the first of the order when there is no policy): its slot taken, and
+        the attempt entered in the policy's local books unless those are the compiled twin's
+        (`c_books`: the core enters it there itself). None, with nothing done, where anything
+        else may happen (the relay takes the request then). The core connects then, and counts the
         connect and the attempt; a connect that fails is `undo`ne and the request handed over:
         the relay connects again, sees the same error and logs its failover."""
         ctx = self.ctx
