@@ -348,6 +348,10 @@ class HTTPBackend:
             except OSError:
                 return
             conn.setblocking(True)
+            if conn.family != socket.AF_UNIX:
+                # as unicorn (tcp_nodelay, its default), gunicorn and nginx: a head and a body
+                # written apart would otherwise wait for the reader's delayed ACK (~40 ms)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self.connections += 1
                 cid = self.connections

@@ -192,6 +192,42 @@ def test_overflow_goes_to_the_least_loaded_peer_then_the_least_recent(box: Any) 
     assert own not in (room.choose(now)[0],), "the own TCP port is not overflow: it is home"
 
 
+def test_peers_in_slow_start_are_weighed_by_one_size_settled_ones_by_their_own(box: Any) -> None:
+    """A slow-start limit is how far the probing got, not a size: weighed by it, the peer that
+    got ahead would take more from then on (each answer adds one to its limit). Peers still in
+    slow start share the largest such limit; a peer that has queued once is weighed by its own
+    limit, which it has learned."""
+    room, _listener, peers = box
+    local, p1, p2, _own = peers
+    room._probe_at = time.monotonic() + 60  # no probe in this test
+    busy(local, 1)
+    now = time.monotonic()
+    ahead, behind = room.capacity_of(p1), room.capacity_of(p2)
+    ahead.concurrency, behind.concurrency = 8.0, 4.0
+    busy(p1, 3)
+    busy(p2, 2)
+    # by their own limits p1 is less loaded (3/8 < 2/4); by one size, p2 (2/8 < 3/8)
+    assert room.choose(now)[0] is p2
+    busy(p2, 1)
+    room.sent(p2, now)
+    assert room.choose(now)[0] is p1, "3 and 3 of 8: the one sent to less lately"
+    # p2 queued once: its 4 is a size now, and 3 of 4 is more loaded than 3 of 8
+    behind.answered(3, 1000.0, 50.0, False, now)
+    assert not behind.slow_start and behind.limit(False, now) == 2
+    busy(p1, 4)  # 7 of 8
+    assert room.choose(now) == (p1, "workers_busy"), "p2 is full at its own limit"
+    # beyond every limit, the expected wait is over one size too while in slow start
+    room.local_capacity.service_ms = 1000.0  # home: 1 s
+    ahead.slow_start = behind.slow_start = True
+    ahead.service_ms = behind.service_ms = 50.0
+    behind.concurrency = 3.0  # 3 of ours there: full
+    busy(p1, 2)  # 9 of 8: one beyond
+    # p1: (1 + 1) x 50 ms / 8; p2: (0 + 1) x 50 ms / 8, where its own 3 would make it / 3
+    assert room._least_wait(now) == (p2, pytest.approx(0.05 / 8))
+    behind.slow_start = False
+    assert room._least_wait(now) == (p1, pytest.approx(0.1 / 8)), "p2 settled: / 3"
+
+
 def _answer_fast(room: Room, n: int, now: float) -> None:
     """`n` local attempts that got their response head 1 ms after they were sent."""
     for _ in range(n):
@@ -355,6 +391,8 @@ def test_past_hold_timeout_a_fast_request_goes_where_its_expected_wait_is_least(
     big = room.capacity_of(p2)
     big.concurrency, big.service_ms = 40.0, 5.0
     room.capacity_of(p1).concurrency, room.capacity_of(p1).service_ms = 1.0, 5.0
+    for p in (p1, p2):
+        room.capacity_of(p).slow_start = False  # learned: in slow start 1 would not be a size
     busy(p1, 1)
     busy(p2, 45)  # beyond what it was learned to take: held
     held = Held()

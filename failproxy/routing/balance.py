@@ -316,25 +316,41 @@ class Room:
             self._queued += 1  # this turn's reading, less stale: our connect queues or is taken
         return self.local, ""
 
+    def _frontier(self) -> int:
+        """The size of every peer still in slow start: the largest limit the probing of any of
+        them has reached. Such a limit is how far the probing got, not what the peer takes;
+        weighed by its own limit, the peer that got ahead in the first round trips would take
+        more from then on (each answer adds one to its limit), and two equal peers split a
+        burst of 160 as unevenly as 103:57 (tests/test_learning.py). Weighed by one size they
+        are probed alike, and the one behind, used more for its limit, grows to meet the other."""
+        frontier = 1
+        for peer in self.peers:
+            cap = self.capacity_of(peer)
+            if cap.slow_start and int(cap.concurrency) > frontier:
+                frontier = int(cap.concurrency)
+        return frontier
+
     def _best_peer(self, now: float, tried: tuple[str, ...],
                    slow: bool = False) -> Peer | None:
         """A peer with room: fewer of ours awaiting it than its learned concurrency (for this
-        route class); the least loaded for its size first, then the one sent to least lately,
-        then ring order."""
+        route class); the least loaded for its size first (a peer in slow start has the
+        common size, _frontier), then the one sent to least lately, then ring order."""
         best: Peer | None = None
         best_load = 0.0
         best_recent = 0.0
         peers = self.peers
         if len(peers) > 2:
             return self._two_choices(now, tried, slow)
+        frontier = self._frontier()
         for i, peer in enumerate(peers):
             if peer.address in tried or peer.is_down(now):
                 continue
             busy = self.busy(peer)
-            limit = self.capacity_of(peer).limit(slow, now)
+            cap = self.capacity_of(peer)
+            limit = cap.limit(slow, now)
             if busy >= limit:
                 continue
-            load = busy / limit
+            load = busy / (frontier if cap.slow_start else limit)
             recent = self._recent_now(i, now)
             if best is None or load < best_load or (load == best_load and recent < best_recent):
                 best, best_load, best_recent = peer, load, recent
@@ -347,13 +363,15 @@ class Room:
         peer's load, and failproxies that all took the least loaded by that measure would herd
         onto the same peer. The earlier in ring order wins a tie."""
         room: list[tuple[float, int, Peer]] = []
+        frontier = self._frontier()
         for i, peer in enumerate(self.peers):
             if peer.address in tried or peer.is_down(now):
                 continue
             busy = self.busy(peer)
-            limit = self.capacity_of(peer).limit(slow, now)
+            cap = self.capacity_of(peer)
+            limit = cap.limit(slow, now)
             if busy < limit:
-                room.append((busy / limit, i, peer))
+                room.append((busy / (frontier if cap.slow_start else limit), i, peer))
         if len(room) <= 1:
             return room[0][2] if room else None
         a, b = _sample2(len(room))
@@ -362,7 +380,8 @@ class Room:
 
     def least_wait(self, now: float) -> Peer:
         """Where a request that found no room anywhere waits least, as learned: home or a peer,
-        by (ours beyond its concurrency + 1) x service time / concurrency; home on ties."""
+        by (ours beyond its concurrency + 1) x service time / concurrency (a peer in slow
+        start: / the common size, _frontier); home on ties."""
         return self._least_wait(now)[0]
 
     def _local_busy(self) -> int:
@@ -380,10 +399,13 @@ class Room:
         cap.concurrency = float(self.workers)
         best = home
         best_wait = cap.expected_wait(self._local_busy())
+        frontier = self._frontier()
         for peer in self.peers:
             if peer.is_down(now):
                 continue
-            wait = self.capacity_of(peer).expected_wait(self.busy(peer))
+            peer_cap = self.capacity_of(peer)
+            wait = peer_cap.expected_wait(self.busy(peer),
+                                          frontier if peer_cap.slow_start else 0.0)
             if wait < best_wait:
                 best, best_wait = peer, wait
         return best, best_wait

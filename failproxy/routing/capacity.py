@@ -41,11 +41,13 @@ SERVICE_WEIGHT: Final = 0.1  # the service time is an average over about the las
 class Capacity:
     """One destination as one worker has learned it."""
 
-    __slots__ = ("_backoff", "_slow_start", "closed_until", "concurrency", "service_ms")
+    __slots__ = ("_backoff", "closed_until", "concurrency", "service_ms", "slow_start")
 
     def __init__(self, concurrency: float) -> None:
         self.concurrency = concurrency  # a float: it shrinks by factors, it is used whole
-        self._slow_start = True  # no slowdown seen yet: grow fast
+        # No slowdown seen yet: grow fast. The limit is then how far the probing got, not a
+        # size: balance.py weighs such peers by one common size (Room._frontier).
+        self.slow_start = True
         self.service_ms = 0.0  # 0.0: no answer yet
         self.closed_until = 0.0  # slow-route requests wait for this time
         self._backoff = BACKOFF
@@ -79,14 +81,15 @@ class Capacity:
             shrunk = in_flight * SHRINK
             if shrunk < self.concurrency:
                 self.concurrency = shrunk if shrunk > 1.0 else 1.0
-            self._slow_start = False
+            self.slow_start = False
         elif 2 * in_flight >= self.concurrency:
-            self.concurrency += 1.0 if self._slow_start else 1.0 / self.concurrency
+            self.concurrency += 1.0 if self.slow_start else 1.0 / self.concurrency
 
-    def expected_wait(self, in_flight: int) -> float:
+    def expected_wait(self, in_flight: int, size: float = 0.0) -> float:
         """Seconds a request sent now waits before it is served, roughly: (ours ahead of it
-        beyond the limit + 1) x service time / concurrency; 0.0 below the limit."""
+        beyond the limit + 1) x service time / `size` (0.0: the concurrency); 0.0 below the
+        limit."""
         over = in_flight - int(self.concurrency)
         if over < 0:
             return 0.0
-        return (over + 1) * self.service_ms / 1000.0 / self.concurrency
+        return (over + 1) * self.service_ms / 1000.0 / (size or self.concurrency)
