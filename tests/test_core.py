@@ -1,8 +1,9 @@
-"""The C core (proxy/_core.pyx, `FAILPROXY_CORE=1`): it accepts a client connection and hands it
-to the Python relay (downstream.ClientConnection.adopt) at its first byte, when its timer fires,
-when the client half-closes, or when the worker drains; whatever the moment, the connection is
-then served, timed and counted exactly as the relay's own. `make test` also runs the relay's
-suites that touch these moments with the core on (Makefile, CORE_TESTS).
+"""The C core (proxy/_core.pyx, the compiled build's default; `FAILPROXY_CORE=0` turns it off):
+it answers the common request itself and hands the rest to the Python relay
+(downstream.ClientConnection.adopt, Exchange.adopt), when its timer fires, when the client
+half-closes, or when the worker drains; whatever the moment, the connection is then served,
+timed and counted exactly as the relay's own. The whole compiled suite runs with the core on;
+`make test` runs the relay's suites again with it off (Makefile, RELAY_TESTS).
 
 Real processes and sockets: a worker started with the core, a raw client.
 """
@@ -58,11 +59,20 @@ def test_started_says_the_core_runs(core, proxy, backend) -> None:
     assert fp.request("GET", "/x").status == 200
 
 
-def test_without_the_switch_the_relay_serves_alone(proxy, backend, monkeypatch) -> None:
-    monkeypatch.delenv("FAILPROXY_CORE", raising=False)
+def test_switched_off_the_relay_serves_alone(proxy, backend, monkeypatch) -> None:
+    monkeypatch.setenv("FAILPROXY_CORE", "0")
     fp = proxy([backend("app")])
     started = fp.log.wait_for_event("started")
     assert started["core"] is False
+    assert fp.request("GET", "/x").status == 200
+
+
+def test_the_core_is_the_compiled_builds_default(proxy, backend, monkeypatch) -> None:
+    """Nothing set: the compiled build runs the core, the others cannot."""
+    monkeypatch.delenv("FAILPROXY_CORE", raising=False)
+    fp = proxy([backend("app")])
+    started = fp.log.wait_for_event("started")
+    assert started["core"] is (EXPECT == "compiled")
 
 
 def test_the_pure_build_never_runs_the_core() -> None:
@@ -360,7 +370,7 @@ def test_the_core_answers_as_the_relay_does(proxy, backend, monkeypatch) -> None
     admin_core, admin_relay = free_port(), free_port()
     monkeypatch.setenv("FAILPROXY_CORE", "1")
     core = proxy([app], admin={"listen": f"127.0.0.1:{admin_core}"})
-    monkeypatch.delenv("FAILPROXY_CORE")
+    monkeypatch.setenv("FAILPROXY_CORE", "0")
     relay = proxy([app], admin={"listen": f"127.0.0.1:{admin_relay}"})
     answered = 0
     for name, data, methods, by_core in CASES:
@@ -427,7 +437,7 @@ def _pair(proxy: Any, app: HTTPBackend, monkeypatch: pytest.MonkeyPatch, admin: 
     front of `app`."""
     monkeypatch.setenv("FAILPROXY_CORE", "1")
     core = proxy([app], admin={"listen": f"127.0.0.1:{admin}"} if admin else {}, **kw)
-    monkeypatch.delenv("FAILPROXY_CORE")
+    monkeypatch.setenv("FAILPROXY_CORE", "0")
     return core, proxy([app], **kw)
 
 
@@ -557,7 +567,7 @@ def test_a_reset_before_the_answer_is_logged_as_the_relay_logs_it(proxy, backend
         servers = [app.address, {"address": nxt.address, "backup": True}]
         monkeypatch.setenv("FAILPROXY_CORE", "1")
         core = proxy(servers)
-        monkeypatch.delenv("FAILPROXY_CORE")
+        monkeypatch.setenv("FAILPROXY_CORE", "0")
         relay = proxy(servers)
         events = []
         for fp in (core, relay):

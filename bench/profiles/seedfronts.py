@@ -15,7 +15,9 @@ A variant is a front of the seed check (`failproxy`, `nginx-seed`, ...) with opt
 made and written, no file system), `:logbuf` (the log's lines gathered up to 64 KiB or a second,
 as nginx's `access_log ... buffer=64k flush=1s`), `:bare` (failproxy, none of the four headers
 it adds upstream by default), `:nolearn` (routes not learned, `[routes] learn = false`),
-`:core` (the C core on: `FAILPROXY_CORE=1`), several of them joined by `+` (`:nolog+bare`);
+`:core` (the C core on: `FAILPROXY_CORE=1`, the compiled build's default since the seventeenth
+sitting of issue 21; before it `failproxy` alone meant the relay), `:relay` (the core off,
+`FAILPROXY_CORE=0`: the compiled relay alone), several of them joined by `+` (`:nolog+bare`);
 `@TREE` (failproxy from another checkout, built in place), and `@TREE@PYTHON` (that checkout
 run by another interpreter, whose own venv has failproxy's dependencies).
 
@@ -76,9 +78,10 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "logbuf": {"log": {"buffer": 65536, "flush": 1.0}},
     "bare": {"headers": BARE},
     "nolearn": {"routes": {"learn": False}}}
-# Options that are failproxy's environment, not its config: `:core`, the C core
-# (failproxy/proxy/_core.pyx).
-ENV_OPTIONS: dict[str, dict[str, str]] = {"core": {"FAILPROXY_CORE": "1"}}
+# Options that are failproxy's environment, not its config: `:core` and `:relay`, the C core
+# (failproxy/proxy/_core.pyx) on and off.
+ENV_OPTIONS: dict[str, dict[str, str]] = {"core": {"FAILPROXY_CORE": "1"},
+                                          "relay": {"FAILPROXY_CORE": "0"}}
 COLUMNS = ("req/s", "front user", "front system", "unicorn user", "unicorn system",
            "front voluntary", "front involuntary")
 

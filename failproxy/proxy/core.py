@@ -1,9 +1,11 @@
 """What a worker's client connections start as: the C core (proxy/_core.pyx) where the compiled
-build has it and `FAILPROXY_CORE=1` asks for it, else the Python relay's ClientConnection.
+build has it, unless `FAILPROXY_CORE=0` turns it off; else the Python relay's ClientConnection.
 
-The core is off by default while it is being built: it hands every connection to the Python
-relay at its first byte so far, so turning it on changes no answer, only who accepted it
-(bench/PROFILE.md, "The plan for the core"). The pure and mypyc-only builds never run it.
+The core answers the common request itself and hands everything else to the relay, before the
+request goes upstream or with its answer in flight (Exchange.adopt), so turning it off changes
+no answer, only who made it and what it cost (bench/PROFILE.md, "The plan for the core"; the
+default since the suite passed with it on and it served the seed's layout as fast as unicorn
+direct). The pure and mypyc-only builds never run it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from failproxy.proxy.downstream import ClientConnection
 
 
 def core_class() -> Any | None:
-    """The core's protocol class, or None: not asked for, or not built."""
-    if os.environ.get("FAILPROXY_CORE", "") in ("", "0"):
+    """The core's protocol class, or None: turned off, or not built."""
+    if os.environ.get("FAILPROXY_CORE", "") == "0":
         return None
     try:
         from failproxy.proxy._core import CoreConnection  # type: ignore[import-not-found]

@@ -500,11 +500,11 @@ def render(totals: Totals, servers: Iterable[str], workers: int) -> str:
                 "Requests that reached no server (answered 502/504).")
     page.sample("failproxy_upstream_exhausted_total", totals.exhausted)
     page.family("failproxy_core_requests_total", "counter",
-                "Requests the C core answered itself (FAILPROXY_CORE=1), of all requests.")
+                "Requests the C core answered itself (0 with FAILPROXY_CORE=0), of all requests.")
     page.sample("failproxy_core_requests_total", totals.core)
     page.family("failproxy_core_handovers_total", "counter",
                 "Requests the C core handed to the Python relay to answer, with their "
-                "connection: whole, in part, or in flight (FAILPROXY_CORE=1).")
+                "connection: whole, in part, or in flight (0 with FAILPROXY_CORE=0).")
     page.sample("failproxy_core_handovers_total", totals.handovers)
     page.family("failproxy_upstream_connect_duration_seconds", "histogram",
                 "Time to connect to an upstream server.")
