@@ -72,8 +72,10 @@ def write(path: Path, merged: dict[str, Any]) -> None:
     sc = merged["scenarios"]
     parts = [_header(merged), _targets(sc), _overflow_targets(sc), _seed_targets(sc),
              _slow_targets(sc),
-             "Where the time goes, what each step changed, and why a target is missed: "
-             "[PROFILE.md](PROFILE.md).\n"]
+             "Instructions a request (callgrind, the one figure a shared box does not move) "
+             "with the ladder of what each step removed, system calls a request beside nginx's, "
+             "HAProxy's and the floor's, where the time goes, and why a target is missed: "
+             "[PROFILE.md](PROFILE.md), each figure with its command.\n"]
     renderers = {"throughput": _throughput, "failover": _failover, "memory": _memory,
                  "micro": _micro,
                  "seed": _seed, "slowclients": _slowclients}
